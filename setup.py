@@ -1,0 +1,145 @@
+"""Build fastnn._C: the C++ CPU kernels always, the CUDA kernels when a toolkit and a CUDA build of
+torch are present (FASTNN_CUDA=0/1 forces them off/on)."""
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg):
+    print(f"fastnn setup: {msg}", file=sys.stderr, flush=True)
+
+
+def _find_cuda_home():
+    """CUDA_HOME if set, else the toolkit that the `nvcc` on PATH really runs (it may be a wrapper
+    script), else torch's own guess."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        try:
+            out = subprocess.run([nvcc, "--dryrun", "x.cu"], capture_output=True, text=True, timeout=60)
+            m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
+            if m:
+                top = os.path.realpath(m.group(1).strip())
+                if os.path.exists(os.path.join(top, "bin", "nvcc")):
+                    return top
+        except (OSError, subprocess.SubprocessError):
+            pass
+        real = os.path.realpath(nvcc)
+        return os.path.dirname(os.path.dirname(real))
+    for cand in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    return None
+
+
+def _nvidia_pip_includes():
+    """Include folders of the pip-installed nvidia-* packages (cusparse.h, cublas, cudnn, ...) that
+    torch's CUDA headers need and a bare toolkit may lack."""
+    dirs = []
+    for base in sys.path:
+        nv = os.path.join(base, "nvidia")
+        if os.path.isdir(nv):
+            dirs += sorted(glob.glob(os.path.join(nv, "*", "include")))
+    seen, out = set(), []
+    for d in dirs:
+        if d not in seen:
+            seen.add(d)
+            out.append(d)
+    return out
+
+
+def _cpu_flags():
+    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # at::vec picks its instruction set from CPU_CAPABILITY; build the kernels for AVX2+FMA when the
+    # building machine has them (FASTNN_CPU_ARCH=default opts out, e.g. for portable wheels).
+    arch = os.environ.get("FASTNN_CPU_ARCH", "auto")
+    has_avx2 = False
+    if arch == "auto" and sys.platform.startswith("linux"):
+        try:
+            with open("/proc/cpuinfo") as f:
+                info = f.read()
+            has_avx2 = " avx2" in info and " fma" in info
+        except OSError:
+            pass
+    elif arch == "avx2":
+        has_avx2 = True
+    if has_avx2:
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return flags, has_avx2
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags, has_avx2 = _cpu_flags()
+    define_macros = [("TORCH_EXTENSION_NAME", "_C")]
+
+    want = os.environ.get("FASTNN_CUDA", "auto").lower()
+    cuda_home = _find_cuda_home()
+    torch_cuda = torch.version.cuda is not None
+    if want in ("0", "false", "off", "no"):
+        use_cuda, why = False, "FASTNN_CUDA=0"
+    elif want in ("1", "true", "on", "yes"):
+        if not (cuda_home and torch_cuda):
+            raise RuntimeError(
+                f"FASTNN_CUDA=1 but no CUDA build is possible (toolkit: {cuda_home}, "
+                f"torch CUDA: {torch.version.cuda})")
+        use_cuda, why = True, "FASTNN_CUDA=1"
+    else:
+        use_cuda = bool(cuda_home and torch_cuda)
+        why = f"toolkit {cuda_home}, torch CUDA {torch.version.cuda}"
+
+    kwargs = dict(
+        name="fastnn._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        # GOMP symbols resolve against the OpenMP runtime torch already loaded; linking a second
+        # runtime would give two thread pools.
+        extra_compile_args={"cxx": cxx_flags},
+        py_limited_api=False,
+    )
+    if use_cuda:
+        os.environ["CUDA_HOME"] = cuda_home
+        cpp_extension.CUDA_HOME = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            try:
+                visible = torch.cuda.is_available()
+            except Exception:
+                visible = False
+            if not visible:
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        kwargs["sources"] = sources + cu_sources
+        extra_inc = _nvidia_pip_includes()
+        kwargs["include_dirs"] = kwargs["include_dirs"] + extra_inc
+        kwargs["define_macros"] = define_macros + [("FASTNN_WITH_CUDA", "1")]
+        kwargs["extra_compile_args"] = {
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17",
+                     "--expt-relaxed-constexpr"],
+        }
+        ext = cpp_extension.CUDAExtension(**kwargs)
+        _log(f"building CPU ({'AVX2' if has_avx2 else 'default'} vectors) and CUDA kernels "
+             f"({why}; arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected')}; "
+             f"{len(cu_sources)} CUDA sources)")
+    else:
+        ext = cpp_extension.CppExtension(**kwargs)
+        _log(f"building CPU kernels only ({'AVX2' if has_avx2 else 'default'} vectors; "
+             f"no CUDA: {why})")
+    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+
+ext_modules, build_ext = _extensions()
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})
