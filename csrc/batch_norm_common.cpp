@@ -1,0 +1,156 @@
+#include "batch_norm_common.h"
+
+#include <c10/util/Exception.h>
+
+namespace fastnn {
+
+at::MemoryFormat output_memory_format(const at::Tensor& input) {
+  if (input.dim() == 4 && !input.is_contiguous() &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && !input.is_contiguous() &&
+      input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
+}
+
+BNShape bn_shape(const at::Tensor& input) {
+  BNShape s;
+  s.N = input.size(0);
+  s.C = input.size(1);
+  s.S = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) s.S *= input.size(d);
+  s.format = output_memory_format(input);
+  s.channels_last = input.dim() == 2 || s.format != at::MemoryFormat::Contiguous;
+  return s;
+}
+
+at::ScalarType accumulate_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_input(const char* op, const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() >= 2, op, ": input must have at least 2 dimensions (N, C, ...), got ",
+                    input.dim(), "-D input of size ", input.sizes());
+  const auto t = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+      ": input must be float32, float64, float16 or bfloat16, got ", t);
+}
+
+void check_channel_tensor(const char* op, const char* arg, const at::Tensor& input,
+                          const c10::optional<at::Tensor>& t) {
+  if (!t.has_value() || !t->defined()) return;
+  const at::Tensor& p = *t;
+  TORCH_CHECK(p.device() == input.device(), op, ": ", arg, " is on ", p.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == input.size(1), op, ": ", arg,
+              " must be a 1-D tensor with one element per channel (", input.size(1),
+              "), got size ", p.sizes());
+  const auto it = input.scalar_type();
+  const bool reduced = it == at::kHalf || it == at::kBFloat16;
+  TORCH_CHECK(p.scalar_type() == it || (reduced && p.scalar_type() == at::kFloat), op, ": ", arg,
+              " has dtype ", p.scalar_type(), " but input has dtype ", it, " (", arg,
+              " must have the input's dtype", reduced ? ", or float32" : "", ")");
+}
+
+void check_same_shape(const char* op, const char* arg, const at::Tensor& input,
+                      const at::Tensor& t) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", arg, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.sizes() == input.sizes(), op, ": ", arg, " must have the input's size ",
+              input.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": ", arg, " has dtype ",
+              t.scalar_type(), " but input has dtype ", input.scalar_type());
+}
+
+void check_stat_tensor(const char* op, const char* arg, const at::Tensor& input,
+                       const at::Tensor& t) {
+  TORCH_CHECK(t.device() == input.device(), op, ": ", arg, " is on ", t.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == input.size(1), op, ": ", arg,
+              " must be a 1-D tensor with one element per channel (", input.size(1),
+              "), got size ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == accumulate_type(input.scalar_type()), op, ": ", arg,
+              " must have dtype ", accumulate_type(input.scalar_type()), ", got ",
+              t.scalar_type());
+}
+
+void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+                      const c10::optional<at::Tensor>& residual) {
+  const char* op = "fastnn.batch_norm_train";
+  check_input(op, input);
+  check_channel_tensor(op, "weight", input, weight);
+  check_channel_tensor(op, "bias", input, bias);
+  check_channel_tensor(op, "running_mean", input, running_mean);
+  check_channel_tensor(op, "running_var", input, running_var);
+  if (residual.has_value() && residual->defined()) check_same_shape(op, "residual", input, *residual);
+  TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  if (input.numel() > 0) {
+    const int64_t per_channel = input.numel() / input.size(1);
+    TORCH_CHECK_VALUE(per_channel > 1,
+                      "Expected more than 1 value per channel when training, got input size ",
+                      input.sizes());
+  }
+  (void)momentum;
+}
+
+void check_eval_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, double eps,
+                     const c10::optional<at::Tensor>& residual) {
+  const char* op = "fastnn.batch_norm_eval";
+  check_input(op, input);
+  check_channel_tensor(op, "weight", input, weight);
+  check_channel_tensor(op, "bias", input, bias);
+  check_channel_tensor(op, "running_mean", input, running_mean);
+  check_channel_tensor(op, "running_var", input, running_var);
+  if (residual.has_value() && residual->defined()) check_same_shape(op, "residual", input, *residual);
+  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+}
+
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                         const at::Tensor& invstd, bool relu) {
+  const char* op = "fastnn.batch_norm_backward";
+  check_input(op, input);
+  check_same_shape(op, "grad_output", input, grad_output);
+  check_channel_tensor(op, "weight", input, weight);
+  check_stat_tensor(op, "mean", input, mean);
+  check_stat_tensor(op, "invstd", input, invstd);
+  if (relu) {
+    TORCH_CHECK(output.has_value() && output->defined(), op,
+                ": output (the forward's result) is required when relu=True");
+    check_same_shape(op, "output", input, *output);
+  }
+}
+
+void update_running_stats(const c10::optional<at::Tensor>& running_mean,
+                          const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, double momentum, int64_t count) {
+  if (running_mean.has_value() && running_mean->defined()) {
+    at::Tensor rm = *running_mean;
+    rm.copy_(mean * momentum + rm.to(mean.scalar_type()) * (1.0 - momentum));
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    at::Tensor rv = *running_var;
+    const double bessel = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
+                                    : 1.0;
+    rv.copy_(var * (momentum * bessel) + rv.to(var.scalar_type()) * (1.0 - momentum));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input) {
+  const auto fmt = output_memory_format(input);
+  auto stat_opts = input.options().dtype(accumulate_type(input.scalar_type()));
+  return {at::empty(input.sizes(), input.options().memory_format(fmt)),
+          at::zeros({input.size(1)}, stat_opts), at::zeros({input.size(1)}, stat_opts)};
+}
+
+}  // namespace fastnn

@@ -1,0 +1,63 @@
+// Host-side pieces shared by the CPU and CUDA kernels: argument checks that name the argument,
+// the layout rule, and the running-statistics update.
+#pragma once
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+namespace fastnn {
+
+// The three-dimensional view every kernel works on: input viewed as (N, C, S) where S is the product
+// of the spatial sizes. channels_last means memory order (N, S, C); rank-2 input is (N, C) with
+// S = 1 and counts as channels_last (C is the fastest dimension either way).
+struct BNShape {
+  int64_t N;
+  int64_t C;
+  int64_t S;
+  bool channels_last;
+  at::MemoryFormat format;  // memory format of the contiguous copy the kernels read and write
+  int64_t reduce_size() const { return N * S; }
+};
+
+// The memory format outputs take for `input` (fake kernels in fastnn/ops.py use the same rule):
+// channels_last (3d) when the input is contiguous in it and not plainly contiguous, else contiguous.
+at::MemoryFormat output_memory_format(const at::Tensor& input);
+
+BNShape bn_shape(const at::Tensor& input);
+
+// float32 for reduced-precision and float32 input, float64 for float64.
+at::ScalarType accumulate_type(at::ScalarType input_type);
+
+// Checks shared by every op: rank >= 2, floating dtype, and that each per-channel tensor given has
+// C elements, lives on input's device and has a dtype the kernels accept (the input's own, or
+// float32 for float16/bfloat16 input). `name` is the op name used in the messages.
+void check_input(const char* op, const at::Tensor& input);
+void check_channel_tensor(const char* op, const char* arg, const at::Tensor& input,
+                          const c10::optional<at::Tensor>& t);
+void check_same_shape(const char* op, const char* arg, const at::Tensor& input, const at::Tensor& t);
+void check_stat_tensor(const char* op, const char* arg, const at::Tensor& input, const at::Tensor& t);
+void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+                      const c10::optional<at::Tensor>& residual);
+void check_eval_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                     const at::Tensor& running_var, double eps,
+                     const c10::optional<at::Tensor>& residual);
+void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
+                         const c10::optional<at::Tensor>& weight,
+                         const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                         const at::Tensor& invstd, bool relu);
+
+// running_mean = (1 - momentum) * running_mean + momentum * mean
+// running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
+// `mean` and `var` (biased) are [C] in the accumulation dtype; the running tensors keep their own
+// dtype. Device-side tensor ops only: no host synchronization, CUDA-graph safe.
+void update_running_stats(const c10::optional<at::Tensor>& running_mean,
+                          const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                          const at::Tensor& var, double momentum, int64_t count);
+
+// Empty [C] statistics / gradients for the N = 0 case, so every kernel treats it the same way.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input);
+
+}  // namespace fastnn

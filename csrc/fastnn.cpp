@@ -1,0 +1,36 @@
+// The one place that lists every fastnn op. Kernels live in cpu/ and cuda/, each file ending in its
+// own TORCH_LIBRARY_IMPL. Python (fastnn/ops.py) adds fake kernels and autograd.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import fastnn._C` only has to load this shared library: the ops register themselves.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastnn, m) {
+  // Training forward: batch statistics (biased variance for the normalization), running statistics
+  // updated in place with the unbiased variance, then out = [relu](bn(input) [+ residual]).
+  // Returns (output, save_mean, save_invstd); the saved statistics are [C] in the accumulation
+  // dtype (float32, float64 for float64 input).
+  m.def(
+      "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float eps, Tensor? residual, bool relu) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Inference with the running statistics: out = [relu](bn(input) [+ residual]).
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, float eps, Tensor? residual, bool relu) -> Tensor");
+  // Backward of both forwards. mean/invstd are the saved batch statistics (training) or the
+  // running mean and 1/sqrt(running_var + eps) (eval), in the accumulation dtype. `output` is the
+  // forward's output, needed only for the ReLU mask. Returns (grad_input, grad_weight, grad_bias,
+  // grad_residual): grad_weight/grad_bias are [C] in the accumulation dtype; grad_residual is the
+  // ReLU-masked grad_output when residual_grad is set, else an empty tensor.
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? output, "
+      "Tensor mean, Tensor invstd, bool training, bool relu, bool residual_grad) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+}
