@@ -141,5 +141,15 @@ def _extensions():
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
+def _write_build_info():
+    import torch
+
+    with open(os.path.join(ROOT, "fastnn", "_build_info.py"), "w") as f:
+        f.write("# Written by setup.py: the torch this build of fastnn._C was compiled against.\n")
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
+
+
+_write_build_info()
 ext_modules, build_ext = _extensions()
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -1,0 +1,30 @@
+"""fastnn: fast batch normalization and fused BN+ReLU / BN+add+ReLU for PyTorch CNNs."""
+import torch
+
+from fastnn import _ext, ops, reference  # noqa: F401  (_ext loads the kernels first)
+from fastnn import functional, nn  # noqa: F401
+
+__version__ = "0.1.0"
+__all__ = ["backend_info", "functional", "nn", "ops", "reference"]
+
+
+def backend_info() -> dict:
+    """Which devices run compiled fastnn kernels, and why any do not.
+
+    Returns a dict with ``compiled`` (fastnn._C loaded), ``devices`` (device types with kernels,
+    e.g. ``('cpu', 'cuda')``), ``reason`` (why the reference is used, or None), ``torch`` and
+    ``cuda_available``.
+    """
+    try:
+        from fastnn import _build_info
+        built = _build_info.TORCH_VERSION
+    except ImportError:
+        built = None
+    return {
+        "compiled": _ext.loaded(),
+        "devices": _ext.kernel_devices(),
+        "reason": _ext.reason(),
+        "torch": torch.__version__,
+        "built_against_torch": built,
+        "cuda_available": torch.cuda.is_available(),
+    }

@@ -1,0 +1,70 @@
+"""Loads the compiled kernels (fastnn._C) once and says which devices have them.
+
+A missing or mismatched extension is never an import error: fastnn warns once, with the reason,
+and every op runs on the pure-PyTorch reference (fastnn/reference.py). FASTNN_BACKEND=reference
+forces that fallback.
+"""
+import os
+import warnings
+
+import torch
+
+_loaded = False
+_reason = None
+
+
+def _torch_major_minor(version):
+    return ".".join(version.split("+")[0].split(".")[:2])
+
+
+def _load():
+    global _loaded, _reason
+    backend = os.environ.get("FASTNN_BACKEND", "auto").strip().lower()
+    if backend == "reference":
+        _reason = "FASTNN_BACKEND=reference"
+        return
+    if backend not in ("auto", "", "compiled"):
+        raise ValueError(f"FASTNN_BACKEND must be 'auto', 'compiled' or 'reference', got {backend!r}")
+    try:
+        from fastnn import _build_info  # written by setup.py next to the extension
+        built = _build_info.TORCH_VERSION
+    except ImportError:
+        built = None
+    if built is not None and _torch_major_minor(built) != _torch_major_minor(torch.__version__):
+        _reason = (f"fastnn._C was built against torch {built} but torch {torch.__version__} is "
+                   f"installed; rebuild fastnn (pip install --no-build-isolation .)")
+    else:
+        try:
+            from fastnn import _C  # noqa: F401  (loading registers the ops)
+            _loaded = True
+            return
+        except (ImportError, OSError) as e:
+            _reason = f"fastnn._C could not be loaded ({type(e).__name__}: {e})"
+    if backend == "compiled":
+        raise ImportError(f"FASTNN_BACKEND=compiled but {_reason}")
+    warnings.warn(f"{_reason}; fastnn uses its pure-PyTorch reference implementation",
+                  RuntimeWarning, stacklevel=3)
+
+
+_load()
+
+
+def loaded():
+    """True when the compiled extension is loaded and its ops are registered."""
+    return _loaded
+
+
+def reason():
+    """Why the compiled extension is not in use, or None."""
+    return _reason
+
+
+def kernel_devices():
+    """Device types ('cpu', 'cuda') for which fastnn._C registered kernels."""
+    if not _loaded:
+        return ()
+    devices = []
+    for key, name in (("CPU", "cpu"), ("CUDA", "cuda")):
+        if torch._C._dispatch_has_kernel_for_dispatch_key("fastnn::batch_norm_train", key):
+            devices.append(name)
+    return tuple(devices)

@@ -1,0 +1,120 @@
+"""User-facing functions: `batch_norm` mirrors torch.nn.functional.batch_norm, plus the fused
+residual add and ReLU: out = relu(batch_norm(input) + residual)."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastnn import ops, reference
+
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_channel_tensor(arg: str, input: Tensor, t: Optional[Tensor]) -> None:
+    if t is None:
+        return
+    if t.device != input.device:
+        raise RuntimeError(f"batch_norm: {arg} is on {t.device} but input is on {input.device}")
+    C = input.shape[1]
+    if t.dim() != 1 or t.shape[0] != C:
+        raise RuntimeError(f"batch_norm: {arg} must be a 1-D tensor with one element per channel "
+                           f"({C}), got size {tuple(t.shape)}")
+    reduced = input.dtype in (torch.float16, torch.bfloat16)
+    if t.dtype != input.dtype and not (reduced and t.dtype == torch.float32):
+        allowed = "the input's dtype" + (", or float32" if reduced else "")
+        raise RuntimeError(f"batch_norm: {arg} has dtype {t.dtype} but input has dtype "
+                           f"{input.dtype} ({arg} must have {allowed})")
+
+
+def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float,
+               residual: Optional[Tensor]) -> None:
+    """Every check a batch-norm call makes before it touches anything: a call that fails here
+    leaves running statistics (and num_batches_tracked) unchanged."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(f"batch_norm: input must have at least 2 dimensions (N, C, ...), got "
+                         f"{input.dim()}-D input of size {tuple(input.shape)}")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise NotImplementedError(f"batch_norm: input must be float32, float64, float16 or "
+                                  f"bfloat16, got {input.dtype}")
+    for arg, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                   ("running_var", running_var)):
+        _check_channel_tensor(arg, input, t)
+    if residual is not None:
+        if residual.device != input.device:
+            raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on "
+                               f"{input.device}")
+        if residual.shape != input.shape:
+            raise RuntimeError(f"batch_norm: residual must have the input's size "
+                               f"{tuple(input.shape)}, got {tuple(residual.shape)}")
+        if residual.dtype != input.dtype:
+            raise RuntimeError(f"batch_norm: residual has dtype {residual.dtype} but input has "
+                               f"dtype {input.dtype}")
+    if training:
+        if input.numel() > 0 and input.numel() // input.shape[1] == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {input.size()}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    else:
+        if running_mean is None or running_var is None:
+            missing = "running_mean" if running_mean is None else "running_var"
+            raise RuntimeError(f"batch_norm: {missing} must be defined in evaluation mode")
+        if eps < 0.0:
+            raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def use_kernel(input: Tensor) -> bool:
+    """True when this call runs a compiled fastnn kernel rather than the reference."""
+    return ops.has_kernel(input.device.type) and input.dtype in _FLOAT_DTYPES
+
+
+def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor],
+                         running_var: Optional[Tensor], weight: Optional[Tensor],
+                         bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                         residual: Optional[Tensor], relu: bool) -> Tensor:
+    """batch_norm after check_args has passed (modules check, count the batch, then call this)."""
+    if use_kernel(input):
+        if training:
+            return ops.batch_norm_train(input, weight, bias, running_mean, running_var, momentum,
+                                        eps, residual, relu)[0]
+        return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual,
+                                   relu)
+    if training:
+        return reference.batch_norm_train(input, weight, bias, running_mean, running_var,
+                                          momentum, eps, residual, relu)[0]
+    return reference.batch_norm_eval(input, weight, bias, running_mean, running_var, eps,
+                                     residual, relu)
+
+
+def batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+               weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               training: bool = False, momentum: float = 0.1, eps: float = 1e-5,
+               residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """torch.nn.functional.batch_norm, with an optional fused residual add and ReLU.
+
+    Returns ``relu(bn(input) + residual)`` (each part optional). In training the batch mean and
+    biased variance normalize the input and the running statistics, when given, are updated in
+    place with ``momentum`` and the unbiased variance.
+    """
+    check_args(input, running_mean, running_var, weight, bias, training, eps, residual)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, residual, relu)
+
+
+def batch_norm_relu(input, running_mean, running_var, weight=None, bias=None, training=False,
+                    momentum=0.1, eps=1e-5):
+    """relu(batch_norm(input)) in one pass."""
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      relu=True)
+
+
+def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None, bias=None,
+                        training=False, momentum=0.1, eps=1e-5):
+    """relu(batch_norm(input) + residual) in one pass."""
+    return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                      residual=residual, relu=True)

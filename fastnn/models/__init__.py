@@ -1,0 +1,2 @@
+"""Networks built on fastnn's modules."""
+__all__ = []

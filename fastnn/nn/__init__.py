@@ -1,0 +1,10 @@
+"""fastnn modules: drop-in replacements for torch.nn's batch norms and their fused forms."""
+from fastnn.nn.batchnorm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormAddReLU2d,
+    BatchNormReLU2d,
+)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d"]

@@ -1,0 +1,195 @@
+"""Typed wrappers over torch.ops.fastnn.*, their fake (meta) kernels and autograd.
+
+The ops themselves are declared in csrc/fastnn.cpp. Registering them with TORCH_LIBRARY plus fake
+kernels and autograd here is what lets them run under torch.compile(fullgraph=True), CUDA graphs
+and torch.library.opcheck. When fastnn._C is not loaded none of this is registered, and
+fastnn.functional runs fastnn.reference instead.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastnn import _ext, reference
+
+__all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    return _ext.loaded()
+
+
+def has_kernel(device_type: str) -> bool:
+    """True when fastnn._C has kernels for this device type ('cpu', 'cuda')."""
+    return device_type in _ext.kernel_devices()
+
+
+def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     momentum: float, eps: float, residual: Optional[Tensor] = None,
+                     relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(output, save_mean, save_invstd); running_mean/running_var are updated in place."""
+    return torch.ops.fastnn.batch_norm_train.default(
+        input, weight, bias, running_mean, running_var, float(momentum), float(eps), residual,
+        bool(relu))
+
+
+def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Tensor, running_var: Tensor, eps: float,
+                    residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    return torch.ops.fastnn.batch_norm_eval.default(
+        input, weight, bias, running_mean, running_var, float(eps), residual, bool(relu))
+
+
+def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                        output: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool,
+                        relu: bool, residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, grad_weight, grad_bias, grad_residual); see csrc/fastnn.cpp."""
+    return torch.ops.fastnn.batch_norm_backward.default(
+        grad_output, input, weight, output, mean, invstd, bool(training), bool(relu),
+        bool(residual_grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: shapes, dtypes and strides only (the same layout rule as csrc/batch_norm_common).
+
+def output_memory_format(input: Tensor) -> torch.memory_format:
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and not input.is_contiguous() and input.is_contiguous(
+            memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _empty_like_input(input: Tensor) -> Tensor:
+    return torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                       memory_format=output_memory_format(input))
+
+
+def _channel_stat(input: Tensor) -> Tensor:
+    return input.new_empty((input.shape[1],), dtype=reference.accumulate_dtype(input.dtype))
+
+
+def _fake_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
+
+
+def _fake_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
+    return _empty_like_input(input)
+
+
+def _fake_backward(grad_output, input, weight, output, mean, invstd, training, relu,
+                   residual_grad):
+    grad_residual = _empty_like_input(input) if residual_grad else input.new_empty((0,))
+    return _empty_like_input(input), _channel_stat(input), _channel_stat(input), grad_residual
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. Both forward ops share one backward, itself the registered batch_norm_backward op.
+# With create_graph=True (double backward) the first derivative is instead recomputed through the
+# differentiable reference, so gradgradcheck holds.
+
+def _save(ctx, input, weight, bias, residual, output, mean, invstd, training, relu, eps):
+    ctx.training = training
+    ctx.relu = relu
+    ctx.eps = eps
+    ctx.has_weight = weight is not None
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(input, weight, bias, residual, output if relu else None, mean, invstd)
+
+
+def _backward(ctx, grad_output):
+    input, weight, bias, residual, output, mean, invstd = ctx.saved_tensors
+    need_input, need_weight, need_bias, need_residual = ctx.fastnn_needs
+    if torch.is_grad_enabled():
+        return _double_backward_grads(ctx, grad_output, input, weight, bias, residual, mean, invstd)
+    gi, gw, gb, gr = batch_norm_backward(
+        grad_output, input, weight, output, mean, invstd, ctx.training, ctx.relu,
+        ctx.has_residual and need_residual)
+    return (gi if need_input else None,
+            gw.to(weight.dtype) if need_weight and weight is not None else None,
+            gb.to(bias.dtype) if need_bias and bias is not None else None,
+            gr if need_residual and residual is not None else None)
+
+
+def _double_backward_grads(ctx, grad_output, input, weight, bias, residual, mean, invstd):
+    """First derivatives as differentiable functions of (input, weight, bias, residual,
+    grad_output), by differentiating the reference forward with create_graph=True."""
+    inputs = [t for t in (input, weight, bias, residual) if t is not None and t.requires_grad]
+    if ctx.training:
+        out, _, _ = reference.batch_norm_train(input, weight, bias, None, None, 0.0, ctx.eps,
+                                               residual, ctx.relu)
+    else:
+        acc = reference.accumulate_dtype(input.dtype)
+        out = reference._normalize_affine(input.to(acc), mean, invstd, weight, bias, residual,
+                                          ctx.relu, input.dtype)
+    grads = iter(torch.autograd.grad(out, inputs, grad_output, create_graph=True,
+                                     allow_unused=True))
+    return tuple(next(grads) if t is not None and t.requires_grad else None
+                 for t in (input, weight, bias, residual))
+
+
+if _ext.loaded():
+    _lib = torch.library.Library("fastnn", "FRAGMENT")  # noqa: TOR901
+
+    torch.library.register_fake("fastnn::batch_norm_train", _fake_train, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_eval", _fake_eval, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
+
+    # batch_norm_eval is functional: torch.library.register_autograd.
+    def _setup_eval(ctx, inputs, output):
+        input, weight, bias, running_mean, running_var, eps, residual, relu = inputs
+        acc = reference.accumulate_dtype(input.dtype)
+        mean = running_mean.to(acc)
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        ctx.fastnn_needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                            ctx.needs_input_grad[2], ctx.needs_input_grad[6])
+        _save(ctx, input, weight, bias, residual, output, mean, invstd, False, relu, eps)
+
+    def _backward_eval(ctx, grad_output):
+        gi, gw, gb, gr = _backward(ctx, grad_output)
+        return gi, gw, gb, None, None, None, gr, None
+
+    torch.library.register_autograd("fastnn::batch_norm_eval", _backward_eval,
+                                    setup_context=_setup_eval, lib=_lib)
+
+    # batch_norm_train mutates the running statistics, which register_autograd refuses; its
+    # Autograd kernel is the same construction written out: an autograd.Function whose forward
+    # redispatches below autograd.
+    _train_op = torch.ops.fastnn.batch_norm_train.default
+
+    class _BatchNormTrainFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, input, weight, bias, running_mean, running_var, momentum, eps,
+                    residual, relu):
+            with torch._C._AutoDispatchBelowAutograd():
+                out, mean, invstd = _train_op.redispatch(
+                    keyset & torch._C._after_autograd_keyset, input, weight, bias, running_mean,
+                    running_var, momentum, eps, residual, relu)
+            ctx.fastnn_needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
+                                ctx.needs_input_grad[3], ctx.needs_input_grad[8])
+            _save(ctx, input, weight, bias, residual, out, mean, invstd, True, relu, eps)
+            ctx.mark_non_differentiable(mean, invstd)
+            return out, mean, invstd
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            gi, gw, gb, gr = _backward(ctx, grad_output)
+            return None, gi, gw, gb, None, None, None, None, gr, None
+
+    def _train_autograd(keyset, input, weight, bias, running_mean, running_var, momentum, eps,
+                        residual, relu):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
+            return _BatchNormTrainFunction.apply(keyset, input, weight, bias, running_mean,
+                                                 running_var, momentum, eps, residual, relu)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _train_op.redispatch(keyset & torch._C._after_autograd_keyset, input, weight,
+                                        bias, running_mean, running_var, momentum, eps, residual,
+                                        relu)
+
+    _lib.impl("batch_norm_train", _train_autograd, "Autograd", with_keyset=True)

@@ -1,0 +1,103 @@
+"""fastnn's ops in plain PyTorch: the fallback wherever no compiled kernel exists, and the oracle
+every kernel is tested against.
+
+Each function has the semantics (and, for the op-shaped ones, the signature) of the matching
+`torch.ops.fastnn` op. Statistics are accumulated in float32 (float64 for float64 input); the
+output has the input's dtype. Forward functions are differentiable with respect to input, weight,
+bias and residual.
+"""
+import torch
+
+__all__ = [
+    "accumulate_dtype",
+    "batch_norm_train",
+    "batch_norm_eval",
+    "batch_norm_backward",
+    "update_running_stats",
+]
+
+
+def accumulate_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _per_channel(t, ndim):
+    """[C] -> (1, C, 1, ...) so it broadcasts against an ndim-D input."""
+    return t.reshape((1, -1) + (1,) * (ndim - 2))
+
+
+def _reduce_dims(ndim):
+    return [0] + list(range(2, ndim))
+
+
+def _normalize_affine(x, mean, invstd, weight, bias, residual, relu, out_dtype):
+    """[relu]((x - mean) * invstd * weight + bias [+ residual]) computed in x's dtype."""
+    nd = x.dim()
+    acc = x.dtype
+    y = (x - _per_channel(mean, nd)) * _per_channel(invstd, nd)
+    if weight is not None:
+        y = y * _per_channel(weight.to(acc), nd)
+    if bias is not None:
+        y = y + _per_channel(bias.to(acc), nd)
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(out_dtype)
+
+
+def update_running_stats(running_mean, running_var, mean, var, momentum, count):
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased variance."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(mean * momentum + running_mean.to(mean.dtype) * (1.0 - momentum))
+        if running_var is not None:
+            bessel = count / (count - 1) if count > 1 else 1.0
+            running_var.copy_(var * (momentum * bessel) + running_var.to(var.dtype) * (1.0 - momentum))
+
+
+def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, eps,
+                     residual=None, relu=False):
+    """Returns (output, save_mean, save_invstd) and updates the running statistics in place."""
+    acc = accumulate_dtype(input.dtype)
+    C = input.shape[1]
+    if input.numel() == 0:
+        zeros = input.new_zeros((C,), dtype=acc)
+        return torch.empty_like(input), zeros, zeros.clone()
+    x = input.to(acc)
+    var, mean = torch.var_mean(x, dim=_reduce_dims(input.dim()), correction=0)
+    invstd = torch.rsqrt(var + eps)
+    out = _normalize_affine(x, mean, invstd, weight, bias, residual, relu, input.dtype)
+    update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum,
+                         input.numel() // C)
+    return out, mean.detach(), invstd.detach()
+
+
+def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
+    acc = accumulate_dtype(input.dtype)
+    mean = running_mean.to(acc)
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    return _normalize_affine(input.to(acc), mean, invstd, weight, bias, residual, relu, input.dtype)
+
+
+def batch_norm_backward(grad_output, input, weight, output, mean, invstd, training, relu,
+                        residual_grad):
+    """Returns (grad_input, grad_weight, grad_bias, grad_residual) like the fastnn op."""
+    acc = accumulate_dtype(input.dtype)
+    nd = input.dim()
+    dims = _reduce_dims(nd)
+    g = grad_output.to(acc)
+    if relu:
+        g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    xhat = (input.to(acc) - _per_channel(mean, nd)) * _per_channel(invstd, nd)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    if training:
+        count = max(input.numel() // max(input.shape[1], 1), 1)
+        dx = (g - _per_channel(grad_bias / count, nd)
+              - xhat * _per_channel(grad_weight / count, nd)) * _per_channel(scale, nd)
+    else:
+        dx = g * _per_channel(scale, nd)
+    grad_residual = g.to(input.dtype) if residual_grad else input.new_empty((0,))
+    return dx.to(input.dtype), grad_weight, grad_bias, grad_residual
