@@ -4,6 +4,7 @@ A missing or mismatched extension is never an import error: fastnn warns once, w
 and every op runs on the pure-PyTorch reference (fastnn/reference.py). FASTNN_BACKEND=reference
 forces that fallback.
 """
+import importlib
 import os
 import warnings
 
@@ -35,7 +36,7 @@ def _load():
                    f"installed; rebuild fastnn (pip install --no-build-isolation .)")
     else:
         try:
-            from fastnn import _C  # noqa: F401  (loading registers the ops)
+            importlib.import_module("fastnn._C")  # loading the library registers the ops
             _loaded = True
             return
         except (ImportError, OSError) as e:

@@ -6,5 +6,7 @@ from fastnn.nn.batchnorm import (
     BatchNormAddReLU2d,
     BatchNormReLU2d,
 )
+from fastnn.nn.syncbatchnorm import SyncBatchNorm, SyncBatchNormAddReLU, SyncBatchNormReLU
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d",
+           "SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU"]

@@ -1,0 +1,162 @@
+"""fastnn.nn.SyncBatchNorm over 2 gloo processes (loopback only) against one torch BatchNorm over
+the concatenated batch: outputs, every gradient, running statistics."""
+import datetime
+import os
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fastnn
+
+WORLD = 2
+
+
+def _check(rank, batch_sizes, dtype, relu, residual, momentum, results):
+    torch.manual_seed(0)
+    C, H, W = 3, 4, 5
+    total = sum(batch_sizes)
+    x_all = torch.randn(total, C, H, W, dtype=torch.float64) * 2 + 0.5
+    r_all = torch.randn(total, C, H, W, dtype=torch.float64)
+    g_all = torch.randn(total, C, H, W, dtype=torch.float64)
+    w0 = torch.rand(C, dtype=torch.float64) + 0.5
+    b0 = torch.randn(C, dtype=torch.float64)
+
+    # Oracle: one torch BatchNorm over the whole batch, two steps.
+    ref = torch.nn.BatchNorm2d(C, momentum=momentum).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(w0)
+        ref.bias.copy_(b0)
+    xs = x_all.to(dtype).clone().requires_grad_()
+    rs = r_all.to(dtype).clone().requires_grad_()
+    for _ in range(2):
+        y_ref = ref(xs)
+        if residual:
+            y_ref = y_ref + rs
+        if relu:
+            y_ref = torch.relu(y_ref)
+    y_ref.backward(g_all.to(dtype))
+
+    if residual:
+        local_bn = fastnn.nn.BatchNormAddReLU2d(C, momentum=momentum)
+    elif relu:
+        local_bn = fastnn.nn.BatchNormReLU2d(C, momentum=momentum)
+    else:
+        local_bn = torch.nn.BatchNorm2d(C, momentum=momentum)
+    local_bn = local_bn.to(dtype)
+    with torch.no_grad():
+        local_bn.weight.copy_(w0)
+        local_bn.bias.copy_(b0)
+    sync = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(local_bn)
+    assert isinstance(sync, fastnn.nn.SyncBatchNorm), type(sync)
+    start = sum(batch_sizes[:rank])
+    sl = slice(start, start + batch_sizes[rank])
+    x = x_all[sl].to(dtype).clone().requires_grad_()
+    r = r_all[sl].to(dtype).clone().requires_grad_()
+    for _ in range(2):
+        y = sync(x, r) if residual else sync(x)
+    y.backward(g_all[sl].to(dtype))
+
+    tol = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4),
+           torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}[dtype]
+    torch.testing.assert_close(y, y_ref[sl].detach(), **tol)
+    torch.testing.assert_close(x.grad, xs.grad[sl], **tol)
+    if residual:
+        torch.testing.assert_close(r.grad, rs.grad[sl], **tol)
+    torch.testing.assert_close(sync.running_mean, ref.running_mean, **tol)
+    torch.testing.assert_close(sync.running_var, ref.running_var, **tol)
+    assert int(sync.num_batches_tracked) == 2
+    # Parameter gradients are per-rank sums, as in torch.nn.SyncBatchNorm: summed over the group
+    # they give the full-batch gradient.
+    gw, gb = sync.weight.grad.clone(), sync.bias.grad.clone()
+    dist.all_reduce(gw)
+    dist.all_reduce(gb)
+    torch.testing.assert_close(gw, ref.weight.grad, **tol)
+    torch.testing.assert_close(gb, ref.bias.grad, **tol)
+
+    # Eval: no collective, the running statistics.
+    sync.eval()
+    ref.eval()
+    with torch.no_grad():
+        ye = sync(x, r) if residual else sync(x)
+        ye_ref = ref(x)
+        if residual:
+            ye_ref = ye_ref + r
+        if relu:
+            ye_ref = torch.relu(ye_ref)
+    torch.testing.assert_close(ye, ye_ref, **tol)
+
+
+def _worker(rank, init_file, cases, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD, timeout=datetime.timedelta(seconds=60))
+    try:
+        for i, case in enumerate(cases):
+            try:
+                _check(rank, *case, results=None)
+                msg = "ok"
+            except Exception:
+                msg = traceback.format_exc()
+            with open(os.path.join(result_dir, f"{i}.{rank}"), "w") as f:
+                f.write(msg)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+CASES = [
+    # batch sizes per rank, dtype, relu, residual, momentum
+    ((3, 5), torch.float64, False, False, 0.1),
+    ((2, 0), torch.float64, True, False, None),
+    ((4, 4), torch.float64, True, True, 0.3),
+    ((1, 1), torch.float32, False, False, 0.1),  # one value per rank, two over the group
+    ((3, 2), torch.bfloat16, True, True, 0.1),
+]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_sync_batchnorm_matches_full_batch(tmp_path):
+    init_file = tmp_path / "init"
+    ctx = mp.start_processes(_worker, args=(str(init_file), CASES, str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.time() + 240
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("SyncBatchNorm workers did not finish within 240 s")
+    failures = []
+    for i, case in enumerate(CASES):
+        for rank in range(WORLD):
+            path = tmp_path / f"{i}.{rank}"
+            msg = path.read_text() if path.exists() else "no result"
+            if msg != "ok":
+                failures.append(f"case {case} rank {rank}:\n{msg}")
+    assert not failures, "\n".join(failures)
+
+
+def test_sync_batchnorm_single_process_is_batchnorm():
+    """Without an initialised process group it is a plain fastnn BatchNorm (no collective)."""
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 5, 5)
+    sync = fastnn.nn.SyncBatchNorm(3)
+    ref = torch.nn.BatchNorm2d(3)
+    torch.testing.assert_close(sync(x), ref(x))
+    torch.testing.assert_close(sync.running_var, ref.running_var)
+    assert set(sync.state_dict()) == set(ref.state_dict())
+
+
+def test_convert_keeps_fused_forms():
+    model = torch.nn.Sequential(fastnn.nn.BatchNormReLU2d(3), torch.nn.BatchNorm2d(3),
+                                fastnn.nn.BatchNormAddReLU2d(3))
+    conv = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(conv[0]) is fastnn.nn.SyncBatchNormReLU
+    assert type(conv[1]) is fastnn.nn.SyncBatchNorm
+    assert type(conv[2]) is fastnn.nn.SyncBatchNormAddReLU
+    assert conv[0].weight is model[0].weight
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(conv[2](x, x), torch.relu(torch.nn.functional.batch_norm(
+        x, None, None, model[2].weight, model[2].bias, training=True) + x))
