@@ -63,7 +63,10 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, e
     C = input.shape[1]
     if input.numel() == 0:
         zeros = input.new_zeros((C,), dtype=acc)
-        return torch.empty_like(input), zeros, zeros.clone()
+        # Through _normalize_affine so the (empty) output stays connected to the autograd graph.
+        out = _normalize_affine(input.to(acc), zeros, zeros, weight, bias, residual, relu,
+                                input.dtype)
+        return out, zeros, zeros.clone()
     x = input.to(acc)
     var, mean = torch.var_mean(x, dim=_reduce_dims(input.dim()), correction=0)
     invstd = torch.rsqrt(var + eps)

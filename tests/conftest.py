@@ -1,0 +1,77 @@
+"""Shared fixtures for the fastnn test suite.
+
+Every numerical test runs on each available (backend, device) pair:
+
+* backend "kernel": the compiled fastnn ops (skipped where fastnn._C has no kernel for the device);
+* backend "reference": fastnn's pure-PyTorch fallback, forced by making
+  fastnn.functional.use_kernel return False;
+* device "cpu" and "cuda" (CUDA cases carry the ``cuda`` mark and skip without a GPU).
+"""
+import random
+import warnings
+
+import pytest
+import torch
+
+with warnings.catch_warnings():
+    # A missing fastnn._C is a warning by design; test_backend.py checks it explicitly.
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import fastnn  # noqa: E402
+
+import helpers  # noqa: E402
+from helpers import BACKENDS, DEVICES, HAS_CUDA  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
+    random.seed(0)
+    return 0
+
+
+@pytest.fixture
+def tolerance():
+    """tolerance(dtype, grad=False) -> dict(rtol=..., atol=...) for results of `dtype` inputs."""
+    return helpers.tol
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+def _use_backend(name, device, monkeypatch):
+    if name == "kernel":
+        if not fastnn.ops.has_kernel(device):
+            pytest.skip(f"fastnn._C has no {device} kernels ({fastnn.backend_info()['reason']})")
+    else:
+        # Every fastnn entry point (functional and modules) decides here between the compiled
+        # ops and fastnn.reference; returning False forces the reference path.
+        monkeypatch.setattr(fastnn.functional, "use_kernel", lambda input: False)
+    return name
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, device, monkeypatch):
+    """The fastnn implementation under test; the test's device comes with it."""
+    return _use_backend(request.param, device, monkeypatch)
+
+
+@pytest.fixture
+def kernel_only(device):
+    """For tests of the compiled ops themselves (torch.ops.fastnn.*)."""
+    if not fastnn.ops.has_kernel(device):
+        pytest.skip(f"fastnn._C has no {device} kernels ({fastnn.backend_info()['reason']})")
+    return device
+
+
+def pytest_collection_modifyitems(config, items):
+    large_ok = False
+    if HAS_CUDA:
+        free, _ = torch.cuda.mem_get_info()
+        large_ok = free >= 40 * 2**30
+    skip_large = pytest.mark.skip(reason="needs a CUDA device with 40 GiB free")
+    for item in items:
+        if "large" in item.keywords and not large_ok:
+            item.add_marker(skip_large)

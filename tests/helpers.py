@@ -1,0 +1,187 @@
+"""Inputs, tolerances and the two oracles (PyTorch and fastnn.reference) shared by the tests."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import fastnn
+    from fastnn import reference
+
+HAS_CUDA = torch.cuda.is_available()
+BACKENDS = ("kernel", "reference")
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[
+        pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+]
+
+REDUCED = (torch.float16, torch.bfloat16)
+
+# Input dtype and whether the parameters/running statistics have the input's own dtype (for
+# float16/bfloat16; otherwise they are float32).
+DTYPE_CASES = [
+    pytest.param(torch.float64, False, id="f64"),
+    pytest.param(torch.float32, False, id="f32"),
+    pytest.param(torch.bfloat16, False, id="bf16-f32params"),
+    pytest.param(torch.bfloat16, True, id="bf16-bf16params"),
+    pytest.param(torch.float16, False, id="f16-f32params"),
+    pytest.param(torch.float16, True, id="f16-f16params"),
+]
+
+# Input shape and memory format, ranks 2 to 5, both memory formats.
+LAYOUTS = {
+    "2d": ((6, 5), torch.contiguous_format),
+    "3d": ((4, 5, 7), torch.contiguous_format),
+    "nchw": ((4, 5, 6, 7), torch.contiguous_format),
+    "nhwc": ((4, 5, 6, 7), torch.channels_last),
+    "ncdhw": ((2, 5, 3, 4, 5), torch.contiguous_format),
+    "ndhwc": ((2, 5, 3, 4, 5), torch.channels_last_3d),
+}
+
+# (rtol, atol) for outputs and running statistics, and for gradients, by input dtype.
+_TOL = {
+    torch.float64: ((1e-10, 1e-10), (1e-10, 1e-10)),
+    torch.float32: ((1e-5, 1e-5), (1e-4, 1e-4)),
+    torch.float16: ((1e-2, 1e-2), (2e-2, 2e-2)),
+    torch.bfloat16: ((2e-2, 2e-2), (4e-2, 4e-2)),
+}
+
+
+def tol(dtype, grad=False):
+    """dict(rtol=..., atol=...) for comparing results computed from `dtype` inputs."""
+    rtol, atol = _TOL[dtype][1 if grad else 0]
+    return {"rtol": rtol, "atol": atol}
+
+
+def assert_close(actual, expected, dtype, grad=False, msg=""):
+    """Compares values (not dtypes) with the tolerance of the input dtype `dtype`."""
+    if expected is None or actual is None:
+        assert actual is None and expected is None, f"{msg}: {actual!r} vs {expected!r}"
+        return
+    assert actual.shape == expected.shape, f"{msg}: shape {actual.shape} vs {expected.shape}"
+    torch.testing.assert_close(actual.detach().to("cpu", torch.float64),
+                               expected.detach().to("cpu", torch.float64),
+                               msg=lambda m: f"{msg}: {m}", **tol(dtype, grad))
+
+
+def param_dtype(dtype, half_params=False):
+    """The parameter dtype paired with an input dtype: float32 for float16/bfloat16 input unless
+    `half_params` asks for the input's own dtype."""
+    return dtype if dtype not in REDUCED or half_params else torch.float32
+
+
+def make_input(shape, dtype, device, memory_format=torch.contiguous_format, shift=0.5,
+               scale=2.0):
+    x = torch.randn(shape, dtype=torch.float64) * scale + shift
+    return x.to(device=device, dtype=dtype).contiguous(memory_format=memory_format)
+
+
+def make_params(C, dtype, device, affine=True):
+    """(weight, bias, running_mean, running_var) of `dtype`; weight/bias None unless affine."""
+    w = torch.randn(C, dtype=torch.float64) if affine else None
+    b = torch.randn(C, dtype=torch.float64) if affine else None
+    rm = torch.randn(C, dtype=torch.float64) * 0.3
+    rv = torch.rand(C, dtype=torch.float64) + 0.5
+    return tuple(None if t is None else t.to(device=device, dtype=dtype) for t in (w, b, rm, rv))
+
+
+def is_channels_last(t):
+    if t.dim() == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.is_contiguous(memory_format=torch.channels_last_3d)
+    return False
+
+
+def _leaf(t, dtype=None):
+    if t is None:
+        return None
+    t = t.detach()
+    t = t.to(dtype) if dtype is not None and t.dtype != dtype else t.clone()
+    return t.requires_grad_(True)
+
+
+def run_bn(impl, x, weight, bias, running_mean, running_var, training, momentum, eps,
+           residual=None, relu=False, grad_out=None, upcast=False, transform=None):
+    """Runs one batch-norm call on copies of the arguments and returns a dict of everything it
+    produced: out, running_mean, running_var and the gradient of each tensor argument.
+
+    impl: "fastnn" (fastnn.functional.batch_norm), "torch" (F.batch_norm, + residual, relu) or
+    "reference" (fastnn.reference ops, differentiated by autograd).
+    upcast: compute in float32 from float32 copies of every argument (the oracle for reduced
+    precision, where PyTorch would round between the batch norm and the residual add).
+    transform: applied to the (leaf) input before the call, to feed strided views.
+    """
+    dt = torch.float32 if upcast else None
+    xl, wl, bl, rl = (_leaf(t, dt) for t in (x, weight, bias, residual))
+    rm = None if running_mean is None else running_mean.detach().to(dt or running_mean.dtype,
+                                                                     copy=True)
+    rv = None if running_var is None else running_var.detach().to(dt or running_var.dtype,
+                                                                   copy=True)
+    xin = transform(xl) if transform is not None else xl
+    if impl == "fastnn":
+        out = fastnn.functional.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps,
+                                           residual=rl, relu=relu)
+    elif impl == "torch":
+        out = F.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps)
+        if rl is not None:
+            out = out + rl
+        if relu:
+            out = F.relu(out)
+    elif impl == "reference":
+        if training:
+            out = reference.batch_norm_train(xin, wl, bl, rm, rv, momentum, eps, rl, relu)[0]
+        else:
+            out = reference.batch_norm_eval(xin, wl, bl, rm, rv, eps, rl, relu)
+    else:
+        raise ValueError(impl)
+    if grad_out is None:
+        grad_out = torch.randn_like(out)
+    out.backward(grad_out.to(out.dtype))
+    return {
+        "out": out.detach(),
+        "running_mean": rm,
+        "running_var": rv,
+        "grad_input": xl.grad,
+        "grad_weight": None if wl is None else wl.grad,
+        "grad_bias": None if bl is None else bl.grad,
+        "grad_residual": None if rl is None else rl.grad,
+    }
+
+
+def check_results(got, expected, dtype, what=""):
+    for key in ("out", "running_mean", "running_var"):
+        assert_close(got[key], expected[key], dtype, msg=f"{what} {key}")
+    for key in ("grad_input", "grad_weight", "grad_bias", "grad_residual"):
+        assert_close(got[key], expected[key], dtype, grad=True, msg=f"{what} {key}")
+
+
+def check_against_oracles(x, weight, bias, running_mean, running_var, training, momentum, eps,
+                          residual=None, relu=False, transform=None):
+    """fastnn.functional.batch_norm against PyTorch and against fastnn.reference: output, running
+    statistics and every gradient; also dtypes and the channels_last output layout. Returns
+    fastnn's results."""
+    dtype = x.dtype
+    probe = transform(x) if transform is not None else x
+    grad_out = torch.randn(probe.shape, dtype=torch.float64).to(x.device, dtype)
+    args = (x, weight, bias, running_mean, running_var, training, momentum, eps)
+    kw = {"residual": residual, "relu": relu, "grad_out": grad_out, "transform": transform}
+    got = run_bn("fastnn", *args, **kw)
+    # PyTorch rounds between its batch norm and the residual add; fastnn rounds once.
+    upcast = dtype in REDUCED and residual is not None
+    check_results(got, run_bn("torch", *args, upcast=upcast, **kw), dtype, "vs torch:")
+    check_results(got, run_bn("reference", *args, **kw), dtype, "vs reference:")
+
+    assert got["out"].dtype == dtype and got["out"].device == x.device
+    assert got["grad_input"].dtype == dtype
+    for key, t in (("grad_weight", weight), ("grad_bias", bias), ("running_mean", running_mean),
+                   ("running_var", running_var)):
+        if t is not None:
+            assert got[key].dtype == t.dtype, key
+    if is_channels_last(probe) and not probe.is_contiguous():
+        assert is_channels_last(got["out"]), "channels_last input must give channels_last output"
+    return got

@@ -1,0 +1,273 @@
+"""fastnn.functional.batch_norm (and the fused forms) against F.batch_norm and fastnn.reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastnn
+from helpers import (DTYPE_CASES, LAYOUTS, assert_close, check_against_oracles, make_input,
+                     make_params, param_dtype)
+
+FUSED = {
+    "plain": (False, False),
+    "relu": (False, True),
+    "add": (True, False),
+    "add_relu": (True, True),
+}
+
+
+@pytest.mark.parametrize("fused", list(FUSED))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_matches_torch(backend, device, dtype, half_params, layout, training, fused):
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), device)
+    with_residual, relu = FUSED[fused]
+    r = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0) if with_residual else None
+    if backend == "kernel":
+        assert fastnn.functional.use_kernel(x)
+    check_against_oracles(x, w, b, rm, rv, training, 0.1, 1e-5, residual=r, relu=relu)
+
+
+@pytest.mark.parametrize("shape", [
+    (2, 1), (2, 1, 1), (2, 3, 1, 1), (2, 7, 1, 1, 1), (3, 1, 5, 3), (2, 7, 3, 1), (5, 3, 1, 9),
+    (2, 7, 1, 3, 1), (2, 64, 3, 3), (8, 3, 17, 19),
+], ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_odd_sizes(backend, device, dtype, training, fmt, shape):
+    memory_format = torch.contiguous_format
+    if fmt == "channels_last":
+        if len(shape) < 4:
+            pytest.skip("channels_last needs rank 4 or 5")
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x = make_input(shape, dtype, device, memory_format)
+    w, b, rm, rv = make_params(shape[1], dtype, device)
+    r = make_input(shape, dtype, device, memory_format, shift=0.0)
+    check_against_oracles(x, w, b, rm, rv, training, 0.1, 1e-5)
+    check_against_oracles(x, w, b, rm, rv, training, 0.1, 1e-5, residual=r, relu=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_no_weight_or_bias(backend, device, dtype, half_params, training):
+    x = make_input((4, 3, 5, 5), dtype, device)
+    w, b, rm, rv = make_params(3, param_dtype(dtype, half_params), device)
+    r = make_input((4, 3, 5, 5), dtype, device, shift=0.0)
+    for weight, bias in ((None, None), (w, None), (None, b)):
+        check_against_oracles(x, weight, bias, rm, rv, training, 0.1, 1e-5)
+        check_against_oracles(x, weight, bias, rm, rv, training, 0.1, 1e-5, residual=r, relu=True)
+
+
+@pytest.mark.parametrize("layout", ["2d", "nchw", "nhwc", "ndhwc"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+def test_training_without_running_stats(backend, device, dtype, layout):
+    """track_running_stats=False: batch statistics, nothing to update."""
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, _, _ = make_params(shape[1], param_dtype(dtype), device)
+    check_against_oracles(x, w, b, None, None, True, 0.1, 1e-5)
+    check_against_oracles(x, w, b, None, None, True, 0.1, 1e-5, relu=True)
+    check_against_oracles(x, None, None, None, None, True, 0.1, 1e-5,
+                          residual=torch.randn_like(x), relu=True)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.5])
+def test_momentum_and_eps(backend, device, momentum, eps):
+    x = make_input((4, 3, 5, 5), torch.float64, device)
+    w, b, rm, rv = make_params(3, torch.float64, device)
+    for training in (True, False):
+        check_against_oracles(x, w, b, rm, rv, training, momentum, eps)
+
+
+def test_eval_eps_zero(backend, device):
+    """torch accepts eps=0 in eval."""
+    x = make_input((4, 3, 5, 5), torch.float64, device)
+    w, b, rm, rv = make_params(3, torch.float64, device)
+    check_against_oracles(x, w, b, rm, rv, False, 0.1, 0.0, relu=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_helpers(backend, device, training):
+    """batch_norm_relu and batch_norm_add_relu are batch_norm(relu=True[, residual=])."""
+    x = make_input((4, 3, 5, 5), torch.float64, device)
+    r = make_input((4, 3, 5, 5), torch.float64, device, shift=0.0)
+    w, b, rm, rv = make_params(3, torch.float64, device)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    out = fastnn.functional.batch_norm_relu(x, rm1, rv1, w, b, training, 0.2, 1e-4)
+    exp = F.relu(F.batch_norm(x, rm2, rv2, w, b, training, 0.2, 1e-4))
+    assert_close(out, exp, x.dtype)
+    assert_close(rm1, rm2, x.dtype)
+    assert_close(rv1, rv2, x.dtype)
+    out = fastnn.functional.batch_norm_add_relu(x, r, rm1, rv1, w, b, training, 0.2, 1e-4)
+    exp = F.relu(F.batch_norm(x, rm2, rv2, w, b, training, 0.2, 1e-4) + r)
+    assert_close(out, exp, x.dtype)
+    assert_close(rm1, rm2, x.dtype)
+    assert_close(rv1, rv2, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
+def test_empty_batch(backend, device, dtype):
+    """N=0 works: empty output, running statistics unchanged, zero parameter gradients."""
+    x = torch.empty((0, 3, 4, 4), dtype=dtype, device=device, requires_grad=True)
+    w, b, rm, rv = make_params(3, param_dtype(dtype), device)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    rm0, rv0 = rm.clone(), rv.clone()
+    for training in (True, False):
+        out = fastnn.functional.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5, relu=True)
+        assert out.shape == x.shape and out.dtype == dtype
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+        assert torch.count_nonzero(w.grad) == 0 and torch.count_nonzero(b.grad) == 0
+    xr = torch.empty((0, 3, 4, 4), dtype=dtype, device=device).contiguous(
+        memory_format=torch.channels_last)
+    out = fastnn.functional.batch_norm(xr, rm, rv, w, b, True, 0.1, 1e-5,
+                                       residual=torch.empty_like(xr))
+    assert out.shape == xr.shape
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+def test_large_mean_stability(backend, device):
+    """Mean 1e4, std 1: float32 statistics still match a float64 computation."""
+    C = 4
+    x = (torch.randn(16, C, 32, 32, dtype=torch.float64) + 1e4).to(device)
+    x32 = x.float()
+    w, b, rm, rv = make_params(C, torch.float32, device)
+    rm64, rv64 = rm.double(), rv.double()
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        rm1, rv1 = rm.clone(), rv.clone()
+        out = fastnn.functional.batch_norm(x32.contiguous(memory_format=fmt), rm1, rv1, w, b,
+                                           True, 0.5, 1e-5)
+        rm2, rv2 = rm64.clone(), rv64.clone()
+        exp = F.batch_norm(x32.double(), rm2, rv2, w.double(), b.double(), True, 0.5, 1e-5)
+        # float32 holds x to ~5e-4 (its ulp at 1e4); the normalized output is right to that.
+        torch.testing.assert_close(out.double(), exp, rtol=0, atol=5e-3)
+        torch.testing.assert_close(rm1.double(), rm2, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rv1.double(), rv2, rtol=1e-3, atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# hypothesis: shapes, strides (non-contiguous views), momentum, eps
+
+def _views(draw, shape):
+    """A non-trivial view of a larger tensor that has `shape`, and the larger tensor's shape."""
+    kind = draw(st.sampled_from(["contiguous", "slice", "transpose", "channels_last", "offset",
+                                 "expand_batch"]))
+    nd = len(shape)
+    if kind == "slice":  # every other element of the last dimension
+        base = shape[:-1] + (shape[-1] * 2,)
+        return base, lambda t: t[..., ::2], kind
+    if kind == "transpose" and nd >= 3:  # last two dims (or N and spatial for rank 3) swapped
+        a, b_ = (nd - 2, nd - 1) if nd >= 4 else (0, 2)
+        base = list(shape)
+        base[a], base[b_] = base[b_], base[a]
+        return tuple(base), lambda t: t.transpose(a, b_), kind
+    if kind == "channels_last" and nd in (4, 5):
+        fmt = torch.channels_last if nd == 4 else torch.channels_last_3d
+        return shape, lambda t: t.contiguous(memory_format=fmt), kind
+    if kind == "offset":  # drop the first batch entry: storage offset, still dense
+        base = (shape[0] + 1,) + shape[1:]
+        return base, lambda t: t[1:], kind
+    if kind == "expand_batch":  # channel-major slice of a wider tensor
+        base = (shape[0], shape[1] + 2) + shape[2:]
+        return base, lambda t: t[:, 1:-1], kind
+    return shape, None, "contiguous"
+
+
+@st.composite
+def bn_cases(draw):
+    rank = draw(st.integers(2, 5))
+    N = draw(st.integers(2, 5))
+    C = draw(st.integers(1, 6))
+    spatial = tuple(draw(st.integers(1, 5)) for _ in range(rank - 2))
+    shape = (N, C) + spatial
+    base, transform, kind = _views(draw, shape)
+    return {
+        "shape": shape,
+        "base": base,
+        "transform": transform,
+        "kind": kind,
+        "momentum": draw(st.floats(0.0, 1.0)),
+        "eps": draw(st.sampled_from([1e-5, 1e-3, 1e-1, 1.0])),
+        "training": draw(st.booleans()),
+        "residual": draw(st.booleans()),
+        "relu": draw(st.booleans()),
+        "affine": draw(st.booleans()),
+        "dtype": draw(st.sampled_from([torch.float64, torch.float32])),
+    }
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=bn_cases())
+def test_hypothesis(backend, device, case):
+    dtype = case["dtype"]
+    x = make_input(case["base"], dtype, device)
+    w, b, rm, rv = make_params(case["shape"][1], dtype, device, affine=case["affine"])
+    r = make_input(case["shape"], dtype, device, shift=0.0) if case["residual"] else None
+    check_against_oracles(x, w, b, rm, rv, case["training"], case["momentum"], case["eps"],
+                          residual=r, relu=case["relu"], transform=case["transform"])
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck / gradgradcheck in float64 through fastnn.functional.batch_norm
+
+GRAD_CASES = {
+    "plain": (False, False, True),
+    "relu": (False, True, True),
+    "residual": (True, False, True),
+    "residual_relu": (True, True, True),
+    "no_affine_relu": (False, True, False),
+}
+
+
+def _gradcheck_inputs(device, with_residual, affine, fmt=torch.contiguous_format):
+    shape = (3, 2, 3, 2)
+    dt = torch.float64
+    x = make_input(shape, dt, device, fmt).requires_grad_(True)
+    w, b, rm, rv = make_params(2, dt, device, affine=affine)
+    inputs = [x]
+    if affine:
+        inputs += [w.requires_grad_(True), b.requires_grad_(True)]
+    if with_residual:
+        inputs.append(make_input(shape, dt, device, fmt, shift=0.0).requires_grad_(True))
+    return inputs, rm, rv
+
+
+def _bn_fn(training, with_residual, affine, relu, rm, rv):
+    def fn(*args):
+        args = list(args)
+        x = args.pop(0)
+        w, b = (args.pop(0), args.pop(0)) if affine else (None, None)
+        r = args.pop(0) if with_residual else None
+        # Fresh running statistics per call: the training update must not change later calls.
+        return fastnn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1,
+                                            1e-3, residual=r, relu=relu)
+    return fn
+
+
+@pytest.mark.parametrize("case", list(GRAD_CASES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(backend, device, training, case):
+    with_residual, relu, affine = GRAD_CASES[case]
+    inputs, rm, rv = _gradcheck_inputs(device, with_residual, affine)
+    fn = _bn_fn(training, with_residual, affine, relu, rm, rv)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck_channels_last(backend, device, training):
+    inputs, rm, rv = _gradcheck_inputs(device, True, True, torch.channels_last)
+    fn = _bn_fn(training, True, True, True, rm, rv)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
