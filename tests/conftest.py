@@ -58,6 +58,12 @@ def backend(request, device, monkeypatch):
     return _use_backend(request.param, device, monkeypatch)
 
 
+@pytest.fixture(params=BACKENDS)
+def cpu_backend(request, monkeypatch):
+    """Like `backend`, for tests whose input is on the CPU whatever else is present."""
+    return _use_backend(request.param, "cpu", monkeypatch)
+
+
 @pytest.fixture
 def kernel_only(device):
     """For tests of the compiled ops themselves (torch.ops.fastnn.*)."""
