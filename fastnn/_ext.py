@@ -60,8 +60,7 @@ def reason():
     return _reason
 
 
-def kernel_devices():
-    """Device types ('cpu', 'cuda') for which fastnn._C registered kernels."""
+def _registered_devices():
     if not _loaded:
         return ()
     devices = []
@@ -69,3 +68,13 @@ def kernel_devices():
         if torch._C._dispatch_has_kernel_for_dispatch_key("fastnn::batch_norm_train", key):
             devices.append(name)
     return tuple(devices)
+
+
+# Asked once, after loading: kernel_devices() is then a plain constant that torch.compile traces
+# through (it cannot trace the dispatcher query itself).
+_devices = _registered_devices()
+
+
+def kernel_devices():
+    """Device types ('cpu', 'cuda') for which fastnn._C registered kernels."""
+    return _devices

@@ -76,8 +76,8 @@ def pytest_collection_modifyitems(config, items):
     large_ok = False
     if HAS_CUDA:
         free, _ = torch.cuda.mem_get_info()
-        large_ok = free >= 40 * 2**30
-    skip_large = pytest.mark.skip(reason="needs a CUDA device with 40 GiB free")
+        large_ok = free >= 48 * 2**30
+    skip_large = pytest.mark.skip(reason="needs a CUDA device with 48 GiB free")
     for item in items:
         if "large" in item.keywords and not large_ok:
             item.add_marker(skip_large)

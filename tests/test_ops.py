@@ -1,0 +1,319 @@
+"""The registered ops (torch.ops.fastnn.*) against fastnn.reference, their fake kernels, opcheck,
+and fastnn.reference's own backward against autograd."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnn
+from fastnn import ops, reference
+from helpers import (DTYPE_CASES, LAYOUTS, assert_close, is_channels_last, make_input,
+                     make_params, param_dtype)
+
+OPTIONS = {  # residual, relu
+    "plain": (False, False),
+    "relu": (False, True),
+    "add_relu": (True, True),
+}
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_layout(out, input):
+    """The output layout rule of csrc/batch_norm_common.cpp (and of the fake kernels)."""
+    fmt = ops.output_memory_format(input)
+    assert out.is_contiguous(memory_format=fmt), (out.stride(), fmt)
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_train_op_matches_reference(kernel_only, dtype, half_params, layout, option):
+    device = kernel_only
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), device)
+    with_residual, relu = OPTIONS[option]
+    r = make_input(shape, dtype, device, fmt, shift=0.0) if with_residual else None
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, rm1, rv1, 0.1, 1e-5, r, relu)
+    eout, emean, einvstd = reference.batch_norm_train(x, w, b, rm2, rv2, 0.1, 1e-5, r, relu)
+    assert out.dtype == dtype and mean.dtype == _acc(dtype) and invstd.dtype == _acc(dtype)
+    assert mean.shape == (shape[1],) and invstd.shape == (shape[1],)
+    _check_layout(out, x)
+    assert_close(out, eout, dtype, msg="out")
+    # statistics are float32/float64 whatever the input: compare at accumulation precision
+    assert_close(mean, emean, _acc(dtype), msg="save_mean")
+    assert_close(invstd, einvstd, _acc(dtype), msg="save_invstd")
+    assert_close(rm1, rm2, dtype, msg="running_mean")
+    assert_close(rv1, rv2, dtype, msg="running_var")
+    assert rm1.dtype == rm.dtype and rv1.dtype == rv.dtype
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_eval_op_matches_reference(kernel_only, dtype, half_params, layout, option):
+    device = kernel_only
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), device)
+    with_residual, relu = OPTIONS[option]
+    r = make_input(shape, dtype, device, fmt, shift=0.0) if with_residual else None
+    rm0, rv0 = rm.clone(), rv.clone()
+    out = torch.ops.fastnn.batch_norm_eval(x, w, b, rm, rv, 1e-5, r, relu)
+    assert out.dtype == dtype
+    _check_layout(out, x)
+    assert_close(out, reference.batch_norm_eval(x, w, b, rm, rv, 1e-5, r, relu), dtype)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+
+
+@pytest.mark.parametrize("residual_grad", [False, True], ids=["nores", "resgrad"])
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_backward_op_matches_reference(kernel_only, dtype, half_params, layout, training, relu,
+                                       residual_grad):
+    device = kernel_only
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), device)
+    if training:
+        out, mean, invstd = reference.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, None, relu)
+    else:
+        out = reference.batch_norm_eval(x, w, b, rm, rv, 1e-5, None, relu)
+        mean = rm.to(_acc(dtype))
+        invstd = torch.rsqrt(rv.to(_acc(dtype)) + 1e-5)
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    output = out if relu else None
+    got = torch.ops.fastnn.batch_norm_backward(g, x, w, output, mean, invstd, training, relu,
+                                               residual_grad)
+    exp = reference.batch_norm_backward(g, x, w, output, mean, invstd, training, relu,
+                                        residual_grad)
+    gi, gw, gb, gr = got
+    assert gi.dtype == dtype and gi.shape == x.shape
+    _check_layout(gi, x)
+    assert gw.dtype == _acc(dtype) and gb.dtype == _acc(dtype)
+    assert gw.shape == (shape[1],) and gb.shape == (shape[1],)
+    if residual_grad:
+        assert gr.dtype == dtype and gr.shape == x.shape
+        _check_layout(gr, x)
+    else:
+        assert gr.numel() == 0
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), got, exp):
+        assert_close(a, e, dtype, grad=True, msg=name)
+    # and without a weight
+    got = torch.ops.fastnn.batch_norm_backward(g, x, None, output, mean, invstd, training, relu,
+                                               residual_grad)
+    exp = reference.batch_norm_backward(g, x, None, output, mean, invstd, training, relu,
+                                        residual_grad)
+    for name, a, e in zip(("grad_input", "grad_weight", "grad_bias", "grad_residual"), got, exp):
+        assert_close(a, e, dtype, grad=True, msg=f"{name} (no weight)")
+
+
+@pytest.mark.parametrize("layout", ["2d", "nchw", "nhwc", "ndhwc"])
+def test_empty_batch_ops(kernel_only, layout):
+    device = kernel_only
+    shape, fmt = LAYOUTS[layout]
+    x = make_input((0,) + shape[1:], torch.float32, device, fmt)
+    w, b, rm, rv = make_params(shape[1], torch.float32, device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+    assert out.shape == x.shape
+    assert torch.count_nonzero(mean) == 0 and torch.count_nonzero(invstd) == 0
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    assert torch.ops.fastnn.batch_norm_eval(x, w, b, rm, rv, 1e-5, None, True).shape == x.shape
+    gi, gw, gb, gr = torch.ops.fastnn.batch_norm_backward(out, x, w, out, mean, invstd, True,
+                                                          True, True)
+    assert gi.shape == x.shape and gr.shape == x.shape
+    assert torch.count_nonzero(gw) == 0 and torch.count_nonzero(gb) == 0
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_deterministic(kernel_only, training):
+    """The same inputs give bitwise the same outputs and gradients."""
+    device = kernel_only
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = fastnn.nn.BatchNormAddReLU2d(64).to(device).train(training)
+        x = make_input((8, 64, 28, 28), torch.float32, device, torch.channels_last)
+        x.requires_grad_(True)
+        r = torch.randn_like(x).requires_grad_(True)
+        out = m(x, r)
+        out.backward(torch.randn_like(out))
+        results.append([out, x.grad, r.grad, m.weight.grad, m.bias.grad, m.running_mean,
+                        m.running_var])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# reference.batch_norm_backward is the oracle for the backward kernel: check it against autograd
+# through PyTorch's own batch norm.
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_reference_backward_matches_autograd(device, layout, training, relu):
+    shape, fmt = LAYOUTS[layout]
+    dt = torch.float64
+    x = make_input(shape, dt, device, fmt).requires_grad_(True)
+    w, b, rm, rv = make_params(shape[1], dt, device)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    r = make_input(shape, dt, device, fmt, shift=0.0).requires_grad_(True)
+    y = F.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5) + r
+    if relu:
+        y = F.relu(y)
+    g = torch.randn_like(y)
+    ex, ew, eb, er = torch.autograd.grad(y, (x, w, b, r), g)
+    if training:
+        out, mean, invstd = reference.batch_norm_train(x.detach(), w.detach(), b.detach(), None,
+                                                       None, 0.1, 1e-5, r.detach(), relu)
+    else:
+        mean, invstd = rm, torch.rsqrt(rv + 1e-5)
+        out = reference.batch_norm_eval(x.detach(), w.detach(), b.detach(), rm, rv, 1e-5,
+                                        r.detach(), relu)
+    gi, gw, gb, gr = reference.batch_norm_backward(g, x.detach(), w.detach(),
+                                                   out if relu else None, mean, invstd,
+                                                   training, relu, True)
+    for a, e in ((gi, ex), (gw, ew), (gb, eb), (gr, er)):
+        assert_close(a, e, dt, grad=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema (mutation), fake kernels, autograd registration, AOT dispatch
+
+def _sample_train_args(device, requires_grad):
+    def rg(t):
+        return t.requires_grad_(requires_grad) if t is not None else None
+
+    cases = [
+        # dtype, half params, shape, memory format, weight, running stats, residual, relu
+        (torch.float32, False, (2, 3, 4, 5), torch.contiguous_format, True, True, False, False),
+        (torch.float32, False, (2, 3, 4, 5), torch.channels_last, True, True, True, True),
+        (torch.float64, False, (4, 3), torch.contiguous_format, False, False, False, True),
+        (torch.float64, False, (3, 2, 5), torch.contiguous_format, True, True, True, False),
+        (torch.bfloat16, False, (2, 3, 2, 3, 2), torch.channels_last_3d, True, True, True, True),
+        (torch.float16, True, (2, 4, 3, 3), torch.contiguous_format, True, True, False, True),
+    ]
+    for dtype, half, shape, fmt, affine, stats, with_res, relu in cases:
+        x = rg(make_input(shape, dtype, device, fmt))
+        w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half), device, affine)
+        if not stats:
+            rm = rv = None
+        r = rg(make_input(shape, dtype, device, fmt, shift=0.0)) if with_res else None
+        yield (x, rg(w), rg(b), rm, rv, 0.1, 1e-5, r, relu)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_train(kernel_only, requires_grad):
+    for args in _sample_train_args(kernel_only, requires_grad):
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_train.default, args)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_eval(kernel_only, requires_grad):
+    for x, w, b, rm, rv, _, eps, r, relu in _sample_train_args(kernel_only, requires_grad):
+        if rm is None:
+            rm = torch.zeros(x.shape[1], device=x.device, dtype=_acc(x.dtype))
+            rv = torch.ones(x.shape[1], device=x.device, dtype=_acc(x.dtype))
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_eval.default,
+                              (x, w, b, rm, rv, eps, r, relu))
+
+
+def test_opcheck_backward(kernel_only):
+    for x, w, b, rm, rv, m, eps, r, relu in _sample_train_args(kernel_only, False):
+        out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, m, eps, r, relu)
+        g = torch.randn_like(out)
+        for training in (True, False):
+            torch.library.opcheck(
+                torch.ops.fastnn.batch_norm_backward.default,
+                (g, x, w, out if relu else None, mean, invstd, training, relu, r is not None))
+
+
+def test_fake_kernels_match_real(kernel_only):
+    """Shapes, dtypes and strides of every output under FakeTensorMode equal the real ones."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for args in _sample_train_args(kernel_only, False):
+        real = torch.ops.fastnn.batch_norm_train(*args)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = torch.ops.fastnn.batch_norm_train(*fake_args)
+        for a, f in zip(real, fake):
+            assert (a.shape, a.dtype, a.stride()) == (f.shape, f.dtype, f.stride())
+
+
+# ---------------------------------------------------------------------------------------------
+# More than 2^31 elements (64-bit indexing)
+
+@pytest.mark.large
+@pytest.mark.cuda
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_over_2_31_elements(fmt):
+    """Training forward, backward and eval on a float16 tensor of 2,147,745,800 elements:
+    a strided subset (and the very last elements) against PyTorch with statistics reduced per
+    channel in float64."""
+    if not (torch.cuda.is_available() and ops.has_kernel("cuda")):
+        pytest.skip("needs fastnn's CUDA kernels")
+    shape = (2, 4, 16385, 16385)
+    C, n = shape[1], shape[0] * shape[2] * shape[3]
+    eps = 1e-5
+    x = (torch.randn(shape, device="cuda", dtype=torch.float16) + 0.5).contiguous(
+        memory_format=fmt)
+    w, b, rm, rv = make_params(C, torch.float32, "cuda")
+    rm0, rv0 = rm.clone(), rv.clone()
+    subsets = [(slice(None), slice(None), slice(None, None, 997), slice(3, None, 1009)),
+               (slice(-1, None), slice(None), slice(-1, None), slice(-9, None))]
+
+    var = torch.empty(C, dtype=torch.float64, device="cuda")
+    mean = torch.empty(C, dtype=torch.float64, device="cuda")
+    for c in range(C):
+        var[c], mean[c] = torch.var_mean(x[:, c].double(), correction=0)
+    invstd = torch.rsqrt(var + eps)
+
+    out, save_mean, save_invstd = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, eps,
+                                                                     None, True)
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(save_mean.double(), mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(save_invstd.double(), invstd, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rm.double(), 0.9 * rm0.double() + 0.1 * mean, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(rv.double(), 0.9 * rv0.double() + 0.1 * var * n / (n - 1),
+                               rtol=1e-4, atol=1e-4)
+    for sub in subsets:
+        exp = F.relu(F.batch_norm(x[sub].float(), mean.float(), var.float(), w, b, False, 0.0,
+                                  eps))
+        assert_close(out[sub], exp, torch.float16)
+    del out
+
+    g = torch.randn_like(x)
+    gi, gw, gb, _ = torch.ops.fastnn.batch_norm_backward(g, x, w, None, save_mean, save_invstd,
+                                                         True, False, False)
+    exp_gb = torch.empty_like(mean)
+    exp_gw = torch.empty_like(mean)
+    for c in range(C):
+        gc = g[:, c].double()
+        exp_gb[c] = gc.sum()
+        exp_gw[c] = (gc * ((x[:, c].double() - mean[c]) * invstd[c])).sum()
+        del gc
+    # float32 sums of n terms of size ~1: allow 1e-7 of their total magnitude
+    torch.testing.assert_close(gb.double(), exp_gb, rtol=0, atol=1e-7 * n)
+    torch.testing.assert_close(gw.double(), exp_gw, rtol=0, atol=1e-7 * n)
+    pc = (1, C, 1, 1)
+    for sub in subsets:
+        xhat = (x[sub].double() - mean.view(pc)) * invstd.view(pc)
+        exp = ((g[sub].double() - (exp_gb / n).view(pc) - xhat * (exp_gw / n).view(pc))
+               * (invstd * w.double()).view(pc))
+        assert_close(gi[sub], exp, torch.float16, grad=True)
+    del gi, g
+
+    out = torch.ops.fastnn.batch_norm_eval(x, w, b, rm, rv, eps, None, False)
+    for sub in subsets:
+        assert_close(out[sub], F.batch_norm(x[sub].float(), rm, rv, w, b, False, 0.0, eps),
+                     torch.float16)
