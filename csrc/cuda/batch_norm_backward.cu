@@ -1,0 +1,157 @@
+// CUDA batch_norm_backward: one reduction pass (sum g, sum g * (x - mean), with the masked
+// gradient written to grad_residual and, in eval, dx written in the same pass), a finalize kernel
+// (grad_weight, grad_bias, dx coefficients), and in training an elementwise dx pass. Host code
+// only; the kernels are in batch_norm_kernels.cuh.
+#include "batch_norm_cuda.h"
+#include "batch_norm_launch.cuh"
+
+namespace fastnn {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct BackwardArgs {
+  KernelLayout layout;
+  const scalar_t* go;
+  const scalar_t* x;
+  const scalar_t* out;  // forward output, for the ReLU mask (null without relu)
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam weight;
+  scalar_t* gr;  // grad_residual (null unless requested)
+  scalar_t* dx;
+  acc_t* grad_weight;
+  acc_t* grad_bias;
+  acc_t inv_count;
+  at::TensorOptions stat_options;
+};
+
+template <typename scalar_t, typename acc_t>
+void launch_finalize(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
+                     bool training, acc_t* coef, cudaStream_t stream) {
+  const int64_t C = a.layout.C;
+  bn_backward_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
+      partial, P, C, a.invstd, a.weight, a.inv_count, training, a.grad_weight, a.grad_bias, coef);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The dx pass reads the masked gradient back from grad_residual when it was written, else
+// grad_output (masked here when relu).
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING>
+void backward_rows(const BackwardArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr bool kMask = RELU && !WRITE_GR;
+  auto reduce = bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING>;
+  auto dx_kernel = bn_backward_dx_rows_kernel<scalar_t, acc_t, V, kMask, true>;
+  static const int bps =
+      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
+  const Launch L = plan_rows(a.layout, V, sm_count() * bps);
+  const int64_t C = a.layout.C;
+  at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
+  acc_t* pp = partial.data_ptr<acc_t>();
+  acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
+  reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
+                                         TRAINING ? nullptr : a.dx, L.rows, pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
+  if constexpr (TRAINING) {
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
+                                              a.dx, L.rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING>
+void backward_planes(const BackwardArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr bool kMask = RELU && !WRITE_GR;
+  auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING>;
+  auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, kMask, true>;
+  static const int bps =
+      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
+  const Launch L = plan_planes(a.layout, V, sm_count() * bps);
+  const int64_t C = a.layout.C;
+  at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
+  acc_t* pp = partial.data_ptr<acc_t>();
+  acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
+  reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
+                                         TRAINING ? nullptr : a.dx, L.planes, pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
+  if constexpr (TRAINING) {
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
+                                              a.dx, L.planes);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
+    bool training, bool relu, bool residual_grad) {
+  check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
+  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_backward: input must be a CUDA tensor, got ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  const at::TensorOptions fmt_options = input.options().memory_format(shape.format);
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor grad_input = at::empty(input.sizes(), fmt_options);
+  at::Tensor grad_residual =
+      residual_grad ? at::empty(input.sizes(), fmt_options) : at::empty({0}, input.options());
+  if (input.numel() == 0) {
+    return {grad_input, at::zeros({shape.C}, stat_options), at::zeros({shape.C}, stat_options),
+            grad_residual};
+  }
+  at::Tensor grad_weight = at::empty({shape.C}, stat_options);
+  at::Tensor grad_bias = at::empty({shape.C}, stat_options);
+
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor go = grad_output.contiguous(shape.format);
+  const at::Tensor x = input.contiguous(shape.format);
+  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const int64_t count = shape.reduce_size();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    BackwardArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.go = go.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
+    a.mean = mean_c.data_ptr<acc_t>();
+    a.invstd = invstd_c.data_ptr<acc_t>();
+    a.weight = channel_param(weight, acc);
+    a.gr = residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    a.dx = grad_input.data_ptr<scalar_t>();
+    a.grad_weight = grad_weight.data_ptr<acc_t>();
+    a.grad_bias = grad_bias.data_ptr<acc_t>();
+    a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
+    a.stat_options = stat_options;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.gr, a.dx});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+        FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
+          FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
+            if (layout.rows) {
+              backward_rows<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING>(a);
+            } else {
+              backward_planes<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING>(a);
+            }
+          });
+        });
+      });
+    });
+  });
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace cuda
+}  // namespace fastnn

@@ -1,0 +1,10 @@
+// Registers the CUDA kernels of every fastnn op.
+#include <torch/library.h>
+
+#include "batch_norm_cuda.h"
+
+TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
+  m.impl("batch_norm_train", &fastnn::cuda::batch_norm_train_cuda);
+  m.impl("batch_norm_eval", &fastnn::cuda::batch_norm_eval_cuda);
+  m.impl("batch_norm_backward", &fastnn::cuda::batch_norm_backward_cuda);
+}

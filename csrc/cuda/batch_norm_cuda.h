@@ -1,0 +1,30 @@
+// The CUDA implementations of the fastnn ops (schemas in csrc/fastnn.cpp), registered in
+// batch_norm_cuda.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <tuple>
+
+namespace fastnn {
+namespace cuda {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu);
+
+at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& running_mean, const at::Tensor& running_var,
+                                double eps, const c10::optional<at::Tensor>& residual, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
+    bool training, bool relu, bool residual_grad);
+
+}  // namespace cuda
+}  // namespace fastnn

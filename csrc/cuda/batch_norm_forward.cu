@@ -1,0 +1,209 @@
+// CUDA forward ops: batch_norm_train (statistics -> finalize -> normalize) and batch_norm_eval
+// (normalize with the running statistics). Host code only; the kernels are in
+// batch_norm_kernels.cuh.
+#include "batch_norm_cuda.h"
+#include "batch_norm_launch.cuh"
+
+namespace fastnn {
+namespace cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+struct TrainArgs {
+  KernelLayout layout;
+  const scalar_t* x;
+  const scalar_t* res;
+  scalar_t* out;
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  AffineParams<acc_t> affine;  // weight and bias; mean/invstd are set to the saved statistics
+  RunningUpdate<acc_t> running;
+  acc_t inv_count;
+  acc_t eps;
+  at::TensorOptions stat_options;
+};
+
+template <typename scalar_t, typename acc_t>
+void launch_finalize(const TrainArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
+                     cudaStream_t stream) {
+  const int64_t C = a.layout.C;
+  bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
+      partial, P, C, a.inv_count, a.eps, a.save_mean, a.save_invstd, a.running);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean, const acc_t* invstd) {
+  p.mean = ChannelParam{mean, 1, true};
+  p.invstd = ChannelParam{invstd, 1, true};
+  p.from_var = false;
+  return p;
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
+void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto stats = bn_stats_rows_kernel<scalar_t, acc_t, V>;
+  auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+  // Both kernels use the same grid so that normalize, walking backwards, revisits first what
+  // the statistics pass read last.
+  static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
+  const Launch L = plan_rows(a.layout, V, sm_count() * bps);
+  at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
+  acc_t* pp = partial.data_ptr<acc_t>();
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finalize(a, pp, L.partials, stream);
+  norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
+                                       with_saved_stats(a.affine, a.save_mean, a.save_invstd),
+                                       L.rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
+void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto stats = bn_stats_planes_kernel<scalar_t, acc_t, V>;
+  auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+  static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
+  const Launch L = plan_planes(a.layout, V, sm_count() * bps);
+  at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
+  acc_t* pp = partial.data_ptr<acc_t>();
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finalize(a, pp, L.partials, stream);
+  norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
+                                       with_saved_stats(a.affine, a.save_mean, a.save_invstd),
+                                       L.planes);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
+void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* res, scalar_t* out,
+                 const AffineParams<acc_t>& affine) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (layout.rows) {
+    auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+    static const int bps = blocks_per_sm(norm);
+    const Launch L = plan_rows(layout, V, sm_count() * bps);
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows);
+  } else {
+    auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+    static const int bps = blocks_per_sm(norm);
+    const Launch L = plan_planes(layout, V, sm_count() * bps);
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_train: input must be a CUDA tensor, got ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return empty_batch_train(input);
+
+  const BNShape shape = bn_shape(input);
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor x = input.contiguous(shape.format);
+  const bool has_res = defined(residual);
+  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor save_mean = at::empty({shape.C}, stat_options);
+  at::Tensor save_invstd = at::empty({shape.C}, stat_options);
+  const int64_t count = shape.reduce_size();  // > 1, checked above
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_train_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    TrainArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.x = x.data_ptr<scalar_t>();
+    a.res = has_res ? res.data_ptr<scalar_t>() : nullptr;
+    a.out = out.data_ptr<scalar_t>();
+    a.save_mean = save_mean.data_ptr<acc_t>();
+    a.save_invstd = save_invstd.data_ptr<acc_t>();
+    a.affine.weight = channel_param(weight, acc);
+    a.affine.bias = channel_param(bias, acc);
+    a.affine.from_var = false;
+    a.affine.eps = static_cast<acc_t>(eps);
+    a.running.mean = running_stat(running_mean, acc);
+    a.running.var = running_stat(running_var, acc);
+    a.running.momentum = static_cast<acc_t>(momentum);
+    a.running.one_minus_momentum = static_cast<acc_t>(1.0 - momentum);
+    a.running.momentum_unbiased =
+        static_cast<acc_t>(momentum * static_cast<double>(count) / static_cast<double>(count - 1));
+    a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
+    a.eps = static_cast<acc_t>(eps);
+    a.stat_options = stat_options;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.x, a.res, a.out});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(has_res, RES, [&] {
+        FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+          if (layout.rows) {
+            train_rows<scalar_t, acc_t, V, RES, RELU>(a);
+          } else {
+            train_planes<scalar_t, acc_t, V, RES, RELU>(a);
+          }
+        });
+      });
+    });
+  });
+  return {out, save_mean, save_invstd};
+}
+
+at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& bias,
+                                const at::Tensor& running_mean, const at::Tensor& running_var,
+                                double eps, const c10::optional<at::Tensor>& residual, bool relu) {
+  check_eval_args(input, weight, bias, running_mean, running_var, eps, residual);
+  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_eval: input must be a CUDA tensor, got ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  if (input.numel() == 0) return out;
+
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor x = input.contiguous(shape.format);
+  const bool has_res = defined(residual);
+  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_eval_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    AffineParams<acc_t> affine{};
+    affine.mean = channel_param(running_mean, acc);
+    affine.invstd = channel_param(running_var, acc);
+    affine.weight = channel_param(weight, acc);
+    affine.bias = channel_param(bias, acc);
+    affine.from_var = true;
+    affine.eps = static_cast<acc_t>(eps);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? res.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {xp, rp, op});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(has_res, RES, [&] {
+        FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+          eval_launch<scalar_t, acc_t, V, RES, RELU>(layout, xp, rp, op, affine);
+        });
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace cuda
+}  // namespace fastnn

@@ -1,0 +1,784 @@
+// Device code of fastnn's CUDA batch norm: statistics, normalize, backward. Host code (argument
+// checks, layout planning, launches) lives in batch_norm_launch.cuh and the .cu files.
+//
+// Every kernel sees the input as one of two layouts (see KernelLayout in batch_norm_launch.cuh):
+//
+//   planes (NCHW):       element (n, c, s) at (n * C + c) * S + s. A block works on one channel
+//                        (blockIdx.x); each warp walks "rows" = (plane n, segment of S), the lanes
+//                        reading consecutive vectors of V elements of that channel.
+//   rows (NHWC, 2-D):    element (r, c) at r * C + c with r = n * S + s. A block is (tx, ty)
+//                        threads: tx lanes cover tx * V consecutive channels, ty threads walk rows.
+//
+// Both use gridDim.y blocks per channel group so that a few channels still fill the GPU. Each
+// reducing block writes one partial per channel ([field][block][channel]); a finalize kernel
+// merges the partials of a channel in a fixed order, so results are bitwise reproducible (no
+// floating-point atomics anywhere).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fastnn {
+namespace cuda {
+
+constexpr int kThreads = 512;            // threads per block of every streaming kernel
+constexpr int kWarps = kThreads / 32;    // warps per block
+constexpr int kUnroll = 4;               // vectors each thread has in flight per loop step
+constexpr int kFinalizeX = 32;           // finalize kernels: channels per block
+constexpr int kFinalizeY = 16;           //                   partial lanes per channel
+
+// ---------------------------------------------------------------------------------------------
+// Geometry (plain structs filled on the host, passed by value).
+
+// planes layout: per channel, `rows` = N * segs rows of at most seg_len vectors of V elements.
+struct PlaneGeom {
+  int64_t N;        // planes per channel
+  int64_t C;        // channels
+  int64_t S;        // elements per plane
+  int64_t Sv;       // vectors per plane (S / V)
+  int64_t segs;     // segments per plane
+  int64_t seg_len;  // vectors per segment (the last one may be shorter)
+  int64_t rows;     // N * segs
+};
+
+// rows layout: R rows of C channels, Cv = C / V channel vectors per row.
+struct RowGeom {
+  int64_t R;
+  int64_t C;
+  int64_t Cv;
+};
+
+// A per-channel tensor ([C], any stride) read as the accumulation type. It has either the
+// accumulation dtype (is_acc) or the input's dtype; a null pointer reads as the default value.
+struct ChannelParam {
+  const void* ptr = nullptr;
+  int64_t stride = 1;
+  bool is_acc = true;
+};
+
+// A running statistic updated in place, same convention as ChannelParam.
+struct RunningStat {
+  void* ptr = nullptr;
+  int64_t stride = 1;
+  bool is_acc = true;
+};
+
+// What normalize needs per channel: y = (x - mean) * invstd * weight + bias. In training mean and
+// invstd are the batch statistics; in eval `invstd` holds the running variance (from_var) and
+// the kernel computes 1 / sqrt(var + eps).
+template <typename acc_t>
+struct AffineParams {
+  ChannelParam mean;
+  ChannelParam invstd;
+  ChannelParam weight;
+  ChannelParam bias;
+  bool from_var;
+  acc_t eps;
+};
+
+template <typename acc_t>
+struct RunningUpdate {
+  RunningStat mean;
+  RunningStat var;
+  acc_t momentum;            // m
+  acc_t one_minus_momentum;  // 1 - m
+  acc_t momentum_unbiased;   // m * n / (n - 1)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Small helpers.
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// V consecutive elements as the accumulation type; `p` is aligned to sizeof(T) * V.
+template <int V, typename T, typename acc_t>
+__device__ __forceinline__ void load_vec(const T* __restrict__ p, acc_t (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = static_cast<acc_t>(pk.v[i]);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void load_raw(const T* __restrict__ p, T (&out)[V]) {
+  const Pack<T, V> pk = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = pk.v[i];
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&in)[V]) {
+  Pack<T, V> pk;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pk.v[i] = in[i];
+  *reinterpret_cast<Pack<T, V>*>(p) = pk;
+}
+
+__device__ __forceinline__ float rsqrt_acc(float x) { return rsqrtf(x); }
+__device__ __forceinline__ double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load_param(const ChannelParam& p, int64_t c, acc_t dflt) {
+  if (p.ptr == nullptr) return dflt;
+  if (p.is_acc) return static_cast<const acc_t*>(p.ptr)[c * p.stride];
+  return static_cast<acc_t>(static_cast<const scalar_t*>(p.ptr)[c * p.stride]);
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_running(const RunningStat& s, int64_t c, acc_t v) {
+  if (s.ptr == nullptr) return;
+  if (s.is_acc) {
+    static_cast<acc_t*>(s.ptr)[c * s.stride] = v;
+  } else {
+    static_cast<scalar_t*>(s.ptr)[c * s.stride] = static_cast<scalar_t>(v);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t load_running(const RunningStat& s, int64_t c) {
+  if (s.is_acc) return static_cast<const acc_t*>(s.ptr)[c * s.stride];
+  return static_cast<acc_t>(static_cast<const scalar_t*>(s.ptr)[c * s.stride]);
+}
+
+// mean, scale = invstd * weight, shift = bias of channel c.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void channel_affine(const AffineParams<acc_t>& p, int64_t c,
+                                               acc_t& mean, acc_t& scale, acc_t& shift) {
+  mean = load_param<scalar_t>(p.mean, c, acc_t(0));
+  acc_t invstd = load_param<scalar_t>(p.invstd, c, acc_t(1));
+  if (p.from_var) invstd = rsqrt_acc(invstd + p.eps);
+  scale = invstd * load_param<scalar_t>(p.weight, c, acc_t(1));
+  shift = load_param<scalar_t>(p.bias, c, acc_t(0));
+}
+
+// [relu]((x - mean) * scale + shift [+ residual]), rounded once to the output dtype.
+template <bool RES, bool RELU, typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t normalize_one(acc_t x, acc_t mean, acc_t scale, acc_t shift,
+                                                  scalar_t residual) {
+  acc_t y = (x - mean) * scale + shift;
+  if constexpr (RES) y += static_cast<acc_t>(residual);
+  if constexpr (RELU) y = y < acc_t(0) ? acc_t(0) : y;  // keeps NaN, like torch.relu
+  return static_cast<scalar_t>(y);
+}
+
+// grad_output masked by the ReLU (output > 0) when RELU.
+template <bool RELU, typename scalar_t>
+__device__ __forceinline__ scalar_t masked_grad(scalar_t g, scalar_t out) {
+  if constexpr (RELU) {
+    // Compare in double for double (a float cast would flush tiny positive values to zero).
+    using cmp_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    return static_cast<cmp_t>(out) > cmp_t(0) ? g : static_cast<scalar_t>(0.0f);
+  } else {
+    return g;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Welford / Chan statistics.
+
+template <typename T>
+struct Welford {
+  T mean;
+  T m2;  // sum of squared deviations from mean
+  T n;   // count (exact while below 2^24 in float32; only a weight beyond that)
+};
+
+template <typename T>
+__device__ __forceinline__ Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
+  if (b.n == T(0)) return a;
+  if (a.n == T(0)) return b;
+  const T n = a.n + b.n;
+  const T delta = b.mean - a.mean;
+  const T r = b.n / n;
+  return {a.mean + delta * r, a.m2 + b.m2 + delta * delta * a.n * r, n};
+}
+
+// Adds V values of one channel: their own mean and M2 first, then one Chan merge.
+template <int V, typename T>
+__device__ __forceinline__ void welford_add(Welford<T>& w, const T (&x)[V]) {
+  if constexpr (V == 1) {
+    w.n += T(1);
+    const T delta = x[0] - w.mean;
+    w.mean += delta / w.n;
+    w.m2 += delta * (x[0] - w.mean);
+  } else {
+    T s = T(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) s += x[i];
+    const T cm = s * (T(1) / T(V));
+    T c2 = T(0);
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      const T d = x[i] - cm;
+      c2 += d * d;
+    }
+    const T n = w.n + T(V);
+    const T delta = cm - w.mean;
+    const T r = T(V) / n;
+    w.mean += delta * r;
+    w.m2 += c2 + delta * delta * w.n * r;
+    w.n = n;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ Welford<T> shfl_down(const Welford<T>& w, int off) {
+  return {__shfl_down_sync(0xffffffffu, w.mean, off), __shfl_down_sync(0xffffffffu, w.m2, off),
+          __shfl_down_sync(0xffffffffu, w.n, off)};
+}
+
+// Merges lanes (lane + k * min_off) of the warp into lanes [0, min_off), in a fixed tree order.
+template <typename T>
+__device__ __forceinline__ Welford<T> warp_reduce(Welford<T> w, int min_off) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < min_off) break;
+    w = welford_merge(w, shfl_down(w, off));
+  }
+  return w;
+}
+
+// Plain sums (backward): two values per channel.
+template <typename T>
+struct Sum2 {
+  T a;
+  T b;
+};
+
+template <typename T>
+__device__ __forceinline__ Sum2<T> warp_reduce(Sum2<T> s, int min_off) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < min_off) break;
+    s.a += __shfl_down_sync(0xffffffffu, s.a, off);
+    s.b += __shfl_down_sync(0xffffffffu, s.b, off);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ Welford<T> combine(const Welford<T>& a, const Welford<T>& b) {
+  return welford_merge(a, b);
+}
+template <typename T>
+__device__ __forceinline__ Sum2<T> combine(const Sum2<T>& a, const Sum2<T>& b) {
+  return {a.a + b.a, a.b + b.b};
+}
+
+template <typename T>
+struct Fields;
+template <typename T>
+struct Fields<Welford<T>> {
+  static constexpr int count = 3;
+  using type = T;
+  __device__ static void put(T* f, int64_t stride, const Welford<T>& w) {
+    f[0] = w.mean;
+    f[stride] = w.m2;
+    f[2 * stride] = w.n;
+  }
+  __device__ static Welford<T> get(const T* f, int64_t stride) {
+    return {f[0], f[stride], f[2 * stride]};
+  }
+  __device__ static Welford<T> zero() { return {T(0), T(0), T(0)}; }
+};
+template <typename T>
+struct Fields<Sum2<T>> {
+  static constexpr int count = 2;
+  using type = T;
+  __device__ static void put(T* f, int64_t stride, const Sum2<T>& s) {
+    f[0] = s.a;
+    f[stride] = s.b;
+  }
+  __device__ static Sum2<T> get(const T* f, int64_t stride) { return {f[0], f[stride]}; }
+  __device__ static Sum2<T> zero() { return {T(0), T(0)}; }
+};
+
+// Whole-block reduction of one value per thread (planes layout, 1-D block of kThreads); the
+// result is valid in thread 0.
+template <typename R>
+__device__ __forceinline__ R block_reduce_all(R v) {
+  using F = Fields<R>;
+  using T = typename F::type;
+  __shared__ T sm[F::count * kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  v = warp_reduce(v, 1);
+  if (lane == 0) F::put(sm + warp, kWarps, v);
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? F::get(sm + lane, kWarps) : F::zero();
+    v = warp_reduce(v, 1);
+  }
+  return v;
+}
+
+// Column reduction for the rows layout: block (tx, ty), tx a power of two <= 32, one value per
+// thread for the channel vector lane threadIdx.x; reduces over threadIdx.y. The result is valid in
+// the threads with threadIdx.y == 0. Call from every thread of the block.
+template <typename R>
+__device__ __forceinline__ R block_reduce_columns(R v) {
+  using F = Fields<R>;
+  using T = typename F::type;
+  __shared__ T sm[F::count * kWarps * 32];
+  const int tx = blockDim.x;
+  const int tid = threadIdx.y * tx + threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  v = warp_reduce(v, tx);
+  // With tx < 32 a warp spans 32 / tx rows and its lanes [0, tx) now hold the warp's sums; with
+  // tx == 32 each warp is one row.
+  if (lane < tx) F::put(sm + warp * 32 + lane, kWarps * 32, v);
+  __syncthreads();
+  if (tid < tx) {
+    v = F::get(sm + tid, kWarps * 32);
+    for (int w = 1; w < kWarps; ++w) v = combine(v, F::get(sm + w * 32 + tid, kWarps * 32));
+  }
+  __syncthreads();  // sm is reused by the next call
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Iteration. `f(std::integral_constant<int, U>, offset, step)` handles U vectors at element
+// offsets offset + u * step, u < U (U == kUnroll in the body, 1 in the tail), so that its loads
+// can all be issued before the arithmetic. REVERSE walks the same elements in the opposite
+// order: a pass right after a reduction over the same data then starts with what is still in L2.
+
+template <int V, bool REVERSE, typename F>
+__device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c, F&& f) {
+  const int lane = threadIdx.x & 31;
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * kWarps + (threadIdx.x >> 5);
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kWarps;
+  if (first >= g.rows) return;
+  const int64_t count = (g.rows - 1 - first) / stride + 1;
+  for (int64_t k = 0; k < count; ++k) {
+    const int64_t row = first + (REVERSE ? count - 1 - k : k) * stride;
+    int64_t n = row, seg = 0;
+    if (g.segs != 1) {
+      n = row / g.segs;
+      seg = row - n * g.segs;
+    }
+    const int64_t begin = seg * g.seg_len;
+    const int len = static_cast<int>(g.seg_len < g.Sv - begin ? g.seg_len : g.Sv - begin);
+    const int64_t base = (n * g.C + c) * g.S + begin * V;
+    constexpr int64_t step = 32 * V;
+    int i = lane;
+    for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) {
+      f(std::integral_constant<int, kUnroll>(), base + static_cast<int64_t>(i) * V, step);
+    }
+    for (; i < len; i += 32) {
+      f(std::integral_constant<int, 1>(), base + static_cast<int64_t>(i) * V, step);
+    }
+  }
+}
+
+template <int V, bool REVERSE, typename F>
+__device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f) {
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
+  if (first >= g.R) return;
+  const int64_t count = (g.R - 1 - first) / stride + 1;
+  const int64_t col = cv * V;
+  const int64_t step = stride * g.C;
+  int64_t k = 0;
+  if (!REVERSE) {
+    int64_t off = first * g.C + col;
+    for (; k + kUnroll <= count; k += kUnroll, off += kUnroll * step) {
+      f(std::integral_constant<int, kUnroll>(), off, step);
+    }
+    for (; k < count; ++k, off += step) f(std::integral_constant<int, 1>(), off, step);
+  } else {
+    // Last row first; a group of U rows is visited from its lowest row, the groups from the top.
+    int64_t remaining = count;
+    for (; remaining >= kUnroll; remaining -= kUnroll) {
+      const int64_t off = (first + (remaining - kUnroll) * stride) * g.C + col;
+      f(std::integral_constant<int, kUnroll>(), off, step);
+    }
+    for (; remaining > 0; --remaining) {
+      f(std::integral_constant<int, 1>(), (first + (remaining - 1) * stride) * g.C + col, step);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training forward, step 1: per-block Welford partials. partial = [3][gridDim.y][C].
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_stats_planes_kernel(const scalar_t* __restrict__ x, PlaneGeom g, acc_t* __restrict__ partial) {
+  const int64_t c = blockIdx.x;
+  Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+  for_each_plane_row<V, false>(g, c, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    acc_t v[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) load_vec<V>(x + off + j * step, v[j]);
+#pragma unroll
+    for (int j = 0; j < U; ++j) welford_add<V>(w, v[j]);
+  });
+  w = block_reduce_all(w);
+  if (threadIdx.x == 0) {
+    const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+    Fields<Welford<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, w);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V>
+__global__ void __launch_bounds__(kThreads)
+    bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, acc_t* __restrict__ partial) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  acc_t mean[V], m2[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) mean[i] = m2[i] = acc_t(0);
+  acc_t n = acc_t(0);
+  if (cv < g.Cv) {
+    for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
+      constexpr int U = decltype(u)::value;
+      acc_t v[U][V];
+#pragma unroll
+      for (int j = 0; j < U; ++j) load_vec<V>(x + off + j * step, v[j]);
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        n += acc_t(1);
+        const acc_t inv = acc_t(1) / n;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const acc_t delta = v[j][i] - mean[i];
+          mean[i] += delta * inv;
+          m2[i] += delta * (v[j][i] - mean[i]);
+        }
+      }
+    });
+  }
+  const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const Welford<acc_t> w = block_reduce_columns(Welford<acc_t>{mean[i], m2[i], n});
+    if (threadIdx.y == 0 && cv < g.Cv) {
+      Fields<Welford<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, w);
+    }
+  }
+}
+
+// Training forward, step 2: merge a channel's partials in a fixed order; write save_mean,
+// save_invstd and update the running statistics. Block (kFinalizeX, kFinalizeY).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
+    bn_stats_finalize_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t C,
+                             acc_t inv_count, acc_t eps, acc_t* __restrict__ save_mean,
+                             acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
+  using F = Fields<Welford<acc_t>>;
+  __shared__ acc_t sm[F::count * kFinalizeY * kFinalizeX];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeX + threadIdx.x;
+  Welford<acc_t> w = F::zero();
+  if (c < C) {
+    for (int64_t p = threadIdx.y; p < P; p += kFinalizeY) {
+      w = welford_merge(w, F::get(partial + p * C + c, P * C));
+    }
+  }
+  constexpr int plane = kFinalizeY * kFinalizeX;
+  F::put(sm + threadIdx.y * kFinalizeX + threadIdx.x, plane, w);
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C) return;
+  for (int k = 1; k < kFinalizeY; ++k) {
+    w = welford_merge(w, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
+  }
+  acc_t var = w.m2 * inv_count;  // biased variance; the exact count comes from the host
+  var = var < acc_t(0) ? acc_t(0) : var;
+  save_mean[c] = w.mean;
+  save_invstd[c] = rsqrt_acc(var + eps);
+  if (ru.mean.ptr != nullptr) {
+    const acc_t rm = load_running<scalar_t, acc_t>(ru.mean, c);
+    store_running<scalar_t>(ru.mean, c, w.mean * ru.momentum + rm * ru.one_minus_momentum);
+  }
+  if (ru.var.ptr != nullptr) {
+    const acc_t rv = load_running<scalar_t, acc_t>(ru.var, c);
+    store_running<scalar_t>(ru.var, c, var * ru.momentum_unbiased + rv * ru.one_minus_momentum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normalize (training forward step 3, and the whole of eval):
+// y = [relu]((x - mean) * invstd * weight + bias [+ residual]).
+
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
+__global__ void __launch_bounds__(kThreads)
+    bn_normalize_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                               scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g) {
+  const int64_t c = blockIdx.x;
+  acc_t mean, scale, shift;
+  channel_affine<scalar_t>(p, c, mean, scale, shift);
+  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    acc_t v[U][V];
+    scalar_t r[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      load_vec<V>(x + off + j * step, v[j]);
+      if constexpr (RES) load_raw<V>(res + off + j * step, r[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      scalar_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        o[i] = normalize_one<RES, RELU>(v[j][i], mean, scale, shift,
+                                        RES ? r[j][i] : static_cast<scalar_t>(0.0f));
+      }
+      store_raw<V>(y + off + j * step, o);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
+__global__ void __launch_bounds__(kThreads)
+    bn_normalize_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+                             scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= g.Cv) return;
+  acc_t mean[V], scale[V], shift[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, cv * V + i, mean[i], scale[i], shift[i]);
+  for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    acc_t v[U][V];
+    scalar_t r[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      load_vec<V>(x + off + j * step, v[j]);
+      if constexpr (RES) load_raw<V>(res + off + j * step, r[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      scalar_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        o[i] = normalize_one<RES, RELU>(v[j][i], mean[i], scale[i], shift[i],
+                                        RES ? r[j][i] : static_cast<scalar_t>(0.0f));
+      }
+      store_raw<V>(y + off + j * step, o);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, step 1: per-block sums of g and g * (x - mean), g = grad_output [masked by
+// output > 0]. partial = [2][gridDim.y][C]. Also writes, in the same pass, the masked gradient
+// into grad_residual (WRITE_GR) and, in eval where dx does not depend on the sums, dx = g * weight
+// * invstd (EVAL_DX).
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX>
+__global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
+    const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
+    scalar_t* __restrict__ dx, PlaneGeom g, acc_t* __restrict__ partial) {
+  const int64_t c = blockIdx.x;
+  const acc_t m = mean[c];
+  acc_t k = acc_t(0);
+  if constexpr (EVAL_DX) k = invstd[c] * load_param<scalar_t>(weight, c, acc_t(1));
+  Sum2<acc_t> s{acc_t(0), acc_t(0)};
+  for_each_plane_row<V, false>(g, c, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    scalar_t gv[U][V], ov[U][V];
+    acc_t xv[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      load_raw<V>(go + off + j * step, gv[j]);
+      load_vec<V>(x + off + j * step, xv[j]);
+      if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      scalar_t gm[V], d[V];
+      (void)d;  // written only with EVAL_DX
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
+        const acc_t ga = static_cast<acc_t>(gm[i]);
+        s.a += ga;
+        s.b += ga * (xv[j][i] - m);
+        if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
+      }
+      if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
+      if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
+    }
+  });
+  s = block_reduce_all(s);
+  if (threadIdx.x == 0) {
+    const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+    Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX>
+__global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
+    const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
+    scalar_t* __restrict__ dx, RowGeom g, acc_t* __restrict__ partial) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  acc_t sa[V], sb[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) sa[i] = sb[i] = acc_t(0);
+  if (cv < g.Cv) {
+    acc_t m[V], k[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      m[i] = mean[cv * V + i];
+      k[i] = acc_t(0);
+      if constexpr (EVAL_DX) {
+        k[i] = invstd[cv * V + i] * load_param<scalar_t>(weight, cv * V + i, acc_t(1));
+      }
+    }
+    for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
+      constexpr int U = decltype(u)::value;
+      scalar_t gv[U][V], ov[U][V];
+      acc_t xv[U][V];
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        load_raw<V>(go + off + j * step, gv[j]);
+        load_vec<V>(x + off + j * step, xv[j]);
+        if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
+      }
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        scalar_t gm[V], d[V];
+        (void)d;  // written only with EVAL_DX
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
+          const acc_t ga = static_cast<acc_t>(gm[i]);
+          sa[i] += ga;
+          sb[i] += ga * (xv[j][i] - m[i]);
+          if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
+        }
+        if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
+        if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
+      }
+    });
+  }
+  const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const Sum2<acc_t> s = block_reduce_columns(Sum2<acc_t>{sa[i], sb[i]});
+    if (threadIdx.y == 0 && cv < g.Cv) {
+      Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, s);
+    }
+  }
+}
+
+// Backward, step 2: sum a channel's partials in a fixed order into grad_bias = sum(g) and
+// grad_weight = sum(g * xhat); in training also the coefficients of
+//   dx = a * g - b - d * (x - mean),  a = weight * invstd, b = a * sum(g) / n,
+//                                     d = a * invstd^2 * sum(g * (x - mean)) / n,
+// stored as coef = [3][C].
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_kernel(
+    const acc_t* __restrict__ partial, int64_t P, int64_t C, const acc_t* __restrict__ invstd,
+    ChannelParam weight, acc_t inv_count, bool training, acc_t* __restrict__ grad_weight,
+    acc_t* __restrict__ grad_bias, acc_t* __restrict__ coef) {
+  using F = Fields<Sum2<acc_t>>;
+  __shared__ acc_t sm[F::count * kFinalizeY * kFinalizeX];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeX + threadIdx.x;
+  Sum2<acc_t> s = F::zero();
+  if (c < C) {
+    for (int64_t p = threadIdx.y; p < P; p += kFinalizeY) {
+      s = combine(s, F::get(partial + p * C + c, P * C));
+    }
+  }
+  constexpr int plane = kFinalizeY * kFinalizeX;
+  F::put(sm + threadIdx.y * kFinalizeX + threadIdx.x, plane, s);
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C) return;
+  for (int k = 1; k < kFinalizeY; ++k) s = combine(s, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
+  const acc_t is = invstd[c];
+  grad_bias[c] = s.a;
+  grad_weight[c] = s.b * is;
+  if (training) {
+    const acc_t a = is * load_param<scalar_t>(weight, c, acc_t(1));
+    coef[c] = a;
+    coef[C + c] = a * s.a * inv_count;
+    coef[2 * C + c] = a * is * is * s.b * inv_count;
+  }
+}
+
+// Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
+// masked when it is grad_residual) and masked here by output > 0 when MASK.
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE>
+__global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, PlaneGeom g) {
+  const int64_t c = blockIdx.x;
+  const acc_t m = mean[c];
+  const acc_t a = coef[c], b = coef[g.C + c], d = coef[2 * g.C + c];
+  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    scalar_t gv[U][V], ov[U][V];
+    acc_t xv[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      load_raw<V>(grad + off + j * step, gv[j]);
+      load_vec<V>(x + off + j * step, xv[j]);
+      if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      scalar_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const acc_t ga = static_cast<acc_t>(masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]));
+        o[i] = static_cast<scalar_t>(a * ga - b - d * (xv[j][i] - m));
+      }
+      store_raw<V>(dx + off + j * step, o);
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE>
+__global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
+    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, RowGeom g) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= g.Cv) return;
+  acc_t m[V], a[V], b[V], d[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const int64_t c = cv * V + i;
+    m[i] = mean[c];
+    a[i] = coef[c];
+    b[i] = coef[g.C + c];
+    d[i] = coef[2 * g.C + c];
+  }
+  for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    scalar_t gv[U][V], ov[U][V];
+    acc_t xv[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      load_raw<V>(grad + off + j * step, gv[j]);
+      load_vec<V>(x + off + j * step, xv[j]);
+      if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      scalar_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const acc_t ga = static_cast<acc_t>(masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]));
+        o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * (xv[j][i] - m[i]));
+      }
+      store_raw<V>(dx + off + j * step, o);
+    }
+  });
+}
+
+}  // namespace cuda
+}  // namespace fastnn

@@ -1,0 +1,200 @@
+// Host-side planning shared by the CUDA batch norm launchers: which layout the kernels see, the
+// vector width, grid shapes, and the small parameter structs. No device code here.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+
+#include "batch_norm_common.h"
+#include "batch_norm_kernels.cuh"
+
+// Runtime flags as template parameters: `relu`/`residual` cost nothing when off.
+#define FASTNN_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                     \
+    if (COND) {                             \
+      constexpr bool NAME = true;           \
+      return __VA_ARGS__();                 \
+    } else {                                \
+      constexpr bool NAME = false;          \
+      return __VA_ARGS__();                 \
+    }                                       \
+  }()
+
+// The vector width: VMAX elements (16 bytes) when possible, else scalar accesses.
+#define FASTNN_VEC_SWITCH(USE_VEC, VMAX, NAME, ...) \
+  [&] {                                             \
+    if (USE_VEC) {                                  \
+      constexpr int NAME = VMAX;                    \
+      return __VA_ARGS__();                         \
+    } else {                                        \
+      constexpr int NAME = 1;                       \
+      return __VA_ARGS__();                         \
+    }                                               \
+  }()
+
+namespace fastnn {
+namespace cuda {
+
+// How the kernels see the input (see batch_norm_kernels.cuh): rows (C fastest: channels_last,
+// rank 2, or S == 1) or planes (S fastest). A single channel is one plane of N * S elements,
+// whatever the memory format, since both orders are then the same.
+struct KernelLayout {
+  bool rows;
+  int64_t N;
+  int64_t C;
+  int64_t S;
+};
+
+inline KernelLayout kernel_layout(const BNShape& s) {
+  KernelLayout l{s.channels_last, s.N, s.C, s.S};
+  if (l.C == 1) {
+    l.rows = false;
+    l.S = l.N * l.S;
+    l.N = 1;
+  } else if (l.S == 1) {
+    l.rows = true;
+  }
+  return l;
+}
+
+inline bool aligned16(const void* p) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
+}
+
+// True when every tensor can be accessed in 16-byte vectors: the fastest dimension (C for rows,
+// S for planes) is a multiple of the vector width and each base pointer is 16-byte aligned.
+inline bool use_vectors(const KernelLayout& l, int64_t vmax,
+                        std::initializer_list<const void*> ptrs) {
+  if (vmax <= 1) return false;
+  const int64_t inner = l.rows ? l.C : l.S;
+  if (inner % vmax != 0) return false;
+  for (const void* p : ptrs) {
+    if (!aligned16(p)) return false;
+  }
+  return true;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t pow2_ceil(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+// Blocks of `kernel` that fit on one multiprocessor at kThreads threads each; computed once per
+// kernel (the occupancy query is host-only and does not touch the stream).
+template <typename Kernel>
+int blocks_per_sm(Kernel kernel, int threads = kThreads) {
+  int n = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &n, reinterpret_cast<const void*>(kernel), threads, 0));
+  return std::max(n, 1);
+}
+
+inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+constexpr int64_t kMaxGridY = 65535;
+
+// A streaming launch: grid, block, and how many partials per channel a reduction writes (gridDim.y).
+struct Launch {
+  dim3 grid;
+  dim3 block;
+  int64_t partials;
+  PlaneGeom planes;
+  RowGeom rows;
+};
+
+// `resident` = blocks that run at once on the whole GPU; the grid is sized to about that many
+// blocks so that reductions write few partials and a pass that re-reads the data right after a
+// reduction (in reverse order) finds its tail still in L2.
+inline Launch plan_planes(const KernelLayout& l, int V, int64_t resident) {
+  TORCH_CHECK(l.C <= std::numeric_limits<int32_t>::max(), "fastnn: too many channels (", l.C, ")");
+  Launch L{};
+  PlaneGeom& g = L.planes;
+  g.N = l.N;
+  g.C = l.C;
+  g.S = l.S;
+  g.Sv = l.S / V;
+  // Segments of at most kMaxSeg vectors (a multiple of 32 when a plane is split), so that a
+  // large plane spreads over many warps.
+  constexpr int64_t kMaxSeg = 32 * kUnroll * 8;
+  g.segs = ceil_div(g.Sv, kMaxSeg);
+  g.seg_len = g.Sv;
+  if (g.segs > 1) {
+    g.seg_len = ceil_div(ceil_div(g.Sv, g.segs), 32) * 32;
+    g.segs = ceil_div(g.Sv, g.seg_len);
+  }
+  g.rows = g.N * g.segs;
+  const int64_t useful = std::min(ceil_div(g.rows, kWarps), kMaxGridY);
+  const int64_t gy = std::max<int64_t>(1, std::min(resident / l.C, useful));
+  L.grid = dim3(static_cast<unsigned>(l.C), static_cast<unsigned>(gy));
+  L.block = dim3(kThreads);
+  L.partials = gy;
+  return L;
+}
+
+inline Launch plan_rows(const KernelLayout& l, int V, int64_t resident) {
+  Launch L{};
+  RowGeom& g = L.rows;
+  g.R = l.N * l.S;
+  g.C = l.C;
+  g.Cv = l.C / V;
+  const int64_t tx = std::min<int64_t>(32, pow2_ceil(g.Cv));
+  const int64_t ty = kThreads / tx;
+  const int64_t gx = ceil_div(g.Cv, tx);
+  TORCH_CHECK(gx <= std::numeric_limits<int32_t>::max(), "fastnn: too many channels (", l.C, ")");
+  const int64_t useful = std::min(ceil_div(g.R, ty), kMaxGridY);
+  const int64_t gy = std::max<int64_t>(1, std::min(resident / gx, useful));
+  L.grid = dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  L.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+  L.partials = gy;
+  return L;
+}
+
+inline Launch plan(const KernelLayout& l, int V, int64_t resident) {
+  return l.rows ? plan_rows(l, V, resident) : plan_planes(l, V, resident);
+}
+
+// Finalize kernels: kFinalizeX channels per block.
+inline dim3 finalize_grid(int64_t C) { return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeX))); }
+inline dim3 finalize_block() { return dim3(kFinalizeX, kFinalizeY); }
+
+inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A [C] tensor as read by the kernels: its dtype is either `acc` or the input's.
+inline ChannelParam channel_param(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  ChannelParam p;
+  if (!defined(t)) return p;
+  p.ptr = t->data_ptr();
+  p.stride = t->stride(0);
+  p.is_acc = t->scalar_type() == acc;
+  return p;
+}
+
+inline ChannelParam channel_param(const at::Tensor& t, at::ScalarType acc) {
+  return channel_param(c10::optional<at::Tensor>(t), acc);
+}
+
+inline RunningStat running_stat(const c10::optional<at::Tensor>& t, at::ScalarType acc) {
+  RunningStat s;
+  if (!defined(t)) return s;
+  s.ptr = t->data_ptr();
+  s.stride = t->stride(0);
+  s.is_acc = t->scalar_type() == acc;
+  return s;
+}
+
+inline const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+}  // namespace cuda
+}  // namespace fastnn

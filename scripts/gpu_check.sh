@@ -1,0 +1,451 @@
+#!/usr/bin/env bash
+# fastnn on a GPU machine: build against the installed torch, check the CUDA ops, run the test
+# suite, compute-sanitizer and the benchmark. Every step is bounded by `timeout`, a failing step
+# does not stop the others, and each step's status goes to $OUT/summary.txt.
+#
+#   scripts/gpu_check.sh                 # env build smoke test sanitize bench
+#   scripts/gpu_check.sh build smoke     # only these steps (any of the names below)
+#
+# Steps: env, build, smoke (CUDA ops against fastnn.reference, determinism, stability, graph
+# capture), test (the whole pytest suite), sanitize (memcheck, racecheck, initcheck, synccheck over
+# small CUDA calls), bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
+#
+# Environment: OUT (default ./gpu-out), BENCH_ARGS (default "--quick"; empty runs the full set),
+# PYTEST_ARGS (extra pytest arguments), MAX_JOBS (build parallelism), and <STEP>_TIMEOUT in seconds
+# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$(pwd)
+OUT=${OUT:-./gpu-out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/summary.txt"
+PY=${PYTHON:-python}
+export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
+export PYTHONUNBUFFERED=1
+
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
+SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-240}
+TEST_TIMEOUT=${TEST_TIMEOUT:-480}
+SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-180}   # per sanitizer tool
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-300}
+BENCH_ARGS=${BENCH_ARGS---quick}
+PYTEST_ARGS=${PYTEST_ARGS:-}
+
+if [ "$#" -gt 0 ]; then
+  STEPS=("$@")
+else
+  STEPS=(env build smoke test sanitize bench)
+fi
+
+{
+  echo "fastnn GPU check, $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host $(hostname)"
+  echo "steps: ${STEPS[*]}"
+} > "$SUMMARY"
+FAILED=0
+
+# run_step NAME TIMEOUT LOGFILE CMD...: runs CMD under `timeout`, output to LOGFILE and the
+# console, and records the outcome in the summary.
+run_step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local start end rc
+  start=$(date +%s)
+  echo "==> [$name] $*" | tee -a "$log"
+  set +e
+  timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  end=$(date +%s)
+  local status=PASS
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status="TIMEOUT(${limit}s)"
+  elif [ "$rc" -ne 0 ]; then
+    status="FAIL(rc=$rc)"
+  fi
+  [ "$status" = PASS ] || FAILED=1
+  printf '%-22s %-16s %5ss  %s\n' "$name" "$status" "$((end - start))" "${log#$OUT/}" >> "$SUMMARY"
+  return 0
+}
+
+note() { printf '%-22s %s\n' "$1" "$2" >> "$SUMMARY"; }
+
+# ---------------------------------------------------------------------------------------------
+# A standalone check of the CUDA ops against fastnn.reference, written into $OUT so that it runs
+# the same way with and without compute-sanitizer (--small keeps the sanitizer runs short).
+write_op_check() {
+  cat > "$OUT/cuda_op_check.py" <<'PYEOF'
+"""Every CUDA fastnn op against fastnn.reference on the same device: all dtypes, layouts, ranks,
+vector and scalar paths, relu/residual, weight/bias or none, float32 or input-dtype parameters;
+plus determinism, large-mean stability, N=0, non-contiguous input and CUDA-graph capture."""
+import sys
+import warnings
+
+import torch
+
+warnings.simplefilter("ignore", RuntimeWarning)
+import fastnn  # noqa: E402
+from fastnn import reference  # noqa: E402
+
+SMALL = "--small" in sys.argv
+dev = torch.device("cuda")
+if not fastnn.ops.has_kernel("cuda"):
+    sys.exit(f"fastnn._C has no CUDA kernels: {fastnn.backend_info()}")
+ops = torch.ops.fastnn
+
+TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
+       torch.float16: (1e-2, 1e-2), torch.bfloat16: (3e-2, 3e-2)}
+GTOL = {torch.float64: (1e-8, 1e-8), torch.float32: (1e-3, 1e-3),
+        torch.float16: (3e-2, 3e-2), torch.bfloat16: (8e-2, 8e-2)}
+failures = []
+checked = 0
+
+
+def close(name, got, want, tol):
+    global checked
+    checked += 1
+    if got.shape != want.shape or got.dtype != want.dtype:
+        failures.append(f"{name}: shape/dtype {tuple(got.shape)} {got.dtype} vs "
+                        f"{tuple(want.shape)} {want.dtype}")
+        return
+    rtol, atol = tol
+    if not torch.allclose(got.double(), want.double(), rtol=rtol, atol=atol, equal_nan=True):
+        err = (got.double() - want.double()).abs().max().item()
+        failures.append(f"{name}: max abs err {err:.3g} (rtol {rtol}, atol {atol})")
+
+
+def make(shape, fmt, dtype, misalign=False):
+    numel = 1
+    for s in shape:
+        numel *= s
+    if misalign:  # storage offset of one element: no 16-byte vectors possible
+        base = torch.randn(numel + 1, device=dev, dtype=torch.float32).to(dtype)
+        t = base[1:].view(shape)
+    else:
+        t = torch.randn(shape, device=dev, dtype=torch.float32).to(dtype)
+    t = t * 2 + 0.5
+    if fmt is not None:
+        t = t.contiguous(memory_format=fmt)
+    return t
+
+
+def layout_of(t):
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return "cl"
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous():
+        return "cl3d"
+    return "contig" if t.is_contiguous() else "strided"
+
+
+SHAPES = [  # (shape, memory format)
+    ((6, 5), None), ((7, 16), None), ((4, 5, 7), None), ((3, 8, 16), None),
+    ((4, 5, 6, 7), None), ((4, 5, 6, 7), torch.channels_last),
+    ((3, 16, 4, 8), None), ((3, 16, 4, 8), torch.channels_last),
+    ((2, 1, 9, 9), None), ((5, 24, 1, 1), None), ((2, 24, 1, 1), torch.channels_last),
+    ((2, 5, 3, 4, 5), None), ((2, 5, 3, 4, 5), torch.channels_last_3d),
+    ((2, 8, 2, 4, 4), torch.channels_last_3d),
+]
+if not SMALL:
+    SHAPES += [((8, 64, 56, 56), None), ((8, 64, 56, 56), torch.channels_last),
+               ((16, 256, 7, 7), None), ((16, 256, 7, 7), torch.channels_last),
+               ((2, 3, 1000, 1100), None), ((1, 40, 2100, 3), torch.channels_last),
+               ((4096, 33), None), ((3, 2048, 14, 14), None)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def params(C, dtype, kind):
+    acc = reference.accumulate_dtype(dtype)
+    pdt = dtype if kind == "own" else acc
+    w = torch.rand(C, device=dev, dtype=torch.float32).add_(0.5).to(pdt)
+    b = torch.randn(C, device=dev, dtype=torch.float32).to(pdt)
+    rm = torch.randn(C, device=dev, dtype=torch.float32).to(pdt)
+    rv = torch.rand(C, device=dev, dtype=torch.float32).add_(0.5).to(pdt)
+    return w, b, rm, rv
+
+
+def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
+    name = f"{tuple(shape)} {layout_of(make(shape, fmt, torch.float32))} {dtype} relu={relu} " \
+           f"res={res} affine={affine} params={pkind}{' misaligned' if misalign else ''}"
+    x = make(shape, fmt, dtype, misalign)
+    C = shape[1]
+    w, b, rm, rv = params(C, dtype, pkind)
+    if not affine:
+        w = b = None
+    r = make(shape, fmt, dtype) if res else None
+    tol, gtol = TOL[dtype], GTOL[dtype]
+    # training forward
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    out, mean, invstd = ops.batch_norm_train(x, w, b, rm1, rv1, 0.1, 1e-5, r, relu)
+    eout, emean, einvstd = reference.batch_norm_train(x, w, b, rm2, rv2, 0.1, 1e-5, r, relu)
+    close(name + " train out", out, eout, tol)
+    close(name + " save_mean", mean, emean, TOL[mean.dtype])
+    close(name + " save_invstd", invstd, einvstd, (1e-3, 1e-3) if dtype != torch.float64 else TOL[dtype])
+    close(name + " running_mean", rm1, rm2, tol)
+    close(name + " running_var", rv1, rv2, tol)
+    if layout_of(out) != layout_of(x) and layout_of(x) != "strided":
+        failures.append(f"{name}: output layout {layout_of(out)} for input {layout_of(x)}")
+    # determinism
+    out_b, mean_b, invstd_b = ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, r, relu)
+    if not (torch.equal(out, out_b) and torch.equal(mean, mean_b) and torch.equal(invstd, invstd_b)):
+        failures.append(f"{name}: training forward not bitwise reproducible")
+    # eval forward
+    eo = ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, r, relu)
+    ee = reference.batch_norm_eval(x, w, b, rm, rv, 1e-5, r, relu)
+    close(name + " eval out", eo, ee, tol)
+    # backward, training and eval, with and without the residual gradient
+    go = make(shape, fmt, dtype)
+    for training in (True, False):
+        if training:
+            m_, i_, o_ = emean, einvstd, eout
+        else:
+            acc = reference.accumulate_dtype(dtype)
+            m_, i_, o_ = rm.to(acc), torch.rsqrt(rv.to(acc) + 1e-5), ee
+        for rg in ((False, True) if res else (False,)):
+            got = ops.batch_norm_backward(go, x, w, o_ if relu else None, m_, i_, training, relu, rg)
+            want = reference.batch_norm_backward(go, x, w, o_ if relu else None, m_, i_, training,
+                                                 relu, rg)
+            tag = f"{name} backward training={training} residual_grad={rg}"
+            close(tag + " grad_input", got[0], want[0], gtol)
+            # sums over many elements: compare relative to their scale
+            scale = max(1.0, want[1].abs().max().item(), want[2].abs().max().item())
+            close(tag + " grad_weight", got[1] / scale, want[1] / scale, gtol)
+            close(tag + " grad_bias", got[2] / scale, want[2] / scale, gtol)
+            close(tag + " grad_residual", got[3], want[3], (0, 0))
+            again = ops.batch_norm_backward(go, x, w, o_ if relu else None, m_, i_, training, relu, rg)
+            if not all(torch.equal(a, b_) for a, b_ in zip(got, again)):
+                failures.append(f"{tag}: backward not bitwise reproducible")
+
+
+def main():
+    torch.manual_seed(0)
+    for shape, fmt in SHAPES:
+        for dtype in DTYPES:
+            combos = [(False, False, True, "acc"), (True, True, True, "own"),
+                      (True, False, False, "acc"), (False, True, True, "acc")]
+            if SMALL:
+                combos = combos[:2]
+            for relu, res, affine, pkind in combos:
+                if pkind == "own" and dtype in (torch.float32, torch.float64):
+                    pkind = "acc"
+                check_case(shape, fmt, dtype, relu, res, affine, pkind)
+    for dtype in DTYPES:  # scalar path forced by a misaligned input
+        check_case((3, 16, 4, 8), torch.channels_last, dtype, True, True, True, "acc", misalign=True)
+        check_case((3, 16, 4, 8), None, dtype, True, True, True, "acc", misalign=True)
+
+    # strided (non-contiguous) input and grad_output in another layout than the input
+    x = make((4, 6, 10, 10), None, torch.float32)[:, :, ::2, 1::2]
+    out, m, i = ops.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, None, False)
+    eo, em, ei = reference.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, None, False)
+    close("strided input", out, eo, TOL[torch.float32])
+    xc = make((4, 16, 6, 6), torch.channels_last, torch.float32)
+    go = make((4, 16, 6, 6), None, torch.float32)
+    _, m, i = reference.batch_norm_train(xc, None, None, None, None, 0.1, 1e-5, None, False)
+    got = ops.batch_norm_backward(go, xc, None, None, m, i, True, False, False)
+    want = reference.batch_norm_backward(go, xc, None, None, m, i, True, False, False)
+    close("grad_output in NCHW for channels_last input", got[0], want[0], GTOL[torch.float32])
+    if not got[0].is_contiguous(memory_format=torch.channels_last):
+        failures.append("grad_input of a channels_last input is not channels_last")
+
+    # N = 0: empty output, zero statistics, running statistics untouched
+    for fmt in (None, torch.channels_last):
+        x = torch.empty((0, 8, 4, 4), device=dev).contiguous(memory_format=fmt or torch.contiguous_format)
+        rm, rv = torch.randn(8, device=dev), torch.rand(8, device=dev)
+        rm0, rv0 = rm.clone(), rv.clone()
+        out, m, i = ops.batch_norm_train(x, None, None, rm, rv, 0.1, 1e-5, None, True)
+        if out.shape != x.shape or not torch.equal(rm, rm0) or not torch.equal(rv, rv0):
+            failures.append("N=0 training changed the running statistics or the shape")
+        if m.abs().sum().item() != 0 or i.abs().sum().item() != 0:
+            failures.append("N=0 training: statistics not zero")
+        go = torch.empty_like(x)
+        g = ops.batch_norm_backward(go, x, None, None, m, i, True, False, True)
+        if g[0].shape != x.shape or g[1].abs().sum().item() != 0 or g[3].shape != x.shape:
+            failures.append("N=0 backward: wrong result")
+        if ops.batch_norm_eval(x, None, None, rm, rv, 1e-5, None, False).shape != x.shape:
+            failures.append("N=0 eval: wrong shape")
+
+    # large mean, unit std: float32 statistics still match float64
+    shape = (8, 4, 32, 32) if SMALL else (32, 16, 64, 64)
+    for fmt in (None, torch.channels_last):
+        x = (torch.randn(shape, device=dev, dtype=torch.float64) + 1e4).float()
+        x = x.contiguous(memory_format=fmt or torch.contiguous_format)
+        out, m, i = ops.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, None, False)
+        x64 = x.double()
+        var, mean = torch.var_mean(x64, dim=[0, 2, 3], correction=0)
+        close(f"large mean {fmt}: mean", m.double(), mean, (0, 2e-3))
+        close(f"large mean {fmt}: invstd", i.double(), torch.rsqrt(var + 1e-5), (1e-4, 0))
+        y64 = (x64 - mean.view(1, -1, 1, 1)) * torch.rsqrt(var + 1e-5).view(1, -1, 1, 1)
+        close(f"large mean {fmt}: output", out.double(), y64, (0, 3e-3))
+
+    # CUDA-graph capture and replay of a training forward + backward
+    if not SMALL:
+        x = make((8, 32, 16, 16), torch.channels_last, torch.float16)
+        w, b, rm, rv = params(32, torch.float16, "acc")
+        go = make((8, 32, 16, 16), torch.channels_last, torch.float16)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up outside the capture
+                o, m, i = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+                ops.batch_norm_backward(go, x, w, o, m, i, True, True, False)
+        torch.cuda.current_stream().wait_stream(s)
+        rm.copy_(torch.zeros_like(rm))
+        rv.copy_(torch.ones_like(rv))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, m, i = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+            gi, gw, gb, _ = ops.batch_norm_backward(go, x, w, o, m, i, True, True, False)
+        rm.copy_(torch.zeros_like(rm))
+        rv.copy_(torch.ones_like(rv))
+        graph.replay()
+        torch.cuda.synchronize()
+        rm2, rv2 = torch.zeros_like(rm), torch.ones_like(rv)
+        eo, em, ei = reference.batch_norm_train(x, w, b, rm2, rv2, 0.1, 1e-5, None, True)
+        egi, egw, egb, _ = reference.batch_norm_backward(go, x, w, eo, em, ei, True, True, False)
+        close("graph replay out", o, eo, TOL[torch.float16])
+        close("graph replay running_mean", rm, rm2, TOL[torch.float32])
+        close("graph replay running_var", rv, rv2, TOL[torch.float32])
+        close("graph replay grad_input", gi, egi, GTOL[torch.float16])
+
+    torch.cuda.synchronize()
+    print(f"cuda op check: {checked} comparisons, {len(failures)} failures")
+    for f in failures[:200]:
+        print("FAIL", f)
+    sys.exit(1 if failures else 0)
+
+
+main()
+PYEOF
+}
+
+# ---------------------------------------------------------------------------------------------
+step_env() {
+  local log="$OUT/env.log"
+  {
+    echo "date: $(date -u)"
+    echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo n/a) $(git -C "$ROOT" status --short 2>/dev/null | wc -l) changed files"
+    nvidia-smi || true
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv || true
+    nvcc --version || true
+    command -v compute-sanitizer || echo "no compute-sanitizer"
+    command -v ncu || echo "no ncu"
+    "$PY" -c "import sys, torch; print('python', sys.version); print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version()); print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else None, torch.cuda.get_device_capability() if torch.cuda.is_available() else '')"
+    "$PY" -m pip list 2>/dev/null | grep -i -E "^(torch|pytest|hypothesis|numpy|ninja|setuptools|matplotlib|torchvision) " || true
+  } > "$log" 2>&1
+  note env "$(grep -m1 '^device' "$log" || echo 'no device line')"
+  note torch "$(grep -m1 '^torch' "$log" || echo '?')"
+}
+
+step_build() {
+  local log="$OUT/build.log"
+  # --no-deps: the machine has no network; everything the package needs is installed already.
+  run_step build "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+  if ! "$PY" -c "import fastnn, sys; sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
+    echo "pip install did not give CUDA kernels; trying build_ext --inplace" | tee -a "$log"
+    run_step build_ext_inplace "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" setup.py build_ext --inplace
+  fi
+  "$PY" -c "import fastnn; print(fastnn.backend_info())" >> "$log" 2>&1 || true
+  note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
+}
+
+step_smoke() {
+  write_op_check
+  run_step smoke "$SMOKE_TIMEOUT" "$OUT/smoke.log" "$PY" "$OUT/cuda_op_check.py"
+  note smoke_result "$(grep -m1 'cuda op check' "$OUT/smoke.log" || echo 'no result line')"
+}
+
+step_test() {
+  # shellcheck disable=SC2086
+  run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs \
+    --junitxml="$OUT/pytest.xml" $PYTEST_ARGS
+  note pytest_result "$(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1 || echo 'no result line')"
+}
+
+step_sanitize() {
+  if ! command -v compute-sanitizer > /dev/null; then
+    note sanitize "SKIP (no compute-sanitizer)"
+    return 0
+  fi
+  write_op_check
+  local tool
+  for tool in memcheck racecheck initcheck synccheck; do
+    local extra=()
+    [ "$tool" = memcheck ] && extra=(--leak-check no)
+    # The caching allocator would hide out-of-bounds accesses inside its blocks.
+    run_step "sanitize_$tool" "$SANITIZE_TIMEOUT" "$OUT/sanitize_$tool.log" \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" ${extra[@]+"${extra[@]}"} \
+      --error-exitcode 99 --print-limit 50 "$PY" "$OUT/cuda_op_check.py" --small
+    note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1 || echo '?')"
+  done
+  # The test suite's own small CUDA cases, if it marks any for the sanitizer.
+  local n
+  n=$("$PY" -m pytest tests -q --collect-only -m cuda -k "sanitizer" 2>/dev/null | grep -c '::' || true)
+  if [ "${n:-0}" -gt 0 ]; then
+    run_step sanitize_pytest "$SANITIZE_TIMEOUT" "$OUT/sanitize_pytest.log" \
+      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --leak-check no \
+      --error-exitcode 99 --print-limit 50 "$PY" -m pytest tests -q -m cuda -k "sanitizer"
+  else
+    note sanitize_pytest "SKIP (no tests selected by -m cuda -k sanitizer)"
+  fi
+}
+
+step_bench() {
+  local cmd
+  if command -v fastnn-bench > /dev/null; then
+    cmd=(fastnn-bench)
+  elif "$PY" -c "import fastnn.bench" > /dev/null 2>&1; then
+    cmd=("$PY" -m fastnn.bench)
+  else
+    note bench "SKIP (no fastnn-bench)"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" "${cmd[@]}" $BENCH_ARGS --out "$OUT/bench"
+}
+
+step_profile() {
+  if ! command -v ncu > /dev/null; then
+    note profile "SKIP (no ncu)"
+    return 0
+  fi
+  cat > "$OUT/profile_ops.py" <<'PYEOF'
+"""The headline shapes once each, for ncu: training forward and backward, eval, fp16/bf16."""
+import torch
+import fastnn  # noqa: F401
+ops = torch.ops.fastnn
+dev = "cuda"
+for shape, dtype in (((256, 64, 56, 56), torch.float16), ((256, 256, 56, 56), torch.bfloat16)):
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        C = shape[1]
+        x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
+        r = torch.randn_like(x)
+        w, b = torch.ones(C, device=dev), torch.zeros(C, device=dev)
+        rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+        out, m, i = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, r, True)
+        ops.batch_norm_backward(torch.randn_like(x), x, w, out, m, i, True, True, True)
+        ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, None, False)
+        torch.cuda.synchronize()
+PYEOF
+  run_step profile "$PROFILE_TIMEOUT" "$OUT/profile.log" ncu --kernel-name regex:bn_ \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+    --csv --page details "$PY" "$OUT/profile_ops.py"
+}
+
+for step in "${STEPS[@]}"; do
+  case "$step" in
+    env) step_env ;;
+    build) step_build ;;
+    smoke) step_smoke ;;
+    test) step_test ;;
+    sanitize) step_sanitize ;;
+    bench) step_bench ;;
+    profile) step_profile ;;
+    *) note "$step" "unknown step (env build smoke test sanitize bench profile)"; FAILED=1 ;;
+  esac
+done
+
+echo "overall: $([ "$FAILED" -eq 0 ] && echo PASS || echo FAIL)" >> "$SUMMARY"
+echo
+cat "$SUMMARY"
+exit "$FAILED"
