@@ -22,6 +22,7 @@ import contextlib
 import copy
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
@@ -415,18 +416,21 @@ def build_step(case: Case, impl: str, inputs: OpInputs) -> Callable[[int], None]
 @dataclass
 class Policy:
     """How long to time each implementation: warm-up calls, then enough repeats to fill
-    `target_s` of measured time, within [min_reps, max_reps]."""
+    `target_s` of measured time, within [min_reps, max_reps] for fastnn, eager and compile and
+    [min_reps_other, max_reps] for the reference and the copy."""
     warmup: int
     target_s: float
     min_reps: int
     max_reps: int
+    min_reps_other: int = 3
 
 
 POLICIES = {
-    ("cpu", True): Policy(warmup=1, target_s=0.15, min_reps=5, max_reps=40),
-    ("cpu", False): Policy(warmup=2, target_s=0.4, min_reps=7, max_reps=60),
-    ("cuda", True): Policy(warmup=3, target_s=0.02, min_reps=15, max_reps=100),
-    ("cuda", False): Policy(warmup=3, target_s=0.015, min_reps=10, max_reps=80),
+    ("cpu", True): Policy(warmup=1, target_s=0.15, min_reps=5, max_reps=40, min_reps_other=3),
+    ("cpu", False): Policy(warmup=2, target_s=0.4, min_reps=7, max_reps=60, min_reps_other=5),
+    ("cuda", True): Policy(warmup=3, target_s=0.02, min_reps=15, max_reps=100, min_reps_other=10),
+    ("cuda", False): Policy(warmup=3, target_s=0.015, min_reps=10, max_reps=80,
+                            min_reps_other=10),
 }
 
 
@@ -469,23 +473,24 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
             step(0)
             sync()
             first[name] = time.perf_counter() - t0
-            for w in range(policy.warmup):
+            # Warm-up calls, each timed on its own: their fastest is the estimate that sets the
+            # number of repeats.
+            best = first[name]
+            for w in range(max(1, policy.warmup)):
+                t0 = time.perf_counter()
                 step((w + 1) % sets)
-            sync()
-            n_est = max(2, min(sets, 4))
-            t0 = time.perf_counter()
-            for j in range(n_est):
-                step(j % sets)
-            sync()
-            estimate[name] = (time.perf_counter() - t0) / n_est
+                sync()
+                best = min(best, time.perf_counter() - t0)
+            estimate[name] = best
         except Exception as e:  # an implementation that cannot run this case is reported
             results[name] = {"error": _error(e)}
     names = [n for n in steps if n not in results]
     if not names:
         return results
-    reps = {n: int(min(policy.max_reps, max(policy.min_reps,
-                                            policy.target_s / max(estimate[n], 1e-9))))
-            for n in names}
+    reps = {}
+    for n in names:
+        low = policy.min_reps if n in ("fastnn", "torch", "compile") else policy.min_reps_other
+        reps[n] = int(min(policy.max_reps, max(low, policy.target_s / max(estimate[n], 1e-9))))
     rounds = max(reps.values())
     times: Dict[str, List[float]] = {n: [] for n in names}
     next_set = {n: 0 for n in names}
@@ -605,8 +610,7 @@ def run_ops(plan: OpPlan, progress: bool = True) -> List[dict]:
                                 if compile_spent > plan.compile_budget_s:
                                     skipped[impl] = "compile budget spent (--compile-budget)"
                                     continue
-                                import torch._dynamo
-                                torch._dynamo.reset()
+                                importlib.import_module("torch._dynamo").reset()
                             try:
                                 t0 = time.perf_counter()
                                 steps[impl] = build_step(case, impl, inputs)
@@ -893,8 +897,7 @@ def _legend(run: dict) -> List[str]:
 
 
 def render_text(run: dict) -> str:
-    out = []
-    out += env_lines(run["env"])
+    out = [backend_line(run["env"])]
     if run["ops"]:
         header, groups = op_table_rows(run)
         for title, rows in groups:
@@ -1309,7 +1312,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                      "reference fallback, so no separate reference column")
     policy = copy.copy(POLICIES[(device.type if cuda else "cpu", bool(args.quick))])
     if args.reps:
-        policy.min_reps = policy.max_reps = args.reps
+        policy.min_reps = policy.max_reps = policy.min_reps_other = args.reps
     budget = args.compile_budget if args.compile_budget is not None else (
         60.0 if args.quick else 150.0)
     plan = OpPlan(device=device, shapes=shapes, cases=cases, dtypes=dtypes, layouts=layouts,
@@ -1347,10 +1350,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         for n in names:
             if n not in _bench_shapes.MODELS:
                 raise SystemExit(f"fastnn-bench: unknown model {n!r}")
-        mpolicy = Policy(warmup=2, target_s=2.0 if cuda else 3.0, min_reps=5 if not cuda else 10,
-                         max_reps=50)
+        low = 10 if cuda else 5
+        mpolicy = Policy(warmup=2, target_s=2.0 if cuda else 3.0, min_reps=low, max_reps=50,
+                         min_reps_other=low)
         if args.reps:
-            mpolicy.min_reps = mpolicy.max_reps = args.reps
+            mpolicy.min_reps = mpolicy.max_reps = mpolicy.min_reps_other = args.reps
         run["models"] = run_models(names, device, args.model_batch or (64 if cuda else 8),
                                    args.model_image_size or (224 if cuda else 64),
                                    use_compile=mode != "none", policy=mpolicy,
