@@ -1,0 +1,540 @@
+"""Putting an existing model on fastnn: `convert` (training and inference) and
+`fuse_for_inference` (inference only).
+
+convert(model) swaps every torch batch norm for fastnn's, sharing its parameters and buffers, and
+fuses the patterns it finds:
+
+* BN followed by a ReLU (an nn.ReLU module, F.relu, torch.relu or Tensor.relu, in place or not)
+  becomes one fastnn.nn.BatchNormReLU2d;
+* BN, an add of another tensor, then a ReLU (a residual block's tail) becomes one
+  fastnn.nn.BatchNormAddReLU2d taking (input, residual).
+
+Patterns are found with torch.fx when the model traces the same way in training and in eval mode
+(its result is then a torch.fx.GraphModule with the model's submodule names and state_dict
+keys); otherwise the model keeps its own classes and forward, and what a module swap can fuse
+safely is fused: a BN directly followed by an nn.ReLU in an nn.Sequential, and the blocks of
+torchvision's and fastnn's ResNet, DenseNet, GoogLeNet and Inception v3.
+
+fuse_for_inference(model) folds each batch norm that directly follows a convolution (or a Linear
+layer) into that layer's weight and bias, on a copy of the model in eval mode.
+"""
+import copy
+import operator
+import sys
+from collections import Counter
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from fastnn import nn as fnn
+
+__all__ = ["convert", "fuse_for_inference", "AddReLU"]
+
+# torch module -> the fastnn module that replaces it (exact types: a subclass may have its own
+# forward).
+_SWAP = {
+    nn.BatchNorm1d: fnn.BatchNorm1d,
+    nn.BatchNorm2d: fnn.BatchNorm2d,
+    nn.BatchNorm3d: fnn.BatchNorm3d,
+    nn.SyncBatchNorm: fnn.SyncBatchNorm,
+}
+
+# fastnn batch norm -> (its fused BN+ReLU, its fused BN+add+ReLU).
+_FUSED = {
+    fnn.BatchNorm2d: (fnn.BatchNormReLU2d, fnn.BatchNormAddReLU2d),
+    fnn.SyncBatchNorm: (fnn.SyncBatchNormReLU, fnn.SyncBatchNormAddReLU),
+}
+
+
+class AddReLU(nn.Module):
+    """relu(input + residual): what remains of a fused BN+add+ReLU once its batch norm is folded
+    into the preceding convolution."""
+
+    def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        return torch.relu(input + residual)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def _occurrences(model: nn.Module) -> Counter:
+    """How many places of the module tree hold each module (by id)."""
+    return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
+
+
+def _swap_batch_norms(module: nn.Module, memo: Dict[int, nn.Module]) -> None:
+    for name, child in list(module.named_children()):
+        if type(child) in _SWAP:
+            if id(child) not in memo:
+                memo[id(child)] = _SWAP[type(child)].from_module(child)
+            setattr(module, name, memo[id(child)])
+        else:
+            _swap_batch_norms(child, memo)
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with every batch norm (torch's, fastnn's, a user's) kept as one call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module, both_modes: bool) -> Optional[fx.Graph]:
+    """The model's graph, or None when it does not trace (or, with both_modes, when its graph in
+    training differs from its graph in eval, e.g. a branch taken only in training). Every
+    module's training flag is left as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        graphs = []
+        for mode in ((True, False) if both_modes else (model.training,)):
+            model.train(mode)
+            graphs.append(_Tracer().trace(model))
+    except Exception:  # anything fx cannot trace: data-dependent control flow, odd inputs, ...
+        return None
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if both_modes and graphs[0].python_code("self").src != graphs[1].python_code("self").src:
+        return None
+    return graphs[0]
+
+
+def _uses_all_state(model: nn.Module, graph: fx.Graph) -> bool:
+    used = [n.target for n in graph.nodes if n.op in ("call_module", "get_attr")]
+    return all(any(key == t or key.startswith(t + ".") for t in used)
+               for key in model.state_dict())
+
+
+def _is_relu(node: fx.Node, src: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """node computes relu(src), in place or not."""
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU and node.args == (src,) and not node.kwargs
+    if node.op == "call_function":
+        return (node.target in (torch.relu, torch.relu_, F.relu) and len(node.args) in (1, 2)
+                and node.args[0] is src and set(node.kwargs) <= {"inplace"})
+    if node.op == "call_method":
+        return node.target in ("relu", "relu_") and node.args == (src,) and not node.kwargs
+    return False
+
+
+def _added_to(node: fx.Node, src: fx.Node) -> Optional[fx.Node]:
+    """When node computes src + other (or other + src, in place or not) with `other` a tensor the
+    graph computes, that other node; else None."""
+    if node.kwargs or len(node.args) != 2:
+        return None
+    if not ((node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add))
+            or (node.op == "call_method" and node.target in ("add", "add_"))):
+        return None
+    a, b = node.args
+    other = b if a is src else a if b is src else None
+    # Parameters and buffers (get_attr) are usually broadcast biases, not residuals.
+    if not isinstance(other, fx.Node) or other is src or other.op == "get_attr":
+        return None
+    return other
+
+
+def _only_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: fusion on an fx graph
+
+def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
+    """Rewrites graph (and swaps the matching modules inside model) so that BN->ReLU and
+    BN->add->ReLU run as fastnn's fused modules."""
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    occurrences = _occurrences(model)
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        bn = modules.get(node.target)
+        if type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1:
+            continue
+        if len(node.args) != 1 or node.kwargs:
+            continue
+        user = _only_user(node)
+        if user is None:
+            continue
+        bn_relu, bn_add_relu = _FUSED[type(bn)]
+        if _is_relu(user, node, modules):
+            _set_submodule(model, node.target, bn_relu.from_module(bn))
+            user.replace_all_uses_with(node)
+            graph.erase_node(user)
+            continue
+        other = _added_to(user, node)
+        relu = _only_user(user) if other is not None else None
+        if relu is None or not _is_relu(relu, user, modules):
+            continue
+        _set_submodule(model, node.target, bn_add_relu.from_module(bn))
+        # The residual may be computed after the BN (torchvision computes the shortcut after the
+        # main branch): the fused call goes where the add was.
+        user.prepend(node)
+        node.args = (node.args[0], other)
+        relu.replace_all_uses_with(node)
+        graph.erase_node(relu)
+        graph.erase_node(user)
+    graph.lint()
+
+
+# ---------------------------------------------------------------------------------------------
+# convert: fusion by module swap, for models fx cannot use
+
+def _adopt(cls: type, old: nn.Module, replace: Dict[str, nn.Module], **attrs) -> nn.Module:
+    """An instance of cls with old's state, children (some replaced) and hooks: for swapping a
+    block's class for fastnn's fused one with the same layout."""
+    new = cls.__new__(cls)
+    new.__dict__.update(old.__dict__)
+    new._modules = type(old._modules)(old._modules)
+    for name, module in replace.items():
+        new._modules[name] = module
+    for name, value in attrs.items():
+        setattr(new, name, value)
+    return new
+
+
+def _is_plain_bn(m: nn.Module) -> bool:
+    return type(m) is fnn.BatchNorm2d
+
+
+def _is_single_relu(m: nn.Module, occurrences: Counter) -> bool:
+    return type(m) is nn.ReLU and occurrences[id(m)] == 1
+
+
+def _fuse_residual(cls: type, relu_bns: Tuple[str, ...], add_bn: str) -> Callable:
+    """A rule for a residual block whose BNs are relu_bns (each followed by the block's ReLU) and
+    add_bn (followed by the shortcut add and the ReLU)."""
+    def rule(block: nn.Module, occurrences: Counter) -> Optional[nn.Module]:
+        names = relu_bns + (add_bn,)
+        if not all(_is_plain_bn(getattr(block, n, None)) for n in names):
+            return None
+        relu = getattr(block, "relu", None)  # shared by the block's BNs, when it has one
+        if relu is not None and not _is_single_relu(relu, occurrences):
+            return None
+        replace = {n: fnn.BatchNormReLU2d.from_module(getattr(block, n)) for n in relu_bns}
+        replace[add_bn] = fnn.BatchNormAddReLU2d.from_module(getattr(block, add_bn))
+        if relu is not None:
+            replace["relu"] = nn.Identity()
+        return _adopt(cls, block, replace, fused=True)
+    return rule
+
+
+def _fuse_pairs(*pairs: Tuple[str, str]) -> Callable:
+    """A rule for a module whose forward applies each (bn, relu) pair of its modules in turn."""
+    def rule(block: nn.Module, occurrences: Counter) -> Optional[nn.Module]:
+        for bn_name, relu_name in pairs:
+            bn, relu = getattr(block, bn_name, None), getattr(block, relu_name, None)
+            if _is_plain_bn(bn) and _is_single_relu(relu, occurrences):
+                setattr(block, bn_name, fnn.BatchNormReLU2d.from_module(bn))
+                setattr(block, relu_name, nn.Identity())
+        return None
+    return rule
+
+
+def _fuse_basic_conv(block: nn.Module, occurrences: Counter) -> Optional[nn.Module]:
+    """conv, bn, F.relu (GoogLeNet's and Inception v3's BasicConv2d) -> fastnn's BasicConv2d."""
+    from fastnn.models.googlenet import BasicConv2d
+
+    if not _is_plain_bn(getattr(block, "bn", None)):
+        return None
+    return _adopt(BasicConv2d, block, {"bn": fnn.BatchNormReLU2d.from_module(block.bn)},
+                  fused=True)
+
+
+def _fuse_densenet(model: nn.Module, occurrences: Counter) -> Optional[nn.Module]:
+    """features ending in norm5, then a functional ReLU -> fastnn's DenseNet with a fused norm5."""
+    from fastnn.models.densenet import DenseNet
+
+    features = getattr(model, "features", None)
+    norm5 = getattr(features, "norm5", None)
+    if not _is_plain_bn(norm5) or occurrences[id(norm5)] != 1:
+        return None
+    features.norm5 = fnn.BatchNormReLU2d.from_module(norm5)
+    return _adopt(DenseNet, model, {}, fused=True)
+
+
+def _block_rules() -> Dict[type, Callable]:
+    """Module class -> rule(module, occurrences) that fuses in place or returns a replacement."""
+    from fastnn.models.densenet import DenseNet, _DenseLayer, _Transition
+    from fastnn.models.googlenet import BasicConv2d
+    from fastnn.models.resnet import BasicBlock, Bottleneck, ResNet
+    from fastnn.models.textbook import Residual
+
+    rules = {
+        BasicBlock: _fuse_residual(BasicBlock, ("bn1",), "bn2"),
+        Bottleneck: _fuse_residual(Bottleneck, ("bn1", "bn2"), "bn3"),
+        ResNet: _fuse_pairs(("bn1", "relu")),
+        _DenseLayer: _fuse_pairs(("norm1", "relu1"), ("norm2", "relu2")),
+        _Transition: _fuse_pairs(("norm", "relu")),
+        DenseNet: _fuse_densenet,
+        BasicConv2d: _fuse_basic_conv,
+        Residual: _fuse_residual(Residual, ("bn1",), "bn2"),
+    }
+    # torchvision's classes, when torchvision is loaded (a model can hold them only then).
+    tv_resnet = sys.modules.get("torchvision.models.resnet")
+    if tv_resnet is not None:
+        rules[tv_resnet.BasicBlock] = rules[BasicBlock]
+        rules[tv_resnet.Bottleneck] = rules[Bottleneck]
+        rules[tv_resnet.ResNet] = rules[ResNet]
+    tv_densenet = sys.modules.get("torchvision.models.densenet")
+    if tv_densenet is not None:
+        rules[tv_densenet._DenseLayer] = rules[_DenseLayer]
+        rules[tv_densenet._Transition] = rules[_Transition]
+        rules[tv_densenet.DenseNet] = _fuse_densenet
+    for name in ("torchvision.models.googlenet", "torchvision.models.inception"):
+        tv = sys.modules.get(name)
+        if tv is not None:
+            rules[tv.BasicConv2d] = _fuse_basic_conv
+    return rules
+
+
+def _runs_in_order(module: nn.Module) -> bool:
+    """An nn.Sequential (or a subclass keeping its forward): each child feeds the next only."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _fuse_modules(model: nn.Module) -> nn.Module:
+    """Fuses what a module swap can fuse safely; returns the (possibly replaced) root."""
+    rules = _block_rules()
+    occurrences = _occurrences(model)
+
+    def visit(module: nn.Module) -> nn.Module:
+        for name, child in list(module.named_children()):
+            new = visit(child)
+            if new is not child:
+                setattr(module, name, new)
+        if _runs_in_order(module):
+            items = list(module._modules.items())
+            for (bn_name, bn), (relu_name, relu) in zip(items, items[1:]):
+                if (type(bn) in _FUSED and occurrences[id(bn)] == 1
+                        and _is_single_relu(relu, occurrences)):
+                    module._modules[bn_name] = _FUSED[type(bn)][0].from_module(bn)
+                    module._modules[relu_name] = nn.Identity()
+        rule = rules.get(type(module))
+        if rule is not None:
+            new = rule(module, occurrences)
+            if new is not None:
+                return new
+        return module
+
+    return visit(model)
+
+
+def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """The model on fastnn: same outputs, gradients and running statistics, faster.
+
+    Every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm (exactly those classes; subclasses may
+    have their own forward) becomes fastnn's, sharing its parameters and buffers, and BN->ReLU
+    and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d.
+
+    When the model traces with torch.fx to the same graph in training and in eval mode, the
+    patterns are found on that graph and the result is a torch.fx.GraphModule named like the
+    model's class, with the same submodule names and state_dict keys (the fused ReLU modules are
+    gone; they hold no state). Otherwise the model keeps its classes and forward, and the module
+    swaps that are safe without a graph are made (see the module docstring). A fused add needs a
+    residual of the BN output's shape and dtype (the residual pattern); fastnn raises an error
+    naming both otherwise.
+
+    Args:
+        model: any module.
+        inplace: convert `model` itself (its batch norms are replaced; use the returned module)
+            instead of a deep copy.
+    """
+    if not inplace:
+        model = copy.deepcopy(model)
+    if type(model) in _SWAP:
+        return _SWAP[type(model)].from_module(model)
+    _swap_batch_norms(model, {})
+
+    graph = _trace(model, both_modes=True)
+    # A GraphModule keeps only what its graph uses: fx is used only when that is all the state.
+    if graph is not None and _uses_all_state(model, graph):
+        _fuse_graph(model, graph)
+        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        gm.training = model.training
+        return gm
+    return _fuse_modules(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_for_inference
+
+_CONV_FOR_BN = {
+    1: (nn.Conv1d, nn.Linear),
+    2: (nn.Conv2d,),
+    3: (nn.Conv3d,),
+}
+
+
+def _bn_rank(bn: nn.Module) -> Optional[int]:
+    for cls, rank in ((nn.BatchNorm1d, 1), (nn.BatchNorm2d, 2), (nn.BatchNorm3d, 3)):
+        if isinstance(bn, cls):
+            return rank
+    return None
+
+
+def _folded_replacement(bn: nn.Module) -> Optional[nn.Module]:
+    """What is left of bn once folded: None when it cannot be folded."""
+    if not isinstance(bn, _BatchNorm) or bn.running_mean is None or bn.running_var is None:
+        return None  # without running statistics eval normalizes with the batch's
+    if isinstance(bn, (fnn.BatchNormAddReLU2d, fnn.SyncBatchNormAddReLU)):
+        return AddReLU()
+    if isinstance(bn, (fnn.BatchNormReLU2d, fnn.SyncBatchNormReLU)):
+        return nn.ReLU()
+    if type(bn) in _SWAP or type(bn) in _SWAP.values():
+        return nn.Identity()
+    return None  # a subclass with its own forward
+
+
+def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
+    if isinstance(bn, (nn.SyncBatchNorm, fnn.SyncBatchNorm)):
+        ranks = (1, 2, 3)  # SyncBatchNorm takes any rank
+    else:
+        ranks = (_bn_rank(bn),)
+    if not any(type(layer) in _CONV_FOR_BN.get(r, ()) for r in ranks):
+        return False
+    if parametrize.is_parametrized(layer):
+        return False
+    out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    return out == bn.num_features and _folded_replacement(bn) is not None
+
+
+def _fold(layer: nn.Module, bn: nn.Module) -> None:
+    """layer's weight and bias <- those of bn(layer(x)) in eval (computed in float64)."""
+    with torch.no_grad():
+        acc = torch.float64
+        weight = layer.weight
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        bias = layer.bias.to(acc) if layer.bias is not None else torch.zeros_like(shift)
+        new_weight = weight.to(acc) * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        layer.weight = nn.Parameter(new_weight.to(weight.dtype), weight.requires_grad)
+        layer.bias = nn.Parameter((bias * scale + shift).to(weight.dtype), weight.requires_grad)
+
+
+class _FoldedLinearBatchNorm(nn.Identity):
+    """A BatchNorm1d folded into the Linear layer before it; that holds for (N, C) inputs only
+    (BatchNorm1d normalizes dim 1, Linear's features are the last dim)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 2:
+            raise RuntimeError(f"this BatchNorm1d was folded into the Linear layer before it for "
+                               f"2-D (N, C) inputs, got a {input.dim()}-D input")
+        return input
+
+
+def _fold_pairs_from_graph(model: nn.Module, graph: fx.Graph) -> List[Tuple[str, str]]:
+    modules = dict(model.named_modules())
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or not node.args:
+            continue
+        src = node.args[0]
+        if (not isinstance(src, fx.Node) or src.op != "call_module" or calls[src.target] != 1
+                or len(src.users) != 1):
+            continue
+        if _can_fold(modules[src.target], modules[node.target]):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+# Classes whose forward applies each (layer, bn) pair directly in turn.
+def _fold_pair_rules() -> Dict[type, Tuple[Tuple[str, str], ...]]:
+    from fastnn.models.googlenet import BasicConv2d
+    from fastnn.models.resnet import BasicBlock, Bottleneck, ResNet
+    from fastnn.models.textbook import Residual
+
+    rules = {
+        ResNet: (("conv1", "bn1"),),
+        BasicBlock: (("conv1", "bn1"), ("conv2", "bn2")),
+        Bottleneck: (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+        BasicConv2d: (("conv", "bn"),),
+        Residual: (("conv1", "bn1"), ("conv2", "bn2")),
+    }
+    tv_resnet = sys.modules.get("torchvision.models.resnet")
+    if tv_resnet is not None:
+        rules[tv_resnet.ResNet] = rules[ResNet]
+        rules[tv_resnet.BasicBlock] = rules[BasicBlock]
+        rules[tv_resnet.Bottleneck] = rules[Bottleneck]
+    for name in ("torchvision.models.googlenet", "torchvision.models.inception"):
+        tv = sys.modules.get(name)
+        if tv is not None:
+            rules[tv.BasicConv2d] = rules[BasicConv2d]
+    return rules
+
+
+def _fold_pairs_from_modules(model: nn.Module) -> List[Tuple[str, str]]:
+    rules = _fold_pair_rules()
+    pairs = []
+    for path, module in model.named_modules():
+        prefix = path + "." if path else ""
+        if _runs_in_order(module):
+            names = list(module._modules)
+            candidates = list(zip(names, names[1:]))
+        else:
+            candidates = rules.get(type(module), ())
+        for layer_name, bn_name in candidates:
+            layer, bn = module._modules.get(layer_name), module._modules.get(bn_name)
+            if layer is not None and bn is not None and _can_fold(layer, bn):
+                pairs.append((prefix + layer_name, prefix + bn_name))
+    return pairs
+
+
+def _refuse_training(module: nn.Module, args) -> None:
+    if module.training:
+        raise RuntimeError("this model was made by fastnn.fuse_for_inference: its batch norms are "
+                           "folded into the convolutions before them, so it runs in eval mode "
+                           "only; train the original model and fold it again")
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of the model for inference, with each batch norm that directly follows a
+    convolution (or a Linear layer, for (N, C) inputs) folded into that layer's weight and bias.
+
+    The result gives the model's eval-mode outputs. It is a copy in eval mode: the model itself
+    is untouched and can go on training, and the copy never sees those updates (fold again after
+    training: nothing is ever stale). The copy refuses to run in training mode. A folded BN
+    becomes an nn.Identity, a fused BN+ReLU an nn.ReLU and a fused BN+add+ReLU an AddReLU; batch
+    norms that do not directly follow a convolution (DenseNet's pre-activations) stay as they
+    are, in eval mode.
+
+    The conv->BN pairs are found with torch.fx when the model traces in eval mode, otherwise in
+    nn.Sequential containers and the blocks of fastnn's and torchvision's ResNet and GoogLeNet.
+    A pair is folded only when each module is called once and the conv's output goes nowhere
+    else.
+    """
+    model = copy.deepcopy(model)
+    model.eval()
+    graph = _trace(model, both_modes=False)
+    if graph is not None:
+        pairs = _fold_pairs_from_graph(model, graph)
+    else:
+        pairs = _fold_pairs_from_modules(model)
+    occurrences = _occurrences(model)
+    for layer_path, bn_path in pairs:
+        layer, bn = model.get_submodule(layer_path), model.get_submodule(bn_path)
+        if occurrences[id(layer)] != 1 or occurrences[id(bn)] != 1:
+            continue
+        replacement = _folded_replacement(bn)
+        if isinstance(layer, nn.Linear) and isinstance(replacement, nn.Identity):
+            replacement = _FoldedLinearBatchNorm()
+        _fold(layer, bn)
+        _set_submodule(model, bn_path, replacement)
+    model.register_forward_pre_hook(_refuse_training)
+    return model
