@@ -74,16 +74,30 @@ def _channel_stat(input: Tensor) -> Tensor:
     return input.new_empty((input.shape[1],), dtype=reference.accumulate_dtype(input.dtype))
 
 
+def _check_devices(op: str, input: Tensor, **tensors: Optional[Tensor]) -> None:
+    """The device check of the real kernels. A call mixing meta and real tensors dispatches to
+    the fake kernel (as the Meta kernel), which must raise as the real kernel would."""
+    for arg, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{op}: {arg} is on {t.device} but input is on {input.device}")
+
+
 def _fake_train(input, weight, bias, running_mean, running_var, momentum, eps, residual, relu):
+    _check_devices("fastnn.batch_norm_train", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var, residual=residual)
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
 
 
 def _fake_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
+    _check_devices("fastnn.batch_norm_eval", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var, residual=residual)
     return _empty_like_input(input)
 
 
 def _fake_backward(grad_output, input, weight, output, mean, invstd, training, relu,
                    residual_grad):
+    _check_devices("fastnn.batch_norm_backward", input, grad_output=grad_output, weight=weight,
+                   output=output, mean=mean, invstd=invstd)
     grad_residual = _empty_like_input(input) if residual_grad else input.new_empty((0,))
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input), grad_residual
 
