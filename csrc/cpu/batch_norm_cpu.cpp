@@ -1,0 +1,879 @@
+// CPU kernels of the fastnn batch-norm ops (schemas in csrc/fastnn.cpp).
+//
+// Every kernel works on the input viewed in one of two layouts:
+//  - blocks: channels-first memory with a spatial size S of at least kMinBlockSpatial; each (n, c)
+//    pair is a contiguous block of S values, cut into chunks that fit in L1.
+//  - rows:   channels-last memory (and rank-2 input), or channels-first with a small S. The tensor
+//    is a matrix of rows of W values, each column belonging to one channel: W = C (channels-last)
+//    or C * S (channels-first), times a small k when that is narrower than a few vectors. A
+//    partial last row ("tail") holds what does not fill a whole row.
+//
+// Work is cut into items whose size depends only on the shape, never on the number of threads;
+// each item writes its own partial statistics and the partials are merged in item order, so the
+// results are the same run to run and for any thread count.
+//
+// Statistics: each L1-sized chunk gets its mean (summing deviations from the chunk's first value)
+// and then its sum of squared deviations from that mean, on a second pass that hits L1. Chunks are
+// combined with the parallel-variance formula (Chan et al.) in double. No E[x^2] - E[x]^2.
+//
+// The second pass over the data (normalize, or the input gradient in training) walks each
+// thread's items in reverse, so it starts on what the first pass left in cache.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include "batch_norm_common.h"
+#include "batch_norm_cpu_vec.h"
+
+namespace fastnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Runtime flags to template parameters, so residual/relu/mask cost nothing when off.
+#define FASTNN_BOOL_SWITCH(COND, NAME, ...)     \
+  [&] {                                          \
+    if (COND) {                                  \
+      constexpr static bool NAME = true;         \
+      return __VA_ARGS__();                      \
+    } else {                                     \
+      constexpr static bool NAME = false;        \
+      return __VA_ARGS__();                      \
+    }                                            \
+  }()
+
+constexpr int64_t kChunkBytes = 16 * 1024;      // one two-pass chunk: stays in L1
+constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per work item
+constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
+constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
+constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
+constexpr int64_t kMinParallelElements = 32 * 1024;
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  int64_t N = 0, C = 0, S = 0;
+  int64_t count = 0;  // values per channel: N * S
+  bool blocks = false;
+  // blocks layout
+  int64_t chunk = 0;             // elements per chunk (the last chunk of a block may be shorter)
+  int64_t chunks_per_block = 0;
+  // rows layout: column j belongs to channel (j % P) / Sin
+  int64_t P = 0, Sin = 1;        // period of the channel pattern along a row, values per channel
+  int64_t W = 0, k = 1;          // row width W = k * P
+  int64_t rows = 0, tail = 0;    // full rows, then `tail` values in a partial last row
+  int64_t col_block = 0, col_blocks = 0;
+  int64_t sub_rows = 0, group_rows = 0, groups = 0;
+  // both
+  int64_t items = 0, grain = 1;
+
+  int64_t total_rows() const { return rows + (tail > 0 ? 1 : 0); }
+  int64_t row_width(int64_t r) const { return r < rows ? W : tail; }
+  int64_t chunk_length(int64_t k_chunk) const { return std::min(chunk, S - k_chunk * chunk); }
+  // Full rows (the partial tail row excluded) of group g: statistics count only these.
+  int64_t full_rows_in_group(int64_t g) const {
+    return std::max<int64_t>(0, std::min(rows, (g + 1) * group_rows) - g * group_rows);
+  }
+};
+
+template <typename T>
+Plan make_plan(const BNShape& s) {
+  constexpr int64_t unit = Unit<T>::kSize;
+  const int64_t chunk_elements = std::max<int64_t>(unit, kChunkBytes / int64_t(sizeof(T)));
+  Plan p;
+  p.N = s.N;
+  p.C = s.C;
+  p.S = s.S;
+  p.count = s.N * s.S;
+  p.blocks = !s.channels_last && s.S >= kMinBlockSpatial;
+  int64_t item_elements;
+  if (p.blocks) {
+    const int64_t max_chunk = chunk_elements / unit * unit;
+    p.chunks_per_block = divup(p.S, max_chunk);
+    p.chunk = divup(divup(p.S, p.chunks_per_block), unit) * unit;
+    p.chunks_per_block = divup(p.S, p.chunk);
+    p.items = p.N * p.C * p.chunks_per_block;
+    item_elements = p.chunk;
+  } else {
+    p.Sin = s.channels_last ? 1 : s.S;
+    p.P = p.C * p.Sin;
+    const int64_t natural_rows = s.channels_last ? s.N * s.S : s.N;
+    if (p.P < kMinRowWidth) {
+      p.k = std::lcm(p.P, unit) / p.P;
+      while (p.P * p.k < kMinRowWidth) p.k *= 2;
+    }
+    p.W = p.P * p.k;
+    p.rows = natural_rows / p.k;
+    p.tail = (natural_rows % p.k) * p.P;
+    p.col_block = std::min(p.W, kMaxColumnBlock);
+    p.col_blocks = divup(p.W, p.col_block);
+    p.sub_rows = std::max<int64_t>(1, chunk_elements / p.col_block);
+    p.group_rows =
+        std::max<int64_t>(1, kItemElements / p.col_block / p.sub_rows) * p.sub_rows;
+    p.groups = divup(p.total_rows(), p.group_rows);
+    p.items = p.groups * p.col_blocks;
+    item_elements = p.group_rows * p.col_block;
+  }
+  p.grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, item_elements));
+  return p;
+}
+
+// Columns of the rows layout in channel order: f(column, channel) for every column of a row.
+template <typename F>
+inline void for_each_column(const Plan& p, int64_t width, const F& f) {
+  for (int64_t i = 0; i * p.P < width; ++i)
+    for (int64_t c = 0; c < p.C; ++c)
+      for (int64_t s = 0; s < p.Sin; ++s) f((i * p.C + c) * p.Sin + s, c);
+}
+
+template <typename A>
+std::vector<A> expand_columns(const Plan& p, const A* per_channel) {
+  std::vector<A> out(p.W);
+  for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[j] = per_channel[c]; });
+  return out;
+}
+
+// Calls f(item) for the items of [begin, end) in order, or in reverse order.
+template <typename F>
+inline void for_items(int64_t begin, int64_t end, bool reverse, const F& f) {
+  if (reverse) {
+    for (int64_t t = end; t-- > begin;) f(t);
+  } else {
+    for (int64_t t = begin; t < end; ++t) f(t);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
+
+// The mean comes in two parts (mean + mean_lo), so that x - mean keeps float precision when the
+// mean is large against the spread.
+template <bool kResidual, bool kRelu, typename T, typename P>
+inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const P& mean_lo,
+                         const P& scale, const P& shift) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  int64_t i = 0;
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V lo, hi;
+    U::load(x + i, lo, hi);
+    const int64_t j = i + U::kHalf;
+    lo = at::vec::fmadd((lo - mean.vec(i)) - mean_lo.vec(i), scale.vec(i), shift.vec(i));
+    hi = at::vec::fmadd((hi - mean.vec(j)) - mean_lo.vec(j), scale.vec(j), shift.vec(j));
+    if constexpr (kResidual) {
+      V rlo, rhi;
+      U::load(r + i, rlo, rhi);
+      lo = lo + rlo;
+      hi = hi + rhi;
+    }
+    if constexpr (kRelu) {
+      lo = relu(lo);
+      hi = relu(hi);
+    }
+    U::store(y + i, lo, hi);
+  }
+  for (; i < n; ++i) {
+    A v = std::fma((A(x[i]) - mean.scalar(i)) - mean_lo.scalar(i), scale.scalar(i),
+                   shift.scalar(i));
+    if constexpr (kResidual) v += A(r[i]);
+    if constexpr (kRelu) v = relu(v);
+    y[i] = T(v);
+  }
+}
+
+// dx = a * (g - k1 - (x - mean) * k2), g masked by out > 0 when kMask.
+template <bool kMask, typename T, typename P>
+inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
+                            const P& a, const P& k1, const P& k2) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  int64_t i = 0;
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V glo, ghi, xlo, xhi;
+    U::load(g + i, glo, ghi);
+    if constexpr (kMask) {
+      V olo, ohi;
+      U::load(out + i, olo, ohi);
+      glo = mask_positive(glo, olo);
+      ghi = mask_positive(ghi, ohi);
+    }
+    U::load(x + i, xlo, xhi);
+    const int64_t j = i + U::kHalf;
+    V dlo = at::vec::fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
+    V dhi = at::vec::fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
+    U::store(dx + i, dlo, dhi);
+  }
+  for (; i < n; ++i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
+    dx[i] = T(d * a.scalar(i));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blocks layout: per-chunk reductions.
+
+// Mean and sum of squared deviations of n >= 1 contiguous values (two passes; the second hits L1).
+template <typename T>
+inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const A pivot = A(x[0]);
+  const V vp(pivot);
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    V a, b, c, d;
+    U::load(x + i, a, b);
+    U::load(x + i + U::kSize, c, d);
+    s0 = s0 + (a - vp);
+    s1 = s1 + (b - vp);
+    s2 = s2 + (c - vp);
+    s3 = s3 + (d - vp);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V a, b;
+    U::load(x + i, a, b);
+    s0 = s0 + (a - vp);
+    s1 = s1 + (b - vp);
+  }
+  A sum = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) sum += A(x[i]) - pivot;
+  // The mean is kept in double: rounded to float, a mean of 1e4 would be off by 5e-4.
+  const double mean_d = double(pivot) + double(sum) / double(n);
+  const A mean = A(mean_d);
+
+  const V vm(mean);
+  s0 = s1 = s2 = s3 = V(A(0));
+  i = 0;
+  for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    V a, b, c, d;
+    U::load(x + i, a, b);
+    U::load(x + i + U::kSize, c, d);
+    a = a - vm;
+    b = b - vm;
+    c = c - vm;
+    d = d - vm;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+    s2 = at::vec::fmadd(c, c, s2);
+    s3 = at::vec::fmadd(d, d, s3);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V a, b;
+    U::load(x + i, a, b);
+    a = a - vm;
+    b = b - vm;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  A m2 = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) {
+    const A d = A(x[i]) - mean;
+    m2 += d * d;
+  }
+  // Squares were taken around the rounded mean: move them to the exact one.
+  const double shift = mean_d - double(mean);
+  mean_out = mean_d;
+  m2_out = std::max(0.0, double(m2) - double(n) * shift * shift);
+}
+
+// Sums of g and g * (x - mean) over n contiguous values of one channel; g is masked by out > 0
+// (kMask), copied to gr (kGradResidual), and dx = g * a written (kGradInput: eval backward).
+template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
+inline void chunk_grad_sums(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
+                            acc_t<T> mean, acc_t<T> a, acc_t<T>& sum_g, acc_t<T>& sum_gx) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const V vm(mean), va(a);
+  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0));
+  int64_t i = 0;
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V glo, ghi, xlo, xhi;
+    U::load(g + i, glo, ghi);
+    if constexpr (kMask) {
+      V olo, ohi;
+      U::load(out + i, olo, ohi);
+      glo = mask_positive(glo, olo);
+      ghi = mask_positive(ghi, ohi);
+    }
+    if constexpr (kGradResidual) U::store(gr + i, glo, ghi);
+    if constexpr (kGradInput) U::store(dx + i, glo * va, ghi * va);
+    U::load(x + i, xlo, xhi);
+    sg0 = sg0 + glo;
+    sg1 = sg1 + ghi;
+    sx0 = at::vec::fmadd(glo, xlo - vm, sx0);
+    sx1 = at::vec::fmadd(ghi, xhi - vm, sx1);
+  }
+  A s = horizontal_sum(sg0 + sg1);
+  A sx = horizontal_sum(sx0 + sx1);
+  for (; i < n; ++i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kGradResidual) gr[i] = T(gv);
+    if constexpr (kGradInput) dx[i] = T(gv * a);
+    s += gv;
+    sx = std::fma(gv, A(x[i]) - mean, sx);
+  }
+  sum_g = s;
+  sum_gx = sx;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows layout: per-column reductions over a run of rows (accumulators live in L1 arrays).
+
+// sum[j] += x[j] - pivot[j] (the deviation from the run's first row) for one row.
+template <typename T>
+inline void row_add_deviation(const T* x, const acc_t<T>* pivot, acc_t<T>* sum, int64_t n) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  int64_t j = 0;
+  for (; j + U::kSize <= n; j += U::kSize) {
+    V lo, hi;
+    U::load(x + j, lo, hi);
+    (V::loadu(sum + j) + (lo - V::loadu(pivot + j))).store(sum + j);
+    (V::loadu(sum + j + U::kHalf) + (hi - V::loadu(pivot + j + U::kHalf))).store(sum + j + U::kHalf);
+  }
+  for (; j < n; ++j) sum[j] += A(x[j]) - pivot[j];
+}
+
+// m2[j] += (x[j] - mean[j])^2 for one row.
+template <typename T>
+inline void row_add_square(const T* x, const acc_t<T>* mean, acc_t<T>* m2, int64_t n) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  int64_t j = 0;
+  for (; j + U::kSize <= n; j += U::kSize) {
+    V lo, hi;
+    U::load(x + j, lo, hi);
+    lo = lo - V::loadu(mean + j);
+    hi = hi - V::loadu(mean + j + U::kHalf);
+    at::vec::fmadd(lo, lo, V::loadu(m2 + j)).store(m2 + j);
+    at::vec::fmadd(hi, hi, V::loadu(m2 + j + U::kHalf)).store(m2 + j + U::kHalf);
+  }
+  for (; j < n; ++j) {
+    const A d = A(x[j]) - mean[j];
+    m2[j] += d * d;
+  }
+}
+
+// Per-column sums of g and g * (x - mean) for one row; see chunk_grad_sums.
+template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
+inline void row_grad_sums(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
+                          const acc_t<T>* mean, const acc_t<T>* a, acc_t<T>* sum_g,
+                          acc_t<T>* sum_gx) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  int64_t j = 0;
+  for (; j + U::kSize <= n; j += U::kSize) {
+    const int64_t h = j + U::kHalf;
+    V glo, ghi, xlo, xhi;
+    U::load(g + j, glo, ghi);
+    if constexpr (kMask) {
+      V olo, ohi;
+      U::load(out + j, olo, ohi);
+      glo = mask_positive(glo, olo);
+      ghi = mask_positive(ghi, ohi);
+    }
+    if constexpr (kGradResidual) U::store(gr + j, glo, ghi);
+    if constexpr (kGradInput) U::store(dx + j, glo * V::loadu(a + j), ghi * V::loadu(a + h));
+    U::load(x + j, xlo, xhi);
+    (V::loadu(sum_g + j) + glo).store(sum_g + j);
+    (V::loadu(sum_g + h) + ghi).store(sum_g + h);
+    at::vec::fmadd(glo, xlo - V::loadu(mean + j), V::loadu(sum_gx + j)).store(sum_gx + j);
+    at::vec::fmadd(ghi, xhi - V::loadu(mean + h), V::loadu(sum_gx + h)).store(sum_gx + h);
+  }
+  for (; j < n; ++j) {
+    A gv = A(g[j]);
+    if constexpr (kMask) gv = A(out[j]) > A(0) ? gv : A(0);
+    if constexpr (kGradResidual) gr[j] = T(gv);
+    if constexpr (kGradInput) dx[j] = T(gv * a[j]);
+    sum_g[j] += gv;
+    sum_gx[j] = std::fma(gv, A(x[j]) - mean[j], sum_gx[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+
+// Batch mean and biased variance per channel, in double.
+template <typename T>
+void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<double> pmean(p.items), pm2(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t kc = t % p.chunks_per_block;
+        const int64_t offset = (t / p.chunks_per_block) * p.S + kc * p.chunk;
+        chunk_stats(x + offset, p.chunk_length(kc), pmean[t], pm2[t]);
+      }
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double sum = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc)
+            sum += double(p.chunk_length(kc)) * pmean[(n * p.C + c) * p.chunks_per_block + kc];
+        const double mean = sum / double(p.count);
+        double m2 = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            const double d = pmean[t] - mean;
+            m2 += pm2[t] + double(p.chunk_length(kc)) * d * d;
+          }
+        mean_c[c] = mean;
+        var_c[c] = m2 / double(p.count);
+      }
+    });
+    return;
+  }
+
+  // Rows layout: per item (group of rows, block of columns) the statistics of each column, over
+  // L1-sized runs of rows merged with Chan's update.
+  std::vector<double> pmean(p.groups * p.W, 0.0), pm2(p.groups * p.W, 0.0);
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    alignas(64) A pivot[kMaxColumnBlock];
+    alignas(64) A mean[kMaxColumnBlock];
+    alignas(64) A m2[kMaxColumnBlock];
+    alignas(64) double mean_d[kMaxColumnBlock];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / p.col_blocks;
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t cw = std::min(p.col_block, p.W - c0);
+      const int64_t r_begin = g * p.group_rows;
+      const int64_t r_end = r_begin + p.full_rows_in_group(g);
+      double* out_mean = pmean.data() + g * p.W + c0;
+      double* out_m2 = pm2.data() + g * p.W + c0;
+      int64_t done = 0;
+      for (int64_t r0 = r_begin; r0 < r_end; r0 += p.sub_rows) {
+        const int64_t nr = std::min(p.sub_rows, r_end - r0);
+        const T* base = x + r0 * p.W + c0;
+        for (int64_t j = 0; j < cw; ++j) {
+          pivot[j] = A(base[j]);
+          mean[j] = A(0);
+          m2[j] = A(0);
+        }
+        for (int64_t r = 1; r < nr; ++r) row_add_deviation(base + r * p.W, pivot, mean, cw);
+        const double inv_n = 1.0 / double(nr);
+        for (int64_t j = 0; j < cw; ++j) {
+          mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
+          mean[j] = A(mean_d[j]);
+        }
+        for (int64_t r = 0; r < nr; ++r) row_add_square(base + r * p.W, mean, m2, cw);
+        // Squares were taken around the rounded means: move them to the exact ones, then merge.
+        const double n = double(done + nr);
+        const double wb = double(nr) / n;
+        const double cross = double(done) * double(nr) / n;
+        for (int64_t j = 0; j < cw; ++j) {
+          const double s = mean_d[j] - double(mean[j]);
+          const double m2_run = std::max(0.0, double(m2[j]) - double(nr) * s * s);
+          if (done == 0) {
+            out_mean[j] = mean_d[j];
+            out_m2[j] = m2_run;
+          } else {
+            const double d = mean_d[j] - out_mean[j];
+            out_mean[j] += d * wb;
+            out_m2[j] += m2_run + d * d * cross;
+          }
+        }
+        done += nr;
+      }
+    }
+  });
+
+  // Columns over groups, then channels over their columns and the tail values.
+  std::vector<double> col_mean(p.W, 0.0), col_m2(p.W, 0.0);
+  if (p.rows > 0) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const double ng = double(p.full_rows_in_group(g));
+      const double* pm = pmean.data() + g * p.W;
+      for (int64_t j = 0; j < p.W; ++j) col_mean[j] += ng * pm[j];
+    }
+    for (int64_t j = 0; j < p.W; ++j) col_mean[j] /= double(p.rows);
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const double ng = double(p.full_rows_in_group(g));
+      const double* pm = pmean.data() + g * p.W;
+      const double* pv = pm2.data() + g * p.W;
+      for (int64_t j = 0; j < p.W; ++j) {
+        const double d = pm[j] - col_mean[j];
+        col_m2[j] += pv[j] + ng * d * d;
+      }
+    }
+  }
+  const T* tail = x + p.rows * p.W;
+  const double rows = double(p.rows);
+  std::vector<double> sum(p.C, 0.0), m2(p.C, 0.0);
+  for_each_column(p, p.W, [&](int64_t j, int64_t c) { sum[c] += rows * col_mean[j]; });
+  for_each_column(p, p.tail, [&](int64_t j, int64_t c) { sum[c] += double(tail[j]); });
+  for (int64_t c = 0; c < p.C; ++c) mean_c[c] = sum[c] / double(p.count);
+  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
+    const double d = col_mean[j] - mean_c[c];
+    m2[c] += col_m2[j] + rows * d * d;
+  });
+  for_each_column(p, p.tail, [&](int64_t j, int64_t c) {
+    const double d = double(tail[j]) - mean_c[c];
+    m2[c] += d * d;
+  });
+  for (int64_t c = 0; c < p.C; ++c) var_c[c] = m2[c] / double(p.count);
+}
+
+// y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift.
+template <bool kResidual, bool kRelu, typename T>
+void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean,
+               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift,
+               bool reverse) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_items(begin, end, reverse, [&](int64_t t) {
+        const int64_t block = t / p.chunks_per_block;
+        const int64_t kc = t % p.chunks_per_block;
+        const int64_t c = block % p.C;
+        const int64_t o = block * p.S + kc * p.chunk;
+        forward_span<kResidual, kRelu>(x + o, kResidual ? r + o : nullptr, y + o,
+                                       p.chunk_length(kc), Broadcast<A>(mean[c]),
+                                       Broadcast<A>(mean_lo[c]), Broadcast<A>(scale[c]),
+                                       Broadcast<A>(shift[c]));
+      });
+    });
+    return;
+  }
+  const std::vector<A> mean_w = expand_columns(p, mean);
+  const std::vector<A> mean_lo_w = expand_columns(p, mean_lo);
+  const std::vector<A> scale_w = expand_columns(p, scale);
+  const std::vector<A> shift_w = expand_columns(p, shift);
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for_items(begin, end, reverse, [&](int64_t t) {
+      const int64_t g = t / p.col_blocks;
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t r_end = std::min(p.total_rows(), (g + 1) * p.group_rows);
+      const PerColumn<A> m(mean_w.data() + c0), ml(mean_lo_w.data() + c0),
+          s(scale_w.data() + c0), h(shift_w.data() + c0);
+      for (int64_t row = g * p.group_rows; row < r_end; ++row) {
+        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
+        if (n <= 0) continue;
+        const int64_t o = row * p.W + c0;
+        forward_span<kResidual, kRelu>(x + o, kResidual ? r + o : nullptr, y + o, n, m, ml, s,
+                                       h);
+      }
+    });
+  });
+}
+
+// Per-channel sums of g and g * (x - mean) (g masked when kMask), writing the masked g to gr
+// (kGradResidual) and dx = g * a (kGradInput).
+template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
+void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx,
+               const acc_t<T>* mean, const acc_t<T>* a, double* sum_g_c, double* sum_gx_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<A> psg(p.items), psgx(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t block = t / p.chunks_per_block;
+        const int64_t kc = t % p.chunks_per_block;
+        const int64_t c = block % p.C;
+        const int64_t o = block * p.S + kc * p.chunk;
+        chunk_grad_sums<kMask, kGradResidual, kGradInput>(
+            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            kGradInput ? dx + o : nullptr, p.chunk_length(kc), mean[c], a[c], psg[t], psgx[t]);
+      }
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double s = 0, sx = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            s += double(psg[t]);
+            sx += double(psgx[t]);
+          }
+        sum_g_c[c] = s;
+        sum_gx_c[c] = sx;
+      }
+    });
+    return;
+  }
+
+  const std::vector<A> mean_w = expand_columns(p, mean);
+  const std::vector<A> a_w = expand_columns(p, a);
+  std::vector<A> psg(p.groups * p.W, A(0)), psgx(p.groups * p.W, A(0));
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t grp = t / p.col_blocks;
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t r_end = std::min(p.total_rows(), (grp + 1) * p.group_rows);
+      A* sg = psg.data() + grp * p.W + c0;
+      A* sgx = psgx.data() + grp * p.W + c0;
+      for (int64_t row = grp * p.group_rows; row < r_end; ++row) {
+        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
+        if (n <= 0) continue;
+        const int64_t o = row * p.W + c0;
+        row_grad_sums<kMask, kGradResidual, kGradInput>(
+            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            kGradInput ? dx + o : nullptr, n, mean_w.data() + c0, a_w.data() + c0, sg, sgx);
+      }
+    }
+  });
+  std::vector<double> col_g(p.W, 0.0), col_gx(p.W, 0.0);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    const A* sg = psg.data() + grp * p.W;
+    const A* sgx = psgx.data() + grp * p.W;
+    for (int64_t j = 0; j < p.W; ++j) {
+      col_g[j] += double(sg[j]);
+      col_gx[j] += double(sgx[j]);
+    }
+  }
+  std::fill(sum_g_c, sum_g_c + p.C, 0.0);
+  std::fill(sum_gx_c, sum_gx_c + p.C, 0.0);
+  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
+    sum_g_c[c] += col_g[j];
+    sum_gx_c[c] += col_gx[j];
+  });
+}
+
+// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked when kMask.
+template <bool kMask, typename T>
+void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, const acc_t<T>* mean,
+                const acc_t<T>* a, const acc_t<T>* k1, const acc_t<T>* k2) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_items(begin, end, /*reverse=*/true, [&](int64_t t) {
+        const int64_t block = t / p.chunks_per_block;
+        const int64_t kc = t % p.chunks_per_block;
+        const int64_t c = block % p.C;
+        const int64_t o = block * p.S + kc * p.chunk;
+        grad_input_span<kMask>(g + o, kMask ? out + o : nullptr, x + o, dx + o,
+                               p.chunk_length(kc), Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
+                               Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
+      });
+    });
+    return;
+  }
+  const std::vector<A> mean_w = expand_columns(p, mean);
+  const std::vector<A> a_w = expand_columns(p, a);
+  const std::vector<A> k1_w = expand_columns(p, k1);
+  const std::vector<A> k2_w = expand_columns(p, k2);
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for_items(begin, end, /*reverse=*/true, [&](int64_t t) {
+      const int64_t grp = t / p.col_blocks;
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t r_end = std::min(p.total_rows(), (grp + 1) * p.group_rows);
+      const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0), b1(k1_w.data() + c0),
+          b2(k2_w.data() + c0);
+      for (int64_t row = grp * p.group_rows; row < r_end; ++row) {
+        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
+        if (n <= 0) continue;
+        const int64_t o = row * p.W + c0;
+        grad_input_span<kMask>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av, b1, b2);
+      }
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// A [C] per-channel tensor in the accumulation dtype (contiguous), or `fill` when absent.
+template <typename A>
+std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill) {
+  if (!defined(t)) return std::vector<A>(C, fill);
+  const Tensor v = t->to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* p = v.const_data_ptr<A>();
+  return std::vector<A>(p, p + C);
+}
+
+template <typename T>
+void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
+                   const acc_t<T>* mean, const acc_t<T>* mean_lo, const acc_t<T>* scale,
+                   const acc_t<T>* shift, bool relu, bool reverse) {
+  const T* xp = x.const_data_ptr<T>();
+  const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
+  T* yp = out.mutable_data_ptr<T>();
+  FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      normalize<kResidual, kRelu>(p, xp, rp, yp, mean, mean_lo, scale, shift, reverse);
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  if (input.numel() == 0) return empty_batch_train(input);
+  const BNShape shape = bn_shape(input);
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor res = defined(residual) ? residual->contiguous(shape.format) : Tensor();
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor save_mean = at::empty({shape.C}, stat_options);
+  Tensor save_invstd = at::empty({shape.C}, stat_options);
+  Tensor batch_var = at::empty({shape.C}, stat_options);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
+        using A = acc_t<scalar_t>;
+        const Plan p = make_plan<scalar_t>(shape);
+        const int64_t C = shape.C;
+        std::vector<double> mean(C), var(C);
+        batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
+        const std::vector<A> w = channel_values<A>(weight, C, A(1));
+        const std::vector<A> b = channel_values<A>(bias, C, A(0));
+        A* sm = save_mean.mutable_data_ptr<A>();
+        A* si = save_invstd.mutable_data_ptr<A>();
+        A* sv = batch_var.mutable_data_ptr<A>();
+        std::vector<A> mean_lo(C), scale(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const double invstd = 1.0 / std::sqrt(var[c] + eps);
+          sm[c] = A(mean[c]);
+          mean_lo[c] = A(mean[c] - double(sm[c]));
+          si[c] = A(invstd);
+          sv[c] = A(var[c]);
+          scale[c] = A(invstd * double(w[c]));
+        }
+        run_normalize<scalar_t>(p, x, res, out, sm, mean_lo.data(), scale.data(), b.data(),
+                                relu, /*reverse=*/true);
+      });
+  update_running_stats(running_mean, running_var, save_mean, batch_var, momentum,
+                       shape.N * shape.S);
+  return {out, save_mean, save_invstd};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& weight,
+                           const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                           const Tensor& running_var, double eps,
+                           const c10::optional<Tensor>& residual, bool relu) {
+  check_eval_args(input, weight, bias, running_mean, running_var, eps, residual);
+  const BNShape shape = bn_shape(input);
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  if (input.numel() == 0) return out;
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor res = defined(residual) ? residual->contiguous(shape.format) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_eval (CPU)", [&] {
+        using A = acc_t<scalar_t>;
+        const Plan p = make_plan<scalar_t>(shape);
+        const int64_t C = shape.C;
+        const std::vector<double> rm = channel_values<double>(running_mean, C, 0.0);
+        const std::vector<double> rv = channel_values<double>(running_var, C, 1.0);
+        const std::vector<A> w = channel_values<A>(weight, C, A(1));
+        const std::vector<A> b = channel_values<A>(bias, C, A(0));
+        std::vector<A> mean(C), mean_lo(C), scale(C);
+        for (int64_t c = 0; c < C; ++c) {
+          mean[c] = A(rm[c]);
+          mean_lo[c] = A(rm[c] - double(mean[c]));
+          scale[c] = A(double(w[c]) / std::sqrt(rv[c] + eps));
+        }
+        run_normalize<scalar_t>(p, x, res, out, mean.data(), mean_lo.data(), scale.data(),
+                                b.data(), relu, /*reverse=*/false);
+      });
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd, bool training,
+    bool relu, bool residual_grad) {
+  check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
+  const BNShape shape = bn_shape(input);
+  const auto fmt = shape.format;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+  Tensor grad_residual = residual_grad
+                             ? at::empty(input.sizes(), input.options().memory_format(fmt))
+                             : at::empty({0}, input.options());
+  Tensor grad_weight = at::empty({shape.C}, stat_options);
+  Tensor grad_bias = at::empty({shape.C}, stat_options);
+  if (input.numel() == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_input, grad_weight, grad_bias, grad_residual};
+  }
+  const Tensor x = input.contiguous(fmt);
+  const Tensor g = grad_output.contiguous(fmt);
+  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const Plan p = make_plan<T>(shape);
+        const int64_t C = shape.C;
+        const std::vector<A> m = channel_values<A>(mean, C, A(0));
+        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+        const std::vector<A> w = channel_values<A>(weight, C, A(1));
+        std::vector<A> a(C);
+        for (int64_t c = 0; c < C; ++c) a[c] = is[c] * w[c];
+        const T* gp = g.const_data_ptr<T>();
+        const T* op = relu ? out.const_data_ptr<T>() : nullptr;
+        const T* xp = x.const_data_ptr<T>();
+        T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+        T* dxp = grad_input.mutable_data_ptr<T>();
+        std::vector<double> sum_g(C), sum_gx(C);
+        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+          FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+            FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
+              grad_sums<kMask, kGradResidual, kGradInput>(p, gp, op, xp, grp, dxp, m.data(),
+                                                          a.data(), sum_g.data(), sum_gx.data());
+            });
+          });
+        });
+        A* gw = grad_weight.mutable_data_ptr<A>();
+        A* gb = grad_bias.mutable_data_ptr<A>();
+        for (int64_t c = 0; c < C; ++c) {
+          gb[c] = A(sum_g[c]);
+          gw[c] = A(sum_gx[c] * double(is[c]));
+        }
+        if (!training) return;
+        std::vector<A> k1(C), k2(C);
+        const double n = double(p.count);
+        for (int64_t c = 0; c < C; ++c) {
+          const double inv = double(is[c]);
+          k1[c] = A(sum_g[c] / n);
+          k2[c] = A(sum_gx[c] * inv * inv / n);
+        }
+        if (relu && residual_grad) {
+          // The masked gradient is already in grad_residual: read it instead of g and output.
+          input_grad<false, T>(p, grp, nullptr, xp, dxp, m.data(), a.data(), k1.data(), k2.data());
+        } else {
+          FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+            input_grad<kMask, T>(p, gp, op, xp, dxp, m.data(), a.data(), k1.data(), k2.data());
+          });
+        }
+      });
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastnn
+
+TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
+  m.impl("batch_norm_train", &fastnn::cpu::batch_norm_train_cpu);
+  m.impl("batch_norm_eval", &fastnn::cpu::batch_norm_eval_cpu);
+  m.impl("batch_norm_backward", &fastnn::cpu::batch_norm_backward_cpu);
+}

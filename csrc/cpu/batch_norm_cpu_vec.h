@@ -1,0 +1,96 @@
+// Vector building blocks of the CPU batch-norm kernels: loading and storing a "unit" of elements
+// as two accumulation-type vectors, and per-channel parameters seen as vectors.
+#pragma once
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <type_traits>
+
+namespace fastnn {
+namespace cpu {
+
+using at::vec::Vectorized;
+
+// Accumulation type: float for float32/float16/bfloat16, double for float64.
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+// A unit is two accumulation vectors' worth of T: 16 floats (or halves, or bfloat16s) or 8
+// doubles with AVX2. Reduced types are loaded once as one Vectorized<T> and widened to float.
+template <typename T>
+struct Unit {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kHalf = V::size();
+  static constexpr int64_t kSize = 2 * V::size();
+
+  static C10_ALWAYS_INLINE void load(const T* p, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo = V::loadu(p);
+      hi = V::loadu(p + kHalf);
+    } else {
+      static_assert(Vectorized<T>::size() == kSize, "a reduced-type vector must widen to two");
+      auto wide = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+      lo = std::get<0>(wide);
+      hi = std::get<1>(wide);
+    }
+  }
+
+  static C10_ALWAYS_INLINE void store(T* p, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo.store(p);
+      hi.store(p + kHalf);
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p);
+    }
+  }
+};
+
+template <typename A>
+C10_ALWAYS_INLINE A horizontal_sum(const Vectorized<A>& v) {
+  alignas(64) A buf[Vectorized<A>::size()];
+  v.store(buf);
+  A s = 0;
+  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += buf[i];
+  return s;
+}
+
+// ReLU that keeps NaN, like torch.relu.
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> relu(const Vectorized<A>& v) {
+  return at::vec::maximum(v, Vectorized<A>(A(0)));
+}
+template <typename A>
+C10_ALWAYS_INLINE A relu(A v) {
+  return std::isnan(v) ? v : (v > A(0) ? v : A(0));
+}
+
+// g where out > 0, else 0 (NaN output masks the gradient, as torch.where(out > 0, g, 0) does).
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> mask_positive(const Vectorized<A>& g, const Vectorized<A>& out) {
+  return Vectorized<A>::blendv(Vectorized<A>(A(0)), g, out > Vectorized<A>(A(0)));
+}
+
+// A per-channel parameter as the kernels see it: one value for a whole channels-first block
+// (Broadcast) or one value per column of a channels-last row (PerColumn).
+template <typename A>
+struct Broadcast {
+  Vectorized<A> v;
+  A s;
+  explicit Broadcast(A value) : v(value), s(value) {}
+  C10_ALWAYS_INLINE Vectorized<A> vec(int64_t) const { return v; }
+  C10_ALWAYS_INLINE A scalar(int64_t) const { return s; }
+};
+
+template <typename A>
+struct PerColumn {
+  const A* p;
+  explicit PerColumn(const A* ptr) : p(ptr) {}
+  C10_ALWAYS_INLINE Vectorized<A> vec(int64_t j) const { return Vectorized<A>::loadu(p + j); }
+  C10_ALWAYS_INLINE A scalar(int64_t j) const { return p[j]; }
+};
+
+}  // namespace cpu
+}  // namespace fastnn
