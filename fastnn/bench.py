@@ -52,8 +52,10 @@ SHORT_DTYPE = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 LAYOUTS = ("nchw", "channels_last")
 SHORT_LAYOUT = {"nchw": "NCHW", "channels_last": "CL"}
 BASELINES = ("torch", "compile", "reference")
-IMPL_TITLES = {"fastnn": "fastnn", "torch": "eager", "compile": "torch.compile",
-               "reference": "fastnn reference", "copy": "copy_"}
+# Column titles: "eager" is nn.BatchNorm2d or the eager op sequence (each case names which),
+# "compile" torch.compile of it, "reference" fastnn's pure-PyTorch fallback.
+IMPL_TITLES = {"fastnn": "fastnn", "torch": "eager", "compile": "compile",
+               "reference": "reference", "copy": "copy_"}
 
 
 @dataclass(frozen=True)
@@ -371,9 +373,11 @@ def _module_forward(impl: str, case: Case, inputs: OpInputs) -> Tuple[Callable, 
 
 
 def build_step(case: Case, impl: str, inputs: OpInputs) -> Callable[[int], None]:
-    """step(i): one call of `impl` for `case` on input set i. impl is 'fastnn', 'torch' (nn.BatchNorm2d
-    or the eager sequence), 'compile' (torch.compile of that), 'reference' (fastnn's
-    pure-PyTorch fallback) or 'copy' (a copy_ of x's size: the bandwidth yardstick)."""
+    """step(i): one call of `impl` for `case` on input set i.
+
+    impl: 'fastnn', 'torch' (nn.BatchNorm2d or the eager sequence), 'compile' (torch.compile of
+    that), 'reference' (fastnn's pure-PyTorch fallback) or 'copy' (a copy_ of x's size: the
+    bandwidth yardstick)."""
     xs, rs, gs = inputs.xs, inputs.rs, inputs.gs
     if impl == "copy":
         dsts = [torch.empty_like(x, requires_grad=False) for x in xs]
@@ -429,7 +433,7 @@ POLICIES = {
     ("cpu", True): Policy(warmup=1, target_s=0.15, min_reps=5, max_reps=40, min_reps_other=3),
     ("cpu", False): Policy(warmup=2, target_s=0.4, min_reps=7, max_reps=60, min_reps_other=5),
     ("cuda", True): Policy(warmup=3, target_s=0.02, min_reps=15, max_reps=100, min_reps_other=10),
-    ("cuda", False): Policy(warmup=3, target_s=0.015, min_reps=10, max_reps=80,
+    ("cuda", False): Policy(warmup=3, target_s=0.01, min_reps=10, max_reps=60,
                             min_reps_other=10),
 }
 
@@ -670,13 +674,17 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     y = torch.randint(0, 1000, (batch,), device=device, generator=gen)
     fmt = torch.channels_last if cuda else torch.contiguous_format
     x = x.contiguous(memory_format=fmt)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    if cuda:
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = contextlib.nullcontext
     try:
         for name in names:
             base = _build_model(name, device).to(memory_format=fmt)
             for mode in ("train", "infer"):
                 bar.set_postfix_str(f"{name} {mode}")
-                steps, peaks, errors = {}, {}, {}
+                steps, peaks = {}, {}
                 for variant in variants:
                     model = copy.deepcopy(base)
                     if variant.startswith("fastnn"):
@@ -715,12 +723,14 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                         st["peak_mib"] = peaks.get(variant)
                     out[variant] = st
                 sp = None
-                if "median_ms" in out.get("fastnn", {}) and "median_ms" in out.get("torchvision", {}):
-                    sp = out["torchvision"]["median_ms"] / out["fastnn"]["median_ms"]
+                fast, tv = out.get("fastnn", {}), out.get("torchvision", {})
+                if "median_ms" in fast and "median_ms" in tv:
+                    sp = tv["median_ms"] / fast["median_ms"]
                 records.append({"model": name, "mode": mode, "batch": batch,
                                 "image_size": image_size,
-                                "precision": "bf16 autocast, channels_last" if cuda else "fp32, NCHW",
-                                "variants": out, "speedup": sp, "errors": errors})
+                                "precision": ("bf16 autocast, channels_last" if cuda
+                                              else "fp32, NCHW"),
+                                "variants": out, "speedup": sp})
                 del steps
                 bar.update(1)
             del base
@@ -829,7 +839,8 @@ def claim_lines(run: dict) -> List[str]:
                 text += (f"{_fmt_ms(fast['median_ms'])} vs {_fmt_ms(base['median_ms'])} ms "
                          f"= {sp:.2f}x")
                 if cpu and r["shape"][0] == CLAIM_BATCH:
-                    text += f"  (goal >= {goal:g}x on a 2-core CPU: {'met' if sp >= goal else 'NOT met'})"
+                    verdict = "met" if sp >= goal else "NOT met"
+                    text += f"  (goal >= {goal:g}x on a 2-core CPU: {verdict})"
             lines.append(text)
     return lines
 
@@ -891,9 +902,13 @@ def _legend(run: dict) -> List[str]:
         "same tensor timed in the same rounds",
         "vs X: X's median / fastnn's median (above 1: fastnn is faster); forward cases run "
         "without autograd, backward cases take gradients of input, weight, bias (and residual)",
-        f"torch.compile: {s['compile']}" + ("" if s["compile"] == "none" else
-                                             f", dynamic=False, budget {s['compile_budget_s']:g} s"),
-    ]
+        "torch.compile: " + {
+            "none": "not timed (--compile headline or all to time it)",
+            "headline": "timed on the quick set's shapes only (--compile all for every shape)",
+            "all": "timed on every shape"}[s["compile"]]
+        + ("" if s["compile"] == "none"
+           else f"; dynamic=False, stops after {s['compile_budget_s']:g} s spent compiling"),
+    ] + [f"note: {n}" for n in s.get("notes", [])]
 
 
 def render_text(run: dict) -> str:
@@ -1240,7 +1255,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "on CPU (compiling is slow there)")
     p.add_argument("--compile-budget", type=float, default=None, metavar="S",
                    help="stop compiling new cases after S seconds spent compiling "
-                        "(default 60 with --quick, 150 otherwise)")
+                        "(default 60 with --quick, 120 otherwise)")
     p.add_argument("--reps", type=int, default=None,
                    help="timed repeats per implementation (default: adaptive)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -1252,6 +1267,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch for --models (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--model-image-size", type=int, default=None,
                    help="image size for --models (default 224 on CUDA, 64 on CPU)")
+    p.add_argument("--model-compile", action="store_true",
+                   help="with --models, also time torchvision + torch.compile and fastnn + "
+                        "torch.compile (each takes a minute or more to compile)")
     p.add_argument("--no-ops", action="store_true", help="skip the op-level cases")
     p.add_argument("--list-shapes", action="store_true",
                    help="print the layer shapes that would be timed and exit")
@@ -1314,7 +1332,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.reps:
         policy.min_reps = policy.max_reps = policy.min_reps_other = args.reps
     budget = args.compile_budget if args.compile_budget is not None else (
-        60.0 if args.quick else 150.0)
+        60.0 if args.quick else 120.0)
     plan = OpPlan(device=device, shapes=shapes, cases=cases, dtypes=dtypes, layouts=layouts,
                   baselines=baselines,
                   compile_shapes=None if mode == "all" else _bench_shapes.headline_shapes(
@@ -1357,7 +1375,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             mpolicy.min_reps = mpolicy.max_reps = mpolicy.min_reps_other = args.reps
         run["models"] = run_models(names, device, args.model_batch or (64 if cuda else 8),
                                    args.model_image_size or (224 if cuda else 64),
-                                   use_compile=mode != "none", policy=mpolicy,
+                                   use_compile=args.model_compile, policy=mpolicy,
                                    progress=progress)
         run["settings"]["models"] = names
     run["run_time_s"] = time.perf_counter() - started
