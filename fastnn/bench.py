@@ -546,6 +546,7 @@ class OpPlan:
     compile_shapes: Optional[List[Tuple[int, int, int]]]  # None: every shape
     compile_budget_s: float
     policy: Policy
+    time_limit_s: Optional[float] = None  # no new (shape, dtype, layout) once this is spent
 
     @property
     def size(self) -> int:
@@ -586,18 +587,28 @@ def _record(case: Case, bshape: BNShape, dtype_name: str, layout: str, sets: int
     }
 
 
-def run_ops(plan: OpPlan, progress: bool = True) -> List[dict]:
-    """Times every (shape, dtype, layout, case) of the plan; one record per combination."""
+def run_ops(plan: OpPlan, progress: bool = True) -> Tuple[List[dict], Optional[str]]:
+    """Times every (shape, dtype, layout, case) of the plan; one record per combination.
+    Returns the records and, when the time limit cut the run short, a note saying so."""
     from tqdm import tqdm
     device = plan.device
     records = []
     compile_spent = 0.0
+    started = time.perf_counter()
+    truncated = None
     bar = tqdm(total=plan.size, desc="fastnn-bench", unit="case", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
     try:
         for bshape in plan.shapes:
             for dtype_name in plan.dtypes:
                 for layout in plan.layouts:
+                    if (plan.time_limit_s is not None and truncated is None
+                            and time.perf_counter() - started > plan.time_limit_s):
+                        truncated = (f"time limit of {plan.time_limit_s:g} s reached: "
+                                     f"{len(records)} of {plan.size} op cases timed "
+                                     f"(--time-limit)")
+                    if truncated:
+                        continue
                     inputs = make_inputs(bshape.shape, DTYPES[dtype_name], layout, device,
                                          eps=bshape.eps)
                     for case_name in plan.cases:
@@ -632,7 +643,7 @@ def run_ops(plan: OpPlan, progress: bool = True) -> List[dict]:
                     del inputs
     finally:
         bar.close()
-    return records
+    return records, truncated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -866,6 +877,33 @@ def summary_lines(run: dict) -> List[str]:
     return lines
 
 
+def aggregate_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
+    """One row per (case, dtype, layout) over all shapes: fastnn's median % of copy bandwidth and
+    the geometric-mean speedup over each baseline, with its range."""
+    baselines = _columns(run)
+    header = ["case", "dtype", "layout", "shapes", "fastnn % copy"]
+    header += [f"vs {IMPL_TITLES[b]} (min-max)" for b in baselines]
+    rows = []
+    for case_name in CASES:
+        for d in DTYPES:
+            for lay in LAYOUTS:
+                recs = [r for r in run["ops"]
+                        if r["case"] == case_name and r["dtype"] == d and r["layout"] == lay]
+                if not recs:
+                    continue
+                pct = sorted(r["impls"]["fastnn"]["pct_copy"] for r in recs
+                             if r["impls"].get("fastnn", {}).get("pct_copy") is not None)
+                row = [case_name, SHORT_DTYPE[d], SHORT_LAYOUT[lay], str(len(recs)),
+                       f"{pct[len(pct) // 2]:.0f}%" if pct else "-"]
+                for b in baselines:
+                    vals = [r["speedup"][b] for r in recs if b in r["speedup"]]
+                    g = _geomean(vals)
+                    row.append("-" if g is None else
+                               f"{g:.2f}x ({min(vals):.2f}-{max(vals):.2f})")
+                rows.append(row)
+    return header, rows
+
+
 def model_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
     variants = []
     for m in run.get("models", []):
@@ -911,12 +949,24 @@ def _legend(run: dict) -> List[str]:
     ] + [f"note: {n}" for n in s.get("notes", [])]
 
 
-def render_text(run: dict) -> str:
+def _many_shapes(run: dict) -> bool:
+    return len({tuple(r["shape"]) for r in run["ops"]}) > 4
+
+
+def render_text(run: dict, full: bool = True) -> str:
+    """The terminal report; full=False leaves out the per-shape tables (they are in bench.md)."""
     out = [backend_line(run["env"])]
     if run["ops"]:
-        header, groups = op_table_rows(run)
-        for title, rows in groups:
-            out += ["", title] + _text_table(header, rows)
+        if full:
+            header, groups = op_table_rows(run)
+            for title, rows in groups:
+                out += ["", title] + _text_table(header, rows)
+        if _many_shapes(run) or not full:
+            header, rows = aggregate_rows(run)
+            out += ["", "Over all shapes (geometric mean of speedups; median % of copy)"]
+            out += _text_table(header, rows)
+        if not full:
+            out += ["", f"({len(run['ops'])} rows per shape are in bench.md and bench.json)"]
         claims = claim_lines(run)
         if claims:
             out += ["", "Key ratios:"] + ["  " + c for c in claims]
@@ -951,6 +1001,11 @@ def render_markdown(run: dict) -> str:
         if summ:
             out += ["## Summary", ""] + ["- " + s for s in summ] + [""]
         out += ["## Op level", ""] + ["- " + s for s in _legend(run)] + [""]
+        if _many_shapes(run):
+            header, rows = aggregate_rows(run)
+            out += ["### Over all shapes", "",
+                    "Geometric mean of fastnn's speedup (range over shapes); median % of copy "
+                    "bandwidth.", ""] + _md_table(header, rows) + [""]
         header, groups = op_table_rows(run)
         for title, rows in groups:
             out += [f"### {title}", ""] + _md_table(header, rows) + [""]
@@ -963,6 +1018,15 @@ def render_markdown(run: dict) -> str:
 
 def _short_label(r: dict) -> str:
     return (f"{_shape_str(r['shape'])} {SHORT_DTYPE[r['dtype']]} {SHORT_LAYOUT[r['layout']]}")
+
+
+def _speedup_axis(ax) -> None:
+    """Log y axis labelled 0.5x, 1x, 2x ..."""
+    from matplotlib import ticker
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.yaxis.set_minor_formatter(ticker.NullFormatter())
 
 
 def write_plots(run: dict, out_dir: str) -> List[str]:
@@ -994,7 +1058,7 @@ def write_plots(run: dict, out_dir: str) -> List[str]:
                 jit = [x0 + width * 0.6 * ((i % 7) / 6 - 0.5) for i in range(len(vals))]
                 ax.scatter(jit, vals, s=10, color=colors[b], zorder=3)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_yscale("log")
+        _speedup_axis(ax)
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels(cases, rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("speedup of fastnn (x)")
@@ -1047,7 +1111,7 @@ def write_plots(run: dict, out_dir: str) -> List[str]:
                         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=0.8,
                                 label=c)
                 ax.axhline(1.0, color="black", lw=0.8)
-                ax.set_yscale("log")
+                _speedup_axis(ax)
                 ax.set_title(f"fastnn vs eager per layer shape, {SHORT_DTYPE[d]} "
                              f"{SHORT_LAYOUT[l]}", fontsize=9)
                 ax.set_xticks(range(len(shapes)))
@@ -1256,6 +1320,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-budget", type=float, default=None, metavar="S",
                    help="stop compiling new cases after S seconds spent compiling "
                         "(default 60 with --quick, 120 otherwise)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="S",
+                   help="start no new shape/dtype/layout after S seconds of op timing (default: "
+                        "420 for the full CUDA set, else none); the output says what was left")
     p.add_argument("--reps", type=int, default=None,
                    help="timed repeats per implementation (default: adaptive)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
@@ -1337,7 +1404,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                   baselines=baselines,
                   compile_shapes=None if mode == "all" else _bench_shapes.headline_shapes(
                       device.type),
-                  compile_budget_s=budget, policy=policy)
+                  compile_budget_s=budget, policy=policy,
+                  time_limit_s=args.time_limit if args.time_limit is not None else (
+                      420.0 if cuda and not args.quick and not args.shapes else None))
 
     env = collect_env(device)
     print("\n".join(env_lines(env)), flush=True)
@@ -1362,7 +1431,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "models": [],
     }
     if not args.no_ops:
-        run["ops"] = run_ops(plan, progress=progress)
+        run["ops"], truncated = run_ops(plan, progress=progress)
+        if truncated:
+            notes.append(truncated)
     if args.models:
         names = _split(args.models)
         for n in names:
@@ -1380,7 +1451,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         run["settings"]["models"] = names
     run["run_time_s"] = time.perf_counter() - started
     print()
-    print(render_text(run), flush=True)
+    print(render_text(run, full=not (args.out and len(run["ops"]) > 400)), flush=True)
     if args.out:
         for path in write_outputs(run, args.out):
             print(f"wrote {path}")
