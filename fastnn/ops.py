@@ -159,8 +159,10 @@ if _ext.loaded():
     def _setup_eval(ctx, inputs, output):
         input, weight, bias, running_mean, running_var, eps, residual, relu = inputs
         acc = reference.accumulate_dtype(input.dtype)
-        mean = running_mean.to(acc)
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        # Copies (.to(acc) of an acc tensor would return the input itself, which an op below
+        # autograd must not do), so the backward also sees this forward's statistics.
+        mean = running_mean.to(acc, copy=True)
+        invstd = torch.rsqrt(running_var.to(acc, copy=True) + eps)
         ctx.fastnn_needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                             ctx.needs_input_grad[2], ctx.needs_input_grad[6])
         _save(ctx, input, weight, bias, residual, output, mean, invstd, False, relu, eps)
