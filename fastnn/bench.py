@@ -169,6 +169,25 @@ def _git_commit() -> Tuple[Optional[str], Optional[bool]]:
     return commit, bool(status)
 
 
+def _load_average() -> Optional[List[float]]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def load_note(env: dict, end_load: Optional[List[float]]) -> Optional[str]:
+    """A warning when other work shared the CPU during the run (it slows CPU timings and, for
+    CUDA runs, the launching thread)."""
+    cores = env.get("cpu_count") or 1
+    loads = [x[0] for x in (env.get("load_average"), end_load) if x]
+    if loads and max(loads) > 0.75 * cores + 0.5:
+        return (f"the machine was busy with other work (1-minute load average "
+                f"{max(loads):.1f} on {cores} cores): timings are slower and noisier than on an "
+                f"idle machine")
+    return None
+
+
 def collect_env(device: torch.device) -> dict:
     """Device, CPU, threads, driver, versions, date and commit of this run."""
     commit, dirty = _git_commit()
@@ -199,6 +218,7 @@ def collect_env(device: torch.device) -> dict:
         "git_commit": commit,
         "git_dirty": dirty,
         "cache_bytes": cache_bytes(device),
+        "load_average": _load_average(),
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -952,7 +972,7 @@ def _legend(run: dict) -> List[str]:
             "all": "timed on every shape"}[s["compile"]]
         + ("" if s["compile"] == "none"
            else f"; dynamic=False, stops after {s['compile_budget_s']:g} s spent compiling"),
-    ] + [f"note: {n}" for n in s.get("notes", [])]
+    ]
 
 
 def _many_shapes(run: dict) -> bool:
@@ -983,7 +1003,8 @@ def render_text(run: dict, full: bool = True) -> str:
     if run.get("models"):
         header, rows = model_rows(run)
         out += ["", "Model level (images/s, median)"] + _text_table(header, rows)
-    out += ["", f"run time {run['run_time_s']:.0f} s"]
+    out += [""] + [f"note: {n}" for n in run["settings"].get("notes", [])]
+    out += [f"run time {run['run_time_s']:.0f} s"]
     return "\n".join(out)
 
 
@@ -997,8 +1018,8 @@ def render_markdown(run: dict) -> str:
     env = run["env"]
     out = [f"# fastnn-bench results ({env['device']})", ""]
     out += ["- " + line for line in env_lines(env)]
-    out += [f"- command: `{run['settings']['command']}`", f"- run time {run['run_time_s']:.0f} s",
-            ""]
+    out += [f"- command: `{run['settings']['command']}`", f"- run time {run['run_time_s']:.0f} s"]
+    out += [f"- note: {n}" for n in run["settings"].get("notes", [])] + [""]
     if run["ops"]:
         claims = claim_lines(run)
         if claims:
@@ -1456,6 +1477,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                    progress=progress)
         run["settings"]["models"] = names
     run["run_time_s"] = time.perf_counter() - started
+    run["load_average_end"] = _load_average()
+    busy = load_note(env, run["load_average_end"])
+    if busy:
+        notes.append(busy)
     print()
     print(render_text(run, full=not (args.out and len(run["ops"]) > 400)), flush=True)
     if args.out:
