@@ -21,7 +21,12 @@ def resolve_weights(builder: str, weights: Any) -> Optional[Any]:
     except ImportError as e:
         raise ImportError(f"fastnn.models.{builder}(weights=...) loads torchvision's pretrained "
                           f"weights and needs torchvision installed") from e
-    return get_model_weights(builder).verify(weights)
+    enum = get_model_weights(builder)
+    try:
+        return enum.verify(weights)  # a TypeError for another model's weights
+    except KeyError:
+        names = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise ValueError(f"unknown weights {weights!r} for {builder}; choose from {names}") from None
 
 
 def override_kwarg(kwargs: Dict[str, Any], name: str, value: Any) -> None:

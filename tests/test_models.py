@@ -1,0 +1,661 @@
+"""fastnn.models, fastnn.convert and the training example.
+
+The torchvision-compatible models are checked against torchvision's with the same weights, in
+float64 on small inputs, in training (outputs, every gradient, running statistics) and in eval.
+The textbook networks are checked against the same network on plain torch layers.
+"""
+import copy
+import importlib.util
+import os
+import warnings
+from collections import Counter
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    import fastnn
+    import fastnn.nn as fnn
+    from fastnn import models
+    from fastnn.convert import AddReLU, convert, fuse_for_inference
+
+tv = pytest.importorskip("torchvision.models")
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+REL64 = 1e-8  # float64 results agree to this, relative to the largest value of the tensor
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small float64 models run faster on one thread than on two shared ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_random_init(monkeypatch):
+    """For tests of structure only: torch.nn.init's random initializers do nothing (building a
+    ResNet-152 takes a moment otherwise), constant_ still works."""
+    for name in ("kaiming_normal_", "kaiming_uniform_", "trunc_normal_", "normal_", "uniform_"):
+        monkeypatch.setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def randomize_batch_norms(model, seed=0):
+    """Non-trivial BN weights, biases and running statistics, so that a mix-up shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def outputs_of(out):
+    """A model's output as a list of tensors (GoogLeNet returns a named tuple in training)."""
+    return [t for t in out if t is not None] if isinstance(out, tuple) else [out]
+
+
+def run(model, x, train, seed=1):
+    """Forward and backward of a fixed random projection of the outputs; returns (outputs,
+    input gradient, parameter gradients by name)."""
+    model.train(train)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    outs = outputs_of(model(x))
+    g = torch.Generator().manual_seed(seed)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outs], x.grad, grads
+
+
+def assert_close_to(actual, expected, what, rel=REL64):
+    """Equal to rounding: |actual - expected| <= rel * max|expected| + 1e-10 elementwise (a
+    normwise test: deep gradients sum many products, so small elements carry absolute, not
+    relative, rounding; and the gradient of a conv bias before a training-mode BN is zero plus
+    rounding noise)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, what
+    if expected.dtype in (torch.int64, torch.int32):
+        assert torch.equal(actual, expected), what
+        return
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    assert err <= rel * scale + 1e-10, f"{what}: max error {err:.3g}, scale {scale:.3g}"
+
+
+def assert_same_training(ref, model, x, train):
+    """Same outputs, input and parameter gradients, and state (running statistics, batch
+    counts) after one forward/backward."""
+    ref_outs, ref_dx, ref_grads = run(ref, x, train)
+    outs, dx, grads = run(model, x, train)
+    assert len(outs) == len(ref_outs)
+    for i, (o, r) in enumerate(zip(outs, ref_outs)):
+        assert_close_to(o, r, f"output {i}")
+    assert_close_to(dx, ref_dx, "input gradient")
+    assert grads.keys() == ref_grads.keys()
+    for name in ref_grads:
+        assert_close_to(grads[name], ref_grads[name], f"{name} gradient")
+    ref_state, state = ref.state_dict(), model.state_dict()
+    assert state.keys() == ref_state.keys()
+    for name in ref_state:
+        assert_close_to(state[name], ref_state[name], name)
+
+
+def module_kinds(model):
+    return Counter(type(m).__name__ for m in model.modules())
+
+
+def torchvision_pair(name, fused=True, **kwargs):
+    """(torchvision's model, fastnn's with its weights), both float64."""
+    torch.manual_seed(0)
+    ref = randomize_batch_norms(getattr(tv, name)(**kwargs)).double()
+    model = getattr(models, name)(fused=fused, **kwargs).double()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    return ref, model
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision-compatible models: names, state_dict keys, initialization
+
+TORCHVISION_BUILDERS = [
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "densenet121", "densenet161", "densenet169", "densenet201", "googlenet",
+]
+
+
+@pytest.mark.parametrize("name", TORCHVISION_BUILDERS)
+def test_state_dict_layout_matches_torchvision(name, no_random_init):
+    """Same keys, in the same order, with the same shapes, fused or not."""
+    kwargs = {"aux_logits": True, "init_weights": True} if name == "googlenet" else {}
+    with torch.device("meta"):
+        ref = getattr(tv, name)(**kwargs).state_dict()
+        for fused in (True, False):
+            ours = getattr(models, name)(fused=fused, **kwargs).state_dict()
+            assert list(ours) == list(ref)
+            assert [v.shape for v in ours.values()] == [v.shape for v in ref.values()]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet"])
+def test_torchvision_state_dict_loads_strictly_both_ways(name):
+    """(test_state_dict_layout_matches_torchvision covers the other builders' keys and shapes.)"""
+    kwargs = {"init_weights": True} if name == "googlenet" else {}
+    ref = getattr(tv, name)(num_classes=7, **kwargs)
+    model = getattr(models, name)(num_classes=7)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    back = getattr(tv, name)(num_classes=7, **kwargs)
+    back.load_state_dict(model.state_dict(), strict=True)
+    for key, value in ref.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "googlenet"])
+def test_same_initialization_as_torchvision(name):
+    """Modules are created and initialized in torchvision's order: the same seed gives the same
+    weights."""
+    kwargs = {"init_weights": True} if name == "googlenet" else {}
+    torch.manual_seed(0)
+    ref = getattr(tv, name)(**kwargs).state_dict()
+    torch.manual_seed(0)
+    ours = getattr(models, name)().state_dict()
+    for key, value in ref.items():
+        assert torch.equal(ours[key], value), key
+
+
+def test_fused_modules_are_used(no_random_init):
+    kinds = module_kinds(models.resnet18())
+    assert kinds["BatchNormAddReLU2d"] == 8 and kinds["BatchNormReLU2d"] == 9
+    assert kinds["BatchNorm2d"] == 3 and kinds["ReLU"] == 0  # the shortcut BNs
+    kinds = module_kinds(models.resnet50())
+    assert kinds["BatchNormAddReLU2d"] == 16 and kinds["BatchNormReLU2d"] == 33
+    kinds = module_kinds(models.densenet121())
+    assert kinds["BatchNormReLU2d"] == 1 + 58 * 2 + 3 + 1 and kinds["ReLU"] == 0
+    model = models.densenet121()
+    assert isinstance(model.features.denseblock1.denselayer1.norm1, fnn.BatchNormReLU2d)
+    assert isinstance(model.features.denseblock1.denselayer1.relu1, nn.Identity)
+    assert "features.denseblock1.denselayer1.norm1.weight" in model.state_dict()
+    kinds = module_kinds(models.googlenet())
+    assert kinds["BatchNormReLU2d"] == 59
+    bn = models.googlenet().inception3a.branch2[0].bn
+    assert isinstance(bn, fnn.BatchNormReLU2d) and bn.eps == 1e-3
+    for name in ("resnet18", "densenet121", "googlenet"):
+        plain = module_kinds(getattr(models, name)(fused=False))
+        assert not any(k in plain for k in ("BatchNormReLU2d", "BatchNormAddReLU2d")), name
+        assert all(type(m).__module__.startswith("torch.")
+                   for m in getattr(models, name)(fused=False).modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+
+
+def test_builder_arguments(no_random_init):
+    assert models.resnet18(num_classes=5).fc.out_features == 5
+    model = models.resnet50(zero_init_residual=True)
+    assert all((b.bn3.weight == 0).all() for b in model.modules()
+               if isinstance(b, models.resnet.Bottleneck))
+    model = models.resnext50_32x4d()
+    assert model.layer1[0].conv2.groups == 32
+    with pytest.raises(ValueError):
+        models.resnext50_32x4d(groups=4)
+    assert models.wide_resnet50_2().layer1[0].conv2.out_channels == 128
+    with pytest.raises(ValueError):
+        models.resnet18(groups=2)
+    model = models.googlenet(aux_logits=False, transform_input=True, init_weights=False)
+    assert model.aux1 is None and model.transform_input
+    model = models.DenseNet(growth_rate=16, block_config=(2, 2, 2, 2), drop_rate=0.1)
+    assert model.features.denseblock1.denselayer1.conv2.out_channels == 16
+    model = models.resnet18(norm_layer=partial(nn.GroupNorm, 4))
+    assert isinstance(model.layer1[0].bn1, nn.GroupNorm) and isinstance(model.layer1[0].relu, nn.ReLU)
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        models.resnet18(weights="NO_SUCH_WEIGHTS")
+
+
+def test_weights_go_through_torchvision(monkeypatch):
+    """weights= takes torchvision's enum (or a member's name) and loads its state_dict strictly,
+    fixing num_classes; GoogLeNet drops the auxiliary heads unless asked. (No network here: the
+    enum's get_state_dict is replaced by a torchvision model's state_dict.)"""
+    torch.manual_seed(0)
+    source = {"resnet18": tv.resnet18().state_dict(),
+              "googlenet": tv.googlenet(aux_logits=True, init_weights=True).state_dict()}
+    calls = []
+    from torchvision.models._api import WeightsEnum
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append((self, kwargs))
+        return source["googlenet" if "googlenet" in self.url else "resnet18"]
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    model = models.resnet18(weights="DEFAULT", progress=False)
+    assert calls[-1][0] == tv.ResNet18_Weights.IMAGENET1K_V1
+    assert calls[-1][1]["progress"] is False
+    assert model.fc.out_features == 1000
+    assert torch.equal(model.state_dict()["layer2.0.bn1.running_var"],
+                       source["resnet18"]["layer2.0.bn1.running_var"])
+    with pytest.raises(ValueError):
+        models.resnet18(weights=tv.ResNet18_Weights.DEFAULT, num_classes=10)
+    with pytest.raises(TypeError):
+        models.resnet18(weights=tv.ResNet34_Weights.DEFAULT)
+
+    model = models.googlenet(weights=tv.GoogLeNet_Weights.DEFAULT)
+    assert model.aux1 is None and model.transform_input and not model.aux_logits
+    with pytest.warns(UserWarning):
+        model = models.googlenet(weights=tv.GoogLeNet_Weights.DEFAULT, aux_logits=True)
+    assert model.aux1 is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision-compatible models: same numbers as torchvision
+
+@pytest.mark.parametrize("name,fused,shape,train", [
+    # Small inputs, with at least 4 values per channel in the last batch norms.
+    ("resnet18", True, (2, 3, 48, 48), True),
+    ("resnet18", True, (2, 3, 48, 48), False),
+    ("resnet18", False, (2, 3, 48, 48), True),
+    ("resnet50", True, (2, 3, 48, 48), True),
+    ("densenet121", True, (4, 3, 32, 32), True),
+    ("densenet121", True, (4, 3, 32, 32), False),
+    ("googlenet", True, (2, 3, 48, 48), True),
+    ("googlenet", True, (2, 3, 48, 48), False),
+])
+def test_matches_torchvision(name, fused, shape, train):
+    kwargs = {"num_classes": 10}
+    if name == "googlenet":
+        kwargs.update(aux_logits=True, init_weights=True)
+    ref, model = torchvision_pair(name, fused, **kwargs)
+    x = torch.randn(shape, dtype=torch.float64)
+    assert_same_training(ref, model, x, train)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_resnet_variants_match_torchvision(train):
+    """Grouped/dilated bottlenecks and zero-initialized last BNs; and a user norm_layer."""
+    kwargs = dict(groups=4, width_per_group=8, zero_init_residual=True,
+                  replace_stride_with_dilation=[False, True, True], num_classes=5)
+    torch.manual_seed(0)
+    ref = tv.ResNet(tv.resnet.Bottleneck, [1, 1, 2, 1], **kwargs).double()
+    model = models.ResNet(models.resnet.Bottleneck, [1, 1, 2, 1], **kwargs).double()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    assert_same_training(ref, model, torch.randn(2, 3, 48, 48, dtype=torch.float64), train)
+
+    norm = partial(nn.GroupNorm, 8)
+    ref = tv.ResNet(tv.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm).double()
+    model = models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm).double()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    assert_same_training(ref, model, torch.randn(2, 3, 32, 32, dtype=torch.float64), train)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_small_densenet_matches_torchvision(memory_efficient):
+    """The DenseNet class with its other arguments, checkpointing included (which, like
+    torchvision's, updates norm1's running statistics again when it recomputes)."""
+    kwargs = dict(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                  num_classes=4, memory_efficient=memory_efficient)
+    torch.manual_seed(0)
+    ref = randomize_batch_norms(tv.DenseNet(**kwargs)).double()
+    model = models.DenseNet(**kwargs).double()
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    assert_same_training(ref, model, x, train=True)
+    assert_same_training(ref, model, x, train=False)
+
+
+def test_googlenet_options_match_torchvision():
+    kwargs = dict(num_classes=6, aux_logits=False, transform_input=True, init_weights=True)
+    ref, model = torchvision_pair("googlenet", **kwargs)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    assert_same_training(ref, model, x, train=True)
+    model.train()
+    assert isinstance(model(x), torch.Tensor)  # no auxiliary outputs
+    ref, model = torchvision_pair("googlenet", num_classes=6, aux_logits=True, init_weights=True)
+    model.train()
+    out = model(x)
+    assert isinstance(out, models.GoogLeNetOutputs) and out.aux_logits1.shape == (2, 6)
+    model.eval()
+    assert model(x).shape == (2, 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Textbook networks
+
+TEXTBOOK = [  # builder, input shape
+    ("d2l_resnet18", (2, 1, 32, 32)),
+    ("d2l_densenet", (2, 1, 32, 32)),
+    ("lenet_bn", (4, 1, 28, 28)),
+    ("mini_googlenet", (2, 1, 28, 28)),
+]
+
+
+@pytest.mark.parametrize("name,shape", TEXTBOOK)
+def test_textbook_shapes_forward_backward(name, shape):
+    model = getattr(models, name)(num_classes=10)
+    x = torch.randn(shape)
+    for train in (True, False):
+        model.train(train)
+        out = model(x)
+        assert out.shape == (shape[0], 10) and out.dtype == torch.float32
+        out.sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert getattr(models, name)(num_classes=3, in_channels=3)(
+        torch.randn((2, 3) + shape[2:])).shape == (2, 3)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,shape", TEXTBOOK)
+def test_textbook_matches_plain_torch(name, shape, train):
+    """The fastnn network against the same network on plain torch layers with copied weights."""
+    torch.manual_seed(0)
+    model = randomize_batch_norms(getattr(models, name)()).double()
+    plain = getattr(models, name)(fused=False).double()
+    plain.load_state_dict(model.state_dict(), strict=True)
+    def fastnn_norms(net):
+        return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and type(m).__module__.startswith("fastnn")]
+    assert not fastnn_norms(plain) and fastnn_norms(model)
+    assert_same_training(plain, model, torch.randn(shape, dtype=torch.float64), train)
+
+
+def test_textbook_structure():
+    kinds = module_kinds(models.d2l_resnet18())
+    assert kinds["Residual"] == 8 and kinds["BatchNormAddReLU2d"] == 8
+    assert sum(r.conv3 is not None for r in models.d2l_resnet18().modules()
+               if isinstance(r, models.textbook.Residual)) == 3
+    net = models.d2l_densenet()
+    assert module_kinds(net)["DenseBlock"] == 4 and net[-1].in_features == 248
+    assert all(len(b.net) == 4 for b in net if isinstance(b, models.textbook.DenseBlock))
+    kinds = module_kinds(models.lenet_bn())
+    assert kinds["BatchNorm2d"] == 2 and kinds["BatchNorm1d"] == 2
+    assert isinstance(models.lenet_bn()[10], fnn.BatchNorm1d)
+    assert module_kinds(models.mini_googlenet())["InceptionA"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# convert
+
+def converted_pair(ref):
+    ref = randomize_batch_norms(ref).double()
+    return ref, convert(ref)
+
+
+@pytest.mark.parametrize("name,shape", [("resnet18", (2, 3, 48, 48)),
+                                        ("densenet121", (4, 3, 32, 32))])
+def test_convert_torchvision_model(name, shape):
+    torch.manual_seed(0)
+    ref, model = converted_pair(getattr(tv, name)(num_classes=10))
+    assert isinstance(model, torch.fx.GraphModule)
+    kinds = module_kinds(model)
+    assert not any(type(m) in (nn.BatchNorm2d, nn.ReLU) for m in model.modules())
+    if name == "resnet18":
+        assert kinds["BatchNormAddReLU2d"] == 8 and kinds["BatchNormReLU2d"] == 9
+    else:
+        assert kinds["BatchNormReLU2d"] == 121
+    # The original is untouched and shares nothing with the result.
+    assert type(ref.layer1[0].bn1 if name == "resnet18" else ref.features.norm0) is nn.BatchNorm2d
+    x = torch.randn(shape, dtype=torch.float64)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+    # A training step with the same optimizer keeps them together.
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_ref.step()
+    opt.step()
+    assert_same_training(ref, model, x, True)
+    assert_same_training(ref, model, x, False)
+
+
+def test_convert_googlenet_by_module_swap():
+    """GoogLeNet computes its auxiliary heads in training only, so fx is not used: its classes
+    and forward stay, the BasicConv2d blocks are swapped for fused ones."""
+    torch.manual_seed(0)
+    ref, model = converted_pair(tv.googlenet(num_classes=10, aux_logits=True, init_weights=True))
+    assert type(model) is tv.GoogLeNet
+    assert module_kinds(model)["BatchNormReLU2d"] == 59
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    assert_same_training(ref, model, x, True)
+    assert_same_training(ref, model, x, False)
+
+
+def test_convert_fastnn_plain_models():
+    """convert() of fastnn's own networks built on plain layers fuses what fused=True builds."""
+    for name, shape in [("resnet18", (2, 3, 32, 32)), ("d2l_resnet18", (2, 1, 32, 32)),
+                        ("d2l_densenet", (2, 1, 32, 32)), ("mini_googlenet", (2, 1, 28, 28))]:
+        torch.manual_seed(0)
+        ref, model = converted_pair(getattr(models, name)(fused=False))
+        fused = module_kinds(getattr(models, name)())
+        kinds = module_kinds(model)
+        for kind in ("BatchNormReLU2d", "BatchNormAddReLU2d"):
+            assert kinds[kind] == fused[kind], (name, kind)
+        assert_same_training(ref, model, torch.randn(shape, dtype=torch.float64), True)
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+        self.shared_relu = nn.ReLU()
+        self.tail = nn.Sequential(nn.BatchNorm2d(8), self.shared_relu)
+        self.other = nn.Sequential(nn.BatchNorm2d(8), self.shared_relu)
+        self.bn1d = nn.BatchNorm1d(8)
+        self.bn3d = nn.BatchNorm3d(8)
+
+    def forward(self, x):
+        y = self.body(x)
+        if y.sum() > 0:
+            y = y * 2
+        y = self.other(self.tail(y))
+        z = self.bn3d(y.unsqueeze(2)).squeeze(2)
+        return self.bn1d(z.mean((2, 3)))
+
+
+def test_convert_untraceable_model():
+    torch.manual_seed(0)
+    ref, model = converted_pair(Untraceable())
+    assert type(model) is Untraceable
+    assert type(model.body[1]) is fnn.BatchNormReLU2d and type(model.body[2]) is nn.Identity
+    assert type(model.body[4]) is fnn.BatchNorm2d
+    # A ReLU module used in two places is not fused away.
+    assert type(model.tail[0]) is fnn.BatchNorm2d and type(model.tail[1]) is nn.ReLU
+    assert type(model.bn1d) is fnn.BatchNorm1d and type(model.bn3d) is fnn.BatchNorm3d
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_same_training(ref, model, x, True)
+    assert_same_training(ref, model, x, False)
+
+
+class Patterns(nn.Module):
+    """Traceable, with patterns that must and must not be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_relu = nn.BatchNorm2d(4)  # -> relu_ method: fused
+        self.bn_add = nn.BatchNorm2d(4)  # identity + bn, then F.relu: fused
+        self.bn_twice = nn.BatchNorm2d(4)  # output used twice: not fused
+        self.bn_param = nn.BatchNorm2d(4)  # + a parameter (broadcast): not fused
+        self.shared = nn.BatchNorm2d(4)  # called twice: not fused
+        self.bias = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        y = self.bn_relu(self.conv(x)).relu_()
+        y = F.relu(x + self.bn_add(y))
+        t = self.bn_twice(y)
+        y = torch.relu(t) + t
+        y = torch.relu(self.bn_param(y) + self.bias)
+        return torch.relu(self.shared(self.shared(y)))
+
+
+def test_convert_patterns():
+    torch.manual_seed(0)
+    ref, model = converted_pair(Patterns())
+    assert isinstance(model, torch.fx.GraphModule)
+    assert type(model.bn_relu) is fnn.BatchNormReLU2d
+    assert type(model.bn_add) is fnn.BatchNormAddReLU2d
+    for name in ("bn_twice", "bn_param", "shared"):
+        assert type(getattr(model, name)) is fnn.BatchNorm2d, name
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert_same_training(ref, model, x, True)
+    assert_same_training(ref, model, x, False)
+
+
+def test_convert_shares_parameters_inplace():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    bn = model[1]
+    out = convert(model, inplace=True)
+    assert type(model[1]) is fnn.BatchNorm2d or type(model[1]) is fnn.BatchNormReLU2d
+    assert out.get_submodule("1").weight is bn.weight
+    assert out.get_submodule("1").running_mean is bn.running_mean
+    assert type(convert(nn.BatchNorm2d(3))) is fnn.BatchNorm2d
+
+
+# ---------------------------------------------------------------------------------------------
+# fuse_for_inference
+
+def trained(model, x, steps=2):
+    """A model whose running statistics moved away from their initial values."""
+    randomize_batch_norms(model)
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize("make,shape,remaining", [
+    (lambda: tv.resnet18(num_classes=10), (2, 3, 32, 32), {"Identity": 20, "BatchNorm2d": 0}),
+    (lambda: models.resnet50(num_classes=10), (2, 3, 32, 32), {"AddReLU": 16, "ReLU": 33}),
+    (lambda: models.googlenet(num_classes=10), (2, 3, 32, 32), {"BatchNormReLU2d": 2}),
+    (lambda: models.densenet121(num_classes=10), (2, 3, 32, 32), {"BatchNormReLU2d": 62}),
+    (lambda: models.lenet_bn(), (4, 1, 28, 28), {"_FoldedLinearBatchNorm": 2}),
+    (lambda: models.d2l_resnet18(), (2, 1, 32, 32), {"AddReLU": 8}),
+    (lambda: Untraceable(), (2, 3, 8, 8), {"BatchNorm1d": 1}),
+])
+def test_fuse_for_inference(make, shape, remaining):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64)
+    model = trained(make().double(), x)
+    before = copy.deepcopy(model.state_dict())
+    folded = fuse_for_inference(model)
+    torch.testing.assert_close(folded(x), model(x), **F64)
+    kinds = module_kinds(folded)
+    for kind, count in remaining.items():
+        assert kinds[kind] == count, (kind, kinds)
+    # The model itself is untouched.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model.training is False and folded.training is False
+
+
+def test_fuse_for_inference_is_a_fresh_copy():
+    """train -> fold -> train -> fold: each copy has the weights of its moment, never stale
+    ones, and a folded copy refuses training."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = randomize_batch_norms(models.resnet18(num_classes=10)).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    folded_copies = []
+    for _ in range(2):
+        model.train()
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.eval()
+        expected = model(x)
+        folded = fuse_for_inference(model)
+        torch.testing.assert_close(folded(x), expected, **F64)
+        folded_copies.append((folded, expected))
+    first, first_expected = folded_copies[0]
+    torch.testing.assert_close(first(x), first_expected, **F64)  # unaffected by later training
+    assert not torch.allclose(folded_copies[1][1], first_expected)
+    first.train()
+    with pytest.raises(RuntimeError, match="fuse_for_inference"):
+        first(x)
+
+
+def test_fuse_for_inference_of_converted_model():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = trained(convert(tv.resnet18(num_classes=10)).double(), x)
+    folded = fuse_for_inference(model)
+    torch.testing.assert_close(folded(x), model(x), **F64)
+    assert module_kinds(folded)["AddReLU"] == 8
+    # A BatchNorm1d folded into a Linear layer holds for (N, C) inputs only, and says so.
+    folded = fuse_for_inference(models.lenet_bn())
+    with pytest.raises(RuntimeError, match="2-D"):
+        folded[10](torch.randn(2, 3, 120))
+
+
+def test_add_relu():
+    a, b = torch.randn(3, 4), torch.randn(3, 4)
+    torch.testing.assert_close(AddReLU()(a, b), torch.relu(a + b))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training example
+
+def load_example():
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "train.py")
+    spec = importlib.util.spec_from_file_location("fastnn_train_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_example_fastnn_matches_pytorch(tmp_path):
+    """LeNet-BN trained on scikit-learn's digits (real data, shipped with scikit-learn) with
+    fastnn and with plain PyTorch from the same initial weights: the same loss curve, and over
+    90% test accuracy."""
+    pytest.importorskip("sklearn")
+    example = load_example()
+    (x_train, y_train, x_test, y_test), name = example.load_data("digits")
+    assert name == "digits" and x_train.shape[1:] == (1, 8, 8) and len(y_test) > 300
+    prepare = example.make_prepare(28, 1)
+    histories = []
+    torch.manual_seed(0)
+    fast, _, _ = example.build_model("lenet_bn", 10, fused=True)
+    plain, _, _ = example.build_model("lenet_bn", 10, fused=False)
+    plain.load_state_dict(fast.state_dict(), strict=True)
+    for model in (fast, plain):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x_train, y_train), batch_size=32, shuffle=True,
+            generator=torch.Generator().manual_seed(0))
+        test_loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x_test, y_test), batch_size=256)
+        opt = example.make_optimizer("adam", model.parameters(), lr=2e-3)
+        histories.append(example.train(model, loader, test_loader, 3, opt, prepare,
+                                       torch.device("cpu"), progress=False, log=lambda s: None))
+    fast_h, plain_h = histories
+    assert len(fast_h["step_loss"]) == len(plain_h["step_loss"]) == 3 * 45
+    torch.testing.assert_close(torch.tensor(fast_h["step_loss"]),
+                               torch.tensor(plain_h["step_loss"]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.tensor(fast_h["train_loss"]),
+                               torch.tensor(plain_h["train_loss"]), rtol=1e-4, atol=1e-4)
+    assert fast_h["train_loss"][-1] < fast_h["train_loss"][0]
+    assert fast_h["test_acc"][-1] > 0.9 and plain_h["test_acc"][-1] > 0.9
+    png = tmp_path / "curves.png"
+    example.plot_history(fast_h, str(png), "lenet_bn")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_example_main_runs(tmp_path):
+    pytest.importorskip("sklearn")
+    example = load_example()
+    png = tmp_path / "out.png"
+    history = example.main(["--model", "mini_googlenet", "--dataset", "digits", "--epochs", "1",
+                            "--batch-size", "128", "--no-progress", "--plot", str(png),
+                            "--data-root", str(tmp_path)])
+    assert len(history["test_acc"]) == 1 and png.exists()
