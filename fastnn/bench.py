@@ -451,7 +451,7 @@ class Policy:
 
 POLICIES = {
     ("cpu", True): Policy(warmup=1, target_s=0.1, min_reps=5, max_reps=40, min_reps_other=3),
-    ("cpu", False): Policy(warmup=2, target_s=0.4, min_reps=7, max_reps=60, min_reps_other=5),
+    ("cpu", False): Policy(warmup=1, target_s=0.15, min_reps=5, max_reps=40, min_reps_other=3),
     ("cuda", True): Policy(warmup=3, target_s=0.02, min_reps=15, max_reps=100, min_reps_other=10),
     ("cuda", False): Policy(warmup=3, target_s=0.01, min_reps=10, max_reps=60,
                             min_reps_other=10),
@@ -573,6 +573,7 @@ class OpPlan:
     compile_budget_s: float
     policy: Policy
     time_limit_s: Optional[float] = None  # no new (shape, dtype, layout) once this is spent
+    reference_shapes: Optional[List[Tuple[int, int, int]]] = None  # None: every shape
 
     @property
     def size(self) -> int:
@@ -643,6 +644,10 @@ def run_ops(plan: OpPlan, progress: bool = True) -> Tuple[List[dict], Optional[s
                                             f"{SHORT_DTYPE[dtype_name]} {SHORT_LAYOUT[layout]}")
                         steps, skipped = {}, {}
                         for impl in ["fastnn"] + plan.baselines + ["copy"]:
+                            if (impl == "reference" and plan.reference_shapes is not None
+                                    and tuple(bshape.shape[1:]) not in plan.reference_shapes):
+                                skipped[impl] = "not a headline shape (--reference all)"
+                                continue
                             if impl == "compile":
                                 if (plan.compile_shapes is not None
                                         and tuple(bshape.shape[1:]) not in plan.compile_shapes):
@@ -972,7 +977,9 @@ def _legend(run: dict) -> List[str]:
             "all": "timed on every shape"}[s["compile"]]
         + ("" if s["compile"] == "none"
            else f"; dynamic=False, stops after {s['compile_budget_s']:g} s spent compiling"),
-    ]
+    ] + (["fastnn reference: timed on the quick set's shapes only (--reference all for every "
+          "shape)"] if s.get("reference") == "headline" and "reference" in s["baselines"]
+         else [])
 
 
 def _many_shapes(run: dict) -> bool:
@@ -1344,6 +1351,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where torch.compile of the eager sequence is timed: on the quick set's "
                         "shapes (headline), all shapes, or nowhere; auto = headline on CUDA, none "
                         "on CPU (compiling is slow there)")
+    p.add_argument("--reference", choices=["auto", "none", "headline", "all"], default="auto",
+                   help="where fastnn's reference fallback is timed; auto = every shape with "
+                        "--quick or --shapes, else the quick set's shapes only")
     p.add_argument("--compile-budget", type=float, default=None, metavar="S",
                    help="stop compiling new cases after S seconds spent compiling "
                         "(default 60 with --quick, 120 otherwise)")
@@ -1417,6 +1427,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode = args.compile if args.compile != "auto" else ("headline" if cuda else "none")
     if mode == "none" and "compile" in baselines:
         baselines.remove("compile")
+    ref_mode = args.reference if args.reference != "auto" else (
+        "all" if args.quick or args.shapes else "headline")
+    if ref_mode == "none" and "reference" in baselines:
+        baselines.remove("reference")
     notes = []
     if "reference" in baselines and not fastnn.ops.has_kernel(device.type):
         baselines.remove("reference")
@@ -1433,7 +1447,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                       device.type),
                   compile_budget_s=budget, policy=policy,
                   time_limit_s=args.time_limit if args.time_limit is not None else (
-                      420.0 if cuda and not args.quick and not args.shapes else None))
+                      420.0 if cuda and not args.quick and not args.shapes else None),
+                  reference_shapes=None if ref_mode == "all" else _bench_shapes.headline_shapes(
+                      device.type))
 
     env = collect_env(device)
     print("\n".join(env_lines(env)), flush=True)
@@ -1452,6 +1468,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "quick": bool(args.quick), "batch_size": batch, "image_size": args.image_size,
             "shapes": shape_spec, "cases": cases, "dtypes": dtypes, "layouts": layouts,
             "baselines": baselines, "compile": mode, "compile_budget_s": budget,
+            "reference": ref_mode,
             "policy": vars(policy), "notes": notes,
         },
         "ops": [],
