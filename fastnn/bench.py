@@ -525,36 +525,44 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
     times: Dict[str, List[float]] = {n: [] for n in names}
     next_set = {n: 0 for n in names}
     events = []
+    failed: Dict[str, str] = {}
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for j in range(rounds):
             k = j % len(names)
             for name in names[k:] + names[:k]:
-                if (j * reps[name]) // rounds == ((j + 1) * reps[name]) // rounds:
+                if name in failed or (j * reps[name]) // rounds == ((j + 1) * reps[name]) // rounds:
                     continue
                 i = next_set[name] % sets
                 next_set[name] += 1
-                if cuda:
-                    start = torch.cuda.Event(enable_timing=True)
-                    end = torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    steps[name](i)
-                    end.record()
-                    events.append((name, start, end))
-                else:
-                    t0 = time.perf_counter()
-                    steps[name](i)
-                    times[name].append(time.perf_counter() - t0)
+                try:
+                    if cuda:
+                        start = torch.cuda.Event(enable_timing=True)
+                        end = torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        steps[name](i)
+                        end.record()
+                        events.append((name, start, end))
+                    else:
+                        t0 = time.perf_counter()
+                        steps[name](i)
+                        times[name].append(time.perf_counter() - t0)
+                except Exception as e:  # e.g. out of memory: reported, the others go on
+                    failed[name] = _error(e)
         sync()
     finally:
         if gc_was_enabled:
             gc.enable()
     for name, start, end in events:
-        times[name].append(start.elapsed_time(end) / 1e3)
+        if name not in failed:
+            times[name].append(start.elapsed_time(end) / 1e3)
     for n in names:
-        results[n] = _stats(times[n])
-        results[n]["first_call_s"] = first[n]
+        if n in failed:
+            results[n] = {"error": failed[n]}
+        else:
+            results[n] = _stats(times[n])
+            results[n]["first_call_s"] = first[n]
     return results
 
 
@@ -636,8 +644,18 @@ def run_ops(plan: OpPlan, progress: bool = True) -> Tuple[List[dict], Optional[s
                                      f"(--time-limit)")
                     if truncated:
                         continue
-                    inputs = make_inputs(bshape.shape, DTYPES[dtype_name], layout, device,
-                                         eps=bshape.eps)
+                    try:
+                        inputs = make_inputs(bshape.shape, DTYPES[dtype_name], layout, device,
+                                             eps=bshape.eps)
+                    except Exception as e:  # e.g. out of memory for a large batch
+                        why = _error(e)
+                        for case_name in plan.cases:
+                            records.append(_record(CASES[case_name], bshape, dtype_name, layout,
+                                                   0, {"fastnn": {"error": why}}, {}))
+                            bar.update(1)
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                        continue
                     for case_name in plan.cases:
                         case = CASES[case_name]
                         bar.set_postfix_str(f"{case_name} {'x'.join(map(str, bshape.shape))} "
@@ -982,6 +1000,23 @@ def _legend(run: dict) -> List[str]:
          else [])
 
 
+def error_lines(run: dict) -> List[str]:
+    """Each distinct failure once, with how many cases it hit."""
+    seen: Dict[Tuple[str, str], int] = {}
+    for r in run["ops"]:
+        for name, st in r["impls"].items():
+            if "error" in st:
+                key = (name, st["error"])
+                seen[key] = seen.get(key, 0) + 1
+    for m in run.get("models", []):
+        for name, st in m["variants"].items():
+            if "error" in st:
+                key = (f"{m['model']} {name}", st["error"])
+                seen[key] = seen.get(key, 0) + 1
+    return [f"error in {name} ({n} case{'s' if n > 1 else ''}): {err}"
+            for (name, err), n in seen.items()]
+
+
 def _many_shapes(run: dict) -> bool:
     return len({tuple(r["shape"]) for r in run["ops"]}) > 4
 
@@ -1010,7 +1045,7 @@ def render_text(run: dict, full: bool = True) -> str:
     if run.get("models"):
         header, rows = model_rows(run)
         out += ["", "Model level (images/s, median)"] + _text_table(header, rows)
-    out += [""] + [f"note: {n}" for n in run["settings"].get("notes", [])]
+    out += [""] + error_lines(run) + [f"note: {n}" for n in run["settings"].get("notes", [])]
     out += [f"run time {run['run_time_s']:.0f} s"]
     return "\n".join(out)
 
@@ -1026,7 +1061,8 @@ def render_markdown(run: dict) -> str:
     out = [f"# fastnn-bench results ({env['device']})", ""]
     out += ["- " + line for line in env_lines(env)]
     out += [f"- command: `{run['settings']['command']}`", f"- run time {run['run_time_s']:.0f} s"]
-    out += [f"- note: {n}" for n in run["settings"].get("notes", [])] + [""]
+    out += [f"- note: {n}" for n in run["settings"].get("notes", [])]
+    out += [f"- {e}" for e in error_lines(run)] + [""]
     if run["ops"]:
         claims = claim_lines(run)
         if claims:
