@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
+import warnings
 
 import pytest
 import torch
 
 import fastnn
+from fastnn import _ext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -134,30 +137,56 @@ def test_fallback_warning_when_extension_cannot_load():
     assert "reference" in res["warnings"][0]
 
 
-def test_fallback_when_built_against_other_torch():
-    code = """
-import sys, types
-info = types.ModuleType("fastnn._build_info")
-info.TORCH_VERSION = "1.0.0"
-sys.modules["fastnn._build_info"] = info
-""" + _CHECK
-    res, _ = _run(code)
-    assert res["ok"]
-    assert res["info"]["compiled"] is False
-    assert "built against torch 1.0.0" in res["info"]["reason"]
-    assert len(res["warnings"]) == 1 and "1.0.0" in res["warnings"][0]
+# The loader's other branches, run in-process: _ext._load() only sets _ext._reason (restored by
+# monkeypatch) and warns or raises, it never unloads what is loaded.
+
+def _reload(monkeypatch, backend=None, block_c=False, built=None):
+    monkeypatch.setattr(_ext, "_reason", _ext._reason)
+    monkeypatch.setattr(_ext, "_loaded", _ext._loaded)
+    if backend is None:
+        monkeypatch.delenv("FASTNN_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTNN_BACKEND", backend)
+    if block_c:
+        monkeypatch.setitem(sys.modules, "fastnn._C", None)
+    if built is not None:
+        info = types.ModuleType("fastnn._build_info")
+        info.TORCH_VERSION = built
+        monkeypatch.setitem(sys.modules, "fastnn._build_info", info)
+        monkeypatch.setattr(fastnn, "_build_info", info, raising=False)
+    _ext._load()
+    return _ext._reason
 
 
-def test_backend_environment_variable_values():
-    code = "import json, fastnn; print(json.dumps(fastnn.backend_info()['compiled']))"
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    bad = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                         env=dict(env, FASTNN_BACKEND="fastest"), timeout=240)
-    assert bad.returncode != 0 and "FASTNN_BACKEND must be" in bad.stderr
-    forced = subprocess.run([sys.executable, "-c", _BLOCK_C + code], cwd=ROOT,
-                            capture_output=True, text=True,
-                            env=dict(env, FASTNN_BACKEND="compiled"), timeout=240)
-    assert forced.returncode != 0 and "FASTNN_BACKEND=compiled" in forced.stderr
+def test_loader_rejects_unknown_backend(monkeypatch):
+    with pytest.raises(ValueError, match="FASTNN_BACKEND must be 'auto', 'compiled' or "
+                                         "'reference', got 'fastest'"):
+        _reload(monkeypatch, "fastest")
+
+
+def test_loader_compiled_backend_requires_extension(monkeypatch):
+    with pytest.raises(ImportError, match="FASTNN_BACKEND=compiled but fastnn._C could not be "
+                                          "loaded"):
+        _reload(monkeypatch, "compiled", block_c=True)
+
+
+def test_loader_warns_when_built_against_other_torch(monkeypatch):
+    with pytest.warns(RuntimeWarning, match="built against torch 1.0.0 but torch .* is "
+                                            "installed; rebuild fastnn"):
+        reason = _reload(monkeypatch, built="1.0.0")
+    assert "1.0.0" in reason
+
+
+def test_loader_warns_when_extension_missing(monkeypatch):
+    with pytest.warns(RuntimeWarning, match="fastnn._C could not be loaded .*; fastnn uses its "
+                                            "pure-PyTorch reference implementation"):
+        _reload(monkeypatch, block_c=True)
+
+
+def test_loader_reference_backend_is_silent(monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _reload(monkeypatch, "reference") == "FASTNN_BACKEND=reference"
 
 
 @pytest.mark.skipif(not fastnn.ops.available(), reason="fastnn._C is not loaded")
@@ -167,3 +196,36 @@ def test_default_backend_uses_kernels_subprocess():
     assert res["info"]["compiled"] is True
     assert res["warnings"] == []
     assert res["ops_registered"]
+
+
+def _count_op_calls(monkeypatch):
+    calls = []
+    for name in ("batch_norm_train", "batch_norm_eval"):
+        real = getattr(fastnn.ops, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fastnn.ops, name, counted)
+    return calls
+
+
+def _train_and_eval_step():
+    m = fastnn.nn.BatchNormAddReLU2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    m(x, torch.randn_like(x)).sum().backward()
+    m.eval()
+    m(x, torch.randn_like(x)).sum().backward()
+    fastnn.functional.batch_norm(x, None, None, training=True, relu=True).sum().backward()
+
+
+def test_backends_take_their_path(cpu_backend, monkeypatch):
+    """The `backend` fixtures really select the path: the reference never calls a fastnn op,
+    the kernel backend calls one for every forward."""
+    calls = _count_op_calls(monkeypatch)
+    _train_and_eval_step()
+    if cpu_backend == "reference":
+        assert calls == []
+    else:
+        assert calls == ["batch_norm_train", "batch_norm_eval", "batch_norm_train"]
