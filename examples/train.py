@@ -35,6 +35,7 @@ except ImportError:  # running from a source checkout without installing
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
     import fastnn
 from fastnn import models
+from fastnn.convert import convert
 
 DATASETS = ("auto", "fashion-mnist", "mnist", "digits")
 
@@ -153,9 +154,9 @@ def load_data(name: str = "auto", root: str = "data", download: bool = False
             if data is not None:
                 return data, candidate
             if name == candidate:
-                raise SystemExit(f"{candidate} is not under {root!r} (nor in "
-                                 f"{_IDX_LOCATIONS[candidate][1][0]}); pass --download to fetch "
-                                 f"it through torchvision")
+                places = ", ".join([repr(root)] + _IDX_LOCATIONS[candidate][1])
+                raise SystemExit(f"{candidate} was not found (looked in {places}); pass "
+                                 f"--download to fetch it through torchvision")
     if name == "auto":
         print("FashionMNIST/MNIST not found on disk: using scikit-learn's digits (8x8 images, "
               "upscaled)", file=sys.stderr)
@@ -259,7 +260,7 @@ def train(model: nn.Module, train_loader: DataLoader, test_loader: DataLoader, e
 
 
 def plot_history(history: Dict[str, List[float]], path: str, title: str = "") -> None:
-    """Loss and accuracy curves, one point per epoch, as a PNG."""
+    """Loss (per batch and per epoch) and accuracy (per epoch) curves, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,7 +268,12 @@ def plot_history(history: Dict[str, List[float]], path: str, title: str = "") ->
 
     epochs = range(1, len(history["train_loss"]) + 1)
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, history["train_loss"], marker="o", label="train loss")
+    steps = history.get("step_loss", [])
+    if steps and history["train_loss"]:
+        per_epoch = len(steps) / len(history["train_loss"])
+        ax_loss.plot([(i + 1) / per_epoch for i in range(len(steps))], steps, alpha=0.35,
+                     linewidth=0.8, label="batch loss")
+    ax_loss.plot(epochs, history["train_loss"], marker="o", label="epoch mean")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross entropy")
     ax_loss.legend()
@@ -312,6 +318,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
                         help="resize the images (default: the model's usual size)")
     parser.add_argument("--plain", action="store_true",
                         help="build the network on plain PyTorch layers instead of fastnn's")
+    parser.add_argument("--convert", action="store_true",
+                        help="build it on plain PyTorch layers, then put it on fastnn with "
+                             "fastnn.convert")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
@@ -333,7 +342,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
     (x_train, y_train, x_test, y_test), data_name = load_data(args.dataset, args.data_root,
                                                               args.download)
     num_classes = int(y_train.max()) + 1
-    model, size, channels = build_model(args.model, num_classes, fused=not args.plain)
+    model, size, channels = build_model(args.model, num_classes,
+                                        fused=not (args.plain or args.convert))
+    if args.convert:
+        model = convert(model)
     size = args.image_size or size
     model = model.to(device)
     if args.channels_last:
@@ -349,7 +361,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, List[float]]:
                              pin_memory=pin)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr, args.momentum,
                                args.weight_decay)
-    backend = "plain PyTorch" if args.plain else f"fastnn ({fastnn.backend_info()['devices'] or 'reference'})"
+    if args.plain:
+        backend = "plain PyTorch"
+    else:
+        devices = fastnn.backend_info()["devices"]
+        kernels = f"compiled kernels: {', '.join(devices)}" if devices else "reference"
+        backend = f"fastnn{' convert()' if args.convert else ''} ({kernels})"
     print(f"{args.model} on {data_name} ({len(y_train)} train / {len(y_test)} test images, "
           f"{size}x{size}), {backend}, {device}")
 

@@ -651,6 +651,36 @@ def test_training_example_fastnn_matches_pytorch(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_training_example_reads_mnist_files(tmp_path, monkeypatch):
+    """FashionMNIST/MNIST in torchvision's layout (gzipped IDX files) are found and read; a
+    missing data set asked for by name is an error, never a silent substitute."""
+    import gzip
+    import struct
+
+    example = load_example()
+    for name, (folder, _) in list(example._IDX_LOCATIONS.items()):
+        monkeypatch.setitem(example._IDX_LOCATIONS, name, (folder, []))  # this folder only
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 12), ("t10k", 5)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=g, dtype=torch.uint8)
+        labels = torch.arange(n, dtype=torch.uint8) % 10
+        with gzip.open(raw / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 3) + struct.pack(">III", n, 28, 28)
+                    + images.numpy().tobytes())
+        with open(raw / f"{prefix}-labels-idx1-ubyte", "wb") as f:
+            f.write(struct.pack(">HBB", 0, 8, 1) + struct.pack(">I", n) + labels.numpy().tobytes())
+        if prefix == "train":
+            first = images[0]
+    (x_train, y_train, x_test, y_test), name = example.load_data("auto", str(tmp_path))
+    assert name == "fashion-mnist"
+    assert x_train.shape == (12, 1, 28, 28) and x_test.shape == (5, 1, 28, 28)
+    assert torch.equal(x_train[0, 0], first.float() / 255) and y_test.tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(SystemExit, match="mnist"):
+        example.load_data("mnist", str(tmp_path))
+
+
 def test_training_example_main_runs(tmp_path):
     pytest.importorskip("sklearn")
     example = load_example()
