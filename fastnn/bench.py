@@ -841,12 +841,16 @@ def _columns(run: dict) -> List[str]:
     return [b for b in BASELINES if b in present]
 
 
-def op_table_rows(run: dict) -> Tuple[List[str], List[Tuple[str, List[List[str]]]]]:
-    """Header and, per case, the rows of the op table (text cells)."""
+def op_table_rows(run: dict, where: bool = False
+                  ) -> Tuple[List[str], List[Tuple[str, List[List[str]]]]]:
+    """Header and, per case, the rows of the op table (text cells); where=True adds the models'
+    layers that have each shape."""
     baselines = _columns(run)
     header = ["shape", "dtype", "layout", "fastnn ms", "GB/s", "% copy"]
     for b in baselines:
         header += [f"{IMPL_TITLES[b]} ms", f"vs {IMPL_TITLES[b]}"]
+    if where:
+        header.append("layers")
     groups = []
     for case_name in CASES:
         rows = []
@@ -861,6 +865,8 @@ def op_table_rows(run: dict) -> Tuple[List[str], List[Tuple[str, List[List[str]]
                    f"{fast['pct_copy']:.0f}%" if fast.get("pct_copy") is not None else "-"]
             for b in baselines:
                 row += [_impl_cell(r["impls"].get(b)), _ratio(r["speedup"].get(b))]
+            if where:
+                row.append(", ".join(f"{m} x{c}" for m, c in r.get("layers", {}).items()))
             rows.append(row)
         case = CASES[case_name]
         title = (f"{case.title}  [bytes {case.byte_model}; eager = {case.eager}]")
@@ -1051,7 +1057,8 @@ def render_text(run: dict, full: bool = True) -> str:
 
 
 def _md_table(header: List[str], rows: List[List[str]]) -> List[str]:
-    aligns = ["---" if i < 3 else "---:" for i in range(len(header))]
+    aligns = ["---" if i < 3 or h in ("layers", "case", "model", "mode", "variant") else "---:"
+              for i, h in enumerate(header)]
     return (["| " + " | ".join(header) + " |", "| " + " | ".join(aligns) + " |"]
             + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
 
@@ -1076,7 +1083,7 @@ def render_markdown(run: dict) -> str:
             out += ["### Over all shapes", "",
                     "Geometric mean of fastnn's speedup (range over shapes); median % of copy "
                     "bandwidth.", ""] + _md_table(header, rows) + [""]
-        header, groups = op_table_rows(run)
+        header, groups = op_table_rows(run, where=True)
         for title, rows in groups:
             out += [f"### {title}", ""] + _md_table(header, rows) + [""]
     if run.get("models"):
@@ -1323,9 +1330,9 @@ def _parse_shapes(spec: str, extra: List[str], device: torch.device, batch: int,
 
     def add(items):
         for s in items:
-            if s.shape in shapes:
+            if s.shape in shapes:  # the same model's count, whichever set named the shape
                 for m, c in s.layers.items():
-                    shapes[s.shape].layers[m] = shapes[s.shape].layers.get(m, 0) + c
+                    shapes[s.shape].layers[m] = max(shapes[s.shape].layers.get(m, 0), c)
             else:
                 shapes[s.shape] = BNShape(s.shape, s.eps, dict(s.layers))
     for token in _split(spec):
