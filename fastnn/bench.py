@@ -588,6 +588,20 @@ class OpPlan:
         return len(self.shapes) * len(self.dtypes) * len(self.layouts) * len(self.cases)
 
 
+def _set_copy_yardstick(records: List[dict]) -> None:
+    """Uses one copy bandwidth for every case of a (shape, dtype, layout): the median of the
+    copies timed alongside each case, so one disturbed case does not skew its % of copy."""
+    values = sorted(r["copy"]["gbps"] for r in records if "gbps" in r["copy"])
+    if not values:
+        return
+    gbps = values[len(values) // 2]
+    for r in records:
+        r["copy_gbps"] = gbps
+        for st in r["impls"].values():
+            if "gbps" in st:
+                st["pct_copy"] = 100.0 * st["gbps"] / gbps
+
+
 def _record(case: Case, bshape: BNShape, dtype_name: str, layout: str, sets: int,
             timed: Dict[str, dict], skipped: Dict[str, str]) -> dict:
     numel = bshape.numel
@@ -656,6 +670,7 @@ def run_ops(plan: OpPlan, progress: bool = True) -> Tuple[List[dict], Optional[s
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
                         continue
+                    group: List[dict] = []
                     for case_name in plan.cases:
                         case = CASES[case_name]
                         bar.set_postfix_str(f"{case_name} {'x'.join(map(str, bshape.shape))} "
@@ -685,10 +700,12 @@ def run_ops(plan: OpPlan, progress: bool = True) -> Tuple[List[dict], Optional[s
                         timed = measure(steps, inputs.sets, device, plan.policy)
                         if "compile" in timed and "first_call_s" in timed["compile"]:
                             compile_spent += timed["compile"]["first_call_s"]
-                        records.append(_record(case, bshape, dtype_name, layout, inputs.sets,
-                                               timed, skipped))
+                        group.append(_record(case, bshape, dtype_name, layout, inputs.sets,
+                                             timed, skipped))
                         del steps
                         bar.update(1)
+                    _set_copy_yardstick(group)
+                    records += group
                     del inputs
     finally:
         bar.close()
@@ -992,7 +1009,8 @@ def _legend(run: dict) -> List[str]:
           f"copies when a set fits in cache; implementations interleaved on the same inputs",
         "GB/s: the case's fewest bytes (DESIGN.md floors: N elements of b bytes, e.g. 2Nb for a "
         "training forward) / fastnn's median; % copy: that over the bandwidth of a copy_ of the "
-        "same tensor timed in the same rounds",
+        "same tensor (2Nb moved) timed in the same rounds (median over the cases of that shape, "
+        "dtype and layout)",
         "vs X: X's median / fastnn's median (above 1: fastnn is faster); forward cases run "
         "without autograd, backward cases take gradients of input, weight, bias (and residual)",
         "torch.compile: " + {
