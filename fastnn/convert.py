@@ -348,8 +348,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Args:
         model: any module.
-        inplace: convert `model` itself (its batch norms are replaced; use the returned module)
-            instead of a deep copy.
+        inplace: convert `model` itself instead of a deep copy: its batch norms are replaced
+            in place (no parameter or buffer is copied), and the returned module is the one to
+            call (`model`'s own forward may not call a fused module the way it expects).
     """
     if not inplace:
         model = copy.deepcopy(model)

@@ -18,7 +18,6 @@ from torch import nn
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
-    import fastnn
     import fastnn.nn as fnn
     from fastnn import models
     from fastnn.convert import AddReLU, convert, fuse_for_inference
@@ -279,6 +278,27 @@ def test_matches_torchvision(name, fused, shape, train):
     assert_same_training(ref, model, x, train)
 
 
+def test_channels_last_float32():
+    """The layout fast GPU training uses: channels_last float32 stays channels_last through the
+    fused modules and gives torchvision's numbers to float32 rounding."""
+    torch.manual_seed(0)
+    ref = randomize_batch_norms(tv.resnet18(num_classes=10)).to(memory_format=torch.channels_last)
+    model = models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    model.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    layouts = []
+    model.layer1.register_forward_hook(
+        lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+    for train in (True, False):
+        ref_outs, ref_dx, ref_grads = run(ref, x, train)
+        outs, dx, grads = run(model, x, train)
+        assert_close_to(outs[0], ref_outs[0], "output", rel=1e-4)
+        assert_close_to(dx, ref_dx, "input gradient", rel=1e-4)
+        for name in ("conv1.weight", "layer1.0.bn2.weight", "layer4.1.bn2.bias"):
+            assert_close_to(grads[name], ref_grads[name], name, rel=1e-4)
+    assert layouts == [True, True]
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_resnet_variants_match_torchvision(train):
     """Grouped/dilated bottlenecks and zero-initialized last BNs; and a user norm_layer."""
@@ -515,10 +535,25 @@ def test_convert_shares_parameters_inplace():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
     bn = model[1]
     out = convert(model, inplace=True)
-    assert type(model[1]) is fnn.BatchNorm2d or type(model[1]) is fnn.BatchNormReLU2d
+    assert type(model[1]) is fnn.BatchNormReLU2d  # replaced inside the model itself
+    assert out.get_submodule("1") is model[1]
     assert out.get_submodule("1").weight is bn.weight
     assert out.get_submodule("1").running_mean is bn.running_mean
     assert type(convert(nn.BatchNorm2d(3))) is fnn.BatchNorm2d
+
+
+def test_convert_sync_batch_norm():
+    """torch's SyncBatchNorm becomes fastnn's (fused with its ReLU); without a process group it
+    is a plain batch norm, like torch's."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())
+    ref, model = converted_pair(ref)
+    assert type(model.get_submodule("1")) is fnn.SyncBatchNormReLU
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    assert_same_training(ref, model, x, False)
+    folded = fuse_for_inference(model)
+    assert type(folded.get_submodule("1")) is nn.ReLU
+    torch.testing.assert_close(folded(x), ref.eval()(x), **F64)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,7 +720,7 @@ def test_training_example_main_runs(tmp_path):
     pytest.importorskip("sklearn")
     example = load_example()
     png = tmp_path / "out.png"
-    history = example.main(["--model", "mini_googlenet", "--dataset", "digits", "--epochs", "1",
+    history = example.main(["--model", "lenet_bn", "--dataset", "digits", "--epochs", "1",
                             "--batch-size", "128", "--no-progress", "--plot", str(png),
                             "--data-root", str(tmp_path)])
     assert len(history["test_acc"]) == 1 and png.exists()
