@@ -6,8 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastnn
-from helpers import (DTYPE_CASES, LAYOUTS, assert_close, check_against_oracles, make_input,
-                     make_params, param_dtype)
+from helpers import (DTYPE_CASES, LAYOUTS, assert_close, check_against_oracles, check_results,
+                     make_input, make_params, param_dtype, run_bn, tol)
 
 FUSED = {
     "plain": (False, False),
@@ -271,3 +271,104 @@ def test_gradcheck_channels_last(backend, device, training):
     fn = _bn_fn(training, True, True, True, rm, rv)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts of the other tensors: residual, grad_output, parameters and running statistics
+
+def _strided_grad(kind, shape, dtype, device):
+    g = torch.randn(shape, dtype=torch.float64).to(device, dtype)
+    if kind == "expanded":  # what out.sum().backward() sends: all strides 0
+        return torch.ones((), dtype=dtype, device=device).expand(shape)
+    if kind == "channel_expanded":  # stride 0 in every dimension but C
+        return torch.randn(1, shape[1], 1, 1, dtype=torch.float64).to(device, dtype).expand(shape)
+    if kind == "channels_last":
+        return g.contiguous(memory_format=torch.channels_last)
+    if kind == "contiguous":
+        return g.contiguous()
+    if kind == "transposed":
+        return g.transpose(2, 3).contiguous().transpose(2, 3)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("grad_kind", ["expanded", "channel_expanded", "channels_last",
+                                       "contiguous", "transposed"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16],
+                         ids=["f64", "f32", "bf16"])
+def test_grad_output_layouts(backend, device, dtype, training, fmt, grad_kind):
+    """Gradients whatever the layout of grad_output (out.sum() sends a stride-0 one)."""
+    shape = (3, 4, 5, 6)
+    x = make_input(shape, dtype, device, fmt)
+    r = make_input(shape, dtype, device, fmt, shift=0.0)
+    w, b, rm, rv = make_params(4, param_dtype(dtype), device)
+    g = _strided_grad(grad_kind, shape, dtype, device)
+    args = (x, w, b, rm, rv, training, 0.1, 1e-5)
+    for residual, relu in ((None, False), (r, True)):
+        got = run_bn("fastnn", *args, residual=residual, relu=relu, grad_out=g)
+        upcast = dtype == torch.bfloat16 and relu
+        exp = run_bn("torch", *args, residual=residual, relu=relu, grad_out=g, upcast=upcast)
+        check_results(got, exp, dtype, f"{grad_kind}:")
+        check_results(got, run_bn("reference", *args, residual=residual, relu=relu, grad_out=g),
+                      dtype, f"{grad_kind} vs reference:")
+
+
+@pytest.mark.parametrize("r_kind", ["channels_last", "contiguous", "sliced", "transposed"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_residual_layouts(backend, device, training, fmt, r_kind):
+    """The residual may have any layout, independent of the input's."""
+    shape = (3, 4, 5, 6)
+    x = make_input(shape, torch.float32, device, fmt)
+    w, b, rm, rv = make_params(4, torch.float32, device)
+    base = make_input((3, 4, 5, 12), torch.float32, device, shift=0.0)
+    r = {
+        "channels_last": base[..., :6].contiguous(memory_format=torch.channels_last),
+        "contiguous": base[..., :6].contiguous(),
+        "sliced": base[..., ::2],
+        "transposed": base[..., :6].transpose(2, 3).contiguous().transpose(2, 3),
+    }[r_kind]
+    assert r.shape == shape
+    got = check_against_oracles(x, w, b, rm, rv, training, 0.1, 1e-5, residual=r, relu=True)
+    if training is False and fmt == torch.channels_last:
+        assert got["out"].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_strided_parameters_and_running_stats(backend, device, training):
+    """weight/bias/running stats that are strided views: the running-stat update lands in the
+    viewed storage."""
+    x = make_input((4, 3, 5, 5), torch.float32, device)
+    storage = torch.randn(4, 6, dtype=torch.float64).to(device, torch.float32)
+    storage[3].uniform_(0.5, 1.5)
+    w, b, rm, rv = storage[0, ::2], storage[1, 1::2], storage[2, ::2], storage[3, 1::2]
+    assert not w.is_contiguous()
+    expected = storage.clone()
+    exp = F.batch_norm(x, expected[2, ::2], expected[3, 1::2], expected[0, ::2],
+                       expected[1, 1::2], training, 0.3, 1e-5)
+    out = fastnn.functional.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5)
+    assert_close(out, exp, torch.float32)
+    assert_close(storage, expected, torch.float32)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_and_inf_propagate(request, backend, device, training, value):
+    """NaN/Inf inputs give what PyTorch gives (per channel), and the same running stats."""
+    if backend == "reference" and training and value != "nan":
+        request.applymarker(pytest.mark.xfail(
+            strict=True, reason="fastnn.reference takes the batch mean from torch.var_mean, "
+            "which gives NaN for a channel holding an Inf where F.batch_norm's running_mean "
+            "gets Inf"))
+    x = make_input((4, 3, 5, 5), torch.float32, device)
+    x[1, 0, 2, 3] = float(value)
+    w, b, rm, rv = make_params(3, torch.float32, device)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    out = fastnn.functional.batch_norm(x, rm1, rv1, w, b, training, 0.1, 1e-5)
+    exp = F.batch_norm(x, rm2, rv2, w, b, training, 0.1, 1e-5)
+    torch.testing.assert_close(out, exp, equal_nan=True, **tol(torch.float32))
+    torch.testing.assert_close(rm1, rm2, equal_nan=True, **tol(torch.float32))
+    torch.testing.assert_close(rv1, rv2, equal_nan=True, **tol(torch.float32))
