@@ -736,13 +736,19 @@ def _build_model(name: str, device: torch.device) -> torch.nn.Module:
 def run_models(names: Sequence[str], device: torch.device, batch: int, image_size: int,
                use_compile: bool, policy: Policy, progress: bool = True) -> List[dict]:
     """Images/s of a training step (forward, cross-entropy, backward, SGD step) and of inference,
-    for torchvision's model and the same model with fastnn's BN modules, side by side. On CUDA:
-    channels_last and bfloat16 autocast; on CPU: float32, NCHW."""
+    side by side, for torchvision's model ("torchvision"), the same model with its BN modules
+    swapped for fastnn's ("fastnn") and, where fastnn.convert exists, converted with BN+ReLU and
+    BN+add+ReLU fused ("fastnn fused"); with use_compile also torch.compile of torchvision's and
+    of fastnn's best. On CUDA: channels_last and bfloat16 autocast; on CPU: float32, NCHW."""
     from tqdm import tqdm
     cuda = device.type == "cuda"
-    variants = ["torchvision", "fastnn"]
+    try:
+        convert = importlib.import_module("fastnn.convert").convert
+    except (ImportError, AttributeError):
+        convert = None
+    variants = ["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
     if use_compile:
-        variants += ["torchvision+compile", "fastnn+compile"]
+        variants += ["torchvision+compile", variants[-1] + "+compile"]
     records = []
     bar = tqdm(total=len(names) * 2, desc="models", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
@@ -761,11 +767,18 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
             base = _build_model(name, device).to(memory_format=fmt)
             for mode in ("train", "infer"):
                 bar.set_postfix_str(f"{name} {mode}")
-                steps, peaks = {}, {}
+                steps, peaks, failed = {}, {}, {}
                 for variant in variants:
-                    model = copy.deepcopy(base)
-                    if variant.startswith("fastnn"):
-                        swap_batchnorm(model)
+                    try:
+                        if variant.startswith("fastnn fused"):
+                            model = convert(base)
+                        else:
+                            model = copy.deepcopy(base)
+                            if variant.startswith("fastnn"):
+                                swap_batchnorm(model)
+                    except Exception as e:
+                        failed[variant] = {"error": _error(e)}
+                        continue
                     model.train(mode == "train")
                     forward = torch.compile(model) if variant.endswith("compile") else model
                     if mode == "train":
@@ -783,15 +796,20 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                                 forward(x)
                     steps[variant] = step
                 timed = measure(steps, 1, device, policy)
+                timed.update(failed)
                 if cuda:
                     for variant, step in steps.items():
                         if "error" in timed[variant]:
                             continue
+                        # Memory the step needs above what is resident (every variant's
+                        # parameters and optimizer state): activations and workspaces.
                         torch.cuda.synchronize(device)
                         torch.cuda.reset_peak_memory_stats(device)
+                        resident = torch.cuda.memory_allocated(device)
                         step(0)
                         torch.cuda.synchronize(device)
-                        peaks[variant] = torch.cuda.max_memory_allocated(device) / 2**20
+                        peaks[variant] = (torch.cuda.max_memory_allocated(device)
+                                          - resident) / 2**20
                 out = {}
                 for variant, st in timed.items():
                     st = dict(st)
@@ -977,25 +995,21 @@ def aggregate_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
 
 
 def model_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
-    variants = []
-    for m in run.get("models", []):
-        for v in m["variants"]:
-            if v not in variants:
-                variants.append(v)
-    header = ["model", "mode", "batch"]
-    for v in variants:
-        header += [f"{v} img/s", f"{v} peak MiB"]
-    header.append("fastnn vs torchvision")
+    """One row per (model, mode, variant): images/s, ratio to torchvision, step memory."""
+    header = ["model", "mode", "variant", "batch", "img/s", "ms/step", "vs torchvision",
+              "step peak MiB"]
     rows = []
     for m in run.get("models", []):
-        row = [m["model"], m["mode"], f"{m['batch']}x{m['image_size']}²"]
-        for v in variants:
-            st = m["variants"].get(v, {})
-            row.append(f"{st['images_per_s']:.1f}" if "images_per_s" in st
-                       else ("error" if "error" in st else "-"))
-            row.append(f"{st['peak_mib']:.0f}" if st.get("peak_mib") is not None else "-")
-        row.append(_ratio(m.get("speedup")))
-        rows.append(row)
+        base = m["variants"].get("torchvision", {}).get("median_ms")
+        for v, st in m["variants"].items():
+            if "median_ms" in st:
+                ratio = _ratio(base / st["median_ms"]) if base else "-"
+                rows.append([m["model"], m["mode"], v, f"{m['batch']}x{m['image_size']}²",
+                             f"{st['images_per_s']:.1f}", _impl_cell(st), ratio,
+                             "-" if st.get("peak_mib") is None else f"{st['peak_mib']:.0f}"])
+            else:
+                rows.append([m["model"], m["mode"], v, f"{m['batch']}x{m['image_size']}²",
+                             "error" if "error" in st else "-", "-", "-", "-"])
     return header, rows
 
 
@@ -1106,7 +1120,9 @@ def render_markdown(run: dict) -> str:
             out += [f"### {title}", ""] + _md_table(header, rows) + [""]
     if run.get("models"):
         header, rows = model_rows(run)
-        out += ["## Model level", "", "Images/s (median of timed steps); peak memory on CUDA.",
+        out += ["## Model level", "",
+                "Images/s from the median step time (± half the IQR); step peak: CUDA memory a "
+                "step needs above the resident parameters and optimizer state.",
                 ""] + _md_table(header, rows) + [""]
     return "\n".join(out)
 
