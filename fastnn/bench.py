@@ -744,7 +744,7 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     cuda = device.type == "cuda"
     try:
         convert = importlib.import_module("fastnn.convert").convert
-    except (ImportError, AttributeError):
+    except Exception:  # no fastnn.convert in this version: no fused variant
         convert = None
     variants = ["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
     if use_compile:
