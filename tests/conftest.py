@@ -41,10 +41,15 @@ def device(request):
     return request.param
 
 
+def _skip_without_kernel(device):
+    if not fastnn.ops.has_kernel(device):
+        why = fastnn.backend_info()["reason"] or "built without them"
+        pytest.skip(f"fastnn._C has no {device} kernels ({why})")
+
+
 def _use_backend(name, device, monkeypatch):
     if name == "kernel":
-        if not fastnn.ops.has_kernel(device):
-            pytest.skip(f"fastnn._C has no {device} kernels ({fastnn.backend_info()['reason']})")
+        _skip_without_kernel(device)
     else:
         # Every fastnn entry point (functional and modules) decides here between the compiled
         # ops and fastnn.reference; returning False forces the reference path.
@@ -67,8 +72,7 @@ def cpu_backend(request, monkeypatch):
 @pytest.fixture
 def kernel_only(device):
     """For tests of the compiled ops themselves (torch.ops.fastnn.*)."""
-    if not fastnn.ops.has_kernel(device):
-        pytest.skip(f"fastnn._C has no {device} kernels ({fastnn.backend_info()['reason']})")
+    _skip_without_kernel(device)
     return device
 
 
