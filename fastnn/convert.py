@@ -252,21 +252,9 @@ def _fuse_basic_conv(block: nn.Module, occurrences: Counter) -> Optional[nn.Modu
                   fused=True)
 
 
-def _fuse_densenet(model: nn.Module, occurrences: Counter) -> Optional[nn.Module]:
-    """features ending in norm5, then a functional ReLU -> fastnn's DenseNet with a fused norm5."""
-    from fastnn.models.densenet import DenseNet
-
-    features = getattr(model, "features", None)
-    norm5 = getattr(features, "norm5", None)
-    if not _is_plain_bn(norm5) or occurrences[id(norm5)] != 1:
-        return None
-    features.norm5 = fnn.BatchNormReLU2d.from_module(norm5)
-    return _adopt(DenseNet, model, {}, fused=True)
-
-
 def _block_rules() -> Dict[type, Callable]:
     """Module class -> rule(module, occurrences) that fuses in place or returns a replacement."""
-    from fastnn.models.densenet import DenseNet, _DenseLayer, _Transition
+    from fastnn.models.densenet import _DenseLayer, _Transition
     from fastnn.models.googlenet import BasicConv2d
     from fastnn.models.resnet import BasicBlock, Bottleneck, ResNet
     from fastnn.models.textbook import Residual
@@ -277,7 +265,6 @@ def _block_rules() -> Dict[type, Callable]:
         ResNet: _fuse_pairs(("bn1", "relu")),
         _DenseLayer: _fuse_pairs(("norm1", "relu1"), ("norm2", "relu2")),
         _Transition: _fuse_pairs(("norm", "relu")),
-        DenseNet: _fuse_densenet,
         BasicConv2d: _fuse_basic_conv,
         Residual: _fuse_residual(Residual, ("bn1",), "bn2"),
     }
@@ -291,7 +278,6 @@ def _block_rules() -> Dict[type, Callable]:
     if tv_densenet is not None:
         rules[tv_densenet._DenseLayer] = rules[_DenseLayer]
         rules[tv_densenet._Transition] = rules[_Transition]
-        rules[tv_densenet.DenseNet] = _fuse_densenet
     for name in ("torchvision.models.googlenet", "torchvision.models.inception"):
         tv = sys.modules.get(name)
         if tv is not None:

@@ -1,10 +1,11 @@
 """DenseNet on fastnn's fused batch norms, with torchvision's module names and state_dict keys.
 
 Every dense layer is pre-activation, BN-ReLU-conv on the concatenated earlier feature maps; each
-BN+ReLU pair is one fastnn.nn.BatchNormReLU2d. The ReLU modules of torchvision's layout (`relu1`,
-`relu2`, `relu`, `relu0`) stay in place as identities (they hold no state), so torchvision
-checkpoints load with strict=True in both directions. ``fused=False`` builds the same network on
-plain torch layers.
+BN+ReLU pair is one fastnn.nn.BatchNormReLU2d (whose output, and what a hook on it sees, is after
+the ReLU). The ReLU modules of torchvision's layout (`relu1`, `relu2`, `relu`, `relu0`) stay in
+place as identities (they hold no state), so torchvision checkpoints load with strict=True in both
+directions. ``features`` still ends with norm5 before the final ReLU, as in torchvision.
+``fused=False`` builds the same network on plain torch layers.
 """
 import re
 from collections import OrderedDict
@@ -161,8 +162,8 @@ class DenseNet(nn.Module):
                 self.features.add_module(f"transition{i + 1}", trans)
                 num_features = num_features // 2
 
-        # The final BN's ReLU is functional in torchvision: fused here into norm5 itself.
-        self.features.add_module("norm5", fnn.BatchNormReLU2d(num_features) if fused
+        # `features` ends before the final ReLU, as in torchvision (feature extractors read it).
+        self.features.add_module("norm5", fnn.BatchNorm2d(num_features) if fused
                                  else nn.BatchNorm2d(num_features))
 
         self.classifier = nn.Linear(num_features, num_classes)
@@ -178,7 +179,7 @@ class DenseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.features(x)  # N x C x H/32 x W/32
-        out = features if self.fused else F.relu(features, inplace=True)
+        out = F.relu(features, inplace=True)
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)
         out = self.classifier(out)

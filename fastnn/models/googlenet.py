@@ -2,8 +2,9 @@
 state_dict keys.
 
 Every convolution is a BasicConv2d: conv, then BN (eps=1e-3) and ReLU as one
-fastnn.nn.BatchNormReLU2d, keeping torchvision's `conv`/`bn` names so torchvision checkpoints load
-with strict=True in both directions. ``fused=False`` builds the same network on plain torch layers.
+fastnn.nn.BatchNormReLU2d (so `bn`'s output, and what a hook on it sees, is after the ReLU),
+keeping torchvision's `conv`/`bn` names so torchvision checkpoints load with strict=True in both
+directions. ``fused=False`` builds the same network on plain torch layers.
 """
 import warnings
 from collections import namedtuple

@@ -1,7 +1,8 @@
 """ResNet on fastnn's fused batch norms, with torchvision's module names and state_dict keys.
 
 A residual block's last batch norm, the shortcut add and the final ReLU run as one
-fastnn.nn.BatchNormAddReLU2d; every other BN followed by a ReLU is a fastnn.nn.BatchNormReLU2d.
+fastnn.nn.BatchNormAddReLU2d; every other BN followed by a ReLU is a fastnn.nn.BatchNormReLU2d
+(so a fused BN module's output, and what a hook on it sees, is after the ReLU).
 The ReLU modules of torchvision's layout stay in place as identities (they hold no state), so
 torchvision checkpoints load with strict=True in both directions. ``fused=False`` builds the same
 network on plain torch layers.
