@@ -145,18 +145,29 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0
 def load_data(name: str = "auto", root: str = "data", download: bool = False
               ) -> Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], str]:
     """The data set's four tensors and its name. "auto": FashionMNIST, then MNIST, from disk;
-    then scikit-learn's digits."""
+    then FashionMNIST downloaded, if `download`; then scikit-learn's digits."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; choose from {DATASETS}")
     for candidate in ("fashion-mnist", "mnist"):
         if name in ("auto", candidate):
-            data = load_mnist_like(candidate, root, download and name == candidate)
+            data = load_mnist_like(candidate, root, download=False)
+            if data is None and download and name == candidate:
+                data = load_mnist_like(candidate, root, download=True)
             if data is not None:
                 return data, candidate
             if name == candidate:
                 places = ", ".join([repr(root)] + _IDX_LOCATIONS[candidate][1])
                 raise SystemExit(f"{candidate} was not found (looked in {places}); pass "
                                  f"--download to fetch it through torchvision")
+    if download and name == "auto":
+        try:
+            data = load_mnist_like("fashion-mnist", root, download=True)
+        except Exception as e:  # no network, no torchvision, ...
+            print(f"FashionMNIST could not be downloaded ({type(e).__name__}: {e})",
+                  file=sys.stderr)
+            data = None
+        if data is not None:
+            return data, "fashion-mnist"
     if name == "auto":
         print("FashionMNIST/MNIST not found on disk: using scikit-learn's digits (8x8 images, "
               "upscaled)", file=sys.stderr)
