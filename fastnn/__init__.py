@@ -2,10 +2,12 @@
 import torch
 
 from fastnn import _ext, ops, reference  # noqa: F401  (_ext loads the kernels first)
-from fastnn import functional, nn  # noqa: F401
+from fastnn import functional, models, nn  # noqa: F401
+from fastnn.convert import AddReLU, convert, fuse_for_inference  # noqa: F401
 
 __version__ = "0.1.0"
-__all__ = ["backend_info", "functional", "nn", "ops", "reference"]
+__all__ = ["AddReLU", "backend_info", "convert", "functional", "fuse_for_inference", "models",
+           "nn", "ops", "reference"]
 
 
 def backend_info() -> dict:
