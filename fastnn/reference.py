@@ -68,7 +68,11 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, e
                                 input.dtype)
         return out, zeros, zeros.clone()
     x = input.to(acc)
-    var, mean = torch.var_mean(x, dim=_reduce_dims(input.dim()), correction=0)
+    dims = _reduce_dims(input.dim())
+    # Two passes rather than torch.var_mean, whose mean is NaN (not Inf) for a channel holding an
+    # Inf; torch's batch norm gives Inf there.
+    mean = x.mean(dims)
+    var = (x - _per_channel(mean, x.dim())).square().mean(dims)
     invstd = torch.rsqrt(var + eps)
     out = _normalize_affine(x, mean, invstd, weight, bias, residual, relu, input.dtype)
     update_running_stats(running_mean, running_var, mean.detach(), var.detach(), momentum,
