@@ -5,6 +5,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastnn import functional as F
 from fastnn import reference
@@ -100,13 +101,29 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return (grad_input, grad_weight, grad_bias, grad_residual) + (None,) * 7
 
 
-class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm on fastnn's kernels. Works with NCCL and gloo (so on CPUs too);
-    ranks may hold different batch sizes, including zero. In eval, or with a world size of one,
-    it is a plain fastnn BatchNorm and does no collective."""
+class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
+    """torch.nn.SyncBatchNorm on fastnn's kernels, with the same constructor and state_dict.
+    Works with NCCL and gloo (so on CPUs too); ranks may hold different batch sizes, including
+    zero. In eval, or with a world size of one, it is a plain fastnn BatchNorm and does no
+    collective.
+
+    It derives from torch's _BatchNorm rather than torch.nn.SyncBatchNorm: DistributedDataParallel
+    refuses every torch.nn.SyncBatchNorm instance on CPU modules, which is where this one works
+    too."""
 
     _relu = False
     _residual = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, process_group=None,
+                 device=None, dtype=None, **kwargs):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         if residual is not None and not self._residual:
@@ -153,7 +170,7 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
         from fastnn.nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d
 
         out = module
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(
+        if isinstance(module, _BatchNorm) and not isinstance(
                 module, SyncBatchNorm):
             if isinstance(module, BatchNormAddReLU2d):
                 target = SyncBatchNormAddReLU
