@@ -24,6 +24,8 @@ SUMMARY="$OUT/summary.txt"
 PY=${PYTHON:-python}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
 export PYTHONUNBUFFERED=1
+# fastnn importable from the checkout even when it was built in place rather than installed.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-240}
@@ -218,6 +220,33 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
                 failures.append(f"{tag}: backward not bitwise reproducible")
 
 
+def check_large():
+    """Tensors of more than 2^31 elements (64-bit indexing), planes and rows layouts."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < 40 * 2**30:
+        print(f"large cases skipped: {free / 2**30:.1f} GiB free")
+        return
+    for shape in ((1, 2, 2**30 + 17), (2**27 + 3, 16)):
+        x = torch.randn(shape, device=dev, dtype=torch.float16)
+        dims = [0] + list(range(2, x.dim()))
+        out, m, i = ops.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, None, False)
+        var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+        close(f"large {shape}: mean", m, mean, (1e-4, 1e-4))
+        close(f"large {shape}: invstd", i, torch.rsqrt(var + 1e-5), (1e-4, 1e-4))
+        bshape = (1, -1) + (1,) * (x.dim() - 2)
+        tail = (slice(None),) * (x.dim() - 1) + (slice(-100000, None),)
+        if x.dim() == 2:
+            tail = (slice(-100000, None), slice(None))
+        want = ((x[tail].float() - mean.view(bshape)) * torch.rsqrt(var + 1e-5).view(bshape)).half()
+        close(f"large {shape}: output tail", out[tail], want, TOL[torch.float16])
+        del out
+        gi, gw, gb, _ = ops.batch_norm_backward(x, x, None, None, m, i, True, False, False)
+        sb = x.float().sum(dims)
+        close(f"large {shape}: grad_bias", gb / sb.abs().max(), sb / sb.abs().max(), (1e-3, 1e-3))
+        del gi, gw, gb, x
+        torch.cuda.empty_cache()
+
+
 def main():
     torch.manual_seed(0)
     for shape, fmt in SHAPES:
@@ -307,6 +336,9 @@ def main():
         close("graph replay running_mean", rm, rm2, TOL[torch.float32])
         close("graph replay running_var", rv, rv2, TOL[torch.float32])
         close("graph replay grad_input", gi, egi, GTOL[torch.float16])
+
+    if not SMALL:
+        check_large()
 
     torch.cuda.synchronize()
     print(f"cuda op check: {checked} comparisons, {len(failures)} failures")

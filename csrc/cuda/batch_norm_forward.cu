@@ -23,17 +23,22 @@ struct TrainArgs {
   at::TensorOptions stat_options;
 };
 
+// Element offset between the first elements of consecutive channels: the statistics shift.
+inline int64_t shift_stride(const KernelLayout& l) { return l.rows ? 1 : l.S; }
+
 template <typename scalar_t, typename acc_t>
 void launch_finalize(const TrainArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
                      cudaStream_t stream) {
   const int64_t C = a.layout.C;
   bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-      partial, P, C, a.inv_count, a.eps, a.save_mean, a.save_invstd, a.running);
+      partial, P, C, a.x, shift_stride(a.layout), a.inv_count, a.eps, a.save_mean, a.save_invstd,
+      a.running);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
-AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean, const acc_t* invstd) {
+AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean,
+                                     const acc_t* invstd) {
   p.mean = ChannelParam{mean, 1, true};
   p.invstd = ChannelParam{invstd, 1, true};
   p.from_var = false;
@@ -51,7 +56,7 @@ void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   const Launch L = plan_rows(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, pp);
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, shift_stride(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
@@ -69,7 +74,7 @@ void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
   const Launch L = plan_planes(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, pp);
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, shift_stride(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
@@ -82,6 +87,7 @@ template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
 void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* res, scalar_t* out,
                  const AffineParams<acc_t>& affine) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The walking order does not matter here; REVERSE = true shares the training instantiations.
   if (layout.rows) {
     auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
     static const int bps = blocks_per_sm(norm);

@@ -5,7 +5,7 @@
 //
 //   planes (NCHW):       element (n, c, s) at (n * C + c) * S + s. A block works on one channel
 //                        (blockIdx.x); each warp walks "rows" = (plane n, segment of S), the lanes
-//                        reading consecutive vectors of V elements of that channel.
+//                        reading consecutive 16-byte vectors of that channel (scalar head/tail).
 //   rows (NHWC, 2-D):    element (r, c) at r * C + c with r = n * S + s. A block is (tx, ty)
 //                        threads: tx lanes cover tx * V consecutive channels, ty threads walk rows.
 //
@@ -28,20 +28,20 @@ namespace cuda {
 constexpr int kThreads = 512;            // threads per block of every streaming kernel
 constexpr int kWarps = kThreads / 32;    // warps per block
 constexpr int kUnroll = 4;               // vectors each thread has in flight per loop step
+constexpr int kMinBlocks = 2;            // forward streaming kernels: blocks per SM to fit
 constexpr int kFinalizeX = 32;           // finalize kernels: channels per block
 constexpr int kFinalizeY = 16;           //                   partial lanes per channel
 
 // ---------------------------------------------------------------------------------------------
 // Geometry (plain structs filled on the host, passed by value).
 
-// planes layout: per channel, `rows` = N * segs rows of at most seg_len vectors of V elements.
+// planes layout: per channel, `rows` = N * segs rows of at most seg_len elements.
 struct PlaneGeom {
   int64_t N;        // planes per channel
   int64_t C;        // channels
   int64_t S;        // elements per plane
-  int64_t Sv;       // vectors per plane (S / V)
   int64_t segs;     // segments per plane
-  int64_t seg_len;  // vectors per segment (the last one may be shorter)
+  int64_t seg_len;  // elements per segment (the last one may be shorter)
   int64_t rows;     // N * segs
 };
 
@@ -344,13 +344,20 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Iteration. `f(std::integral_constant<int, U>, offset, step)` handles U vectors at element
-// offsets offset + u * step, u < U (U == kUnroll in the body, 1 in the tail), so that its loads
-// can all be issued before the arithmetic. REVERSE walks the same elements in the opposite
-// order: a pass right after a reduction over the same data then starts with what is still in L2.
+// Iteration. `f(std::integral_constant<int, U>, [std::integral_constant<int, W>,] offset, step)`
+// handles U vectors of W elements at element offsets offset + u * step, u < U (U == kUnroll in
+// the body, 1 in the tail), so that its loads can all be issued before the arithmetic. REVERSE
+// walks the same elements in the opposite order: a pass right after a reduction over the same
+// data then starts with what is still in L2.
 
+// planes layout: a row is a segment of one plane. With V > 1 (every base pointer 16-byte
+// aligned) a row is read as a scalar head up to the first V-aligned element, whole vectors of V,
+// and a scalar tail, so planes of any size and offset get 16-byte accesses; W says which.
 template <int V, bool REVERSE, typename F>
 __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c, F&& f) {
+  using One = std::integral_constant<int, 1>;
+  using Vec = std::integral_constant<int, V>;
+  using Unroll = std::integral_constant<int, kUnroll>;
   const int lane = threadIdx.x & 31;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kWarps;
@@ -364,15 +371,26 @@ __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c
       seg = row - n * g.segs;
     }
     const int64_t begin = seg * g.seg_len;
-    const int len = static_cast<int>(g.seg_len < g.Sv - begin ? g.seg_len : g.Sv - begin);
-    const int64_t base = (n * g.C + c) * g.S + begin * V;
-    constexpr int64_t step = 32 * V;
-    int i = lane;
-    for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) {
-      f(std::integral_constant<int, kUnroll>(), base + static_cast<int64_t>(i) * V, step);
-    }
-    for (; i < len; i += 32) {
-      f(std::integral_constant<int, 1>(), base + static_cast<int64_t>(i) * V, step);
+    const int len = static_cast<int>(g.seg_len < g.S - begin ? g.seg_len : g.S - begin);
+    const int64_t base = (n * g.C + c) * g.S + begin;
+    if constexpr (V == 1) {
+      int i = lane;
+      for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) f(Unroll(), One(), base + i, 32);
+      for (; i < len; i += 32) f(One(), One(), base + i, 32);
+    } else {
+      const int mis = static_cast<int>(base % V);
+      const int head = mis == 0 ? 0 : (V - mis < len ? V - mis : len);
+      const int nvec = (len - head) / V;
+      const int tail = head + nvec * V;
+      if (lane < head) f(One(), One(), base + lane, 0);
+      const int64_t vbase = base + head;
+      constexpr int64_t step = 32 * V;
+      int i = lane;
+      for (; i + 32 * (kUnroll - 1) < nvec; i += 32 * kUnroll) {
+        f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step);
+      }
+      for (; i < nvec; i += 32) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step);
+      if (lane < len - tail) f(One(), One(), base + tail + lane, 0);
     }
   }
 }
@@ -407,19 +425,35 @@ __device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f
 
 // ---------------------------------------------------------------------------------------------
 // Training forward, step 1: per-block Welford partials. partial = [3][gridDim.y][C].
+// Statistics are taken of x - shift with shift = the channel's first element (x[c * shift_stride]),
+// so that a large mean (1e4 with std 1, say) costs no float32 precision in the running sums; the
+// finalize kernel adds the shift back.
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t channel_shift(const scalar_t* __restrict__ x, int64_t c,
+                                               int64_t shift_stride) {
+  return static_cast<acc_t>(x[c * shift_stride]);
+}
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
-    bn_stats_planes_kernel(const scalar_t* __restrict__ x, PlaneGeom g, acc_t* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_stats_planes_kernel(const scalar_t* __restrict__ x, PlaneGeom g, int64_t shift_stride,
+                           acc_t* __restrict__ partial) {
   const int64_t c = blockIdx.x;
+  const acc_t shift = channel_shift<scalar_t, acc_t>(x, c, shift_stride);
   Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
-  for_each_plane_row<V, false>(g, c, [&](auto u, int64_t off, int64_t step) {
+  for_each_plane_row<V, false>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
-    acc_t v[U][V];
+    constexpr int W = decltype(width)::value;
+    acc_t v[U][W];
 #pragma unroll
-    for (int j = 0; j < U; ++j) load_vec<V>(x + off + j * step, v[j]);
+    for (int j = 0; j < U; ++j) load_vec<W>(x + off + j * step, v[j]);
 #pragma unroll
-    for (int j = 0; j < U; ++j) welford_add<V>(w, v[j]);
+    for (int j = 0; j < U; ++j) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) v[j][i] -= shift;
+      welford_add<W>(w, v[j]);
+    }
   });
   w = block_reduce_all(w);
   if (threadIdx.x == 0) {
@@ -429,30 +463,49 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, typename acc_t, int V>
-__global__ void __launch_bounds__(kThreads)
-    bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, acc_t* __restrict__ partial) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, int64_t shift_stride,
+                         acc_t* __restrict__ partial) {
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  acc_t mean[V], m2[V];
+  acc_t mean[V], m2[V], shift[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) mean[i] = m2[i] = acc_t(0);
+  for (int i = 0; i < V; ++i) mean[i] = m2[i] = shift[i] = acc_t(0);
   acc_t n = acc_t(0);
   if (cv < g.Cv) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      shift[i] = channel_shift<scalar_t, acc_t>(x, cv * V + i, shift_stride);
+    }
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
-      acc_t v[U][V];
+      scalar_t v[U][V];
 #pragma unroll
-      for (int j = 0; j < U; ++j) load_vec<V>(x + off + j * step, v[j]);
+      for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
+      // The U rows' own mean and M2 per channel, then one Chan merge (one division per step).
+      const acc_t nn = n + acc_t(U);
+      const acc_t r = acc_t(U) / nn;
+      const acc_t nr = n * r;
 #pragma unroll
-      for (int j = 0; j < U; ++j) {
-        n += acc_t(1);
-        const acc_t inv = acc_t(1) / n;
+      for (int i = 0; i < V; ++i) {
+        acc_t t[U];
+        acc_t cm = acc_t(0);
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const acc_t delta = v[j][i] - mean[i];
-          mean[i] += delta * inv;
-          m2[i] += delta * (v[j][i] - mean[i]);
+        for (int j = 0; j < U; ++j) {
+          t[j] = static_cast<acc_t>(v[j][i]) - shift[i];
+          cm += t[j];
         }
+        cm *= acc_t(1) / acc_t(U);
+        acc_t c2 = acc_t(0);
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+          const acc_t d = t[j] - cm;
+          c2 += d * d;
+        }
+        const acc_t delta = cm - mean[i];
+        mean[i] += delta * r;
+        m2[i] += c2 + delta * delta * nr;
       }
+      n = nn;
     });
   }
   const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
@@ -470,6 +523,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
     bn_stats_finalize_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t C,
+                             const scalar_t* __restrict__ x, int64_t shift_stride,
                              acc_t inv_count, acc_t eps, acc_t* __restrict__ save_mean,
                              acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
   using F = Fields<Welford<acc_t>>;
@@ -488,13 +542,14 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
   for (int k = 1; k < kFinalizeY; ++k) {
     w = welford_merge(w, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
   }
+  const acc_t mean = channel_shift<scalar_t, acc_t>(x, c, shift_stride) + w.mean;
   acc_t var = w.m2 * inv_count;  // biased variance; the exact count comes from the host
   var = var < acc_t(0) ? acc_t(0) : var;
-  save_mean[c] = w.mean;
+  save_mean[c] = mean;
   save_invstd[c] = rsqrt_acc(var + eps);
   if (ru.mean.ptr != nullptr) {
     const acc_t rm = load_running<scalar_t, acc_t>(ru.mean, c);
-    store_running<scalar_t>(ru.mean, c, w.mean * ru.momentum + rm * ru.one_minus_momentum);
+    store_running<scalar_t>(ru.mean, c, mean * ru.momentum + rm * ru.one_minus_momentum);
   }
   if (ru.var.ptr != nullptr) {
     const acc_t rv = load_running<scalar_t, acc_t>(ru.var, c);
@@ -507,36 +562,37 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
 // y = [relu]((x - mean) * invstd * weight + bias [+ residual]).
 
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bn_normalize_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                                scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g) {
   const int64_t c = blockIdx.x;
   acc_t mean, scale, shift;
   channel_affine<scalar_t>(p, c, mean, scale, shift);
-  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, int64_t off, int64_t step) {
+  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
-    acc_t v[U][V];
-    scalar_t r[U][V];
+    constexpr int W = decltype(width)::value;
+    scalar_t v[U][W];
+    scalar_t r[U][W];
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      load_vec<V>(x + off + j * step, v[j]);
-      if constexpr (RES) load_raw<V>(res + off + j * step, r[j]);
+      load_raw<W>(x + off + j * step, v[j]);
+      if constexpr (RES) load_raw<W>(res + off + j * step, r[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t o[V];
+      scalar_t o[W];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        o[i] = normalize_one<RES, RELU>(v[j][i], mean, scale, shift,
+      for (int i = 0; i < W; ++i) {
+        o[i] = normalize_one<RES, RELU>(static_cast<acc_t>(v[j][i]), mean, scale, shift,
                                         RES ? r[j][i] : static_cast<scalar_t>(0.0f));
       }
-      store_raw<V>(y + off + j * step, o);
+      store_raw<W>(y + off + j * step, o);
     }
   });
 }
 
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     bn_normalize_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                              scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g) {
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -546,11 +602,11 @@ __global__ void __launch_bounds__(kThreads)
   for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, cv * V + i, mean[i], scale[i], shift[i]);
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
-    acc_t v[U][V];
+    scalar_t v[U][V];
     scalar_t r[U][V];
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      load_vec<V>(x + off + j * step, v[j]);
+      load_raw<V>(x + off + j * step, v[j]);
       if constexpr (RES) load_raw<V>(res + off + j * step, r[j]);
     }
 #pragma unroll
@@ -558,7 +614,7 @@ __global__ void __launch_bounds__(kThreads)
       scalar_t o[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        o[i] = normalize_one<RES, RELU>(v[j][i], mean[i], scale[i], shift[i],
+        o[i] = normalize_one<RES, RELU>(static_cast<acc_t>(v[j][i]), mean[i], scale[i], shift[i],
                                         RES ? r[j][i] : static_cast<scalar_t>(0.0f));
       }
       store_raw<V>(y + off + j * step, o);
@@ -583,30 +639,31 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
   acc_t k = acc_t(0);
   if constexpr (EVAL_DX) k = invstd[c] * load_param<scalar_t>(weight, c, acc_t(1));
   Sum2<acc_t> s{acc_t(0), acc_t(0)};
-  for_each_plane_row<V, false>(g, c, [&](auto u, int64_t off, int64_t step) {
+  for_each_plane_row<V, false>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
-    scalar_t gv[U][V], ov[U][V];
-    acc_t xv[U][V];
+    constexpr int W = decltype(width)::value;
+    scalar_t gv[U][W], ov[U][W];
+    scalar_t xv[U][W];
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      load_raw<V>(go + off + j * step, gv[j]);
-      load_vec<V>(x + off + j * step, xv[j]);
-      if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
+      load_raw<W>(go + off + j * step, gv[j]);
+      load_raw<W>(x + off + j * step, xv[j]);
+      if constexpr (RELU) load_raw<W>(out + off + j * step, ov[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t gm[V], d[V];
+      scalar_t gm[W], d[W];
       (void)d;  // written only with EVAL_DX
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
+      for (int i = 0; i < W; ++i) {
         gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
         const acc_t ga = static_cast<acc_t>(gm[i]);
         s.a += ga;
-        s.b += ga * (xv[j][i] - m);
+        s.b += ga * (static_cast<acc_t>(xv[j][i]) - m);
         if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
       }
-      if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
-      if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
+      if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
+      if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
     }
   });
   s = block_reduce_all(s);
@@ -639,11 +696,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
       scalar_t gv[U][V], ov[U][V];
-      acc_t xv[U][V];
+      scalar_t xv[U][V];
 #pragma unroll
       for (int j = 0; j < U; ++j) {
         load_raw<V>(go + off + j * step, gv[j]);
-        load_vec<V>(x + off + j * step, xv[j]);
+        load_raw<V>(x + off + j * step, xv[j]);
         if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
       }
 #pragma unroll
@@ -655,7 +712,7 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
           gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
           const acc_t ga = static_cast<acc_t>(gm[i]);
           sa[i] += ga;
-          sb[i] += ga * (xv[j][i] - m[i]);
+          sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
           if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
         }
         if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
@@ -696,7 +753,9 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_
   F::put(sm + threadIdx.y * kFinalizeX + threadIdx.x, plane, s);
   __syncthreads();
   if (threadIdx.y != 0 || c >= C) return;
-  for (int k = 1; k < kFinalizeY; ++k) s = combine(s, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
+  for (int k = 1; k < kFinalizeY; ++k) {
+    s = combine(s, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
+  }
   const acc_t is = invstd[c];
   grad_bias[c] = s.a;
   grad_weight[c] = s.b * is;
@@ -718,25 +777,27 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
   const acc_t a = coef[c], b = coef[g.C + c], d = coef[2 * g.C + c];
-  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, int64_t off, int64_t step) {
+  for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
-    scalar_t gv[U][V], ov[U][V];
-    acc_t xv[U][V];
+    constexpr int W = decltype(width)::value;
+    scalar_t gv[U][W], ov[U][W];
+    scalar_t xv[U][W];
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      load_raw<V>(grad + off + j * step, gv[j]);
-      load_vec<V>(x + off + j * step, xv[j]);
-      if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
+      load_raw<W>(grad + off + j * step, gv[j]);
+      load_raw<W>(x + off + j * step, xv[j]);
+      if constexpr (MASK) load_raw<W>(out + off + j * step, ov[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t o[V];
+      scalar_t o[W];
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const acc_t ga = static_cast<acc_t>(masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]));
-        o[i] = static_cast<scalar_t>(a * ga - b - d * (xv[j][i] - m));
+      for (int i = 0; i < W; ++i) {
+        const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
+        const acc_t ga = static_cast<acc_t>(gm);
+        o[i] = static_cast<scalar_t>(a * ga - b - d * (static_cast<acc_t>(xv[j][i]) - m));
       }
-      store_raw<V>(dx + off + j * step, o);
+      store_raw<W>(dx + off + j * step, o);
     }
   });
 }
@@ -760,11 +821,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     scalar_t gv[U][V], ov[U][V];
-    acc_t xv[U][V];
+    scalar_t xv[U][V];
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<V>(grad + off + j * step, gv[j]);
-      load_vec<V>(x + off + j * step, xv[j]);
+      load_raw<V>(x + off + j * step, xv[j]);
       if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
     }
 #pragma unroll
@@ -772,8 +833,10 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
       scalar_t o[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const acc_t ga = static_cast<acc_t>(masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]));
-        o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * (xv[j][i] - m[i]));
+        const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
+        const acc_t ga = static_cast<acc_t>(gm);
+        const acc_t xc = static_cast<acc_t>(xv[j][i]) - m[i];
+        o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * xc);
       }
       store_raw<V>(dx + off + j * step, o);
     }

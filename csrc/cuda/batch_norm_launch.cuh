@@ -70,13 +70,13 @@ inline bool aligned16(const void* p) {
   return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// True when every tensor can be accessed in 16-byte vectors: the fastest dimension (C for rows,
-// S for planes) is a multiple of the vector width and each base pointer is 16-byte aligned.
+// True when the kernels may use 16-byte vectors: every base pointer is 16-byte aligned and, for
+// rows (a thread owns V consecutive channels), C is a multiple of the vector width. Planes of any
+// size are read as a scalar head, vectors and a scalar tail.
 inline bool use_vectors(const KernelLayout& l, int64_t vmax,
                         std::initializer_list<const void*> ptrs) {
   if (vmax <= 1) return false;
-  const int64_t inner = l.rows ? l.C : l.S;
-  if (inner % vmax != 0) return false;
+  if (l.rows && l.C % vmax != 0) return false;
   for (const void* p : ptrs) {
     if (!aligned16(p)) return false;
   }
@@ -105,7 +105,7 @@ inline int64_t sm_count() { return at::cuda::getCurrentDeviceProperties()->multi
 
 constexpr int64_t kMaxGridY = 65535;
 
-// A streaming launch: grid, block, and how many partials per channel a reduction writes (gridDim.y).
+// A streaming launch: grid, block, and the partials per channel a reduction writes (gridDim.y).
 struct Launch {
   dim3 grid;
   dim3 block;
@@ -124,15 +124,14 @@ inline Launch plan_planes(const KernelLayout& l, int V, int64_t resident) {
   g.N = l.N;
   g.C = l.C;
   g.S = l.S;
-  g.Sv = l.S / V;
-  // Segments of at most kMaxSeg vectors (a multiple of 32 when a plane is split), so that a
-  // large plane spreads over many warps.
-  constexpr int64_t kMaxSeg = 32 * kUnroll * 8;
-  g.segs = ceil_div(g.Sv, kMaxSeg);
-  g.seg_len = g.Sv;
+  // Segments of at most kMaxSeg elements (a multiple of 32 * V when a plane is split, so every
+  // segment starts with the plane's alignment), so that a large plane spreads over many warps.
+  const int64_t kMaxSeg = int64_t{32} * kUnroll * 8 * V;
+  g.segs = ceil_div(g.S, kMaxSeg);
+  g.seg_len = g.S;
   if (g.segs > 1) {
-    g.seg_len = ceil_div(ceil_div(g.Sv, g.segs), 32) * 32;
-    g.segs = ceil_div(g.Sv, g.seg_len);
+    g.seg_len = ceil_div(ceil_div(g.S, g.segs), int64_t{32} * V) * (int64_t{32} * V);
+    g.segs = ceil_div(g.S, g.seg_len);
   }
   g.rows = g.N * g.segs;
   const int64_t useful = std::min(ceil_div(g.rows, kWarps), kMaxGridY);
@@ -166,7 +165,9 @@ inline Launch plan(const KernelLayout& l, int V, int64_t resident) {
 }
 
 // Finalize kernels: kFinalizeX channels per block.
-inline dim3 finalize_grid(int64_t C) { return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeX))); }
+inline dim3 finalize_grid(int64_t C) {
+  return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeX)));
+}
 inline dim3 finalize_block() { return dim3(kFinalizeX, kFinalizeY); }
 
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
