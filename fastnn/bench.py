@@ -184,7 +184,7 @@ def load_note(env: dict, end_load: Optional[List[float]]) -> Optional[str]:
     if loads and max(loads) > 0.75 * cores + 0.5:
         return (f"the machine was busy with other work (1-minute load average "
                 f"{max(loads):.1f} on {cores} cores): timings are slower and noisier than on an "
-                f"idle machine")
+                f"idle machine (CPU runs: rerun when it is idle, or compare with --threads 1)")
     return None
 
 
