@@ -58,7 +58,7 @@ def _nvidia_pip_includes():
 
 
 def _cpu_flags():
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
+    flags = ["-O3", "-fopenmp"]
     # at::vec picks its instruction set from CPU_CAPABILITY; build the kernels for AVX2+FMA when the
     # building machine has them (FASTNN_CPU_ARCH=default opts out, e.g. for portable wheels).
     arch = os.environ.get("FASTNN_CPU_ARCH", "auto")
@@ -127,7 +127,7 @@ def _extensions():
         kwargs["define_macros"] = define_macros + [("FASTNN_WITH_CUDA", "1")]
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17",
+            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
                      "--expt-relaxed-constexpr"],
         }
         ext = cpp_extension.CUDAExtension(**kwargs)
