@@ -127,7 +127,7 @@ def _extensions():
         kwargs["define_macros"] = define_macros + [("FASTNN_WITH_CUDA", "1")]
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
+            "nvcc": ["-O3", "-lineinfo",
                      "--expt-relaxed-constexpr"],
         }
         ext = cpp_extension.CUDAExtension(**kwargs)
