@@ -9,15 +9,16 @@
 //    partial last row ("tail") holds what does not fill a whole row.
 //
 // Work is cut into items whose size depends only on the shape, never on the number of threads;
-// each item writes its own partial statistics and the partials are merged in item order, so the
-// results are the same run to run and for any thread count.
+// each item writes its own partial sums and the partials are merged in item order, so results
+// are the same run to run and for any thread count.
 //
-// Statistics: each L1-sized chunk gets its mean (summing deviations from the chunk's first value)
-// and then its sum of squared deviations from that mean, on a second pass that hits L1. Chunks are
-// combined with the parallel-variance formula (Chan et al.) in double. No E[x^2] - E[x]^2.
+// Statistics: each L1-sized run of values gets its mean (summing deviations from the run's first
+// value) and then its sum of squared deviations from that mean, on a second pass that hits L1.
+// Runs are combined with the parallel-variance formula (Chan et al.) in double. No
+// E[x^2] - E[x]^2, so a mean far larger than the spread costs no precision.
 //
-// The second pass over the data (normalize, or the input gradient in training) walks each
-// thread's items in reverse, so it starts on what the first pass left in cache.
+// Large outputs are written with non-temporal stores: no read-for-ownership of the output lines
+// and no eviction of the input the next pass reads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -38,23 +39,24 @@ namespace {
 using at::Tensor;
 
 // Runtime flags to template parameters, so residual/relu/mask cost nothing when off.
-#define FASTNN_BOOL_SWITCH(COND, NAME, ...)     \
-  [&] {                                          \
-    if (COND) {                                  \
-      constexpr static bool NAME = true;         \
-      return __VA_ARGS__();                      \
-    } else {                                     \
-      constexpr static bool NAME = false;        \
-      return __VA_ARGS__();                      \
-    }                                            \
+#define FASTNN_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                      \
+    if (COND) {                              \
+      constexpr static bool NAME = true;     \
+      return __VA_ARGS__();                  \
+    } else {                                 \
+      constexpr static bool NAME = false;    \
+      return __VA_ARGS__();                  \
+    }                                        \
   }()
 
-constexpr int64_t kChunkBytes = 16 * 1024;      // one two-pass chunk: stays in L1
+constexpr int64_t kChunkBytes = 16 * 1024;      // a two-pass run of values: stays in L1
 constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per work item
 constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
 constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
 constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
 constexpr int64_t kMinParallelElements = 32 * 1024;
+constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // outputs this large bypass the cache
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -76,7 +78,7 @@ struct Plan {
 
   int64_t total_rows() const { return rows + (tail > 0 ? 1 : 0); }
   int64_t row_width(int64_t r) const { return r < rows ? W : tail; }
-  int64_t chunk_length(int64_t k_chunk) const { return std::min(chunk, S - k_chunk * chunk); }
+  int64_t chunk_length(int64_t kc) const { return std::min(chunk, S - kc * chunk); }
   // Full rows (the partial tail row excluded) of group g: statistics count only these.
   int64_t full_rows_in_group(int64_t g) const {
     return std::max<int64_t>(0, std::min(rows, (g + 1) * group_rows) - g * group_rows);
@@ -125,7 +127,8 @@ Plan make_plan(const BNShape& s) {
   return p;
 }
 
-// Columns of the rows layout in channel order: f(column, channel) for every column of a row.
+// Columns of the rows layout in channel order: f(column, channel) for every column of the first
+// `width` columns (a multiple of P).
 template <typename F>
 inline void for_each_column(const Plan& p, int64_t width, const F& f) {
   for (int64_t i = 0; i * p.P < width; ++i)
@@ -140,32 +143,73 @@ std::vector<A> expand_columns(const Plan& p, const A* per_channel) {
   return out;
 }
 
-// Calls f(item) for the items of [begin, end) in order, or in reverse order.
+// Items of the blocks layout: f(offset, length, channel).
 template <typename F>
-inline void for_items(int64_t begin, int64_t end, bool reverse, const F& f) {
-  if (reverse) {
-    for (int64_t t = end; t-- > begin;) f(t);
-  } else {
-    for (int64_t t = begin; t < end; ++t) f(t);
+inline void for_block_items(const Plan& p, int64_t begin, int64_t end, const F& f) {
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t block = t / p.chunks_per_block;
+    const int64_t kc = t % p.chunks_per_block;
+    f(t, block * p.S + kc * p.chunk, p.chunk_length(kc), block % p.C);
   }
+}
+
+// Rows of one item of the rows layout (the partial tail row included): f(offset, length).
+template <typename F>
+inline void for_item_rows(const Plan& p, int64_t t, const F& f) {
+  const int64_t g = t / p.col_blocks;
+  const int64_t c0 = (t % p.col_blocks) * p.col_block;
+  const int64_t r_end = std::min(p.total_rows(), (g + 1) * p.group_rows);
+  for (int64_t row = g * p.group_rows; row < r_end; ++row) {
+    const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
+    if (n > 0) f(row * p.W + c0, n);
+  }
+}
+
+// Stores a unit, non-temporally when kStream (the caller has aligned the address).
+template <bool kStream, typename T, typename V>
+C10_ALWAYS_INLINE void put(T* p, const V& lo, const V& hi) {
+  if constexpr (kStream) {
+    Unit<T>::stream(p, lo, hi);
+  } else {
+    Unit<T>::store(p, lo, hi);
+  }
+}
+
+// Number of leading elements to handle one by one so that `p` becomes stream-aligned (0 when not
+// streaming).
+template <bool kStream, typename T>
+C10_ALWAYS_INLINE int64_t stream_head(const T* p, int64_t n) {
+  if constexpr (!kStream) return 0;
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % Unit<T>::kStreamAlign;
+  if (misalign == 0) return 0;
+  const int64_t head = int64_t((Unit<T>::kStreamAlign - misalign) / sizeof(T));
+  return std::min(head, n);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
 
-// The mean comes in two parts (mean + mean_lo), so that x - mean keeps float precision when the
-// mean is large against the spread.
-template <bool kResidual, bool kRelu, typename T, typename P>
+// y = relu?((x - mean) * scale + shift + r?). The mean comes in two parts (mean + mean_lo) so
+// that x - mean keeps float precision when the mean is large against the spread.
+template <bool kResidual, bool kRelu, bool kStream, typename T, typename P>
 inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const P& mean_lo,
                          const P& scale, const P& shift) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  auto one = [&](int64_t i) {
+    A v = std::fma((A(x[i]) - mean.scalar(i)) - mean_lo.scalar(i), scale.scalar(i),
+                   shift.scalar(i));
+    if constexpr (kResidual) v += A(r[i]);
+    if constexpr (kRelu) v = relu(v);
+    y[i] = T(v);
+  };
   int64_t i = 0;
+  for (const int64_t head = stream_head<kStream>(y, n); i < head; ++i) one(i);
   for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
     V lo, hi;
     U::load(x + i, lo, hi);
-    const int64_t j = i + U::kHalf;
     lo = at::vec::fmadd((lo - mean.vec(i)) - mean_lo.vec(i), scale.vec(i), shift.vec(i));
     hi = at::vec::fmadd((hi - mean.vec(j)) - mean_lo.vec(j), scale.vec(j), shift.vec(j));
     if constexpr (kResidual) {
@@ -178,26 +222,28 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
       lo = relu(lo);
       hi = relu(hi);
     }
-    U::store(y + i, lo, hi);
+    put<kStream>(y + i, lo, hi);
   }
-  for (; i < n; ++i) {
-    A v = std::fma((A(x[i]) - mean.scalar(i)) - mean_lo.scalar(i), scale.scalar(i),
-                   shift.scalar(i));
-    if constexpr (kResidual) v += A(r[i]);
-    if constexpr (kRelu) v = relu(v);
-    y[i] = T(v);
-  }
+  for (; i < n; ++i) one(i);
 }
 
-// dx = a * (g - k1 - (x - mean) * k2), g masked by out > 0 when kMask.
-template <bool kMask, typename T, typename P>
+// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked by out > 0 (kMask).
+template <bool kMask, bool kStream, typename T, typename P>
 inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
                             const P& a, const P& k1, const P& k2) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
+    dx[i] = T(d * a.scalar(i));
+  };
   int64_t i = 0;
+  for (const int64_t head = stream_head<kStream>(dx, n); i < head; ++i) one(i);
   for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
     U::load(g + i, glo, ghi);
     if constexpr (kMask) {
@@ -207,23 +253,18 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
       ghi = mask_positive(ghi, ohi);
     }
     U::load(x + i, xlo, xhi);
-    const int64_t j = i + U::kHalf;
-    V dlo = at::vec::fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
-    V dhi = at::vec::fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
-    U::store(dx + i, dlo, dhi);
+    const V dlo = at::vec::fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
+    const V dhi = at::vec::fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
+    put<kStream>(dx + i, dlo, dhi);
   }
-  for (; i < n; ++i) {
-    A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
-    const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
-    dx[i] = T(d * a.scalar(i));
-  }
+  for (; i < n; ++i) one(i);
 }
 
 // ---------------------------------------------------------------------------------------------
-// Blocks layout: per-chunk reductions.
+// Reductions.
 
-// Mean and sum of squared deviations of n >= 1 contiguous values (two passes; the second hits L1).
+// Mean (in double) and sum of squared deviations of n >= 1 contiguous values; the second pass
+// hits L1.
 template <typename T>
 inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
   using U = Unit<T>;
@@ -250,7 +291,7 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
   }
   A sum = horizontal_sum((s0 + s1) + (s2 + s3));
   for (; i < n; ++i) sum += A(x[i]) - pivot;
-  // The mean is kept in double: rounded to float, a mean of 1e4 would be off by 5e-4.
+  // The mean is kept in double: rounded to float, a mean of 1e4 would be off by up to 5e-4.
   const double mean_d = double(pivot) + double(sum) / double(n);
   const A mean = A(mean_d);
 
@@ -283,24 +324,138 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
     const A d = A(x[i]) - mean;
     m2 += d * d;
   }
-  // Squares were taken around the rounded mean: move them to the exact one.
+  // The squares were taken around the rounded mean: move them to the exact one.
   const double shift = mean_d - double(mean);
   mean_out = mean_d;
   m2_out = std::max(0.0, double(m2) - double(n) * shift * shift);
 }
 
-// Sums of g and g * (x - mean) over n contiguous values of one channel; g is masked by out > 0
-// (kMask), copied to gr (kGradResidual), and dx = g * a written (kGradInput: eval backward).
-template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
-inline void chunk_grad_sums(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
-                            acc_t<T> mean, acc_t<T> a, acc_t<T>& sum_g, acc_t<T>& sum_gx) {
+// Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
+// (row stride W). First pass: pivot[j] = x[0][j], sum[j] = sum over rows of x[r][j] - x[0][j].
+template <int kU, typename T>
+inline void tile_deviation_sums(const T* x, int64_t W, int64_t nr, acc_t<T>* pivot,
+                                acc_t<T>* sum) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  const V vm(mean), va(a);
-  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0));
+  V piv[2 * kU], s[2 * kU];
+  for (int u = 0; u < kU; ++u) U::load(x + u * U::kSize, piv[2 * u], piv[2 * u + 1]);
+  for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
+  for (int64_t r = 1; r < nr; ++r) {
+    const T* row = x + r * W;
+    for (int u = 0; u < kU; ++u) {
+      V lo, hi;
+      U::load(row + u * U::kSize, lo, hi);
+      s[2 * u] = s[2 * u] + (lo - piv[2 * u]);
+      s[2 * u + 1] = s[2 * u + 1] + (hi - piv[2 * u + 1]);
+    }
+  }
+  for (int v = 0; v < 2 * kU; ++v) {
+    piv[v].store(pivot + v * V::size());
+    s[v].store(sum + v * V::size());
+  }
+}
+
+// Second pass: m2[j] = sum over rows of (x[r][j] - mean[j])^2.
+template <int kU, typename T>
+inline void tile_square_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* mean,
+                             acc_t<T>* m2) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  V m[2 * kU], q[2 * kU];
+  for (int v = 0; v < 2 * kU; ++v) {
+    m[v] = V::loadu(mean + v * V::size());
+    q[v] = V(A(0));
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* row = x + r * W;
+    for (int u = 0; u < kU; ++u) {
+      V lo, hi;
+      U::load(row + u * U::kSize, lo, hi);
+      lo = lo - m[2 * u];
+      hi = hi - m[2 * u + 1];
+      q[2 * u] = at::vec::fmadd(lo, lo, q[2 * u]);
+      q[2 * u + 1] = at::vec::fmadd(hi, hi, q[2 * u + 1]);
+    }
+  }
+  for (int v = 0; v < 2 * kU; ++v) q[v].store(m2 + v * V::size());
+}
+
+// Both passes over cw columns of nr rows; mean_d (double) and m2 (around mean_d) per column.
+// `pivot` and `mean` are scratch of cw values.
+template <typename T>
+inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* pivot,
+                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2) {
+  using A = acc_t<T>;
+  constexpr int64_t kUnit = Unit<T>::kSize;
+  int64_t j = 0;
+  for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
+    tile_deviation_sums<2>(x + j, W, nr, pivot + j, mean + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_deviation_sums<1>(x + j, W, nr, pivot + j, mean + j);
+  for (; j < cw; ++j) {
+    pivot[j] = A(x[j]);
+    A sum = A(0);
+    for (int64_t r = 1; r < nr; ++r) sum += A(x[r * W + j]) - pivot[j];
+    mean[j] = sum;
+  }
+  const double inv_n = 1.0 / double(nr);
+  for (j = 0; j < cw; ++j) {
+    mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
+    mean[j] = A(mean_d[j]);
+  }
+  j = 0;
+  for (; j + 2 * kUnit <= cw; j += 2 * kUnit) tile_square_sums<2>(x + j, W, nr, mean + j, m2 + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_square_sums<1>(x + j, W, nr, mean + j, m2 + j);
+  for (; j < cw; ++j) {
+    A q = A(0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const A d = A(x[r * W + j]) - mean[j];
+      q += d * d;
+    }
+    m2[j] = q;
+  }
+}
+
+// Sums of g and g * (x - mean) over n values, g masked by out > 0 (kMask); on the way the masked
+// g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is Broadcast
+// (one channel, sums in registers) or PerColumn (sums added to the per-column arrays sum_g and
+// sum_gx).
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P>
+inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
+                           const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr bool kColumns = std::is_same_v<P, PerColumn<A>>;
+  constexpr bool kWrites = kGradResidual || kGradInput;
+  A s = A(0), sx = A(0);
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kGradResidual) gr[i] = T(gv);
+    if constexpr (kGradInput) dx[i] = T(gv * a.scalar(i));
+    const A gx = gv * (A(x[i]) - mean.scalar(i));
+    if constexpr (kColumns) {
+      sum_g[i] += gv;
+      sum_gx[i] += gx;
+    } else {
+      s += gv;
+      sx += gx;
+    }
+  };
   int64_t i = 0;
+  if constexpr (kStream && kWrites) {
+    // gr and dx are allocated alike and so share their alignment; stream only when they do.
+    if (kGradResidual && kGradInput && stream_head<true>(gr, n) != stream_head<true>(dx, n)) {
+      return grad_sums_span<kMask, kGradResidual, kGradInput, false>(g, out, x, gr, dx, n, mean,
+                                                                     a, sum_g, sum_gx);
+    }
+    for (const int64_t head = stream_head<true>(kGradResidual ? gr : dx, n); i < head; ++i) one(i);
+  }
+  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0));
   for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
     U::load(g + i, glo, ghi);
     if constexpr (kMask) {
@@ -309,102 +464,25 @@ inline void chunk_grad_sums(const T* g, const T* out, const T* x, T* gr, T* dx, 
       glo = mask_positive(glo, olo);
       ghi = mask_positive(ghi, ohi);
     }
-    if constexpr (kGradResidual) U::store(gr + i, glo, ghi);
-    if constexpr (kGradInput) U::store(dx + i, glo * va, ghi * va);
+    if constexpr (kGradResidual) put<kStream>(gr + i, glo, ghi);
+    if constexpr (kGradInput) put<kStream>(dx + i, glo * a.vec(i), ghi * a.vec(j));
     U::load(x + i, xlo, xhi);
-    sg0 = sg0 + glo;
-    sg1 = sg1 + ghi;
-    sx0 = at::vec::fmadd(glo, xlo - vm, sx0);
-    sx1 = at::vec::fmadd(ghi, xhi - vm, sx1);
-  }
-  A s = horizontal_sum(sg0 + sg1);
-  A sx = horizontal_sum(sx0 + sx1);
-  for (; i < n; ++i) {
-    A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
-    if constexpr (kGradResidual) gr[i] = T(gv);
-    if constexpr (kGradInput) dx[i] = T(gv * a);
-    s += gv;
-    sx = std::fma(gv, A(x[i]) - mean, sx);
-  }
-  sum_g = s;
-  sum_gx = sx;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Rows layout: per-column reductions over a run of rows (accumulators live in L1 arrays).
-
-// sum[j] += x[j] - pivot[j] (the deviation from the run's first row) for one row.
-template <typename T>
-inline void row_add_deviation(const T* x, const acc_t<T>* pivot, acc_t<T>* sum, int64_t n) {
-  using U = Unit<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  int64_t j = 0;
-  for (; j + U::kSize <= n; j += U::kSize) {
-    V lo, hi;
-    U::load(x + j, lo, hi);
-    (V::loadu(sum + j) + (lo - V::loadu(pivot + j))).store(sum + j);
-    (V::loadu(sum + j + U::kHalf) + (hi - V::loadu(pivot + j + U::kHalf))).store(sum + j + U::kHalf);
-  }
-  for (; j < n; ++j) sum[j] += A(x[j]) - pivot[j];
-}
-
-// m2[j] += (x[j] - mean[j])^2 for one row.
-template <typename T>
-inline void row_add_square(const T* x, const acc_t<T>* mean, acc_t<T>* m2, int64_t n) {
-  using U = Unit<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  int64_t j = 0;
-  for (; j + U::kSize <= n; j += U::kSize) {
-    V lo, hi;
-    U::load(x + j, lo, hi);
-    lo = lo - V::loadu(mean + j);
-    hi = hi - V::loadu(mean + j + U::kHalf);
-    at::vec::fmadd(lo, lo, V::loadu(m2 + j)).store(m2 + j);
-    at::vec::fmadd(hi, hi, V::loadu(m2 + j + U::kHalf)).store(m2 + j + U::kHalf);
-  }
-  for (; j < n; ++j) {
-    const A d = A(x[j]) - mean[j];
-    m2[j] += d * d;
-  }
-}
-
-// Per-column sums of g and g * (x - mean) for one row; see chunk_grad_sums.
-template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
-inline void row_grad_sums(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
-                          const acc_t<T>* mean, const acc_t<T>* a, acc_t<T>* sum_g,
-                          acc_t<T>* sum_gx) {
-  using U = Unit<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  int64_t j = 0;
-  for (; j + U::kSize <= n; j += U::kSize) {
-    const int64_t h = j + U::kHalf;
-    V glo, ghi, xlo, xhi;
-    U::load(g + j, glo, ghi);
-    if constexpr (kMask) {
-      V olo, ohi;
-      U::load(out + j, olo, ohi);
-      glo = mask_positive(glo, olo);
-      ghi = mask_positive(ghi, ohi);
+    if constexpr (kColumns) {
+      (V::loadu(sum_g + i) + glo).store(sum_g + i);
+      (V::loadu(sum_g + j) + ghi).store(sum_g + j);
+      at::vec::fmadd(glo, xlo - mean.vec(i), V::loadu(sum_gx + i)).store(sum_gx + i);
+      at::vec::fmadd(ghi, xhi - mean.vec(j), V::loadu(sum_gx + j)).store(sum_gx + j);
+    } else {
+      sg0 = sg0 + glo;
+      sg1 = sg1 + ghi;
+      sx0 = at::vec::fmadd(glo, xlo - mean.vec(i), sx0);
+      sx1 = at::vec::fmadd(ghi, xhi - mean.vec(j), sx1);
     }
-    if constexpr (kGradResidual) U::store(gr + j, glo, ghi);
-    if constexpr (kGradInput) U::store(dx + j, glo * V::loadu(a + j), ghi * V::loadu(a + h));
-    U::load(x + j, xlo, xhi);
-    (V::loadu(sum_g + j) + glo).store(sum_g + j);
-    (V::loadu(sum_g + h) + ghi).store(sum_g + h);
-    at::vec::fmadd(glo, xlo - V::loadu(mean + j), V::loadu(sum_gx + j)).store(sum_gx + j);
-    at::vec::fmadd(ghi, xhi - V::loadu(mean + h), V::loadu(sum_gx + h)).store(sum_gx + h);
   }
-  for (; j < n; ++j) {
-    A gv = A(g[j]);
-    if constexpr (kMask) gv = A(out[j]) > A(0) ? gv : A(0);
-    if constexpr (kGradResidual) gr[j] = T(gv);
-    if constexpr (kGradInput) dx[j] = T(gv * a[j]);
-    sum_g[j] += gv;
-    sum_gx[j] = std::fma(gv, A(x[j]) - mean[j], sum_gx[j]);
+  for (; i < n; ++i) one(i);
+  if constexpr (!kColumns) {
+    *sum_g = s + horizontal_sum(sg0 + sg1);
+    *sum_gx = sx + horizontal_sum(sx0 + sx1);
   }
 }
 
@@ -418,11 +496,9 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   if (p.blocks) {
     std::vector<double> pmean(p.items), pm2(p.items);
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t kc = t % p.chunks_per_block;
-        const int64_t offset = (t / p.chunks_per_block) * p.S + kc * p.chunk;
-        chunk_stats(x + offset, p.chunk_length(kc), pmean[t], pm2[t]);
-      }
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t) {
+        chunk_stats(x + o, n, pmean[t], pm2[t]);
+      });
     });
     const int64_t per_channel = p.N * p.chunks_per_block;
     at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
@@ -446,8 +522,8 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
     return;
   }
 
-  // Rows layout: per item (group of rows, block of columns) the statistics of each column, over
-  // L1-sized runs of rows merged with Chan's update.
+  // Rows layout: per item (a group of rows by a block of columns), the statistics of each column
+  // over runs of sub_rows rows, merged run by run with Chan's update.
   std::vector<double> pmean(p.groups * p.W, 0.0), pm2(p.groups * p.W, 0.0);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
     alignas(64) A pivot[kMaxColumnBlock];
@@ -465,24 +541,12 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
       int64_t done = 0;
       for (int64_t r0 = r_begin; r0 < r_end; r0 += p.sub_rows) {
         const int64_t nr = std::min(p.sub_rows, r_end - r0);
-        const T* base = x + r0 * p.W + c0;
-        for (int64_t j = 0; j < cw; ++j) {
-          pivot[j] = A(base[j]);
-          mean[j] = A(0);
-          m2[j] = A(0);
-        }
-        for (int64_t r = 1; r < nr; ++r) row_add_deviation(base + r * p.W, pivot, mean, cw);
-        const double inv_n = 1.0 / double(nr);
-        for (int64_t j = 0; j < cw; ++j) {
-          mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
-          mean[j] = A(mean_d[j]);
-        }
-        for (int64_t r = 0; r < nr; ++r) row_add_square(base + r * p.W, mean, m2, cw);
-        // Squares were taken around the rounded means: move them to the exact ones, then merge.
+        rows_stats(x + r0 * p.W + c0, p.W, nr, cw, pivot, mean, mean_d, m2);
         const double n = double(done + nr);
         const double wb = double(nr) / n;
         const double cross = double(done) * double(nr) / n;
         for (int64_t j = 0; j < cw; ++j) {
+          // Squares were taken around the rounded mean: move them to the exact one, then merge.
           const double s = mean_d[j] - double(mean[j]);
           const double m2_run = std::max(0.0, double(m2[j]) - double(nr) * s * s);
           if (done == 0) {
@@ -536,23 +600,18 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
 }
 
 // y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift.
-template <bool kResidual, bool kRelu, typename T>
+template <bool kResidual, bool kRelu, bool kStream, typename T>
 void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean,
-               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift,
-               bool reverse) {
+               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift) {
   using A = acc_t<T>;
   if (p.blocks) {
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for_items(begin, end, reverse, [&](int64_t t) {
-        const int64_t block = t / p.chunks_per_block;
-        const int64_t kc = t % p.chunks_per_block;
-        const int64_t c = block % p.C;
-        const int64_t o = block * p.S + kc * p.chunk;
-        forward_span<kResidual, kRelu>(x + o, kResidual ? r + o : nullptr, y + o,
-                                       p.chunk_length(kc), Broadcast<A>(mean[c]),
-                                       Broadcast<A>(mean_lo[c]), Broadcast<A>(scale[c]),
-                                       Broadcast<A>(shift[c]));
+      for_block_items(p, begin, end, [&](int64_t, int64_t o, int64_t n, int64_t c) {
+        forward_span<kResidual, kRelu, kStream>(
+            x + o, kResidual ? r + o : nullptr, y + o, n, Broadcast<A>(mean[c]),
+            Broadcast<A>(mean_lo[c]), Broadcast<A>(scale[c]), Broadcast<A>(shift[c]));
       });
+      if (kStream) stream_fence();
     });
     return;
   }
@@ -561,41 +620,35 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean
   const std::vector<A> scale_w = expand_columns(p, scale);
   const std::vector<A> shift_w = expand_columns(p, shift);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-    for_items(begin, end, reverse, [&](int64_t t) {
-      const int64_t g = t / p.col_blocks;
+    for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const int64_t r_end = std::min(p.total_rows(), (g + 1) * p.group_rows);
       const PerColumn<A> m(mean_w.data() + c0), ml(mean_lo_w.data() + c0),
           s(scale_w.data() + c0), h(shift_w.data() + c0);
-      for (int64_t row = g * p.group_rows; row < r_end; ++row) {
-        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
-        if (n <= 0) continue;
-        const int64_t o = row * p.W + c0;
-        forward_span<kResidual, kRelu>(x + o, kResidual ? r + o : nullptr, y + o, n, m, ml, s,
-                                       h);
-      }
-    });
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        forward_span<kResidual, kRelu, kStream>(x + o, kResidual ? r + o : nullptr, y + o, n, m,
+                                                ml, s, h);
+      });
+    }
+    if (kStream) stream_fence();
   });
 }
 
-// Per-channel sums of g and g * (x - mean) (g masked when kMask), writing the masked g to gr
-// (kGradResidual) and dx = g * a (kGradInput).
-template <bool kMask, bool kGradResidual, bool kGradInput, typename T>
+// Per-channel sums of g and g * (x - mean) (g masked when kMask), in double; writes the masked
+// g to gr (kGradResidual) and dx = g * a (kGradInput) on the way.
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T>
 void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx,
                const acc_t<T>* mean, const acc_t<T>* a, double* sum_g_c, double* sum_gx_c) {
   using A = acc_t<T>;
   if (p.blocks) {
     std::vector<A> psg(p.items), psgx(p.items);
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t block = t / p.chunks_per_block;
-        const int64_t kc = t % p.chunks_per_block;
-        const int64_t c = block % p.C;
-        const int64_t o = block * p.S + kc * p.chunk;
-        chunk_grad_sums<kMask, kGradResidual, kGradInput>(
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
+        grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
             g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
-            kGradInput ? dx + o : nullptr, p.chunk_length(kc), mean[c], a[c], psg[t], psgx[t]);
-      }
+            kGradInput ? dx + o : nullptr, n, Broadcast<A>(mean[c]), Broadcast<A>(a[c]), &psg[t],
+            &psgx[t]);
+      });
+      if (kStream) stream_fence();
     });
     const int64_t per_channel = p.N * p.chunks_per_block;
     at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
@@ -619,20 +672,16 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
   std::vector<A> psg(p.groups * p.W, A(0)), psgx(p.groups * p.W, A(0));
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t grp = t / p.col_blocks;
       const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const int64_t r_end = std::min(p.total_rows(), (grp + 1) * p.group_rows);
-      A* sg = psg.data() + grp * p.W + c0;
-      A* sgx = psgx.data() + grp * p.W + c0;
-      for (int64_t row = grp * p.group_rows; row < r_end; ++row) {
-        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
-        if (n <= 0) continue;
-        const int64_t o = row * p.W + c0;
-        row_grad_sums<kMask, kGradResidual, kGradInput>(
+      const int64_t slot = (t / p.col_blocks) * p.W + c0;
+      const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0);
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
             g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
-            kGradInput ? dx + o : nullptr, n, mean_w.data() + c0, a_w.data() + c0, sg, sgx);
-      }
+            kGradInput ? dx + o : nullptr, n, m, av, psg.data() + slot, psgx.data() + slot);
+      });
     }
+    if (kStream) stream_fence();
   });
   std::vector<double> col_g(p.W, 0.0), col_gx(p.W, 0.0);
   for (int64_t grp = 0; grp < p.groups; ++grp) {
@@ -652,21 +701,18 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
 }
 
 // Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked when kMask.
-template <bool kMask, typename T>
+template <bool kMask, bool kStream, typename T>
 void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, const acc_t<T>* mean,
                 const acc_t<T>* a, const acc_t<T>* k1, const acc_t<T>* k2) {
   using A = acc_t<T>;
   if (p.blocks) {
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for_items(begin, end, /*reverse=*/true, [&](int64_t t) {
-        const int64_t block = t / p.chunks_per_block;
-        const int64_t kc = t % p.chunks_per_block;
-        const int64_t c = block % p.C;
-        const int64_t o = block * p.S + kc * p.chunk;
-        grad_input_span<kMask>(g + o, kMask ? out + o : nullptr, x + o, dx + o,
-                               p.chunk_length(kc), Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
-                               Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
+      for_block_items(p, begin, end, [&](int64_t, int64_t o, int64_t n, int64_t c) {
+        grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n,
+                                        Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
+                                        Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
       });
+      if (kStream) stream_fence();
     });
     return;
   }
@@ -675,19 +721,16 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
   const std::vector<A> k1_w = expand_columns(p, k1);
   const std::vector<A> k2_w = expand_columns(p, k2);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-    for_items(begin, end, /*reverse=*/true, [&](int64_t t) {
-      const int64_t grp = t / p.col_blocks;
+    for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const int64_t r_end = std::min(p.total_rows(), (grp + 1) * p.group_rows);
       const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0), b1(k1_w.data() + c0),
           b2(k2_w.data() + c0);
-      for (int64_t row = grp * p.group_rows; row < r_end; ++row) {
-        const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
-        if (n <= 0) continue;
-        const int64_t o = row * p.W + c0;
-        grad_input_span<kMask>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av, b1, b2);
-      }
-    });
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m,
+                                        av, b1, b2);
+      });
+    }
+    if (kStream) stream_fence();
   });
 }
 
@@ -696,7 +739,10 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
 
 bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// A [C] per-channel tensor in the accumulation dtype (contiguous), or `fill` when absent.
+// Non-temporal stores pay off for outputs far larger than the caches.
+bool use_stream(const Tensor& out) { return out.nbytes() >= kStreamMinBytes; }
+
+// A [C] per-channel tensor as accumulation-type values, or `fill` when absent.
 template <typename A>
 std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill) {
   if (!defined(t)) return std::vector<A>(C, fill);
@@ -708,13 +754,15 @@ std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill)
 template <typename T>
 void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
                    const acc_t<T>* mean, const acc_t<T>* mean_lo, const acc_t<T>* scale,
-                   const acc_t<T>* shift, bool relu, bool reverse) {
+                   const acc_t<T>* shift, bool relu) {
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
   FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-      normalize<kResidual, kRelu>(p, xp, rp, yp, mean, mean_lo, scale, shift, reverse);
+      FASTNN_BOOL_SWITCH(use_stream(out), kStream, [&] {
+        normalize<kResidual, kRelu, kStream>(p, xp, rp, yp, mean, mean_lo, scale, shift);
+      });
     });
   });
 }
@@ -756,7 +804,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
           scale[c] = A(invstd * double(w[c]));
         }
         run_normalize<scalar_t>(p, x, res, out, sm, mean_lo.data(), scale.data(), b.data(),
-                                relu, /*reverse=*/true);
+                                relu);
       });
   update_running_stats(running_mean, running_var, save_mean, batch_var, momentum,
                        shape.N * shape.S);
@@ -789,7 +837,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
           scale[c] = A(double(w[c]) / std::sqrt(rv[c] + eps));
         }
         run_normalize<scalar_t>(p, x, res, out, mean.data(), mean_lo.data(), scale.data(),
-                                b.data(), relu, /*reverse=*/false);
+                                b.data(), relu);
       });
   return out;
 }
@@ -816,6 +864,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor x = input.contiguous(fmt);
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  const bool stream = use_stream(grad_input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
@@ -837,8 +886,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
         FASTNN_BOOL_SWITCH(relu, kMask, [&] {
           FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
             FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
-              grad_sums<kMask, kGradResidual, kGradInput>(p, gp, op, xp, grp, dxp, m.data(),
-                                                          a.data(), sum_g.data(), sum_gx.data());
+              FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+                grad_sums<kMask, kGradResidual, kGradInput, kStream>(
+                    p, gp, op, xp, grp, dxp, m.data(), a.data(), sum_g.data(), sum_gx.data());
+              });
             });
           });
         });
@@ -856,14 +907,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
           k1[c] = A(sum_g[c] / n);
           k2[c] = A(sum_gx[c] * inv * inv / n);
         }
-        if (relu && residual_grad) {
-          // The masked gradient is already in grad_residual: read it instead of g and output.
-          input_grad<false, T>(p, grp, nullptr, xp, dxp, m.data(), a.data(), k1.data(), k2.data());
-        } else {
-          FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-            input_grad<kMask, T>(p, gp, op, xp, dxp, m.data(), a.data(), k1.data(), k2.data());
+        // With relu and residual_grad the masked gradient is already in grad_residual: read it
+        // instead of grad_output and output.
+        const bool masked_in_gr = relu && residual_grad;
+        FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+            input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, m.data(),
+                                          a.data(), k1.data(), k2.data());
           });
-        }
+        });
       });
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }

@@ -6,7 +6,15 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#include <immintrin.h>
+#define FASTNN_STREAM_STORES 1
+#else
+#define FASTNN_STREAM_STORES 0
+#endif
 
 namespace fastnn {
 namespace cpu {
@@ -46,7 +54,35 @@ struct Unit {
       at::vec::convert_from_float<T>(lo, hi).store(p);
     }
   }
+
+  // Non-temporal store of a unit to a 32-byte aligned address: the line is not read first and
+  // does not push other data out of the cache. Falls back to store() without AVX2.
+  static constexpr int64_t kStreamAlign = 32;
+  static C10_ALWAYS_INLINE void stream(T* p, const V& lo, const V& hi) {
+#if FASTNN_STREAM_STORES
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, lo);
+      _mm256_stream_ps(p + kHalf, hi);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm256_stream_pd(p, lo);
+      _mm256_stream_pd(p + kHalf, hi);
+    } else {
+      const __m256i v = at::vec::convert_from_float<T>(lo, hi);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+    }
+#else
+    store(p, lo, hi);
+#endif
+  }
 };
+
+// Orders this thread's non-temporal stores before whatever follows (the end of a parallel region).
+inline void stream_fence() {
+#if FASTNN_STREAM_STORES
+  _mm_sfence();
+#endif
+}
+
 
 template <typename A>
 C10_ALWAYS_INLINE A horizontal_sum(const Vectorized<A>& v) {
