@@ -378,3 +378,57 @@ def test_nan_and_inf_propagate(backend, device, training, value):
     torch.testing.assert_close(out, exp, equal_nan=True, **tol(torch.float32))
     torch.testing.assert_close(rm1, rm2, equal_nan=True, **tol(torch.float32))
     torch.testing.assert_close(rv1, rv2, equal_nan=True, **tol(torch.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs large enough for the CPU kernels' non-temporal stores (a quarter of the last-level
+# cache, at least 4 MiB), on cache-line-aligned planes (32x32, 16x16 rows) and on planes that
+# are not (14x14: streaming is then turned off).
+
+def _cpu_stream_threshold():
+    from fastnn.bench import _cpu_cache_bytes
+    return max(4 << 20, _cpu_cache_bytes() // 4)
+
+
+@pytest.mark.parametrize("hw", [32, 14, 7], ids=lambda v: f"{v}x{v}")
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_large_outputs_cpu(dtype, training, fmt, hw):
+    """Forward and backward with a residual against float64 PyTorch. Over millions of values a
+    few land within rounding of the ReLU's kink or of a cancellation, so the bound is relative to
+    each tensor's largest value: far below what a wrongly written span would give."""
+    if not fastnn.ops.has_kernel("cpu"):
+        pytest.skip("no compiled CPU kernels")
+    threshold = _cpu_stream_threshold()
+    elem = torch.empty((), dtype=dtype).element_size()
+    C = 32
+    N = -(-threshold // (elem * C * hw * hw)) + 1
+    if N * C * hw * hw * elem > (96 << 20):
+        pytest.skip(f"last-level cache too large for a quick test ({threshold} byte threshold)")
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    shape = (N, C, hw, hw)
+    x = make_input(shape, dtype, "cpu", memory_format).requires_grad_()
+    r = make_input(shape, dtype, "cpu", memory_format, shift=0.0).requires_grad_()
+    g = make_input(shape, dtype, "cpu", memory_format, shift=0.0)
+    w, b, rm, rv = make_params(C, torch.float32, "cpu")
+    w.requires_grad_()
+    b.requires_grad_()
+    rm64, rv64 = rm.double(), rv.double()
+    out = fastnn.functional.batch_norm(x, rm, rv, w, b, training=training, residual=r)
+    grads = torch.autograd.grad(out, (x, r, w, b), g)
+
+    x64, r64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, r, w, b))
+    ref = F.batch_norm(x64, rm64, rv64, w64, b64, training=training) + r64
+    ref_grads = torch.autograd.grad(ref, (x64, r64, w64, b64), g.double())
+    bound = 1e-6 if dtype == torch.float32 else 1e-2
+    for name, got, want in [("out", out, ref), ("grad_input", grads[0], ref_grads[0]),
+                            ("grad_residual", grads[1], ref_grads[1]),
+                            ("grad_weight", grads[2], ref_grads[2]),
+                            ("grad_bias", grads[3], ref_grads[3]),
+                            ("running_mean", rm, rm64), ("running_var", rv, rv64)]:
+        want = want.detach()
+        scale = float(want.abs().max())
+        torch.testing.assert_close(got.detach().double(), want, rtol=bound,
+                                   atol=bound * max(scale, 1.0), msg=lambda m: f"{name}: {m}")
+    assert out.is_contiguous(memory_format=memory_format)

@@ -17,8 +17,8 @@
 // Runs are combined with the parallel-variance formula (Chan et al.) in double. No
 // E[x^2] - E[x]^2, so a mean far larger than the spread costs no precision.
 //
-// Large outputs are written with non-temporal stores: no read-for-ownership of the output lines
-// and no eviction of the input the next pass reads.
+// Outputs larger than a quarter of the last-level cache are written with non-temporal stores: no
+// read-for-ownership of the output lines and no eviction of the input the next pass reads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -26,8 +26,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <initializer_list>
 #include <numeric>
+#include <string>
 #include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
 
 #include "batch_norm_common.h"
 #include "batch_norm_cpu_vec.h"
@@ -56,7 +65,7 @@ constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses
 constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
 constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
 constexpr int64_t kMinParallelElements = 32 * 1024;
-constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // outputs this large bypass the cache
+constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // the least output that bypasses the cache
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -165,6 +174,35 @@ inline void for_item_rows(const Plan& p, int64_t t, const F& f) {
   }
 }
 
+// Element-wise passes over channels-first memory go plane by plane ((n, c) runs of S values of
+// one channel, its parameters held in registers) whenever a plane holds at least one unit: the
+// blocks layout, and the rows layout of channels-first input with 16 <= S < kMinBlockSpatial
+// (such as 7x7), where the per-column parameter loads would cost more than the data.
+template <typename T>
+inline bool elementwise_by_planes(const Plan& p) {
+  return p.blocks || (p.Sin > 1 && p.Sin >= Unit<T>::kSize);
+}
+
+// f(offset, length, channel) over every plane (or chunk of one), in parallel; each thread
+// fences its non-temporal stores (kStream) before it leaves.
+template <bool kStream, typename F>
+void parallel_planes(const Plan& p, const F& f) {
+  if (p.blocks) {
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end,
+                      [&](int64_t, int64_t o, int64_t n, int64_t c) { f(o, n, c); });
+      if (kStream) stream_fence();
+    });
+    return;
+  }
+  const int64_t S = p.Sin;
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kMinParallelElements / S),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t t = begin; t < end; ++t) f(t * S, S, t % p.C);
+                     if (kStream) stream_fence();
+                   });
+}
+
 // Stores a unit, non-temporally when kStream (the caller has aligned the address).
 template <bool kStream, typename T, typename V>
 C10_ALWAYS_INLINE void put(T* p, const V& lo, const V& hi) {
@@ -190,16 +228,19 @@ C10_ALWAYS_INLINE int64_t stream_head(const T* p, int64_t n) {
 // Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
 
 // y = relu?((x - mean) * scale + shift + r?). The mean comes in two parts (mean + mean_lo) so
-// that x - mean keeps float precision when the mean is large against the spread.
-template <bool kResidual, bool kRelu, bool kStream, typename T, typename P>
-inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const P& mean_lo,
+// that x - mean keeps float precision when the mean is large against the spread; `L` is NoLow
+// when mean_lo is zero for every channel (always so in inference with float32 statistics).
+template <bool kResidual, bool kRelu, bool kStream, typename T, typename P, typename L>
+inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const L& mean_lo,
                          const P& scale, const P& shift) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  constexpr bool kLow = !std::is_same_v<L, NoLow>;
   auto one = [&](int64_t i) {
-    A v = std::fma((A(x[i]) - mean.scalar(i)) - mean_lo.scalar(i), scale.scalar(i),
-                   shift.scalar(i));
+    A d = A(x[i]) - mean.scalar(i);
+    if constexpr (kLow) d -= mean_lo.scalar(i);
+    A v = std::fma(d, scale.scalar(i), shift.scalar(i));
     if constexpr (kResidual) v += A(r[i]);
     if constexpr (kRelu) v = relu(v);
     y[i] = T(v);
@@ -210,8 +251,14 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
     const int64_t j = i + U::kHalf;
     V lo, hi;
     U::load(x + i, lo, hi);
-    lo = at::vec::fmadd((lo - mean.vec(i)) - mean_lo.vec(i), scale.vec(i), shift.vec(i));
-    hi = at::vec::fmadd((hi - mean.vec(j)) - mean_lo.vec(j), scale.vec(j), shift.vec(j));
+    lo = lo - mean.vec(i);
+    hi = hi - mean.vec(j);
+    if constexpr (kLow) {
+      lo = lo - mean_lo.vec(i);
+      hi = hi - mean_lo.vec(j);
+    }
+    lo = at::vec::fmadd(lo, scale.vec(i), shift.vec(i));
+    hi = at::vec::fmadd(hi, scale.vec(j), shift.vec(j));
     if constexpr (kResidual) {
       V rlo, rhi;
       U::load(r + i, rlo, rhi);
@@ -599,34 +646,41 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   for (int64_t c = 0; c < p.C; ++c) var_c[c] = m2[c] / double(p.count);
 }
 
-// y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift.
-template <bool kResidual, bool kRelu, bool kStream, typename T>
+// y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift; kLow:
+// mean_lo is not zero everywhere.
+template <bool kResidual, bool kRelu, bool kStream, bool kLow, typename T>
 void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean,
                const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift) {
   using A = acc_t<T>;
-  if (p.blocks) {
-    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for_block_items(p, begin, end, [&](int64_t, int64_t o, int64_t n, int64_t c) {
-        forward_span<kResidual, kRelu, kStream>(
-            x + o, kResidual ? r + o : nullptr, y + o, n, Broadcast<A>(mean[c]),
-            Broadcast<A>(mean_lo[c]), Broadcast<A>(scale[c]), Broadcast<A>(shift[c]));
-      });
-      if (kStream) stream_fence();
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      const Broadcast<A> m(mean[c]), s(scale[c]), h(shift[c]);
+      const T* rr = kResidual ? r + o : nullptr;
+      if constexpr (kLow) {
+        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, Broadcast<A>(mean_lo[c]),
+                                                s, h);
+      } else {
+        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
+      }
     });
     return;
   }
   const std::vector<A> mean_w = expand_columns(p, mean);
-  const std::vector<A> mean_lo_w = expand_columns(p, mean_lo);
+  const std::vector<A> mean_lo_w = kLow ? expand_columns(p, mean_lo) : std::vector<A>();
   const std::vector<A> scale_w = expand_columns(p, scale);
   const std::vector<A> shift_w = expand_columns(p, shift);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const PerColumn<A> m(mean_w.data() + c0), ml(mean_lo_w.data() + c0),
-          s(scale_w.data() + c0), h(shift_w.data() + c0);
+      const PerColumn<A> m(mean_w.data() + c0), s(scale_w.data() + c0), h(shift_w.data() + c0);
       for_item_rows(p, t, [&](int64_t o, int64_t n) {
-        forward_span<kResidual, kRelu, kStream>(x + o, kResidual ? r + o : nullptr, y + o, n, m,
-                                                ml, s, h);
+        const T* rr = kResidual ? r + o : nullptr;
+        if constexpr (kLow) {
+          forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
+                                                  PerColumn<A>(mean_lo_w.data() + c0), s, h);
+        } else {
+          forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
+        }
       });
     }
     if (kStream) stream_fence();
@@ -705,14 +759,11 @@ template <bool kMask, bool kStream, typename T>
 void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, const acc_t<T>* mean,
                 const acc_t<T>* a, const acc_t<T>* k1, const acc_t<T>* k2) {
   using A = acc_t<T>;
-  if (p.blocks) {
-    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-      for_block_items(p, begin, end, [&](int64_t, int64_t o, int64_t n, int64_t c) {
-        grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n,
-                                        Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
-                                        Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
-      });
-      if (kStream) stream_fence();
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n,
+                                      Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
+                                      Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
     });
     return;
   }
@@ -739,8 +790,53 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
 
 bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// Non-temporal stores pay off for outputs far larger than the caches.
-bool use_stream(const Tensor& out) { return out.nbytes() >= kStreamMinBytes; }
+// Size of the last-level cache one core shares with its neighbours: sysfs names the instance a
+// core sees (one CCX on AMD), where sysconf can report the whole socket. 32 MiB when unknown.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::ifstream f(path);
+      std::string text;
+      if (!(f >> text) || text.empty()) continue;
+      int64_t scale = 1;
+      switch (text.back()) {
+        case 'K': case 'k': scale = int64_t(1) << 10; text.pop_back(); break;
+        case 'M': case 'm': scale = int64_t(1) << 20; text.pop_back(); break;
+        case 'G': case 'g': scale = int64_t(1) << 30; text.pop_back(); break;
+        default: break;
+      }
+      char* end = nullptr;
+      const long long v = std::strtoll(text.c_str(), &end, 10);
+      if (end != text.c_str() && v > 0) best = std::max<int64_t>(best, v * scale);
+    }
+#if (defined(__unix__) || defined(__APPLE__)) && defined(_SC_LEVEL3_CACHE_SIZE)
+    if (best == 0) best = std::max<int64_t>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// Non-temporal stores pay off once the output, with the input read alongside it, would push the
+// data a following op reads out of the last-level cache; below that the output is better left in
+// the cache, where its lines often still are from the previous call. They are used only when
+// every span a kernel writes starts on a cache line of each output: a partial line written
+// non-temporally costs a read-modify-write in memory (NCHW 14x14 planes are 784 bytes).
+template <typename T>
+bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  for (const Tensor* t : outs) {
+    if (!t->defined() || t->numel() == 0) continue;
+    if (t->nbytes() < std::max(kStreamMinBytes, last_level_cache_bytes() / 4)) return false;
+    if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 64 != 0) return false;
+  }
+  if (p.blocks) return p.S % kLine == 0 && p.chunk % kLine == 0;
+  // The rows layout (reductions) and, for channels-first input, planes of Sin (element-wise).
+  return p.W % kLine == 0 && p.col_block % kLine == 0 && (p.Sin == 1 || p.Sin % kLine == 0);
+}
 
 // A [C] per-channel tensor as accumulation-type values, or `fill` when absent.
 template <typename A>
@@ -758,10 +854,14 @@ void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& ou
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
+  const bool low = std::any_of(mean_lo, mean_lo + p.C, [](acc_t<T> v) { return v != 0; });
   FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-      FASTNN_BOOL_SWITCH(use_stream(out), kStream, [&] {
-        normalize<kResidual, kRelu, kStream>(p, xp, rp, yp, mean, mean_lo, scale, shift);
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(low, kLow, [&] {
+          normalize<kResidual, kRelu, kStream, kLow>(p, xp, rp, yp, mean, mean_lo, scale,
+                                                     shift);
+        });
       });
     });
   });
@@ -864,13 +964,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor x = input.contiguous(fmt);
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
-  const bool stream = use_stream(grad_input);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
         using T = scalar_t;
         using A = acc_t<T>;
         const Plan p = make_plan<T>(shape);
+        const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
         const int64_t C = shape.C;
         const std::vector<A> m = channel_values<A>(mean, C, A(0));
         const std::vector<A> is = channel_values<A>(invstd, C, A(1));

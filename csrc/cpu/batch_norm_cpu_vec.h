@@ -128,5 +128,9 @@ struct PerColumn {
   C10_ALWAYS_INLINE A scalar(int64_t j) const { return p[j]; }
 };
 
+// A parameter known to be zero everywhere: the kernels skip its loads and arithmetic.
+struct NoLow {};
+
+
 }  // namespace cpu
 }  // namespace fastnn
