@@ -131,21 +131,6 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
   }
 }
 
-void update_running_stats(const c10::optional<at::Tensor>& running_mean,
-                          const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, double momentum, int64_t count) {
-  if (running_mean.has_value() && running_mean->defined()) {
-    at::Tensor rm = *running_mean;
-    rm.copy_(mean * momentum + rm.to(mean.scalar_type()) * (1.0 - momentum));
-  }
-  if (running_var.has_value() && running_var->defined()) {
-    at::Tensor rv = *running_var;
-    const double bessel = count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1)
-                                    : 1.0;
-    rv.copy_(var * (momentum * bessel) + rv.to(var.scalar_type()) * (1.0 - momentum));
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input) {
   const auto fmt = output_memory_format(input);
   auto stat_opts = input.options().dtype(accumulate_type(input.scalar_type()));

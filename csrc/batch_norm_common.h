@@ -49,14 +49,6 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                          const at::Tensor& invstd, bool relu);
 
-// running_mean = (1 - momentum) * running_mean + momentum * mean
-// running_var  = (1 - momentum) * running_var  + momentum * var * n / (n - 1)
-// `mean` and `var` (biased) are [C] in the accumulation dtype; the running tensors keep their own
-// dtype. Device-side tensor ops only: no host synchronization, CUDA-graph safe.
-void update_running_stats(const c10::optional<at::Tensor>& running_mean,
-                          const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
-                          const at::Tensor& var, double momentum, int64_t count);
-
 // Empty [C] statistics / gradients for the N = 0 case, so every kernel treats it the same way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input);
 

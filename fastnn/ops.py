@@ -26,21 +26,42 @@ def has_kernel(device_type: str) -> bool:
     return device_type in _ext.kernel_devices()
 
 
+def _below_autograd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    residual: Optional[Tensor]):
+    """A context that skips the ops' Python autograd kernels when the call records no graph (no
+    grad mode, or nothing requires grad): that kernel would only redispatch, at the cost of a
+    Python round trip per call (about half of a small inference call's time). None under
+    torch.compile, whose tracing must see the op as it is."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
+        return None
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      running_mean: Optional[Tensor], running_var: Optional[Tensor],
                      momentum: float, eps: float, residual: Optional[Tensor] = None,
                      relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(output, save_mean, save_invstd); running_mean/running_var are updated in place."""
-    return torch.ops.fastnn.batch_norm_train.default(
-        input, weight, bias, running_mean, running_var, float(momentum), float(eps), residual,
-        bool(relu))
+    args = (input, weight, bias, running_mean, running_var, float(momentum), float(eps),
+            residual, bool(relu))
+    below = _below_autograd(input, weight, bias, residual)
+    if below is None:
+        return torch.ops.fastnn.batch_norm_train.default(*args)
+    with below:
+        return torch.ops.fastnn.batch_norm_train.default(*args)
 
 
 def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                     running_mean: Tensor, running_var: Tensor, eps: float,
                     residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
-    return torch.ops.fastnn.batch_norm_eval.default(
-        input, weight, bias, running_mean, running_var, float(eps), residual, bool(relu))
+    args = (input, weight, bias, running_mean, running_var, float(eps), residual, bool(relu))
+    below = _below_autograd(input, weight, bias, residual)
+    if below is None:
+        return torch.ops.fastnn.batch_norm_eval.default(*args)
+    with below:
+        return torch.ops.fastnn.batch_norm_eval.default(*args)
 
 
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],

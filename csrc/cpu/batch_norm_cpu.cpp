@@ -867,6 +867,33 @@ void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& ou
   });
 }
 
+// running_mean = (1 - momentum) * running_mean + momentum * mean and running_var likewise with
+// the unbiased variance, from the batch statistics in double, rounded once to the running
+// tensors' dtype; any stride. Bumps their version counters as an in-place ATen op would.
+void update_running_stats_cpu(const c10::optional<Tensor>& running_mean,
+                              const c10::optional<Tensor>& running_var,
+                              const std::vector<double>& mean, const std::vector<double>& var,
+                              double momentum, int64_t count) {
+  const double bessel = count > 1 ? double(count) / double(count - 1) : 1.0;
+  auto update = [&](const c10::optional<Tensor>& t, const std::vector<double>& batch,
+                    double factor) {
+    if (!defined(t)) return;
+    Tensor r = *t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, r.scalar_type(), "fastnn running statistics (CPU)", [&] {
+          scalar_t* d = r.mutable_data_ptr<scalar_t>();
+          const int64_t stride = r.stride(0);
+          for (int64_t c = 0; c < r.numel(); ++c) {
+            scalar_t& v = d[c * stride];
+            v = scalar_t(momentum * (batch[c] * factor) + (1.0 - momentum) * double(v));
+          }
+        });
+    r.unsafeGetTensorImpl()->bump_version();
+  };
+  update(running_mean, mean, 1.0);
+  update(running_var, var, bessel);
+}
+
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
     const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
@@ -880,34 +907,33 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
   Tensor save_mean = at::empty({shape.C}, stat_options);
   Tensor save_invstd = at::empty({shape.C}, stat_options);
-  Tensor batch_var = at::empty({shape.C}, stat_options);
+  std::vector<double> stats_mean(shape.C), stats_var(shape.C);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
         using A = acc_t<scalar_t>;
         const Plan p = make_plan<scalar_t>(shape);
         const int64_t C = shape.C;
-        std::vector<double> mean(C), var(C);
+        std::vector<double>& mean = stats_mean;
+        std::vector<double>& var = stats_var;
         batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
         const std::vector<A> w = channel_values<A>(weight, C, A(1));
         const std::vector<A> b = channel_values<A>(bias, C, A(0));
         A* sm = save_mean.mutable_data_ptr<A>();
         A* si = save_invstd.mutable_data_ptr<A>();
-        A* sv = batch_var.mutable_data_ptr<A>();
         std::vector<A> mean_lo(C), scale(C);
         for (int64_t c = 0; c < C; ++c) {
           const double invstd = 1.0 / std::sqrt(var[c] + eps);
           sm[c] = A(mean[c]);
           mean_lo[c] = A(mean[c] - double(sm[c]));
           si[c] = A(invstd);
-          sv[c] = A(var[c]);
           scale[c] = A(invstd * double(w[c]));
         }
         run_normalize<scalar_t>(p, x, res, out, sm, mean_lo.data(), scale.data(), b.data(),
                                 relu);
       });
-  update_running_stats(running_mean, running_var, save_mean, batch_var, momentum,
-                       shape.N * shape.S);
+  update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
+                           shape.N * shape.S);
   return {out, save_mean, save_invstd};
 }
 
