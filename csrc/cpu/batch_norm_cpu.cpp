@@ -64,6 +64,7 @@ constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per wor
 constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
 constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
 constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
+constexpr int64_t kSpanElements = 1024;         // rows layout: element-wise span of whole rows
 constexpr int64_t kMinParallelElements = 32 * 1024;
 constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // the least output that bypasses the cache
 
@@ -201,6 +202,56 @@ void parallel_planes(const Plan& p, const F& f) {
                      for (int64_t t = begin; t < end; ++t) f(t * S, S, t % p.C);
                      if (kStream) stream_fence();
                    });
+}
+
+// Element-wise passes over the rows layout. With rows of at most kMaxColumnBlock values the
+// tensor is periodic with period W from its start, so spans of `reps` whole rows (parameters
+// expanded to reps * W columns) replace row-long ones: fewer spans, no per-row overhead on
+// narrow channels-last rows. Wider rows go column block by column block.
+struct RowSpans {
+  int64_t reps = 1;   // rows per span
+  int64_t width = 0;  // parameter columns: reps * W
+};
+
+inline RowSpans row_spans(const Plan& p) {
+  RowSpans rs;
+  if (p.col_blocks == 1) rs.reps = std::max<int64_t>(1, kSpanElements / p.W);
+  rs.width = rs.reps * p.W;
+  return rs;
+}
+
+template <typename A>
+std::vector<A> expand_span_columns(const Plan& p, const RowSpans& rs, const A* per_channel) {
+  const std::vector<A> cols = expand_columns(p, per_channel);
+  std::vector<A> out(rs.width);
+  for (int64_t j = 0; j < rs.width; ++j) out[j] = cols[j % p.W];
+  return out;
+}
+
+// f(offset, length, first column) over every span, in parallel; each thread fences its
+// non-temporal stores (kStream) before it leaves.
+template <bool kStream, typename F>
+void parallel_row_spans(const Plan& p, const RowSpans& rs, const F& f) {
+  if (p.col_blocks == 1) {
+    const int64_t total = p.rows * p.W + p.tail;
+    const int64_t spans = divup(total, rs.width);
+    at::parallel_for(0, spans, std::max<int64_t>(1, kMinParallelElements / rs.width),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t t = begin; t < end; ++t) {
+                         const int64_t o = t * rs.width;
+                         f(o, std::min(rs.width, total - o), int64_t(0));
+                       }
+                       if (kStream) stream_fence();
+                     });
+    return;
+  }
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      for_item_rows(p, t, [&](int64_t o, int64_t n) { f(o, n, c0); });
+    }
+    if (kStream) stream_fence();
+  });
 }
 
 // Stores a unit, non-temporally when kStream (the caller has aligned the address).
@@ -379,28 +430,32 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
 
 // Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
 // (row stride W). First pass: pivot[j] = x[0][j], sum[j] = sum over rows of x[r][j] - x[0][j].
+// The sums live in registers; the pivots are re-read from L1 (`pivot`), which leaves room for
+// four units: 256 bytes of each float row, whole lines, read in order.
 template <int kU, typename T>
 inline void tile_deviation_sums(const T* x, int64_t W, int64_t nr, acc_t<T>* pivot,
                                 acc_t<T>* sum) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  V piv[2 * kU], s[2 * kU];
-  for (int u = 0; u < kU; ++u) U::load(x + u * U::kSize, piv[2 * u], piv[2 * u + 1]);
+  V s[2 * kU];
+  for (int u = 0; u < kU; ++u) {
+    V lo, hi;
+    U::load(x + u * U::kSize, lo, hi);
+    lo.store(pivot + u * U::kSize);
+    hi.store(pivot + u * U::kSize + U::kHalf);
+  }
   for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
   for (int64_t r = 1; r < nr; ++r) {
     const T* row = x + r * W;
     for (int u = 0; u < kU; ++u) {
       V lo, hi;
       U::load(row + u * U::kSize, lo, hi);
-      s[2 * u] = s[2 * u] + (lo - piv[2 * u]);
-      s[2 * u + 1] = s[2 * u + 1] + (hi - piv[2 * u + 1]);
+      s[2 * u] = s[2 * u] + (lo - V::loadu(pivot + u * U::kSize));
+      s[2 * u + 1] = s[2 * u + 1] + (hi - V::loadu(pivot + u * U::kSize + U::kHalf));
     }
   }
-  for (int v = 0; v < 2 * kU; ++v) {
-    piv[v].store(pivot + v * V::size());
-    s[v].store(sum + v * V::size());
-  }
+  for (int v = 0; v < 2 * kU; ++v) s[v].store(sum + v * V::size());
 }
 
 // Second pass: m2[j] = sum over rows of (x[r][j] - mean[j])^2.
@@ -437,6 +492,8 @@ inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* 
   using A = acc_t<T>;
   constexpr int64_t kUnit = Unit<T>::kSize;
   int64_t j = 0;
+  for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
+    tile_deviation_sums<4>(x + j, W, nr, pivot + j, mean + j);
   for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
     tile_deviation_sums<2>(x + j, W, nr, pivot + j, mean + j);
   for (; j + kUnit <= cw; j += kUnit) tile_deviation_sums<1>(x + j, W, nr, pivot + j, mean + j);
@@ -665,25 +722,20 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean
     });
     return;
   }
-  const std::vector<A> mean_w = expand_columns(p, mean);
-  const std::vector<A> mean_lo_w = kLow ? expand_columns(p, mean_lo) : std::vector<A>();
-  const std::vector<A> scale_w = expand_columns(p, scale);
-  const std::vector<A> shift_w = expand_columns(p, shift);
-  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const PerColumn<A> m(mean_w.data() + c0), s(scale_w.data() + c0), h(shift_w.data() + c0);
-      for_item_rows(p, t, [&](int64_t o, int64_t n) {
-        const T* rr = kResidual ? r + o : nullptr;
-        if constexpr (kLow) {
-          forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
-                                                  PerColumn<A>(mean_lo_w.data() + c0), s, h);
-        } else {
-          forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
-        }
-      });
+  const RowSpans rs = row_spans(p);
+  const std::vector<A> mean_w = expand_span_columns(p, rs, mean);
+  const std::vector<A> mean_lo_w = kLow ? expand_span_columns(p, rs, mean_lo) : std::vector<A>();
+  const std::vector<A> scale_w = expand_span_columns(p, rs, scale);
+  const std::vector<A> shift_w = expand_span_columns(p, rs, shift);
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
+    const PerColumn<A> m(mean_w.data() + c0), s(scale_w.data() + c0), h(shift_w.data() + c0);
+    const T* rr = kResidual ? r + o : nullptr;
+    if constexpr (kLow) {
+      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
+                                              PerColumn<A>(mean_lo_w.data() + c0), s, h);
+    } else {
+      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
     }
-    if (kStream) stream_fence();
   });
 }
 
@@ -767,21 +819,16 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
     });
     return;
   }
-  const std::vector<A> mean_w = expand_columns(p, mean);
-  const std::vector<A> a_w = expand_columns(p, a);
-  const std::vector<A> k1_w = expand_columns(p, k1);
-  const std::vector<A> k2_w = expand_columns(p, k2);
-  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0), b1(k1_w.data() + c0),
-          b2(k2_w.data() + c0);
-      for_item_rows(p, t, [&](int64_t o, int64_t n) {
-        grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m,
-                                        av, b1, b2);
-      });
-    }
-    if (kStream) stream_fence();
+  const RowSpans rs = row_spans(p);
+  const std::vector<A> mean_w = expand_span_columns(p, rs, mean);
+  const std::vector<A> a_w = expand_span_columns(p, rs, a);
+  const std::vector<A> k1_w = expand_span_columns(p, rs, k1);
+  const std::vector<A> k2_w = expand_span_columns(p, rs, k2);
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
+    const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0), b1(k1_w.data() + c0),
+        b2(k2_w.data() + c0);
+    grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av,
+                                    b1, b2);
   });
 }
 
