@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import random
 import subprocess
 import sys
 import time
@@ -508,7 +509,9 @@ def _error(e: BaseException) -> str:
 def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.device,
             policy: Policy) -> Dict[str, dict]:
     """Times every step side by side: after a warm-up, rounds in which each implementation runs
-    once (in an order that rotates from round to round), each on its next input set. A slow
+    once (in a fresh random order each round, so that no implementation follows another more
+    often than the rest: on CPU a call that follows one of the same output size can get that
+    call's freed, still-cached buffer), each on its next input set. A slow
     implementation takes part in fewer rounds, spread evenly. Returns per name either timing
     statistics (plus ``first_call_s``, which includes any compilation) or ``{"error": ...}``."""
     global _process_warm
@@ -561,12 +564,12 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
     next_set = {n: 0 for n in names}
     events = []
     failed: Dict[str, str] = {}
+    order_rng = random.Random(0)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for j in range(rounds):
-            k = j % len(names)
-            for name in names[k:] + names[:k]:
+            for name in order_rng.sample(names, len(names)):
                 if name in failed or (j * reps[name]) // rounds == ((j + 1) * reps[name]) // rounds:
                     continue
                 i = next_set[name] % sets
@@ -1055,7 +1058,8 @@ def _legend(run: dict) -> List[str]:
         + ("CUDA events" if run["env"]["device_type"] == "cuda"
            else f"time.perf_counter, {run['env']['torch_threads']} torch threads")
         + f"; inputs rotated through up to {max((r['input_sets'] for r in run['ops']), default=1)} "
-          f"copies when a set fits in cache; implementations interleaved on the same inputs",
+          f"copies when a set fits in cache; implementations interleaved on the same inputs, in a "
+          f"random order each round",
         "GB/s: the case's fewest bytes (DESIGN.md floors: N elements of b bytes, e.g. 2Nb for a "
         "training forward) / fastnn's median; % copy: that over the bandwidth of a copy_ of the "
         "same tensor (2Nb moved) timed in the same rounds (median over the cases of that shape, "
