@@ -17,6 +17,16 @@ with warnings.catch_warnings():
     import fastnn  # noqa: F401
 
 
+def pytest_configure(config):
+    # As fastnn-bench does on CPU: freed tensors stay in the process, so page faults of fresh
+    # mmaps do not swamp the timings (FASTNN_BENCH_SYSTEM_MALLOC=1 leaves the allocator alone).
+    import os
+
+    from fastnn import bench
+    if not os.environ.get("FASTNN_BENCH_SYSTEM_MALLOC"):
+        bench._cpu_allocator = bench.keep_freed_memory()
+
+
 def pytest_report_header(config):
     import torch
     from fastnn import bench
