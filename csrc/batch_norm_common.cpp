@@ -78,18 +78,28 @@ void check_stat_tensor(const char* op, const char* arg, const at::Tensor& input,
               t.scalar_type());
 }
 
-void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                      const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& running_mean,
-                      const c10::optional<at::Tensor>& running_var, double momentum, double eps,
-                      const c10::optional<at::Tensor>& residual) {
-  const char* op = "fastnn.batch_norm_train";
+// The checks both forward ops make: input, the per-channel tensors, the residual.
+static void check_forward_args(const char* op, const at::Tensor& input,
+                               const c10::optional<at::Tensor>& weight,
+                               const c10::optional<at::Tensor>& bias,
+                               const c10::optional<at::Tensor>& running_mean,
+                               const c10::optional<at::Tensor>& running_var,
+                               const c10::optional<at::Tensor>& residual) {
   check_input(op, input);
   check_channel_tensor(op, "weight", input, weight);
   check_channel_tensor(op, "bias", input, bias);
   check_channel_tensor(op, "running_mean", input, running_mean);
   check_channel_tensor(op, "running_var", input, running_var);
   if (residual.has_value() && residual->defined()) check_same_shape(op, "residual", input, *residual);
+}
+
+void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                      const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& running_mean,
+                      const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+                      const c10::optional<at::Tensor>& residual) {
+  check_forward_args("fastnn.batch_norm_train", input, weight, bias, running_mean, running_var,
+                     residual);
   TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
   if (input.numel() > 0) {
     const int64_t per_channel = input.numel() / input.size(1);
@@ -104,13 +114,8 @@ void check_eval_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
                      const c10::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                      const at::Tensor& running_var, double eps,
                      const c10::optional<at::Tensor>& residual) {
-  const char* op = "fastnn.batch_norm_eval";
-  check_input(op, input);
-  check_channel_tensor(op, "weight", input, weight);
-  check_channel_tensor(op, "bias", input, bias);
-  check_channel_tensor(op, "running_mean", input, running_mean);
-  check_channel_tensor(op, "running_var", input, running_var);
-  if (residual.has_value() && residual->defined()) check_same_shape(op, "residual", input, *residual);
+  check_forward_args("fastnn.batch_norm_eval", input, weight, bias, running_mean, running_var,
+                     residual);
   TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
 }
 

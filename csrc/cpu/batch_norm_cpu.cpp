@@ -325,6 +325,18 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
   for (; i < n; ++i) one(i);
 }
 
+// A unit of the output gradient, zero where out <= 0 (kMask: the ReLU's mask).
+template <bool kMask, typename T, typename V>
+C10_ALWAYS_INLINE void load_grad(const T* g, const T* out, V& lo, V& hi) {
+  Unit<T>::load(g, lo, hi);
+  if constexpr (kMask) {
+    V olo, ohi;
+    Unit<T>::load(out, olo, ohi);
+    lo = mask_positive(lo, olo);
+    hi = mask_positive(hi, ohi);
+  }
+}
+
 // Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked by out > 0 (kMask).
 template <bool kMask, bool kStream, typename T, typename P>
 inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
@@ -343,13 +355,7 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
   for (; i + U::kSize <= n; i += U::kSize) {
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
-    U::load(g + i, glo, ghi);
-    if constexpr (kMask) {
-      V olo, ohi;
-      U::load(out + i, olo, ohi);
-      glo = mask_positive(glo, olo);
-      ghi = mask_positive(ghi, ohi);
-    }
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
     U::load(x + i, xlo, xhi);
     const V dlo = at::vec::fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
     const V dhi = at::vec::fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
@@ -561,13 +567,7 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
   for (; i + U::kSize <= n; i += U::kSize) {
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
-    U::load(g + i, glo, ghi);
-    if constexpr (kMask) {
-      V olo, ohi;
-      U::load(out + i, olo, ohi);
-      glo = mask_positive(glo, olo);
-      ghi = mask_positive(ghi, ohi);
-    }
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
     if constexpr (kGradResidual) put<kStream>(gr + i, glo, ghi);
     if constexpr (kGradInput) put<kStream>(dx + i, glo * a.vec(i), ghi * a.vec(j));
     U::load(x + i, xlo, xhi);
