@@ -68,9 +68,12 @@ def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Ten
                         output: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool,
                         relu: bool, residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_residual); see csrc/fastnn.cpp."""
-    return torch.ops.fastnn.batch_norm_backward.default(
-        grad_output, input, weight, output, mean, invstd, bool(training), bool(relu),
-        bool(residual_grad))
+    args = (grad_output, input, weight, output, mean, invstd, bool(training), bool(relu),
+            bool(residual_grad))
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.ops.fastnn.batch_norm_backward.default(*args)
+    with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
+        return torch.ops.fastnn.batch_norm_backward.default(*args)
 
 
 # ---------------------------------------------------------------------------------------------
