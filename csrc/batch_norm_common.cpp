@@ -123,7 +123,14 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                          const at::Tensor& invstd, bool relu) {
-  const char* op = "fastnn.batch_norm_backward";
+  check_grad_args("fastnn.batch_norm_backward", grad_output, input, weight, output, mean, invstd,
+                  relu);
+}
+
+void check_grad_args(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                     const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                     const at::Tensor& invstd, bool relu) {
   check_input(op, input);
   check_same_shape(op, "grad_output", input, grad_output);
   check_channel_tensor(op, "weight", input, weight);

@@ -48,6 +48,11 @@ void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
                          const c10::optional<at::Tensor>& weight,
                          const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                          const at::Tensor& invstd, bool relu);
+// The same checks for any op that takes a gradient; `op` names it in the messages.
+void check_grad_args(const char* op, const at::Tensor& grad_output, const at::Tensor& input,
+                     const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                     const at::Tensor& invstd, bool relu);
 
 // Empty [C] statistics / gradients for the N = 0 case, so every kernel treats it the same way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input);

@@ -33,4 +33,26 @@ TORCH_LIBRARY(fastnn, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? output, "
       "Tensor mean, Tensor invstd, bool training, bool relu, bool residual_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // The training forward and backward in parts, for statistics computed or reduced elsewhere
+  // (SyncBatchNorm over a process group, statistics shared by DenseNet layers). Normalizing with
+  // given statistics is batch_norm_eval.
+  //
+  // Batch mean and biased variance per channel, in the accumulation dtype; zeros for an empty
+  // batch.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // The reductions of the training backward: per channel sum_dy = sum(g) and
+  // sum_dy_xhat = sum(g * (input - mean) * invstd), in the accumulation dtype, g being
+  // grad_output masked by output > 0 when relu. With residual_grad the masked g is returned too
+  // (the residual's gradient), else an empty tensor.
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, "
+      "Tensor invstd, bool relu, bool residual_grad) -> (Tensor, Tensor, Tensor)");
+  // The element-wise part of the training backward: grad_input =
+  // weight * invstd * (g - mean_dy - (input - mean) * invstd * mean_dy_xhat), g masked as above;
+  // mean_dy and mean_dy_xhat are the reductions divided by the number of values per channel.
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor? output, Tensor mean, Tensor invstd, Tensor mean_dy, Tensor mean_dy_xhat, "
+      "bool relu) -> Tensor");
 }

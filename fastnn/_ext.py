@@ -60,21 +60,31 @@ def reason():
     return _reason
 
 
-def _registered_devices():
+# Every op of csrc/fastnn.cpp. The three of the original forward/backward path have kernels on
+# each device fastnn._C was built for; the others may not (yet) on every device.
+OPS = ("batch_norm_train", "batch_norm_eval", "batch_norm_backward", "batch_norm_stats",
+       "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+
+
+def _registered_devices(op):
     if not _loaded:
         return ()
     devices = []
     for key, name in (("CPU", "cpu"), ("CUDA", "cuda")):
-        if torch._C._dispatch_has_kernel_for_dispatch_key("fastnn::batch_norm_train", key):
-            devices.append(name)
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnn::{op}", key):
+                devices.append(name)
+        except RuntimeError:  # an older fastnn._C without this op
+            return ()
     return tuple(devices)
 
 
 # Asked once, after loading: kernel_devices() is then a plain constant that torch.compile traces
 # through (it cannot trace the dispatcher query itself).
-_devices = _registered_devices()
+_op_devices = {op: _registered_devices(op) for op in OPS}
+_devices = _op_devices["batch_norm_train"]
 
 
-def kernel_devices():
-    """Device types ('cpu', 'cuda') for which fastnn._C registered kernels."""
-    return _devices
+def kernel_devices(op="batch_norm_train"):
+    """Device types ('cpu', 'cuda') for which fastnn._C registered a kernel of `op`."""
+    return _op_devices[op]

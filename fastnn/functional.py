@@ -7,7 +7,8 @@ from torch import Tensor
 
 from fastnn import ops, reference
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu"]
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "batch_norm_stats",
+           "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -118,3 +119,49 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
     """relu(batch_norm(input) + residual) in one pass."""
     return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       residual=residual, relu=True)
+
+
+# The training forward and backward in parts, for statistics computed or reduced elsewhere
+# (SyncBatchNorm, DenseNet's shared statistics): each runs fastnn's kernel where the device has
+# one, else the reference. None of them is differentiable; normalizing with given statistics is
+# batch_norm(..., training=False) with those statistics as running_mean/running_var.
+
+def _use_part_kernel(input: Tensor, op: str) -> bool:
+    return use_kernel(input) and ops.has_kernel(input.device.type, op)
+
+
+def batch_norm_stats(input: Tensor):
+    """(mean, biased variance) per channel of ``input`` (N, C, ...), in float32 (float64 for
+    float64 input); zeros for an empty batch."""
+    if _use_part_kernel(input, "batch_norm_stats"):
+        return ops.batch_norm_stats(input)
+    with torch.no_grad():
+        return reference.batch_norm_stats(input)
+
+
+def batch_norm_backward_reduce(grad_output: Tensor, input: Tensor, output: Optional[Tensor],
+                               mean: Tensor, invstd: Tensor, relu: bool = False,
+                               residual_grad: bool = False):
+    """(sum_dy, sum_dy_xhat, grad_residual): per channel sum(g) and sum(g * (input - mean) *
+    invstd), g being grad_output masked by output > 0 when relu; grad_residual is the masked g
+    when residual_grad, else an empty tensor."""
+    if _use_part_kernel(input, "batch_norm_backward_reduce"):
+        return ops.batch_norm_backward_reduce(grad_output, input, output, mean, invstd, relu,
+                                              residual_grad)
+    with torch.no_grad():
+        return reference.batch_norm_backward_reduce(grad_output, input, output, mean, invstd,
+                                                    relu, residual_grad)
+
+
+def batch_norm_backward_elemt(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                              output: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                              mean_dy: Tensor, mean_dy_xhat: Tensor, relu: bool = False) -> Tensor:
+    """grad_input = weight * invstd * (g - mean_dy - (input - mean) * invstd * mean_dy_xhat), g
+    masked as in batch_norm_backward_reduce; mean_dy and mean_dy_xhat are its sums divided by the
+    number of values per channel (over every process, for a synchronized batch norm)."""
+    if _use_part_kernel(input, "batch_norm_backward_elemt"):
+        return ops.batch_norm_backward_elemt(grad_output, input, weight, output, mean, invstd,
+                                             mean_dy, mean_dy_xhat, relu)
+    with torch.no_grad():
+        return reference.batch_norm_backward_elemt(grad_output, input, weight, output, mean,
+                                                   invstd, mean_dy, mean_dy_xhat, relu)

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from fastnn import _ext, reference
 
-__all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward"]
+__all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
+           "batch_norm_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -21,9 +22,12 @@ def available() -> bool:
     return _ext.loaded()
 
 
-def has_kernel(device_type: str) -> bool:
-    """True when fastnn._C has kernels for this device type ('cpu', 'cuda')."""
-    return device_type in _ext.kernel_devices()
+def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
+    """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). The
+    forward/backward ops have kernels on every device fastnn._C was built for; the ops that split
+    them into parts (batch_norm_stats, batch_norm_backward_reduce/_elemt) have CPU kernels, and
+    elsewhere fastnn.functional runs their reference."""
+    return device_type in _ext.kernel_devices(op)
 
 
 def _below_autograd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -76,6 +80,34 @@ def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Ten
         return torch.ops.fastnn.batch_norm_backward.default(*args)
 
 
+# The parts of the training forward and backward (see csrc/fastnn.cpp). They are not
+# differentiable: callers (SyncBatchNorm, DenseNet's shared statistics) wrap them in their own
+# autograd.Function, so their inputs are detached here.
+
+def batch_norm_stats(input: Tensor) -> Tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel, in the accumulation dtype."""
+    return torch.ops.fastnn.batch_norm_stats.default(input.detach())
+
+
+def batch_norm_backward_reduce(grad_output: Tensor, input: Tensor, output: Optional[Tensor],
+                               mean: Tensor, invstd: Tensor, relu: bool,
+                               residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(sum_dy, sum_dy_xhat, grad_residual)."""
+    return torch.ops.fastnn.batch_norm_backward_reduce.default(
+        grad_output.detach(), input.detach(), None if output is None else output.detach(), mean,
+        invstd, bool(relu), bool(residual_grad))
+
+
+def batch_norm_backward_elemt(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                              output: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                              mean_dy: Tensor, mean_dy_xhat: Tensor, relu: bool) -> Tensor:
+    """grad_input from the (globally) reduced mean_dy and mean_dy_xhat."""
+    return torch.ops.fastnn.batch_norm_backward_elemt.default(
+        grad_output.detach(), input.detach(), None if weight is None else weight.detach(),
+        None if output is None else output.detach(), mean, invstd, mean_dy, mean_dy_xhat,
+        bool(relu))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: shapes, dtypes and strides only (the same layout rule as csrc/batch_norm_common).
 
@@ -124,6 +156,25 @@ def _fake_backward(grad_output, input, weight, output, mean, invstd, training, r
                    output=output, mean=mean, invstd=invstd)
     grad_residual = _empty_like_input(input) if residual_grad else input.new_empty((0,))
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input), grad_residual
+
+
+def _fake_stats(input):
+    return _channel_stat(input), _channel_stat(input)
+
+
+def _fake_backward_reduce(grad_output, input, output, mean, invstd, relu, residual_grad):
+    _check_devices("fastnn.batch_norm_backward_reduce", input, grad_output=grad_output,
+                   output=output, mean=mean, invstd=invstd)
+    grad_residual = _empty_like_input(input) if residual_grad else input.new_empty((0,))
+    return _channel_stat(input), _channel_stat(input), grad_residual
+
+
+def _fake_backward_elemt(grad_output, input, weight, output, mean, invstd, mean_dy, mean_dy_xhat,
+                         relu):
+    _check_devices("fastnn.batch_norm_backward_elemt", input, grad_output=grad_output,
+                   weight=weight, output=output, mean=mean, invstd=invstd, mean_dy=mean_dy,
+                   mean_dy_xhat=mean_dy_xhat)
+    return _empty_like_input(input)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,6 +229,11 @@ if _ext.loaded():
     torch.library.register_fake("fastnn::batch_norm_train", _fake_train, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_eval", _fake_eval, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_stats", _fake_stats, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_backward_reduce", _fake_backward_reduce,
+                                lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_backward_elemt", _fake_backward_elemt,
+                                lib=_lib)
 
     # batch_norm_eval is functional: torch.library.register_autograd.
     def _setup_eval(ctx, inputs, output):

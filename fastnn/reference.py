@@ -13,6 +13,9 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "batch_norm_backward",
+    "batch_norm_stats",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
     "update_running_stats",
 ]
 
@@ -87,24 +90,62 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
     return _normalize_affine(input.to(acc), mean, invstd, weight, bias, residual, relu, input.dtype)
 
 
+def batch_norm_stats(input):
+    """(mean, biased variance) per channel in the accumulation dtype; zeros for an empty batch."""
+    acc = accumulate_dtype(input.dtype)
+    C = input.shape[1]
+    if input.numel() == 0:
+        return input.new_zeros((C,), dtype=acc), input.new_zeros((C,), dtype=acc)
+    x = input.to(acc)
+    dims = _reduce_dims(input.dim())
+    mean = x.mean(dims)
+    var = (x - _per_channel(mean, x.dim())).square().mean(dims)
+    return mean, var
+
+
+def _masked_grad(grad_output, output, relu, acc):
+    g = grad_output.to(acc)
+    if relu:
+        g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
+    return g
+
+
+def batch_norm_backward_reduce(grad_output, input, output, mean, invstd, relu, residual_grad):
+    """(sum_dy, sum_dy_xhat, grad_residual) like the fastnn op."""
+    acc = accumulate_dtype(input.dtype)
+    nd = input.dim()
+    dims = _reduce_dims(nd)
+    g = _masked_grad(grad_output, output, relu, acc)
+    xhat = (input.to(acc) - _per_channel(mean, nd)) * _per_channel(invstd, nd)
+    grad_residual = g.to(input.dtype) if residual_grad else input.new_empty((0,))
+    return g.sum(dims), (g * xhat).sum(dims), grad_residual
+
+
+def batch_norm_backward_elemt(grad_output, input, weight, output, mean, invstd, mean_dy,
+                              mean_dy_xhat, relu):
+    """weight * invstd * (g - mean_dy - xhat * mean_dy_xhat), g masked when relu."""
+    acc = accumulate_dtype(input.dtype)
+    nd = input.dim()
+    g = _masked_grad(grad_output, output, relu, acc)
+    xhat = (input.to(acc) - _per_channel(mean, nd)) * _per_channel(invstd, nd)
+    scale = invstd if weight is None else invstd * weight.to(acc)
+    dx = (g - _per_channel(mean_dy, nd) - xhat * _per_channel(mean_dy_xhat, nd))
+    return (dx * _per_channel(scale, nd)).to(input.dtype)
+
+
 def batch_norm_backward(grad_output, input, weight, output, mean, invstd, training, relu,
                         residual_grad):
     """Returns (grad_input, grad_weight, grad_bias, grad_residual) like the fastnn op."""
     acc = accumulate_dtype(input.dtype)
-    nd = input.dim()
-    dims = _reduce_dims(nd)
-    g = grad_output.to(acc)
-    if relu:
-        g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
-    xhat = (input.to(acc) - _per_channel(mean, nd)) * _per_channel(invstd, nd)
-    grad_bias = g.sum(dims)
-    grad_weight = (g * xhat).sum(dims)
-    scale = invstd if weight is None else invstd * weight.to(acc)
+    grad_bias, grad_weight, grad_residual = batch_norm_backward_reduce(
+        grad_output, input, output, mean, invstd, relu, residual_grad)
     if training:
         count = max(input.numel() // max(input.shape[1], 1), 1)
-        dx = (g - _per_channel(grad_bias / count, nd)
-              - xhat * _per_channel(grad_weight / count, nd)) * _per_channel(scale, nd)
+        dx = batch_norm_backward_elemt(grad_output, input, weight, output, mean, invstd,
+                                       grad_bias / count, grad_weight / count, relu)
     else:
-        dx = g * _per_channel(scale, nd)
-    grad_residual = g.to(input.dtype) if residual_grad else input.new_empty((0,))
-    return dx.to(input.dtype), grad_weight, grad_bias, grad_residual
+        nd = input.dim()
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        g = _masked_grad(grad_output, output, relu, acc)
+        dx = (g * _per_channel(scale, nd)).to(input.dtype)
+    return dx, grad_weight, grad_bias, grad_residual

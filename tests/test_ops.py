@@ -317,3 +317,132 @@ def test_over_2_31_elements(fmt):
     for sub in subsets:
         assert_close(out[sub], F.batch_norm(x[sub].float(), rm, rv, w, b, False, 0.0, eps),
                      torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops that split the training forward and backward into parts (SyncBatchNorm, DenseNet's
+# shared statistics). They have CPU kernels; elsewhere fastnn.functional runs their reference.
+
+PART_OPS = ("batch_norm_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+
+
+@pytest.fixture
+def part_kernels(kernel_only):
+    missing = [op for op in PART_OPS if not ops.has_kernel(kernel_only, op)]
+    if missing:
+        pytest.skip(f"fastnn._C has no {kernel_only} kernel of {', '.join(missing)}")
+    return kernel_only
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=["f64", "f32", "bf16", "f16"])
+def test_stats_op_matches_reference(part_kernels, dtype, layout):
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, part_kernels, fmt, shift=30.0)  # a mean far from zero
+    mean, var = torch.ops.fastnn.batch_norm_stats(x)
+    exp_mean, exp_var = reference.batch_norm_stats(x.to(torch.float64))
+    assert mean.dtype == _acc(dtype) and var.dtype == _acc(dtype)
+    assert mean.shape == (shape[1],) and var.shape == (shape[1],)
+    assert_close(mean, exp_mean, dtype, msg="mean")
+    assert_close(var, exp_var, dtype, msg="var")
+    torch_var, torch_mean = torch.var_mean(x.to(torch.float64), [0] + list(range(2, x.dim())),
+                                           correction=0)
+    assert_close(mean, torch_mean, dtype, msg="mean vs torch.var_mean")
+    assert_close(var, torch_var, dtype, msg="var vs torch.var_mean")
+
+
+@pytest.mark.parametrize("residual_grad", [False, True], ids=["nores", "resgrad"])
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_backward_parts_match_reference(part_kernels, dtype, half_params, layout, relu,
+                                        residual_grad):
+    """reduce and elemt against the reference, and reduce -> elemt with the local sums equal to
+    the whole training backward."""
+    device = part_kernels
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, _, _ = make_params(shape[1], param_dtype(dtype, half_params), device)
+    out, mean, invstd = reference.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, None, relu)
+    output = out if relu else None
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    got = torch.ops.fastnn.batch_norm_backward_reduce(g, x, output, mean, invstd, relu,
+                                                      residual_grad)
+    exp = reference.batch_norm_backward_reduce(g, x, output, mean, invstd, relu, residual_grad)
+    sum_dy, sum_dy_xhat, gr = got
+    assert sum_dy.dtype == _acc(dtype) and sum_dy_xhat.dtype == _acc(dtype)
+    if residual_grad:
+        assert gr.dtype == dtype and gr.shape == x.shape
+        _check_layout(gr, x)
+    else:
+        assert gr.numel() == 0
+    for name, a, e in zip(("sum_dy", "sum_dy_xhat", "grad_residual"), got, exp):
+        assert_close(a, e, dtype, grad=True, msg=name)
+
+    count = x.numel() // shape[1]
+    # Sums as another process would contribute them: the elemt op must use what it is given.
+    mean_dy = sum_dy / count + 0.25
+    mean_dy_xhat = sum_dy_xhat / count - 0.5
+    for weight in (w, None):
+        gi = torch.ops.fastnn.batch_norm_backward_elemt(g, x, weight, output, mean, invstd,
+                                                        mean_dy, mean_dy_xhat, relu)
+        assert gi.dtype == dtype and gi.shape == x.shape
+        _check_layout(gi, x)
+        exp_gi = reference.batch_norm_backward_elemt(g, x, weight, output, mean, invstd, mean_dy,
+                                                     mean_dy_xhat, relu)
+        assert_close(gi, exp_gi, dtype, grad=True, msg="grad_input")
+    gi = torch.ops.fastnn.batch_norm_backward_elemt(g, x, w, output, mean, invstd,
+                                                    sum_dy / count, sum_dy_xhat / count, relu)
+    whole = torch.ops.fastnn.batch_norm_backward(g, x, w, output, mean, invstd, True, relu,
+                                                 residual_grad)
+    assert_close(gi, whole[0], dtype, grad=True, msg="reduce -> elemt vs batch_norm_backward")
+    assert_close(sum_dy_xhat, whole[1], dtype, grad=True, msg="sum_dy_xhat vs grad_weight")
+    assert_close(sum_dy, whole[2], dtype, grad=True, msg="sum_dy vs grad_bias")
+
+
+@pytest.mark.parametrize("layout", ["2d", "nchw", "nhwc"])
+def test_part_ops_empty_batch(part_kernels, layout):
+    shape, fmt = LAYOUTS[layout]
+    x = make_input((0,) + shape[1:], torch.float32, part_kernels, fmt)
+    mean, var = torch.ops.fastnn.batch_norm_stats(x)
+    assert mean.shape == (shape[1],) and torch.count_nonzero(mean) == 0
+    assert torch.count_nonzero(var) == 0
+    invstd = torch.ones_like(mean)
+    sd, sdx, gr = torch.ops.fastnn.batch_norm_backward_reduce(x, x, x, mean, invstd, True, True)
+    assert torch.count_nonzero(sd) == 0 and torch.count_nonzero(sdx) == 0
+    assert gr.shape == x.shape
+    gi = torch.ops.fastnn.batch_norm_backward_elemt(x, x, None, x, mean, invstd, sd, sdx, True)
+    assert gi.shape == x.shape
+
+
+def test_part_ops_bad_input(part_kernels):
+    x = make_input((4, 3, 5), torch.float32, part_kernels)
+    ok = torch.zeros(3, device=part_kernels)
+    with pytest.raises(ValueError, match="at least 2 dimensions"):
+        torch.ops.fastnn.batch_norm_stats(x[0, 0])
+    with pytest.raises(NotImplementedError, match="float32, float64"):
+        torch.ops.fastnn.batch_norm_stats(x.to(torch.int32))
+    with pytest.raises(RuntimeError, match="batch_norm_backward_reduce: grad_output must have"):
+        torch.ops.fastnn.batch_norm_backward_reduce(x[:2], x, None, ok, ok, False, False)
+    with pytest.raises(RuntimeError, match="output .* is required when relu=True"):
+        torch.ops.fastnn.batch_norm_backward_reduce(x, x, None, ok, ok, True, False)
+    with pytest.raises(RuntimeError, match="batch_norm_backward_elemt: mean_dy must be a 1-D"):
+        torch.ops.fastnn.batch_norm_backward_elemt(x, x, None, None, ok, ok, ok[:2], ok, False)
+    with pytest.raises(RuntimeError, match="mean_dy_xhat must have dtype"):
+        torch.ops.fastnn.batch_norm_backward_elemt(x, x, None, None, ok, ok, ok, ok.double(),
+                                                   False)
+
+
+def test_opcheck_part_ops(part_kernels):
+    for x, w, b, rm, rv, m, eps, r, relu in _sample_train_args(part_kernels, False):
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_stats.default, (x,))
+        out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, m, eps, r, relu)
+        g = torch.randn_like(out)
+        output = out if relu else None
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_backward_reduce.default,
+                              (g, x, output, mean, invstd, relu, r is not None))
+        sd, sdx, _ = torch.ops.fastnn.batch_norm_backward_reduce(g, x, output, mean, invstd, relu,
+                                                                 False)
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_backward_elemt.default,
+                              (g, x, w, output, mean, invstd, sd / 7, sdx / 7, relu))

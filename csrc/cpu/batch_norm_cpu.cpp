@@ -1093,6 +1093,122 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_input("fastnn.batch_norm_stats", input);
+  const BNShape shape = bn_shape(input);
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor mean = at::zeros({shape.C}, stat_options);
+  Tensor var = at::zeros({shape.C}, stat_options);
+  if (input.numel() == 0) return {mean, var};
+  const Tensor x = input.contiguous(shape.format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_stats (CPU)", [&] {
+        using A = acc_t<scalar_t>;
+        const Plan p = make_plan<scalar_t>(shape);
+        std::vector<double> m(shape.C), v(shape.C);
+        batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), m.data(), v.data());
+        A* mp = mean.mutable_data_ptr<A>();
+        A* vp = var.mutable_data_ptr<A>();
+        for (int64_t c = 0; c < shape.C; ++c) {
+          mp[c] = A(m[c]);
+          vp[c] = A(v[c]);
+        }
+      });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& output,
+    const Tensor& mean, const Tensor& invstd, bool relu, bool residual_grad) {
+  check_grad_args("fastnn.batch_norm_backward_reduce", grad_output, input, c10::nullopt, output,
+                  mean, invstd, relu);
+  const BNShape shape = bn_shape(input);
+  const auto fmt = shape.format;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor sum_dy = at::zeros({shape.C}, stat_options);
+  Tensor sum_dy_xhat = at::zeros({shape.C}, stat_options);
+  Tensor grad_residual = residual_grad
+                             ? at::empty(input.sizes(), input.options().memory_format(fmt))
+                             : at::empty({0}, input.options());
+  if (input.numel() == 0) return {sum_dy, sum_dy_xhat, grad_residual};
+  const Tensor x = input.contiguous(fmt);
+  const Tensor g = grad_output.contiguous(fmt);
+  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)",
+      [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const Plan p = make_plan<T>(shape);
+        const int64_t C = shape.C;
+        const std::vector<A> m = channel_values<A>(mean, C, A(0));
+        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+        std::vector<double> sum_g(C), sum_gx(C);
+        T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+          FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+            FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
+              grad_sums<kMask, kGradResidual, false, kStream, T>(
+                  p, g.const_data_ptr<T>(), relu ? out.const_data_ptr<T>() : nullptr,
+                  x.const_data_ptr<T>(), grp, nullptr, m.data(), is.data(), sum_g.data(),
+                  sum_gx.data());
+            });
+          });
+        });
+        A* sd = sum_dy.mutable_data_ptr<A>();
+        A* sdx = sum_dy_xhat.mutable_data_ptr<A>();
+        for (int64_t c = 0; c < C; ++c) {
+          sd[c] = A(sum_g[c]);
+          sdx[c] = A(sum_gx[c] * double(is[c]));
+        }
+      });
+  return {sum_dy, sum_dy_xhat, grad_residual};
+}
+
+Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input,
+                                     const c10::optional<Tensor>& weight,
+                                     const c10::optional<Tensor>& output, const Tensor& mean,
+                                     const Tensor& invstd, const Tensor& mean_dy,
+                                     const Tensor& mean_dy_xhat, bool relu) {
+  const char* op = "fastnn.batch_norm_backward_elemt";
+  check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
+  check_stat_tensor(op, "mean_dy", input, mean_dy);
+  check_stat_tensor(op, "mean_dy_xhat", input, mean_dy_xhat);
+  const BNShape shape = bn_shape(input);
+  const auto fmt = shape.format;
+  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+  if (input.numel() == 0) return grad_input;
+  const Tensor x = input.contiguous(fmt);
+  const Tensor g = grad_output.contiguous(fmt);
+  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)",
+      [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const Plan p = make_plan<T>(shape);
+        const int64_t C = shape.C;
+        const std::vector<A> m = channel_values<A>(mean, C, A(0));
+        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+        const std::vector<A> w = channel_values<A>(weight, C, A(1));
+        const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
+        std::vector<A> a(C), k2 = channel_values<A>(mean_dy_xhat, C, A(0));
+        for (int64_t c = 0; c < C; ++c) {
+          a[c] = is[c] * w[c];
+          k2[c] *= is[c];  // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
+        }
+        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+          FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
+            input_grad<kMask, kStream, T>(p, g.const_data_ptr<T>(),
+                                          relu ? out.const_data_ptr<T>() : nullptr,
+                                          x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
+                                          m.data(), a.data(), k1.data(), k2.data());
+          });
+        });
+      });
+  return grad_input;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastnn
@@ -1101,4 +1217,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_train", &fastnn::cpu::batch_norm_train_cpu);
   m.impl("batch_norm_eval", &fastnn::cpu::batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &fastnn::cpu::batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &fastnn::cpu::batch_norm_stats_cpu);
+  m.impl("batch_norm_backward_reduce", &fastnn::cpu::batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elemt", &fastnn::cpu::batch_norm_backward_elemt_cpu);
 }

@@ -14,32 +14,19 @@ from fastnn.nn.batchnorm import _FastBatchNorm
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU"]
 
 
-def _reduce_dims(ndim):
-    return [0] + list(range(2, ndim))
-
-
-def _per_channel(t, ndim):
-    return t.reshape((1, -1) + (1,) * (ndim - 2))
-
-
 class _SyncBatchNormFunction(torch.autograd.Function):
     """One all-gather of each rank's (mean, M2, count) per forward, merged with Chan's formula;
-    one all-reduce of (sum g, sum g*xhat) per backward."""
+    one all-reduce of (sum g, sum g*xhat) per backward. The local statistics, the normalization
+    and both halves of the backward are fastnn's kernels (the reference where a device has none).
+    """
 
     @staticmethod
     def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps,
                 relu, process_group, world_size):
-        acc = reference.accumulate_dtype(input.dtype)
         C = input.shape[1]
-        dims = _reduce_dims(input.dim())
         count = input.numel() // C if C else 0
-        if count > 0:
-            var, mean = torch.var_mean(input.to(acc), dim=dims, correction=0)
-            m2 = var * count
-        else:
-            mean = input.new_zeros((C,), dtype=acc)
-            m2 = input.new_zeros((C,), dtype=acc)
-        packed = torch.cat([mean, m2, mean.new_full((1,), float(count))])
+        mean, var = F.batch_norm_stats(input)
+        packed = torch.cat([mean, var * count, mean.new_full((1,), float(count))])
         parts = [torch.empty_like(packed) for _ in range(world_size)]
         dist.all_gather(parts, packed, group=process_group)
         gathered = torch.stack(parts)
@@ -78,26 +65,25 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             return (torch.zeros_like(grad_output), None, None,
                     torch.zeros_like(grad_output) if ctx.has_residual else None) + (None,) * 7
         input, weight, out, mean, invstd = ctx.saved_tensors
-        acc = mean.dtype
-        nd = input.dim()
-        dims = _reduce_dims(nd)
-        g = grad_output.to(acc)
-        if ctx.relu:
-            g = torch.where(out > 0, g, torch.zeros((), dtype=acc, device=g.device))
-        xhat = (input.to(acc) - _per_channel(mean, nd)) * _per_channel(invstd, nd)
-        sum_g = g.sum(dims)
-        sum_gx = (g * xhat).sum(dims)
-        sums = torch.cat([sum_g, sum_gx])
+        sum_dy, sum_dy_xhat, grad_residual = F.batch_norm_backward_reduce(
+            grad_output, input, out, mean, invstd, ctx.relu, ctx.has_residual)
+        sums = torch.cat([sum_dy, sum_dy_xhat])
         dist.all_reduce(sums, group=ctx.process_group)
         C = mean.numel()
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        grad_input = ((g - _per_channel(sums[:C] / ctx.n_total, nd)
-                       - xhat * _per_channel(sums[C:] / ctx.n_total, nd))
-                      * _per_channel(scale, nd)).to(input.dtype)
+        if ctx.has_residual and ctx.relu:
+            # The masked gradient is already in grad_residual.
+            grad_input = F.batch_norm_backward_elemt(
+                grad_residual, input, weight, None, mean, invstd, sums[:C] / ctx.n_total,
+                sums[C:] / ctx.n_total, False)
+        else:
+            grad_input = F.batch_norm_backward_elemt(
+                grad_output, input, weight, out, mean, invstd, sums[:C] / ctx.n_total,
+                sums[C:] / ctx.n_total, ctx.relu)
         # Like torch.nn.SyncBatchNorm: parameter gradients are this rank's sums (DDP averages them).
-        grad_weight = sum_gx.to(weight.dtype) if weight is not None else None
-        grad_bias = sum_g.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        grad_residual = g.to(input.dtype) if ctx.has_residual else None
+        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
+        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
+        if not ctx.has_residual:
+            grad_residual = None
         return (grad_input, grad_weight, grad_bias, grad_residual) + (None,) * 7
 
 
