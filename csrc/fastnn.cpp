@@ -41,6 +41,12 @@ TORCH_LIBRARY(fastnn, m) {
   // Batch mean and biased variance per channel, in the accumulation dtype; zeros for an empty
   // batch.
   m.def("batch_norm_stats(Tensor input) -> (Tensor, Tensor)");
+  // batch_norm_train for an input whose batch statistics are known already (mean, biased var;
+  // accumulation dtype): no statistics pass. The backward is batch_norm_backward's training one.
+  m.def(
+      "batch_norm_train_with_stats(Tensor input, Tensor mean, Tensor var, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps, Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor)");
   // The reductions of the training backward: per channel sum_dy = sum(g) and
   // sum_dy_xhat = sum(g * (input - mean) * invstd), in the accumulation dtype, g being
   // grad_output masked by output > 0 when relu. With residual_grad the masked g is returned too

@@ -7,7 +7,8 @@ from torch import Tensor
 
 from fastnn import ops, reference
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "batch_norm_stats",
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "batch_norm_with_stats",
+           "batch_norm_stats",
            "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -165,3 +166,77 @@ def batch_norm_backward_elemt(grad_output: Tensor, input: Tensor, weight: Option
     with torch.no_grad():
         return reference.batch_norm_backward_elemt(grad_output, input, weight, output, mean,
                                                    invstd, mean_dy, mean_dy_xhat, relu)
+
+
+class _GivenStatsBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm of `input` normalized with its own batch statistics, computed
+    beforehand: the forward is the inference kernel with those statistics, the backward the
+    training backward (the statistics treated as the functions of input they are)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, residual, mean, var, eps, relu):
+        out = batch_norm_unchecked(input, mean, var, weight, bias, False, 0.0, eps, residual,
+                                   relu)
+        invstd = torch.rsqrt(var + eps)
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        input, weight, bias, out, mean, invstd = ctx.saved_tensors
+        need_residual = ctx.has_residual and ctx.needs_input_grad[3]
+        if use_kernel(input):
+            gi, gw, gb, gr = ops.batch_norm_backward(grad_output, input, weight, out, mean, invstd,
+                                                     True, ctx.relu, need_residual)
+        else:
+            gi, gw, gb, gr = reference.batch_norm_backward(grad_output, input, weight, out, mean,
+                                                           invstd, True, ctx.relu, need_residual)
+        return (gi if ctx.needs_input_grad[0] else None,
+                gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,
+                gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+                gr if need_residual else None, None, None, None, None)
+
+
+def batch_norm_with_stats(input: Tensor, mean: Tensor, var: Tensor,
+                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                          momentum: float = 0.1, eps: float = 1e-5,
+                          residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
+    """batch_norm(..., training=True) for an input whose batch statistics are already known:
+    ``mean`` and ``var`` (biased) per channel, in float32 (float64 for float64 input), as
+    batch_norm_stats returns them, or assembled from the statistics of the feature maps that
+    ``input`` concatenates. Output, running-statistics update and gradients are those of
+    batch_norm in training; first derivatives only.
+    """
+    check_args(input, running_mean, running_var, weight, bias, True, eps, residual)
+    check_batch_stats(input, mean, var)
+    return batch_norm_with_stats_unchecked(input, mean, var, running_mean, running_var, weight,
+                                           bias, momentum, eps, residual, relu)
+
+
+def check_batch_stats(input: Tensor, mean: Tensor, var: Tensor) -> None:
+    acc = reference.accumulate_dtype(input.dtype)
+    for arg, t in (("mean", mean), ("var", var)):
+        if not isinstance(t, Tensor) or t.shape != (input.shape[1],) or t.dtype != acc or \
+                t.device != input.device:
+            got = (f"{t.dtype} of size {tuple(t.shape)} on {t.device}" if isinstance(t, Tensor)
+                   else type(t).__name__)
+            raise RuntimeError(f"batch_norm_with_stats: {arg} must be a {acc} tensor of size "
+                               f"({input.shape[1]},) on {input.device}, got {got}")
+
+
+def batch_norm_with_stats_unchecked(input, mean, var, running_mean, running_var, weight, bias,
+                                    momentum, eps, residual, relu):
+    """batch_norm_with_stats after check_args and check_batch_stats have passed."""
+    if _use_part_kernel(input, "batch_norm_train_with_stats"):
+        return ops.batch_norm_train_with_stats(input, mean, var, weight, bias, running_mean,
+                                               running_var, momentum, eps, residual, relu)[0]
+    # Elsewhere: the inference kernel with these statistics and the training backward.
+    mean, var = mean.detach(), var.detach()
+    if input.numel() > 0:
+        reference.update_running_stats(running_mean, running_var, mean, var, momentum,
+                                       input.numel() // input.shape[1])
+    return _GivenStatsBatchNorm.apply(input, weight, bias, residual, mean, var, eps, relu)

@@ -13,7 +13,8 @@ from torch import Tensor
 from fastnn import _ext, reference
 
 __all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
-           "batch_norm_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
+           "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
+           "batch_norm_backward_elemt"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -25,8 +26,8 @@ def available() -> bool:
 def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
     """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). The
     forward/backward ops have kernels on every device fastnn._C was built for; the ops that split
-    them into parts (batch_norm_stats, batch_norm_backward_reduce/_elemt) have CPU kernels, and
-    elsewhere fastnn.functional runs their reference."""
+    them into parts (batch_norm_stats, batch_norm_train_with_stats, batch_norm_backward_reduce
+    and _elemt) have CPU kernels, and elsewhere fastnn.functional runs their reference."""
     return device_type in _ext.kernel_devices(op)
 
 
@@ -78,6 +79,22 @@ def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Ten
         return torch.ops.fastnn.batch_norm_backward.default(*args)
     with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
         return torch.ops.fastnn.batch_norm_backward.default(*args)
+
+
+def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
+                                weight: Optional[Tensor], bias: Optional[Tensor],
+                                running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                                momentum: float, eps: float, residual: Optional[Tensor] = None,
+                                relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """batch_norm_train with the input's batch statistics (mean, biased var) given; they are
+    treated as the functions of input they are (no gradient flows to mean and var)."""
+    args = (input, mean.detach(), var.detach(), weight, bias, running_mean, running_var,
+            float(momentum), float(eps), residual, bool(relu))
+    below = _below_autograd(input, weight, bias, residual)
+    if below is None:
+        return torch.ops.fastnn.batch_norm_train_with_stats.default(*args)
+    with below:
+        return torch.ops.fastnn.batch_norm_train_with_stats.default(*args)
 
 
 # The parts of the training forward and backward (see csrc/fastnn.cpp). They are not
@@ -158,6 +175,14 @@ def _fake_backward(grad_output, input, weight, output, mean, invstd, training, r
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input), grad_residual
 
 
+def _fake_train_with_stats(input, mean, var, weight, bias, running_mean, running_var, momentum,
+                           eps, residual, relu):
+    _check_devices("fastnn.batch_norm_train_with_stats", input, mean=mean, var=var, weight=weight,
+                   bias=bias, running_mean=running_mean, running_var=running_var,
+                   residual=residual)
+    return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
+
+
 def _fake_stats(input):
     return _channel_stat(input), _channel_stat(input)
 
@@ -230,6 +255,8 @@ if _ext.loaded():
     torch.library.register_fake("fastnn::batch_norm_eval", _fake_eval, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_stats", _fake_stats, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_train_with_stats", _fake_train_with_stats,
+                                lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward_reduce", _fake_backward_reduce,
                                 lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward_elemt", _fake_backward_elemt,
@@ -289,3 +316,37 @@ if _ext.loaded():
                                         relu)
 
     _lib.impl("batch_norm_train", _train_autograd, "Autograd", with_keyset=True)
+
+    # batch_norm_train_with_stats: the same construction; mean and var get no gradient.
+    _train_stats_op = torch.ops.fastnn.batch_norm_train_with_stats.default
+
+    class _BatchNormTrainWithStatsFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, input, mean, var, weight, bias, running_mean, running_var,
+                    momentum, eps, residual, relu):
+            with torch._C._AutoDispatchBelowAutograd():
+                out, save_mean, invstd = _train_stats_op.redispatch(
+                    keyset & torch._C._after_autograd_keyset, input, mean, var, weight, bias,
+                    running_mean, running_var, momentum, eps, residual, relu)
+            ctx.fastnn_needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[4],
+                                ctx.needs_input_grad[5], ctx.needs_input_grad[10])
+            _save(ctx, input, weight, bias, residual, out, save_mean, invstd, True, relu, eps)
+            ctx.mark_non_differentiable(save_mean, invstd)
+            return out, save_mean, invstd
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            gi, gw, gb, gr = _backward(ctx, grad_output)
+            return None, gi, None, None, gw, gb, None, None, None, None, gr, None
+
+    def _train_with_stats_autograd(keyset, input, mean, var, weight, bias, running_mean,
+                                   running_var, momentum, eps, residual, relu):
+        args = (input, mean, var, weight, bias, running_mean, running_var, momentum, eps,
+                residual, relu)
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
+            return _BatchNormTrainWithStatsFunction.apply(keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _train_stats_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _lib.impl("batch_norm_train_with_stats", _train_with_stats_autograd, "Autograd",
+              with_keyset=True)

@@ -126,3 +126,29 @@ def test_cuda_graph_training_step(backend, device):
         assert_close(m.running_mean, ref.running_mean, torch.float32, msg="running_mean")
         assert_close(m.running_var, ref.running_var, torch.float32, msg="running_var")
         assert m.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+def test_compile_densenet_training():
+    """A DenseNet (whose blocks share each feature map's batch statistics between their layers)
+    compiles with fullgraph=True and gives eager's outputs, gradients and running statistics."""
+    from fastnn import models
+
+    torch._dynamo.reset()
+    eager = models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                            num_classes=4)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(3, 3, 32, 32)
+    for training in (True, False):
+        eager.train(training)
+        model.train(training)
+        y1, y2 = eager(x), compiled(x)
+        assert_close(y2, y1, torch.float32, msg="output")
+        if training:
+            y1.sum().backward()
+            y2.sum().backward()
+            for (name, p1), (_, p2) in zip(eager.named_parameters(), model.named_parameters()):
+                assert_close(p2.grad, p1.grad, torch.float32, grad=True, msg=f"grad {name}")
+    s1, s2 = _state(eager), _state(model)
+    for k in s1:
+        assert_close(s2[k], s1[k], torch.float32, msg=k)

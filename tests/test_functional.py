@@ -432,3 +432,76 @@ def test_large_outputs_cpu(dtype, training, fmt, hw):
         torch.testing.assert_close(got.detach().double(), want, rtol=bound,
                                    atol=bound * max(scale, 1.0), msg=lambda m: f"{name}: {m}")
     assert out.is_contiguous(memory_format=memory_format)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm_with_stats: training batch norm with the batch statistics computed beforehand (what
+# DenseNet's blocks do), against batch_norm in training
+
+def _run_with_stats(x, w, b, rm, rv, r, relu, g, given):
+    xl = x.detach().clone().requires_grad_(True)
+    wl, bl = (None if t is None else t.detach().clone().requires_grad_(True) for t in (w, b))
+    rl = None if r is None else r.detach().clone().requires_grad_(True)
+    rm, rv = rm.clone(), rv.clone()
+    if given:
+        # Statistics of each half of the channels separately, then put together.
+        half = x.shape[1] // 2
+        parts = [fastnn.functional.batch_norm_stats(x[:, :half]),
+                 fastnn.functional.batch_norm_stats(x[:, half:])]
+        mean = torch.cat([m for m, _ in parts])
+        var = torch.cat([v for _, v in parts])
+        out = fastnn.functional.batch_norm_with_stats(xl, mean, var, rm, rv, wl, bl, 0.1, 1e-5,
+                                                      residual=rl, relu=relu)
+    else:
+        out = fastnn.functional.batch_norm(xl, rm, rv, wl, bl, True, 0.1, 1e-5, residual=rl,
+                                           relu=relu)
+    out.backward(g)
+    return {"out": out.detach(), "running_mean": rm, "running_var": rv, "grad_input": xl.grad,
+            "grad_weight": None if wl is None else wl.grad,
+            "grad_bias": None if bl is None else bl.grad,
+            "grad_residual": None if rl is None else rl.grad}
+
+
+@pytest.mark.parametrize("fused", list(FUSED))
+@pytest.mark.parametrize("layout", ["2d", "nchw", "nhwc", "ndhwc"])
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_with_stats_matches_batch_norm(backend, device, dtype, half_params, layout, fused):
+    shape, fmt = LAYOUTS[layout]
+    shape = (shape[0], 6) + shape[2:]
+    x = make_input(shape, dtype, device, fmt)
+    w, b, rm, rv = make_params(6, param_dtype(dtype, half_params), device)
+    with_residual, relu = FUSED[fused]
+    r = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0) if with_residual else None
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    got = _run_with_stats(x, w, b, rm, rv, r, relu, g, given=True)
+    expected = _run_with_stats(x, w, b, rm, rv, r, relu, g, given=False)
+    check_results(got, expected, dtype, "with_stats vs batch_norm:")
+    assert got["out"].dtype == dtype and got["grad_input"].dtype == dtype
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+def test_with_stats_gradcheck(backend, device, relu):
+    inputs, rm, rv = _gradcheck_inputs(device, True, True)
+
+    def fn(x, w, b, r):
+        mean, var = fastnn.functional.batch_norm_stats(x)
+        return fastnn.functional.batch_norm_with_stats(x, mean, var, rm.clone(), rv.clone(), w,
+                                                       b, 0.1, 1e-3, residual=r, relu=relu)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_with_stats_bad_statistics(backend, device):
+    x = make_input((4, 3, 5), torch.float32, device)
+    w, b, rm, rv = make_params(3, torch.float32, device)
+    mean, var = fastnn.functional.batch_norm_stats(x)
+    with pytest.raises(RuntimeError, match=r"batch_norm_with_stats: var must be a torch.float32 "
+                                           r"tensor of size \(3,\)"):
+        fastnn.functional.batch_norm_with_stats(x, mean, var[:2], rm, rv, w, b)
+    with pytest.raises(RuntimeError, match="batch_norm_with_stats: mean must be"):
+        fastnn.functional.batch_norm_with_stats(x, mean.double(), var, rm, rv, w, b)
+    bn = fastnn.nn.BatchNorm1d(3).to(device)
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    with pytest.raises(RuntimeError, match="var must be"):
+        bn._bn_forward(x, None, False, (mean, var[:2]))
+    for k, v in bn.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed by a failing call"

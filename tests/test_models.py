@@ -183,7 +183,9 @@ def test_fused_modules_are_used(no_random_init):
     kinds = module_kinds(models.resnet50())
     assert kinds["BatchNormAddReLU2d"] == 16 and kinds["BatchNormReLU2d"] == 33
     kinds = module_kinds(models.densenet121())
-    assert kinds["BatchNormReLU2d"] == 1 + 58 * 2 + 3 and kinds["ReLU"] == 0
+    # norm1 of each dense layer: a BatchNormReLU2d that can take the block's shared statistics
+    assert kinds["_DenseBatchNormReLU2d"] == 58 and kinds["ReLU"] == 0
+    assert kinds["BatchNormReLU2d"] == 1 + 58 + 3
     assert kinds["BatchNorm2d"] == 1  # norm5: `features` ends before the final ReLU
     model = models.densenet121()
     assert isinstance(model.features.denseblock1.denselayer1.norm1, fnn.BatchNormReLU2d)
@@ -337,6 +339,36 @@ def test_small_densenet_matches_torchvision(memory_efficient):
     assert isinstance(converted, torch.fx.GraphModule) != memory_efficient
     assert module_kinds(converted)["BatchNormReLU2d"] == 1 + 5 * 2 + 1 + (0 if memory_efficient else 1)
     assert_same_training(ref, converted, x, train=True)
+
+
+def test_densenet_shares_batch_statistics(monkeypatch):
+    """In training a dense block computes each feature map's batch statistics once: every dense
+    layer's norm1 then normalizes with them (batch_norm_train_with_stats) instead of computing
+    them again; in eval none does. test_small_densenet_matches_torchvision checks the numbers."""
+    import fastnn.ops
+    from fastnn.models import densenet as dn
+
+    if not dn._shares_statistics(torch.zeros(2, 2, dtype=torch.float64)):
+        pytest.skip("no CPU kernels for batch_norm_stats/batch_norm_train_with_stats")
+    calls = []
+    original = fastnn.ops.batch_norm_train_with_stats
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastnn.ops, "batch_norm_train_with_stats", counting)
+    model = models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                            num_classes=4).double()
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    model.train()
+    model(x).sum().backward()
+    # Block 1: 16 and 24 input channels; transition to 16; block 2: 16, 24, 32.
+    assert calls == [16, 24, 16, 24, 32]
+    calls.clear()
+    model.eval()
+    model(x)
+    assert calls == []
 
 
 def test_googlenet_options_match_torchvision():
@@ -581,7 +613,7 @@ def trained(model, x, steps=2):
     (lambda: models.resnet50(num_classes=10), (2, 3, 32, 32), {"AddReLU": 16, "ReLU": 33}),
     (lambda: models.googlenet(num_classes=10), (2, 3, 32, 32), {"BatchNormReLU2d": 2}),
     (lambda: models.densenet121(num_classes=10), (2, 3, 32, 32),
-     {"BatchNormReLU2d": 61, "BatchNorm2d": 1}),
+     {"BatchNormReLU2d": 3, "_DenseBatchNormReLU2d": 58, "BatchNorm2d": 1}),
     (lambda: models.lenet_bn(), (4, 1, 28, 28), {"_FoldedLinearBatchNorm": 2}),
     (lambda: models.d2l_resnet18(), (2, 1, 32, 32), {"AddReLU": 8}),
     (lambda: Untraceable(), (2, 3, 8, 8), {"BatchNorm1d": 1}),

@@ -323,7 +323,8 @@ def test_over_2_31_elements(fmt):
 # The ops that split the training forward and backward into parts (SyncBatchNorm, DenseNet's
 # shared statistics). They have CPU kernels; elsewhere fastnn.functional runs their reference.
 
-PART_OPS = ("batch_norm_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+PART_OPS = ("batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
+            "batch_norm_backward_elemt")
 
 
 @pytest.fixture
@@ -446,3 +447,35 @@ def test_opcheck_part_ops(part_kernels):
                                                                  False)
         torch.library.opcheck(torch.ops.fastnn.batch_norm_backward_elemt.default,
                               (g, x, w, output, mean, invstd, sd / 7, sdx / 7, relu))
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_train_with_stats_op_matches_train(part_kernels, dtype, half_params, layout, option):
+    """Given the input's own statistics, the same output, saved statistics and running-statistics
+    update as batch_norm_train."""
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, part_kernels, fmt)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), part_kernels)
+    with_res, relu = OPTIONS[option]
+    r = make_input(shape, dtype, part_kernels, fmt, shift=0.0) if with_res else None
+    mean, var = torch.ops.fastnn.batch_norm_stats(x)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    got = torch.ops.fastnn.batch_norm_train_with_stats(x, mean, var, w, b, rm1, rv1, 0.1, 1e-5,
+                                                       r, relu)
+    exp = torch.ops.fastnn.batch_norm_train(x, w, b, rm2, rv2, 0.1, 1e-5, r, relu)
+    _check_layout(got[0], x)
+    for name, a, e in zip(("out", "save_mean", "save_invstd"), got, exp):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, dtype, msg=name)
+    assert_close(rm1, rm2, dtype, msg="running_mean")
+    assert_close(rv1, rv2, dtype, msg="running_var")
+
+
+def test_opcheck_train_with_stats(part_kernels):
+    for requires_grad in (False, True):
+        for x, w, b, rm, rv, m, eps, r, relu in _sample_train_args(part_kernels, requires_grad):
+            mean, var = torch.ops.fastnn.batch_norm_stats(x.detach())
+            torch.library.opcheck(torch.ops.fastnn.batch_norm_train_with_stats.default,
+                                  (x, mean, var, w, b, rm, rv, m, eps, r, relu))

@@ -941,11 +941,13 @@ void update_running_stats_cpu(const c10::optional<Tensor>& running_mean,
   update(running_var, var, bessel);
 }
 
-std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
-    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+// The training forward; with given_mean/given_var (the input's batch statistics, computed
+// elsewhere) the statistics pass is skipped.
+std::tuple<Tensor, Tensor, Tensor> train_forward(
+    const Tensor& input, const Tensor* given_mean, const Tensor* given_var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
-  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
   if (input.numel() == 0) return empty_batch_train(input);
   const BNShape shape = bn_shape(input);
   const Tensor x = input.contiguous(shape.format);
@@ -955,6 +957,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   Tensor save_mean = at::empty({shape.C}, stat_options);
   Tensor save_invstd = at::empty({shape.C}, stat_options);
   std::vector<double> stats_mean(shape.C), stats_var(shape.C);
+  if (given_mean != nullptr) {
+    stats_mean = channel_values<double>(*given_mean, shape.C, 0.0);
+    stats_var = channel_values<double>(*given_var, shape.C, 0.0);
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
@@ -963,7 +969,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
         const int64_t C = shape.C;
         std::vector<double>& mean = stats_mean;
         std::vector<double>& var = stats_var;
-        batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
+        if (given_mean == nullptr)
+          batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
         const std::vector<A> w = channel_values<A>(weight, C, A(1));
         const std::vector<A> b = channel_values<A>(bias, C, A(0));
         A* sm = save_mean.mutable_data_ptr<A>();
@@ -982,6 +989,27 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
                            shape.N * shape.S);
   return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  return train_forward(input, nullptr, nullptr, weight, bias, running_mean, running_var, momentum,
+                       eps, residual, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
+    const Tensor& input, const Tensor& mean, const Tensor& var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "mean", input, mean);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "var", input, var);
+  return train_forward(input, &mean, &var, weight, bias, running_mean, running_var, momentum, eps,
+                       residual, relu);
 }
 
 Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& weight,
@@ -1218,6 +1246,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_eval", &fastnn::cpu::batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &fastnn::cpu::batch_norm_backward_cpu);
   m.impl("batch_norm_stats", &fastnn::cpu::batch_norm_stats_cpu);
+  m.impl("batch_norm_train_with_stats", &fastnn::cpu::batch_norm_train_with_stats_cpu);
   m.impl("batch_norm_backward_reduce", &fastnn::cpu::batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &fastnn::cpu::batch_norm_backward_elemt_cpu);
 }

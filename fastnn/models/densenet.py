@@ -9,14 +9,16 @@ directions. ``features`` still ends with norm5 before the final ReLU, as in torc
 """
 import re
 from collections import OrderedDict
-from typing import Any, Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from fastnn import functional as fF
 from fastnn import nn as fnn
+from fastnn import ops as fnn_ops
 from fastnn.models._utils import load_weights, override_kwarg, resolve_weights
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201"]
@@ -29,6 +31,28 @@ def _bn_relu(num_features: int, fused: bool) -> Tuple[nn.Module, nn.Module]:
     return nn.BatchNorm2d(num_features), nn.ReLU(inplace=True)
 
 
+class _DenseBatchNormReLU2d(fnn.BatchNormReLU2d):
+    """A dense layer's first BN+ReLU. In training it can take the batch statistics of its input
+    from the block, which computes each feature map's statistics once for all its layers: every
+    layer normalizes the same earlier feature maps, so their per-channel batch mean and variance
+    are the same for each. Its own running statistics, weight and bias are its own, and outputs
+    and gradients are those of BatchNormReLU2d."""
+
+    def forward(self, input: Tensor,
+                batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        return self._bn_forward(input, None, True, batch_stats)
+
+
+def _shares_statistics(input: Tensor) -> bool:
+    """Whether a dense block computes each feature map's batch statistics once for its layers:
+    where fastnn has kernels for the statistics and for the training forward with given
+    statistics on the device (elsewhere each layer's fused training kernel, statistics included,
+    is the faster path)."""
+    device = input.device.type
+    return (fF.use_kernel(input) and fnn_ops.has_kernel(device, "batch_norm_stats")
+            and fnn_ops.has_kernel(device, "batch_norm_train_with_stats"))
+
+
 class _DenseLayer(nn.Module):
     """BN-ReLU-conv1x1 (bottleneck to bn_size * growth_rate channels), BN-ReLU-conv3x3 (growth_rate
     new channels), on the concatenation of every earlier feature map of the block."""
@@ -37,6 +61,8 @@ class _DenseLayer(nn.Module):
                  drop_rate: float, memory_efficient: bool = False, fused: bool = True) -> None:
         super().__init__()
         self.norm1, self.relu1 = _bn_relu(num_input_features, fused)
+        if fused:
+            self.norm1 = _DenseBatchNormReLU2d(num_input_features)
         self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1,
                                stride=1, bias=False)
         self.norm2, self.relu2 = _bn_relu(bn_size * growth_rate, fused)
@@ -45,9 +71,15 @@ class _DenseLayer(nn.Module):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
 
-    def bn_function(self, inputs: List[Tensor]) -> Tensor:
+    def bn_function(self, inputs: List[Tensor],
+                    stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
         concated_features = torch.cat(inputs, 1)
-        bottleneck_output = self.conv1(self.relu1(self.norm1(concated_features)))
+        if stats is not None and isinstance(self.norm1, _DenseBatchNormReLU2d):
+            batch_stats = (torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats]))
+            normed = self.norm1(concated_features, batch_stats=batch_stats)
+        else:
+            normed = self.norm1(concated_features)
+        bottleneck_output = self.conv1(self.relu1(normed))
         return bottleneck_output
 
     def any_requires_grad(self, inputs: List[Tensor]) -> bool:
@@ -56,22 +88,29 @@ class _DenseLayer(nn.Module):
                 return True
         return False
 
-    def call_checkpoint_bottleneck(self, inputs: List[Tensor]) -> Tensor:
+    def call_checkpoint_bottleneck(self, inputs: List[Tensor],
+                                   stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
         # The concatenation and the bottleneck are recomputed in backward instead of stored. As
         # in torchvision, the recomputation runs norm1 again, so in training its running
-        # statistics are updated a second time.
+        # statistics are updated a second time. The block appends to its statistics list
+        # afterwards: the recomputation takes the statistics of this call.
+        stats = None if stats is None else list(stats)
+
         def closure(*tensors):
-            return self.bn_function(list(tensors))
+            return self.bn_function(list(tensors), stats)
 
         return cp.checkpoint(closure, *inputs, use_reentrant=False)
 
-    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:
+    def forward(self, input: Union[Tensor, List[Tensor]],
+                shared_stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
+        """input: the earlier feature maps (or one tensor). shared_stats: the batch (mean, var)
+        of each of them, from the block, in training."""
         prev_features = [input] if isinstance(input, Tensor) else input
 
         if self.memory_efficient and self.any_requires_grad(prev_features):
-            bottleneck_output = self.call_checkpoint_bottleneck(prev_features)
+            bottleneck_output = self.call_checkpoint_bottleneck(prev_features, shared_stats)
         else:
-            bottleneck_output = self.bn_function(prev_features)
+            bottleneck_output = self.bn_function(prev_features, shared_stats)
 
         new_features = self.conv2(self.relu2(self.norm2(bottleneck_output)))
         if self.drop_rate > 0:
@@ -96,9 +135,16 @@ class _DenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         features = [init_features]
-        for name, layer in self.items():
-            new_features = layer(features)
+        layers = list(self.values())
+        # In training each feature map's batch statistics are computed once, for every layer.
+        share = self.training and _shares_statistics(init_features) and any(
+            isinstance(getattr(layer, "norm1", None), _DenseBatchNormReLU2d) for layer in layers)
+        stats = [fF.batch_norm_stats(init_features)] if share else None
+        for i, layer in enumerate(layers):
+            new_features = layer(features, shared_stats=stats) if share else layer(features)
             features.append(new_features)
+            if share and i + 1 < len(layers):
+                stats.append(fF.batch_norm_stats(new_features))
         return torch.cat(features, 1)
 
 

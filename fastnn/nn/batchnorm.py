@@ -1,7 +1,7 @@
 """Drop-in batch-norm modules. Each subclasses its torch counterpart (same constructor, parameters,
 buffers, state_dict keys and _version), so isinstance checks, checkpoints and tools written for
 torch's modules keep working."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +15,10 @@ class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, with the
     arguments checked before num_batches_tracked is counted, so a failing call changes nothing."""
 
-    def _bn_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
+    def _bn_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool,
+                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """batch_stats: (mean, biased var) of input per channel, already computed; used (instead
+        of computing them again) when the call normalizes with batch statistics."""
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -23,11 +26,17 @@ class _FastBatchNorm:
         running_var = self.running_var if use_running else None
         F.check_args(input, running_mean, running_var, self.weight, self.bias, bn_training,
                      self.eps, residual)
+        if bn_training and batch_stats is not None:
+            F.check_batch_stats(input, *batch_stats)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
+        if bn_training and batch_stats is not None:
+            return F.batch_norm_with_stats_unchecked(
+                input, batch_stats[0], batch_stats[1], running_mean, running_var, self.weight,
+                self.bias, factor, self.eps, residual, relu)
         return F.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
                                       bn_training, factor, self.eps, residual, relu)
 
