@@ -143,6 +143,43 @@ void check_grad_args(const char* op, const at::Tensor& grad_output, const at::Te
   }
 }
 
+void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& running_mean,
+                     const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+                     const c10::optional<at::Tensor>& weight2,
+                     const c10::optional<at::Tensor>& bias2,
+                     const c10::optional<at::Tensor>& running_mean2,
+                     const c10::optional<at::Tensor>& running_var2, bool training, double eps,
+                     double eps2) {
+  const char* op = "fastnn.batch_norm_dual";
+  check_forward_args(op, input, weight, bias, running_mean, running_var, c10::nullopt);
+  check_same_shape(op, "input2", input, input2);
+  check_channel_tensor(op, "weight2", input, weight2);
+  check_channel_tensor(op, "bias2", input, bias2);
+  check_channel_tensor(op, "running_mean2", input, running_mean2);
+  check_channel_tensor(op, "running_var2", input, running_var2);
+  if (training) {
+    TORCH_CHECK_VALUE(eps > 0.0 && eps2 > 0.0,
+                      "batch_norm eps must be positive during training, but got ",
+                      eps > 0.0 ? eps2 : eps);
+    if (input.numel() > 0) {
+      TORCH_CHECK_VALUE(input.numel() / input.size(1) > 1,
+                        "Expected more than 1 value per channel when training, got input size ",
+                        input.sizes());
+    }
+  } else {
+    const bool stats = running_mean.has_value() && running_mean->defined() &&
+                       running_var.has_value() && running_var->defined() &&
+                       running_mean2.has_value() && running_mean2->defined() &&
+                       running_var2.has_value() && running_var2->defined();
+    TORCH_CHECK(stats, op, ": running statistics of both batch norms must be defined in "
+                "evaluation mode");
+    TORCH_CHECK_VALUE(eps >= 0.0 && eps2 >= 0.0,
+                      "batch_norm eps must be non-negative, but got ", eps >= 0.0 ? eps2 : eps);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input) {
   const auto fmt = output_memory_format(input);
   auto stat_opts = input.options().dtype(accumulate_type(input.scalar_type()));

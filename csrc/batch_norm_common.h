@@ -54,6 +54,17 @@ void check_grad_args(const char* op, const at::Tensor& grad_output, const at::Te
                      const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                      const at::Tensor& invstd, bool relu);
 
+// The checks of batch_norm_dual: both inputs, with input2 (and its parameters) named as such.
+void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                     const c10::optional<at::Tensor>& bias,
+                     const c10::optional<at::Tensor>& running_mean,
+                     const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+                     const c10::optional<at::Tensor>& weight2,
+                     const c10::optional<at::Tensor>& bias2,
+                     const c10::optional<at::Tensor>& running_mean2,
+                     const c10::optional<at::Tensor>& running_var2, bool training, double eps,
+                     double eps2);
+
 // Empty [C] statistics / gradients for the N = 0 case, so every kernel treats it the same way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input);
 

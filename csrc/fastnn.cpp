@@ -34,6 +34,19 @@ TORCH_LIBRARY(fastnn, m) {
       "Tensor mean, Tensor invstd, bool training, bool relu, bool residual_grad) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
+  // Two batch norms added, for a ResNet block with a downsampling shortcut:
+  // out = [relu](bn(input) + bn2(input2)), input2 of input's size, each batch norm with its own
+  // parameters, running statistics, momentum and eps; training (batch statistics, running
+  // statistics updated) or inference (running statistics). Returns (output, mean, invstd,
+  // mean2, invstd2): the statistics each input was normalized with, in the accumulation dtype;
+  // batch_norm_backward of each input (masked by the output for relu) is the gradient.
+  m.def(
+      "batch_norm_dual(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor input2, Tensor? weight2, Tensor? bias2, "
+      "Tensor(c!)? running_mean2, Tensor(d!)? running_var2, bool training, float momentum, "
+      "float eps, float momentum2, float eps2, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+
   // The training forward and backward in parts, for statistics computed or reduced elsewhere
   // (SyncBatchNorm over a process group, statistics shared by DenseNet layers). Normalizing with
   // given statistics is batch_norm_eval.

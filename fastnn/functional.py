@@ -7,7 +7,8 @@ from torch import Tensor
 
 from fastnn import ops, reference
 
-__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "batch_norm_with_stats",
+__all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
+           "batch_norm_with_stats",
            "batch_norm_stats",
            "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
@@ -120,6 +121,62 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
     """relu(batch_norm(input) + residual) in one pass."""
     return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       residual=residual, relu=True)
+
+
+def check_input2(input: Tensor, input2: Tensor) -> None:
+    if not isinstance(input2, Tensor):
+        raise TypeError(f"batch_norm: input2 must be a Tensor, got {type(input2).__name__}")
+    if input2.device != input.device:
+        raise RuntimeError(f"batch_norm: input2 is on {input2.device} but input is on "
+                           f"{input.device}")
+    if input2.shape != input.shape:
+        raise RuntimeError(f"batch_norm: input2 must have the input's size {tuple(input.shape)}, "
+                           f"got {tuple(input2.shape)}")
+    if input2.dtype != input.dtype:
+        raise RuntimeError(f"batch_norm: input2 has dtype {input2.dtype} but input has dtype "
+                           f"{input.dtype}")
+
+
+def dual_batch_norm_unchecked(input, weight, bias, running_mean, running_var, input2, weight2,
+                              bias2, running_mean2, running_var2, training, momentum, eps,
+                              momentum2, eps2, relu):
+    """dual_batch_norm_add_relu after check_args (of both) and check_input2 have passed."""
+    if use_kernel(input) and ops.has_kernel(input.device.type, "batch_norm_dual"):
+        return ops.batch_norm_dual(input, weight, bias, running_mean, running_var, input2,
+                                   weight2, bias2, running_mean2, running_var2, training,
+                                   momentum, eps, momentum2, eps2, relu)[0]
+    if not use_kernel(input):
+        return reference.batch_norm_dual(input, weight, bias, running_mean, running_var, input2,
+                                         weight2, bias2, running_mean2, running_var2, training,
+                                         momentum, eps, momentum2, eps2, relu)[0]
+    # Where the device has kernels but no fused dual one: the second batch norm, then the first
+    # with it as the residual (the second's output rounded to the input's dtype, as PyTorch's).
+    y2 = batch_norm_unchecked(input2, running_mean2, running_var2, weight2, bias2, training,
+                              momentum2, eps2, None, False)
+    return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
+                                momentum, eps, y2, relu)
+
+
+def dual_batch_norm_add_relu(input: Tensor, input2: Tensor, running_mean: Optional[Tensor],
+                             running_var: Optional[Tensor], running_mean2: Optional[Tensor],
+                             running_var2: Optional[Tensor], weight: Optional[Tensor] = None,
+                             bias: Optional[Tensor] = None, weight2: Optional[Tensor] = None,
+                             bias2: Optional[Tensor] = None, training: bool = False,
+                             momentum: float = 0.1, eps: float = 1e-5,
+                             momentum2: Optional[float] = None, eps2: Optional[float] = None,
+                             relu: bool = True) -> Tensor:
+    """relu(batch_norm(input) + batch_norm(input2)) in one pass: a ResNet block whose shortcut
+    is a downsampling conv + BN. Each batch norm has its own running statistics, weight and bias
+    (momentum2/eps2 default to momentum/eps); input2 has input's size. relu=False leaves the ReLU
+    out."""
+    momentum2 = momentum if momentum2 is None else momentum2
+    eps2 = eps if eps2 is None else eps2
+    check_args(input, running_mean, running_var, weight, bias, training, eps, None)
+    check_input2(input, input2)
+    check_args(input2, running_mean2, running_var2, weight2, bias2, training, eps2, None)
+    return dual_batch_norm_unchecked(input, weight, bias, running_mean, running_var, input2,
+                                     weight2, bias2, running_mean2, running_var2, training,
+                                     momentum, eps, momentum2, eps2, relu)
 
 
 # The training forward and backward in parts, for statistics computed or reduced elsewhere

@@ -13,7 +13,7 @@ from torch import Tensor
 from fastnn import _ext, reference
 
 __all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
-           "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
+           "batch_norm_dual", "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
            "batch_norm_backward_elemt"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -31,15 +31,14 @@ def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
     return device_type in _ext.kernel_devices(op)
 
 
-def _below_autograd(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    residual: Optional[Tensor]):
+def _below_autograd(*tensors: Optional[Tensor]):
     """A context that skips the ops' Python autograd kernels when the call records no graph (no
     grad mode, or nothing requires grad): that kernel would only redispatch, at the cost of a
     Python round trip per call (about half of a small inference call's time). None under
     torch.compile, whose tracing must see the op as it is."""
     if torch.compiler.is_compiling():
         return None
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         return None
     return torch._C._AutoDispatchBelowAutograd()
 
@@ -79,6 +78,23 @@ def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Ten
         return torch.ops.fastnn.batch_norm_backward.default(*args)
     with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
         return torch.ops.fastnn.batch_norm_backward.default(*args)
+
+
+def batch_norm_dual(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    running_mean: Optional[Tensor], running_var: Optional[Tensor], input2: Tensor,
+                    weight2: Optional[Tensor], bias2: Optional[Tensor],
+                    running_mean2: Optional[Tensor], running_var2: Optional[Tensor],
+                    training: bool, momentum: float, eps: float, momentum2: float, eps2: float,
+                    relu: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """[relu](bn(input) + bn2(input2)): (output, mean, invstd, mean2, invstd2)."""
+    args = (input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+            running_mean2, running_var2, bool(training), float(momentum), float(eps),
+            float(momentum2), float(eps2), bool(relu))
+    below = _below_autograd(input, weight, bias, input2, weight2, bias2)
+    if below is None:
+        return torch.ops.fastnn.batch_norm_dual.default(*args)
+    with below:
+        return torch.ops.fastnn.batch_norm_dual.default(*args)
 
 
 def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
@@ -183,6 +199,16 @@ def _fake_train_with_stats(input, mean, var, weight, bias, running_mean, running
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
 
 
+def _fake_dual(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+               running_mean2, running_var2, training, momentum, eps, momentum2, eps2, relu):
+    _check_devices("fastnn.batch_norm_dual", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var, input2=input2,
+                   weight2=weight2, bias2=bias2, running_mean2=running_mean2,
+                   running_var2=running_var2)
+    return (_empty_like_input(input), _channel_stat(input), _channel_stat(input),
+            _channel_stat(input), _channel_stat(input))
+
+
 def _fake_stats(input):
     return _channel_stat(input), _channel_stat(input)
 
@@ -255,6 +281,7 @@ if _ext.loaded():
     torch.library.register_fake("fastnn::batch_norm_eval", _fake_eval, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_stats", _fake_stats, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_dual", _fake_dual, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_train_with_stats", _fake_train_with_stats,
                                 lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward_reduce", _fake_backward_reduce,
@@ -350,3 +377,81 @@ if _ext.loaded():
 
     _lib.impl("batch_norm_train_with_stats", _train_with_stats_autograd, "Autograd",
               with_keyset=True)
+
+    # batch_norm_dual: the gradient is batch_norm_backward of each input, the second taking the
+    # (ReLU-masked) output gradient the first returns as its residual gradient.
+    _dual_op = torch.ops.fastnn.batch_norm_dual.default
+
+    class _BatchNormDualFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, input, weight, bias, running_mean, running_var, input2, weight2,
+                    bias2, running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
+                    relu):
+            with torch._C._AutoDispatchBelowAutograd():
+                out, mean, invstd, mean2, invstd2 = _dual_op.redispatch(
+                    keyset & torch._C._after_autograd_keyset, input, weight, bias, running_mean,
+                    running_var, input2, weight2, bias2, running_mean2, running_var2, training,
+                    momentum, eps, momentum2, eps2, relu)
+            n = ctx.needs_input_grad
+            ctx.fastnn_needs = (n[1], n[2], n[3], n[6], n[7], n[8])
+            ctx.training, ctx.relu, ctx.eps, ctx.eps2 = training, relu, eps, eps2
+            ctx.save_for_backward(input, weight, bias, input2, weight2, bias2,
+                                  out if relu else None, mean, invstd, mean2, invstd2)
+            ctx.mark_non_differentiable(mean, invstd, mean2, invstd2)
+            return out, mean, invstd, mean2, invstd2
+
+        @staticmethod
+        def backward(ctx, grad_output, *_grad_stats):
+            grads = _dual_backward(ctx, grad_output)
+            gx, gw, gb, gz, gw2, gb2 = grads
+            return (None, gx, gw, gb, None, None, gz, gw2, gb2) + (None,) * 8
+
+    def _dual_backward(ctx, grad_output):
+        (input, weight, bias, input2, weight2, bias2, out, mean, invstd, mean2,
+         invstd2) = ctx.saved_tensors
+        need = ctx.fastnn_needs
+        if torch.is_grad_enabled():  # double backward: differentiate the reference
+            return _dual_double_backward_grads(ctx, grad_output)
+        need_second = need[3] or need[4] or need[5]
+        gx, gw, gb, gm = batch_norm_backward(grad_output, input, weight, out, mean, invstd,
+                                             ctx.training, ctx.relu, need_second and ctx.relu)
+        gz = gw2 = gb2 = None
+        if need_second:
+            g2 = gm if ctx.relu else grad_output
+            gz, gw2, gb2, _ = batch_norm_backward(g2, input2, weight2, None, mean2, invstd2,
+                                                  ctx.training, False, False)
+        return (gx if need[0] else None,
+                gw.to(weight.dtype) if need[1] and weight is not None else None,
+                gb.to(bias.dtype) if need[2] and bias is not None else None,
+                gz if need[3] else None,
+                gw2.to(weight2.dtype) if need[4] and weight2 is not None else None,
+                gb2.to(bias2.dtype) if need[5] and bias2 is not None else None)
+
+    def _dual_double_backward_grads(ctx, grad_output):
+        (input, weight, bias, input2, weight2, bias2, _, mean, invstd, mean2,
+         invstd2) = ctx.saved_tensors
+        ins = (input, weight, bias, input2, weight2, bias2)
+        if ctx.training:
+            out = reference.batch_norm_dual(input, weight, bias, None, None, input2, weight2,
+                                            bias2, None, None, True, 0.0, ctx.eps, 0.0, ctx.eps2,
+                                            ctx.relu)[0]
+        else:
+            acc = reference.accumulate_dtype(input.dtype)
+            y2 = reference._normalize_affine(input2.to(acc), mean2, invstd2, weight2, bias2, None,
+                                             False, acc)
+            out = reference._normalize_affine(input.to(acc), mean, invstd, weight, bias, y2,
+                                              ctx.relu, input.dtype)
+        wanted = [t for t in ins if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad_output, create_graph=True,
+                                         allow_unused=True))
+        return tuple(next(grads) if t is not None and t.requires_grad else None for t in ins)
+
+    def _dual_autograd(keyset, *args):
+        input, weight, bias, _, _, input2, weight2, bias2 = args[:8]
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, input2,
+                                                                   weight2, bias2):
+            return _BatchNormDualFunction.apply(keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _dual_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    _lib.impl("batch_norm_dual", _dual_autograd, "Autograd", with_keyset=True)

@@ -13,6 +13,7 @@ __all__ = [
     "batch_norm_train",
     "batch_norm_eval",
     "batch_norm_backward",
+    "batch_norm_dual",
     "batch_norm_stats",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
@@ -88,6 +89,34 @@ def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residua
     mean = running_mean.to(acc)
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     return _normalize_affine(input.to(acc), mean, invstd, weight, bias, residual, relu, input.dtype)
+
+
+def batch_norm_dual(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                    running_mean2, running_var2, training, momentum, eps, momentum2, eps2, relu):
+    """[relu](bn(input) + bn2(input2)), the sum taken in the accumulation dtype. Returns (output,
+    mean, invstd, mean2, invstd2) like the fastnn op; in training the running statistics are
+    updated in place."""
+    acc = accumulate_dtype(input.dtype)
+    C = input.shape[1]
+    x, z = input.to(acc), input2.to(acc)
+    if training:
+        if input.numel() == 0:
+            zeros = input.new_zeros((C,), dtype=acc)
+            stats = [(zeros, zeros.clone()), (zeros.clone(), zeros.clone())]
+        else:
+            stats = []
+            for t, rm, rv, m, e in ((x, running_mean, running_var, momentum, eps),
+                                    (z, running_mean2, running_var2, momentum2, eps2)):
+                mean, var = batch_norm_stats(t)
+                update_running_stats(rm, rv, mean.detach(), var.detach(), m, input.numel() // C)
+                stats.append((mean, torch.rsqrt(var + e)))
+    else:
+        stats = [(running_mean.to(acc), torch.rsqrt(running_var.to(acc) + eps)),
+                 (running_mean2.to(acc), torch.rsqrt(running_var2.to(acc) + eps2))]
+    (mean, invstd), (mean2, invstd2) = stats
+    y2 = _normalize_affine(z, mean2, invstd2, weight2, bias2, None, False, acc)
+    out = _normalize_affine(x, mean, invstd, weight, bias, y2, relu, input.dtype)
+    return out, mean.detach(), invstd.detach(), mean2.detach(), invstd2.detach()
 
 
 def batch_norm_stats(input):

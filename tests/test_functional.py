@@ -505,3 +505,98 @@ def test_with_stats_bad_statistics(backend, device):
         bn._bn_forward(x, None, False, (mean, var[:2]))
     for k, v in bn.state_dict().items():
         assert torch.equal(v, state[k]), f"{k} changed by a failing call"
+
+
+# ---------------------------------------------------------------------------------------------
+# dual_batch_norm_add_relu: relu(bn(x) + bn2(z)), a ResNet block with a downsampling shortcut
+
+def _run_dual(impl, x, z, p1, p2, training, relu, g, upcast=False):
+    dt = torch.float32 if upcast else None
+
+    def leaf(t):
+        if t is None:
+            return None
+        t = t.detach()
+        return (t.to(dt) if dt is not None else t.clone()).requires_grad_(True)
+
+    xl, zl = leaf(x), leaf(z)
+    w1, b1, w2, b2 = (leaf(t) for t in (p1[0], p1[1], p2[0], p2[1]))
+    rm1, rv1, rm2, rv2 = (t.detach().to(dt or t.dtype, copy=True)
+                          for t in (p1[2], p1[3], p2[2], p2[3]))
+    if impl == "fastnn":
+        out = fastnn.functional.dual_batch_norm_add_relu(
+            xl, zl, rm1, rv1, rm2, rv2, w1, b1, w2, b2, training, 0.1, 1e-5, momentum2=0.3,
+            eps2=1e-3, relu=relu)
+    else:
+        out = (F.batch_norm(xl, rm1, rv1, w1, b1, training, 0.1, 1e-5)
+               + F.batch_norm(zl, rm2, rv2, w2, b2, training, 0.3, 1e-3))
+        if relu:
+            out = F.relu(out)
+    out.backward(g.to(out.dtype))
+    return {"out": out.detach(), "running_mean": rm1, "running_var": rv1, "running_mean2": rm2,
+            "running_var2": rv2, "grad_input": xl.grad, "grad_input2": zl.grad,
+            "grad_weight": w1.grad, "grad_bias": b1.grad, "grad_weight2": w2.grad,
+            "grad_bias2": b2.grad}
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_dual_matches_torch(backend, device, dtype, half_params, layout, training, relu):
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    z = make_input(shape, dtype, device, fmt, shift=-3.0, scale=0.5)
+    p1 = make_params(shape[1], param_dtype(dtype, half_params), device)
+    p2 = make_params(shape[1], param_dtype(dtype, half_params), device)
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    got = _run_dual("fastnn", x, z, p1, p2, training, relu, g)
+    # In float16/bfloat16 PyTorch rounds each batch norm before the add; fastnn's dual kernel and
+    # reference add in float32 (a device without the dual kernel rounds as PyTorch does).
+    fused = backend == "reference" or fastnn.ops.has_kernel(device, "batch_norm_dual")
+    upcast = fused and dtype in (torch.float16, torch.bfloat16)
+    exp = _run_dual("torch", x, z, p1, p2, training, relu, g, upcast=upcast)
+    for key in got:
+        assert_close(got[key], exp[key], dtype, grad=key.startswith("grad"), msg=key)
+    assert got["out"].dtype == dtype and got["grad_input2"].dtype == dtype
+    assert got["grad_weight2"].dtype == p2[0].dtype
+    if fmt != torch.contiguous_format:
+        assert got["out"].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dual_gradcheck(backend, device, training, relu):
+    shape = (3, 2, 3, 2)
+    x = make_input(shape, torch.float64, device).requires_grad_(True)
+    z = make_input(shape, torch.float64, device, shift=-1.0).requires_grad_(True)
+    w1, b1, rm1, rv1 = make_params(2, torch.float64, device)
+    w2, b2, rm2, rv2 = make_params(2, torch.float64, device)
+    inputs = [x, z] + [t.requires_grad_(True) for t in (w1, b1, w2, b2)]
+
+    def fn(x, z, w1, b1, w2, b2):
+        return fastnn.functional.dual_batch_norm_add_relu(
+            x, z, rm1.clone(), rv1.clone(), rm2.clone(), rv2.clone(), w1, b1, w2, b2, training,
+            0.1, 1e-3, relu=relu)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def test_dual_bad_input(backend, device):
+    x = make_input((4, 3, 5), torch.float32, device)
+    w, b, rm, rv = make_params(3, torch.float32, device)
+    for bad, match in ((x[:2], r"input2 must have the input's size"),
+                       (x.double(), "input2 has dtype torch.float64")):
+        with pytest.raises(RuntimeError, match=match):
+            fastnn.functional.dual_batch_norm_add_relu(x, bad, rm, rv, rm, rv, w, b, w, b, True)
+    bn, bn2 = fastnn.nn.BatchNorm1d(3).to(device), fastnn.nn.BatchNorm1d(3).to(device)
+    state = [{k: v.clone() for k, v in m.state_dict().items()} for m in (bn, bn2)]
+    with pytest.raises(RuntimeError, match="input2 must have"):
+        fastnn.nn.dual_bn_add_relu(bn, x, bn2, x[:2])
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        fastnn.nn.dual_bn_add_relu(bn, x[0, 0], bn2, x)
+    for m, s in zip((bn, bn2), state):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, s[k]), f"{k} changed by a failing call"
+    with pytest.raises(TypeError, match="two fastnn batch-norm modules"):
+        fastnn.nn.dual_bn_add_relu(torch.nn.BatchNorm1d(3).to(device), x, bn2, x)

@@ -341,6 +341,36 @@ def test_small_densenet_matches_torchvision(memory_efficient):
     assert_same_training(ref, converted, x, train=True)
 
 
+def test_resnet_downsample_blocks_use_the_dual_kernel(monkeypatch):
+    """A block with a downsampling shortcut runs its last BN, the shortcut's BN, the add and the
+    ReLU as one batch_norm_dual where the device has it; a hook on the shortcut makes the block
+    call its modules one by one. Both give torchvision's numbers."""
+    import fastnn.ops
+
+    if not fastnn.ops.has_kernel("cpu", "batch_norm_dual"):
+        pytest.skip("no CPU kernel of batch_norm_dual")
+    calls = []
+    original = fastnn.ops.batch_norm_dual
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[1])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fastnn.ops, "batch_norm_dual", counting)
+    ref, model = torchvision_pair("resnet18", num_classes=10)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    copy.deepcopy(model).train()(x)
+    assert calls == [128, 256, 512]
+    calls.clear()
+    seen = []
+    model.layer2[0].downsample.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert_same_training(ref, model, x, train=True)
+    assert calls == [256, 512] * (len(calls) // 2) and seen
+    calls.clear()
+    models.resnet50(num_classes=10).eval()(torch.randn(1, 3, 32, 32))
+    assert calls == [256, 512, 1024, 2048]
+
+
 def test_densenet_shares_batch_statistics(monkeypatch):
     """In training a dense block computes each feature map's batch statistics once: every dense
     layer's norm1 then normalizes with them (batch_norm_train_with_stats) instead of computing

@@ -479,3 +479,53 @@ def test_opcheck_train_with_stats(part_kernels):
             mean, var = torch.ops.fastnn.batch_norm_stats(x.detach())
             torch.library.opcheck(torch.ops.fastnn.batch_norm_train_with_stats.default,
                                   (x, mean, var, w, b, rm, rv, m, eps, r, relu))
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm_dual: relu(bn(input) + bn2(input2))
+
+def _dual_args(device, requires_grad, training):
+    for x, w, b, rm, rv, m, eps, _, relu in _sample_train_args(device, requires_grad):
+        z = make_input(x.shape, x.dtype, device, ops.output_memory_format(x), shift=-2.0)
+        z.requires_grad_(requires_grad)
+        w2, b2, rm2, rv2 = (None if t is None else t.clone() for t in (w, b, rm, rv))
+        if w2 is not None:
+            w2 = w2.detach().requires_grad_(requires_grad)
+            b2 = b2.detach().requires_grad_(requires_grad)
+        if not training and rm is None:
+            acc = _acc(x.dtype)
+            rm = torch.zeros(x.shape[1], device=device, dtype=acc)
+            rv = torch.ones(x.shape[1], device=device, dtype=acc)
+            rm2, rv2 = rm.clone() + 0.5, rv.clone() * 2
+        yield (x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, m, eps, 0.3, 1e-3, relu)
+
+
+@pytest.fixture
+def dual_kernel(kernel_only):
+    if not ops.has_kernel(kernel_only, "batch_norm_dual"):
+        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_dual")
+    return kernel_only
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dual_op_matches_reference(dual_kernel, training):
+    for args in _dual_args(dual_kernel, False, training):
+        dtype = args[0].dtype
+        mine = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        ref = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        got = torch.ops.fastnn.batch_norm_dual(*mine)
+        exp = reference.batch_norm_dual(*ref)
+        _check_layout(got[0], args[0])
+        for name, a, e in zip(("out", "mean", "invstd", "mean2", "invstd2"), got, exp):
+            assert a.dtype == e.dtype, name
+            assert_close(a, e, dtype, msg=name)
+        for i in (3, 4, 8, 9):  # running statistics
+            if mine[i] is not None:
+                assert_close(mine[i], ref[i], dtype, msg=f"running statistics (argument {i})")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+def test_opcheck_dual(dual_kernel, requires_grad, training):
+    for args in _dual_args(dual_kernel, requires_grad, training):
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_dual.default, args)

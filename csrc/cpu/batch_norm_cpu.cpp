@@ -281,18 +281,34 @@ C10_ALWAYS_INLINE int64_t stream_head(const T* p, int64_t n) {
 // y = relu?((x - mean) * scale + shift + r?). The mean comes in two parts (mean + mean_lo) so
 // that x - mean keeps float precision when the mean is large against the spread; `L` is NoLow
 // when mean_lo is zero for every channel (always so in inference with float32 statistics).
-template <bool kResidual, bool kRelu, bool kStream, typename T, typename P, typename L>
+//
+// `R` is PlainResidual (r is added as it is) or ResidualAffine<P>: r is the input of a second
+// batch norm, added as (r - rmean) * rscale (its shift is folded into `shift`).
+struct PlainResidual {};
+template <typename P>
+struct ResidualAffine {
+  P mean;
+  P scale;
+};
+
+template <bool kResidual, bool kRelu, bool kStream, typename T, typename P, typename L,
+          typename R = PlainResidual>
 inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const L& mean_lo,
-                         const P& scale, const P& shift) {
+                         const P& scale, const P& shift, const R& ra = R{}) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr bool kLow = !std::is_same_v<L, NoLow>;
+  constexpr bool kAffine = !std::is_same_v<R, PlainResidual>;
   auto one = [&](int64_t i) {
     A d = A(x[i]) - mean.scalar(i);
     if constexpr (kLow) d -= mean_lo.scalar(i);
     A v = std::fma(d, scale.scalar(i), shift.scalar(i));
-    if constexpr (kResidual) v += A(r[i]);
+    if constexpr (kResidual && kAffine) {
+      v = std::fma(A(r[i]) - ra.mean.scalar(i), ra.scale.scalar(i), v);
+    } else if constexpr (kResidual) {
+      v += A(r[i]);
+    }
     if constexpr (kRelu) v = relu(v);
     y[i] = T(v);
   };
@@ -313,8 +329,13 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
     if constexpr (kResidual) {
       V rlo, rhi;
       U::load(r + i, rlo, rhi);
-      lo = lo + rlo;
-      hi = hi + rhi;
+      if constexpr (kAffine) {
+        lo = at::vec::fmadd(rlo - ra.mean.vec(i), ra.scale.vec(i), lo);
+        hi = at::vec::fmadd(rhi - ra.mean.vec(j), ra.scale.vec(j), hi);
+      } else {
+        lo = lo + rlo;
+        hi = hi + rhi;
+      }
     }
     if constexpr (kRelu) {
       lo = relu(lo);
@@ -704,20 +725,29 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
 }
 
 // y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift; kLow:
-// mean_lo is not zero everywhere.
-template <bool kResidual, bool kRelu, bool kStream, bool kLow, typename T>
+// mean_lo is not zero everywhere. kAffine: the residual is a second batch norm's input, added as
+// (r - rmean) * rscale.
+template <bool kResidual, bool kRelu, bool kStream, bool kLow, bool kAffine = false, typename T>
 void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean,
-               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift) {
+               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift,
+               const acc_t<T>* rmean = nullptr, const acc_t<T>* rscale = nullptr) {
   using A = acc_t<T>;
   if (elementwise_by_planes<T>(p)) {
     parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
       const Broadcast<A> m(mean[c]), s(scale[c]), h(shift[c]);
       const T* rr = kResidual ? r + o : nullptr;
+      const auto ra = [&] {
+        if constexpr (kAffine) {
+          return ResidualAffine<Broadcast<A>>{Broadcast<A>(rmean[c]), Broadcast<A>(rscale[c])};
+        } else {
+          return PlainResidual{};
+        }
+      }();
       if constexpr (kLow) {
         forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, Broadcast<A>(mean_lo[c]),
-                                                s, h);
+                                                s, h, ra);
       } else {
-        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
+        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h, ra);
       }
     });
     return;
@@ -727,14 +757,24 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean
   const std::vector<A> mean_lo_w = kLow ? expand_span_columns(p, rs, mean_lo) : std::vector<A>();
   const std::vector<A> scale_w = expand_span_columns(p, rs, scale);
   const std::vector<A> shift_w = expand_span_columns(p, rs, shift);
+  const std::vector<A> rmean_w = kAffine ? expand_span_columns(p, rs, rmean) : std::vector<A>();
+  const std::vector<A> rscale_w = kAffine ? expand_span_columns(p, rs, rscale) : std::vector<A>();
   parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
     const PerColumn<A> m(mean_w.data() + c0), s(scale_w.data() + c0), h(shift_w.data() + c0);
     const T* rr = kResidual ? r + o : nullptr;
+    const auto ra = [&] {
+      if constexpr (kAffine) {
+        return ResidualAffine<PerColumn<A>>{PerColumn<A>(rmean_w.data() + c0),
+                                            PerColumn<A>(rscale_w.data() + c0)};
+      } else {
+        return PlainResidual{};
+      }
+    }();
     if constexpr (kLow) {
       forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
-                                              PerColumn<A>(mean_lo_w.data() + c0), s, h);
+                                              PerColumn<A>(mean_lo_w.data() + c0), s, h, ra);
     } else {
-      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h);
+      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h, ra);
     }
   });
 }
@@ -1121,6 +1161,81 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
+    const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
+    double momentum2, double eps2, bool relu) {
+  check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                  running_mean2, running_var2, training, eps, eps2);
+  const BNShape shape = bn_shape(input);
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  Tensor mean1 = at::zeros({shape.C}, stat_options), invstd1 = at::zeros({shape.C}, stat_options);
+  Tensor mean2 = at::zeros({shape.C}, stat_options), invstd2 = at::zeros({shape.C}, stat_options);
+  if (training && input.numel() == 0) return {out, mean1, invstd1, mean2, invstd2};
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor z = input2.contiguous(shape.format);
+  const int64_t C = shape.C;
+  std::vector<double> m1(C), v1(C), m2(C), v2(C);
+  if (!training) {
+    m1 = channel_values<double>(running_mean, C, 0.0);
+    v1 = channel_values<double>(running_var, C, 1.0);
+    m2 = channel_values<double>(running_mean2, C, 0.0);
+    v2 = channel_values<double>(running_var2, C, 1.0);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_dual (CPU)", [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const Plan p = make_plan<T>(shape);
+        if (training && input.numel() > 0) {
+          batch_stats<T>(p, x.const_data_ptr<T>(), m1.data(), v1.data());
+          batch_stats<T>(p, z.const_data_ptr<T>(), m2.data(), v2.data());
+        }
+        const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
+        const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
+        const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
+        const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
+        A* sm1 = mean1.mutable_data_ptr<A>();
+        A* si1 = invstd1.mutable_data_ptr<A>();
+        A* sm2 = mean2.mutable_data_ptr<A>();
+        A* si2 = invstd2.mutable_data_ptr<A>();
+        std::vector<A> lo(C), scale(C), shift(C), rscale(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const double inv1 = 1.0 / std::sqrt(v1[c] + eps);
+          const double inv2 = 1.0 / std::sqrt(v2[c] + eps2);
+          sm1[c] = A(m1[c]);
+          lo[c] = A(m1[c] - double(sm1[c]));
+          si1[c] = A(inv1);
+          scale[c] = A(inv1 * double(w1[c]));
+          sm2[c] = A(m2[c]);
+          si2[c] = A(inv2);
+          rscale[c] = A(inv2 * double(w2[c]));
+          shift[c] = A(double(b1[c]) + double(b2[c]));
+        }
+        if (input.numel() == 0) return;
+        const bool low = std::any_of(lo.begin(), lo.end(), [](A v) { return v != 0; });
+        FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+          FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+            FASTNN_BOOL_SWITCH(low, kLow, [&] {
+              normalize<true, kRelu, kStream, kLow, true>(
+                  p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), sm1,
+                  lo.data(), scale.data(), shift.data(), sm2, rscale.data());
+            });
+          });
+        });
+      });
+  if (training) {
+    const int64_t count = shape.N * shape.S;
+    update_running_stats_cpu(running_mean, running_var, m1, v1, momentum, count);
+    update_running_stats_cpu(running_mean2, running_var2, m2, v2, momentum2, count);
+  }
+  return {out, mean1, invstd1, mean2, invstd2};
+}
+
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_input("fastnn.batch_norm_stats", input);
   const BNShape shape = bn_shape(input);
@@ -1246,6 +1361,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_eval", &fastnn::cpu::batch_norm_eval_cpu);
   m.impl("batch_norm_backward", &fastnn::cpu::batch_norm_backward_cpu);
   m.impl("batch_norm_stats", &fastnn::cpu::batch_norm_stats_cpu);
+  m.impl("batch_norm_dual", &fastnn::cpu::batch_norm_dual_cpu);
   m.impl("batch_norm_train_with_stats", &fastnn::cpu::batch_norm_train_with_stats_cpu);
   m.impl("batch_norm_backward_reduce", &fastnn::cpu::batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &fastnn::cpu::batch_norm_backward_elemt_cpu);

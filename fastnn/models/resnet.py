@@ -57,6 +57,21 @@ def _norm_layers(norm_layer: Optional[Callable[..., nn.Module]], fused: bool):
     return False, norm_layer, norm_layer, norm_layer, lambda: nn.ReLU(inplace=True)
 
 
+def _no_hooks(m: nn.Module) -> bool:
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _dual_shortcut(downsample: Optional[nn.Module], last_bn: nn.Module) -> bool:
+    """Whether a block's last BN and its shortcut (torchvision's Sequential(conv1x1, BatchNorm2d))
+    can run as one dual BN+add+ReLU: fastnn's own (not synchronized) modules, and no hooks that
+    expect the shortcut's modules to be called."""
+    return (type(downsample) is nn.Sequential and len(downsample) == 2
+            and type(downsample[1]) is fnn.BatchNorm2d
+            and type(last_bn) is fnn.BatchNormAddReLU2d
+            and _no_hooks(downsample) and _no_hooks(downsample[1]))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions and a shortcut: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
 
@@ -89,6 +104,10 @@ class BasicBlock(nn.Module):
         out = self.relu(out)  # an identity when bn1 applies the ReLU itself
 
         out = self.conv2(out)
+
+        if self.fused and _dual_shortcut(self.downsample, self.bn2):
+            # relu(bn2(out) + bn(conv(x))): both batch norms, the add and the ReLU in one kernel
+            return fnn.dual_bn_add_relu(self.bn2, out, self.downsample[1], self.downsample[0](x))
 
         if self.downsample is not None:
             identity = self.downsample(x)
@@ -137,6 +156,10 @@ class Bottleneck(nn.Module):
         out = self.relu(out)
 
         out = self.conv3(out)
+
+        if self.fused and _dual_shortcut(self.downsample, self.bn3):
+            # relu(bn3(out) + bn(conv(x))): both batch norms, the add and the ReLU in one kernel
+            return fnn.dual_bn_add_relu(self.bn3, out, self.downsample[1], self.downsample[0](x))
 
         if self.downsample is not None:
             identity = self.downsample(x)

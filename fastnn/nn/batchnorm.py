@@ -8,17 +8,17 @@ from torch import Tensor
 
 from fastnn import functional as F
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d",
+           "dual_bn_add_relu"]
 
 
 class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, with the
     arguments checked before num_batches_tracked is counted, so a failing call changes nothing."""
 
-    def _bn_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool,
-                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
-        """batch_stats: (mean, biased var) of input per channel, already computed; used (instead
-        of computing them again) when the call normalizes with batch statistics."""
+    def _bn_args(self, input: Tensor, residual: Optional[Tensor]):
+        """Checks a call (before anything is counted) and returns (bn_training, running_mean,
+        running_var)."""
         self._check_input_dim(input)
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_running = not self.training or self.track_running_stats
@@ -26,13 +26,25 @@ class _FastBatchNorm:
         running_var = self.running_var if use_running else None
         F.check_args(input, running_mean, running_var, self.weight, self.bias, bn_training,
                      self.eps, residual)
-        if bn_training and batch_stats is not None:
-            F.check_batch_stats(input, *batch_stats)
+        return bn_training, running_mean, running_var
+
+    def _count_batch(self) -> float:
+        """Counts the batch in num_batches_tracked; returns the running-average factor."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(self.num_batches_tracked)
+        return factor
+
+    def _bn_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool,
+                    batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        """batch_stats: (mean, biased var) of input per channel, already computed; used (instead
+        of computing them again) when the call normalizes with batch statistics."""
+        bn_training, running_mean, running_var = self._bn_args(input, residual)
+        if bn_training and batch_stats is not None:
+            F.check_batch_stats(input, *batch_stats)
+        factor = self._count_batch()
         if bn_training and batch_stats is not None:
             return F.batch_norm_with_stats_unchecked(
                 input, batch_stats[0], batch_stats[1], running_mean, running_var, self.weight,
@@ -86,3 +98,31 @@ class BatchNormAddReLU2d(BatchNorm2d):
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
         return self._bn_forward(input, residual, True)
+
+
+def dual_bn_add_relu(bn: torch.nn.Module, input: Tensor, bn2: torch.nn.Module,
+                     input2: Tensor) -> Tensor:
+    """relu(bn(input) + bn2(input2)) for two fastnn batch-norm modules, in one kernel where the
+    device has it: the last BN, the downsampling shortcut's BN, the add and the ReLU of a ResNet
+    block. Each module keeps its own semantics (momentum, eps, running statistics,
+    num_batches_tracked) as if called on its own; a failing call changes neither.
+
+    bn may be a BatchNormAddReLU2d (its ReLU is applied here either way) or a plain BatchNorm2d;
+    bn2 is applied without ReLU, whatever its type.
+    """
+    for m in (bn, bn2):
+        if not isinstance(m, _FastBatchNorm) or hasattr(m, "process_group"):
+            raise TypeError("dual_bn_add_relu takes two fastnn batch-norm modules (not "
+                            f"synchronized ones), got {type(bn).__name__} and "
+                            f"{type(bn2).__name__}")
+    train1, rm1, rv1 = bn._bn_args(input, None)
+    F.check_input2(input, input2)
+    train2, rm2, rv2 = bn2._bn_args(input2, None)
+    if train1 != train2:  # one normalizes with batch statistics, the other with running ones
+        y2 = bn2._bn_forward(input2, None, False)
+        return bn._bn_forward(input, y2, True)
+    factor1 = bn._count_batch()
+    factor2 = bn2._count_batch()
+    return F.dual_batch_norm_unchecked(input, bn.weight, bn.bias, rm1, rv1, input2, bn2.weight,
+                                       bn2.bias, rm2, rv2, train1, factor1, bn.eps, factor2,
+                                       bn2.eps, True)
