@@ -19,7 +19,7 @@ SHAPES = [s for s in _bench_shapes.quick_shapes(DEVICE.type, BATCH)
           if s.shape[1:] == (64, 56, 56)]
 DTYPES = ["bfloat16", "float32"] if DEVICE.type == "cuda" else ["float32"]
 LAYOUTS = ["nchw", "channels_last"]
-CASES = ["bn_train_fwd", "bn_eval", "bn_fwd_bwd", "bn_add_relu_fwd_bwd"]
+CASES = ["bn_train_fwd", "bn_eval", "bn_fwd_bwd", "bn_add_relu_fwd_bwd", "dual_add_relu_fwd_bwd"]
 IMPLS = ["fastnn", "torch", "compile", "reference"]
 ROUNDS = 100 if DEVICE.type == "cuda" else 10
 

@@ -78,6 +78,7 @@ class Case:
     nb: int
     mask: int
     eager: str
+    dual: bool = False  # the residual is a second BN's input: relu(bn(x) + bn2(r))
 
     @property
     def byte_model(self) -> str:
@@ -100,6 +101,8 @@ CASES: Dict[str, Case] = {c.name: c for c in [
          "relu(bn(x)+r)"),
     Case("bn_add_relu_fwd_bwd", "BN+add+ReLU forward+backward", "fwd_bwd", True, True, 7, 2,
          "relu(bn(x)+r)"),
+    Case("dual_add_relu_fwd_bwd", "BN+BN+add+ReLU (downsampling shortcut) forward+backward",
+         "fwd_bwd", True, True, 8, 2, "relu(bn(x)+bn2(r))", dual=True),
 ]}
 
 # The ratios fastnn's CPU kernels promise (float32, (32, 64, 56, 56), 2-core machine).
@@ -375,9 +378,15 @@ def _fastnn_class(case: Case):
     return fastnn.nn.BatchNorm2d
 
 
-def _eager_forward(bn: torch.nn.Module, case: Case) -> Callable:
+def _eager_forward(bn: torch.nn.Module, case: Case, bn2: Optional[torch.nn.Module] = None
+                   ) -> Callable:
     """The eager sequence as torchvision's ResNet writes it (in-place add and ReLU)."""
-    if case.residual:
+    if case.dual:
+        def forward(x, r):
+            out = bn(x)
+            out += bn2(r)
+            return F.relu(out, inplace=True)
+    elif case.residual:
         def forward(x, r):
             out = bn(x)
             out += r
@@ -395,13 +404,21 @@ def _module_forward(impl: str, case: Case, inputs: OpInputs) -> Tuple[Callable, 
     """forward(x, r) of one implementation, and the module holding its parameters."""
     if impl in ("torch", "compile"):
         bn = _torch_bn(inputs)
-        forward = _eager_forward(bn, case)
+        bn2 = _torch_bn(inputs) if case.dual else None
+        forward = _eager_forward(bn, case, bn2)
         if impl == "compile":
             forward = torch.compile(forward, dynamic=False)
-        module = bn
+        module = torch.nn.ModuleList([bn, bn2]) if case.dual else bn
     elif impl in ("fastnn", "reference"):
         module = _fastnn_class(case).from_module(_torch_bn(inputs))
-        if case.residual:
+        if case.dual:
+            bn1 = module
+            bn2 = fastnn.nn.BatchNorm2d.from_module(_torch_bn(inputs))
+            module = torch.nn.ModuleList([bn1, bn2])
+
+            def forward(x, r):
+                return fastnn.nn.dual_bn_add_relu(bn1, x, bn2, r)
+        elif case.residual:
             def forward(x, r):
                 return module(x, r)
         else:
@@ -435,7 +452,7 @@ def build_step(case: Case, impl: str, inputs: OpInputs) -> Callable[[int], None]
         return step
 
     forward, module = _module_forward(impl, case, inputs)
-    params = [module.weight, module.bias]
+    params = list(module.parameters())  # weight and bias of each batch norm
 
     if case.mode in ("train_fwd", "eval_fwd"):
         def step(i):
