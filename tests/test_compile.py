@@ -128,14 +128,24 @@ def test_cuda_graph_training_step(backend, device):
         assert m.num_batches_tracked.item() == ref.num_batches_tracked.item()
 
 
-def test_compile_densenet_training():
-    """A DenseNet (whose blocks share each feature map's batch statistics between their layers)
-    compiles with fullgraph=True and gives eager's outputs, gradients and running statistics."""
+def _small_densenet():
     from fastnn import models
+    return models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
+                           num_classes=4)
 
+
+def _small_resnet():
+    from fastnn import models
+    return models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4)
+
+
+@pytest.mark.parametrize("make", [_small_densenet, _small_resnet], ids=["densenet", "resnet"])
+def test_compile_model_training(make):
+    """Models compile with fullgraph=True and give eager's outputs, gradients and running
+    statistics: a DenseNet (whose blocks share each feature map's batch statistics between their
+    layers) and a ResNet (whose downsampling blocks run the dual BN+BN+add+ReLU op)."""
     torch._dynamo.reset()
-    eager = models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
-                            num_classes=4)
+    eager = make()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(3, 3, 32, 32)
@@ -145,8 +155,9 @@ def test_compile_densenet_training():
         y1, y2 = eager(x), compiled(x)
         assert_close(y2, y1, torch.float32, msg="output")
         if training:
-            y1.sum().backward()
-            y2.sum().backward()
+            g = torch.randn_like(y1)
+            y1.backward(g)
+            y2.backward(g)
             for (name, p1), (_, p2) in zip(eager.named_parameters(), model.named_parameters()):
                 assert_close(p2.grad, p1.grad, torch.float32, grad=True, msg=f"grad {name}")
     s1, s2 = _state(eager), _state(model)
