@@ -30,6 +30,7 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from fastnn import functional as fastnn_functional
 from fastnn import nn as fnn
 
 __all__ = ["convert", "fuse_for_inference", "AddReLU"]
@@ -55,7 +56,7 @@ class AddReLU(nn.Module):
     into the preceding convolution."""
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
-        return torch.relu(input + residual)
+        return fastnn_functional.add_relu(input, residual)
 
 
 # ---------------------------------------------------------------------------------------------

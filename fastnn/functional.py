@@ -8,6 +8,7 @@ from torch import Tensor
 from fastnn import ops, reference
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
+           "add_relu",
            "batch_norm_with_stats",
            "batch_norm_stats",
            "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
@@ -121,6 +122,23 @@ def batch_norm_add_relu(input, residual, running_mean, running_var, weight=None,
     """relu(batch_norm(input) + residual) in one pass."""
     return batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                       residual=residual, relu=True)
+
+
+def add_relu(input: Tensor, residual: Tensor) -> Tensor:
+    """relu(input + residual) in one pass (the epilogue of a ResNet block whose batch norm is
+    folded into its convolution): fastnn's inference kernel with unit statistics, which adds in
+    the accumulation dtype and rounds once, as torch.relu(input + residual) does. Inputs of rank
+    2 or more with the same size, dtype and device; elsewhere the plain PyTorch expression."""
+    if (isinstance(input, Tensor) and isinstance(residual, Tensor) and input.dim() >= 2
+            and use_kernel(input) and residual.shape == input.shape
+            and residual.dtype == input.dtype and residual.device == input.device):
+        acc = reference.accumulate_dtype(input.dtype)
+        C = input.shape[1]
+        zeros = torch.zeros(C, dtype=acc, device=input.device)
+        ones = torch.ones(C, dtype=acc, device=input.device)
+        # (x - 0) * rsqrt(1 + 0) + 0 + r: exactly x + r, rounded once.
+        return ops.batch_norm_eval(input, None, None, zeros, ones, 0.0, residual, True)
+    return torch.relu(input + residual)
 
 
 def check_input2(input: Tensor, input2: Tensor) -> None:

@@ -704,9 +704,25 @@ def test_fuse_for_inference_of_converted_model():
         folded[10](torch.randn(2, 3, 120))
 
 
-def test_add_relu():
-    a, b = torch.randn(3, 4), torch.randn(3, 4)
-    torch.testing.assert_close(AddReLU()(a, b), torch.relu(a + b))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_add_relu(dtype, fmt):
+    """The folded block's epilogue, one pass on fastnn's kernel: bitwise torch.relu(a + b),
+    with its layout and gradients."""
+    a = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    b = torch.randn(4, 6, 5, 3).to(dtype).contiguous(memory_format=fmt).requires_grad_(True)
+    out = AddReLU()(a, b)
+    expected = torch.relu(a + b)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(out)
+    ga, gb = torch.autograd.grad(out, (a, b), g)
+    ea, eb = torch.autograd.grad(expected, (a, b), g)
+    torch.testing.assert_close(ga, ea, rtol=0, atol=0)
+    torch.testing.assert_close(gb, eb, rtol=0, atol=0)
+    x, y = torch.randn(5), torch.randn(5)  # rank 1: the plain expression
+    torch.testing.assert_close(AddReLU()(x, y), torch.relu(x + y), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
