@@ -600,3 +600,24 @@ def test_dual_bad_input(backend, device):
             assert torch.equal(v, s[k]), f"{k} changed by a failing call"
     with pytest.raises(TypeError, match="two fastnn batch-norm modules"):
         fastnn.nn.dual_bn_add_relu(torch.nn.BatchNorm1d(3).to(device), x, bn2, x)
+
+
+@pytest.mark.parametrize("z_kind", ["channels_last", "sliced", "transposed"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dual_mixed_layouts(backend, device, training, z_kind):
+    """input2 in another layout than input, or a strided view: handled, never wrong."""
+    shape = (4, 6, 5, 7)
+    x = make_input(shape, torch.float32, device)
+    if z_kind == "channels_last":
+        z = make_input(shape, torch.float32, device, torch.channels_last, shift=-1.0)
+    elif z_kind == "sliced":
+        z = make_input((4, 12, 5, 7), torch.float32, device, shift=-1.0)[:, ::2]
+    else:
+        z = make_input((4, 6, 7, 5), torch.float32, device, shift=-1.0).transpose(2, 3)
+    p1 = make_params(6, torch.float32, device)
+    p2 = make_params(6, torch.float32, device)
+    g = make_input(shape, torch.float32, device, shift=0.0, scale=1.0)
+    got = _run_dual("fastnn", x, z, p1, p2, training, True, g)
+    exp = _run_dual("torch", x, z, p1, p2, training, True, g)
+    for key in got:
+        assert_close(got[key], exp[key], torch.float32, grad=key.startswith("grad"), msg=key)
