@@ -46,6 +46,14 @@ TORCH_LIBRARY(fastnn, m) {
       "Tensor(c!)? running_mean2, Tensor(d!)? running_var2, bool training, float momentum, "
       "float eps, float momentum2, float eps2, bool relu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward: (grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2),
+  // the parameter gradients in the accumulation dtype; the output gradient (masked by
+  // output > 0 when relu) is read once for both inputs.
+  m.def(
+      "batch_norm_dual_backward(Tensor grad_output, Tensor input, Tensor? weight, "
+      "Tensor input2, Tensor? weight2, Tensor? output, Tensor mean, Tensor invstd, "
+      "Tensor mean2, Tensor invstd2, bool training, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // The training forward and backward in parts, for statistics computed or reduced elsewhere
   // (SyncBatchNorm over a process group, statistics shared by DenseNet layers). Normalizing with

@@ -63,7 +63,7 @@ def reason():
 # Every op of csrc/fastnn.cpp. The three of the original forward/backward path have kernels on
 # each device fastnn._C was built for; the others may not (yet) on every device.
 OPS = ("batch_norm_train", "batch_norm_eval", "batch_norm_backward", "batch_norm_dual",
-       "batch_norm_stats",
+       "batch_norm_dual_backward", "batch_norm_stats",
        "batch_norm_train_with_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from fastnn import _ext, reference
 
 __all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
-           "batch_norm_dual", "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
+           "batch_norm_dual", "batch_norm_dual_backward", "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
            "batch_norm_backward_elemt"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -95,6 +95,19 @@ def batch_norm_dual(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
         return torch.ops.fastnn.batch_norm_dual.default(*args)
     with below:
         return torch.ops.fastnn.batch_norm_dual.default(*args)
+
+
+def batch_norm_dual_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                             input2: Tensor, weight2: Optional[Tensor], output: Optional[Tensor],
+                             mean: Tensor, invstd: Tensor, mean2: Tensor, invstd2: Tensor,
+                             training: bool, relu: bool):
+    """(grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2)."""
+    args = (grad_output, input, weight, input2, weight2, output, mean, invstd, mean2, invstd2,
+            bool(training), bool(relu))
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return torch.ops.fastnn.batch_norm_dual_backward.default(*args)
+    with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
+        return torch.ops.fastnn.batch_norm_dual_backward.default(*args)
 
 
 def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
@@ -209,6 +222,15 @@ def _fake_dual(input, weight, bias, running_mean, running_var, input2, weight2, 
             _channel_stat(input), _channel_stat(input))
 
 
+def _fake_dual_backward(grad_output, input, weight, input2, weight2, output, mean, invstd, mean2,
+                        invstd2, training, relu):
+    _check_devices("fastnn.batch_norm_dual_backward", input, grad_output=grad_output,
+                   weight=weight, input2=input2, weight2=weight2, output=output, mean=mean,
+                   invstd=invstd, mean2=mean2, invstd2=invstd2)
+    return (_empty_like_input(input), _channel_stat(input), _channel_stat(input),
+            _empty_like_input(input), _channel_stat(input), _channel_stat(input))
+
+
 def _fake_stats(input):
     return _channel_stat(input), _channel_stat(input)
 
@@ -282,6 +304,8 @@ if _ext.loaded():
     torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_stats", _fake_stats, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_dual", _fake_dual, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_dual_backward", _fake_dual_backward,
+                                lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_train_with_stats", _fake_train_with_stats,
                                 lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward_reduce", _fake_backward_reduce,
@@ -413,6 +437,17 @@ if _ext.loaded():
         if torch.is_grad_enabled():  # double backward: differentiate the reference
             return _dual_double_backward_grads(ctx, grad_output)
         need_second = need[3] or need[4] or need[5]
+        if need_second and has_kernel(input.device.type, "batch_norm_dual_backward"):
+            # One reduction pass and one element-wise pass over both inputs.
+            gx, gw, gb, gz, gw2, gb2 = batch_norm_dual_backward(
+                grad_output, input, weight, input2, weight2, out, mean, invstd, mean2, invstd2,
+                ctx.training, ctx.relu)
+            return (gx if need[0] else None,
+                    gw.to(weight.dtype) if need[1] and weight is not None else None,
+                    gb.to(bias.dtype) if need[2] and bias is not None else None,
+                    gz if need[3] else None,
+                    gw2.to(weight2.dtype) if need[4] and weight2 is not None else None,
+                    gb2.to(bias2.dtype) if need[5] and bias2 is not None else None)
         gx, gw, gb, gm = batch_norm_backward(grad_output, input, weight, out, mean, invstd,
                                              ctx.training, ctx.relu, need_second and ctx.relu)
         gz = gw2 = gb2 = None

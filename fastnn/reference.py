@@ -14,6 +14,7 @@ __all__ = [
     "batch_norm_eval",
     "batch_norm_backward",
     "batch_norm_dual",
+    "batch_norm_dual_backward",
     "batch_norm_stats",
     "batch_norm_backward_reduce",
     "batch_norm_backward_elemt",
@@ -117,6 +118,16 @@ def batch_norm_dual(input, weight, bias, running_mean, running_var, input2, weig
     y2 = _normalize_affine(z, mean2, invstd2, weight2, bias2, None, False, acc)
     out = _normalize_affine(x, mean, invstd, weight, bias, y2, relu, input.dtype)
     return out, mean.detach(), invstd.detach(), mean2.detach(), invstd2.detach()
+
+
+def batch_norm_dual_backward(grad_output, input, weight, input2, weight2, output, mean, invstd,
+                             mean2, invstd2, training, relu):
+    """(grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2) like the op."""
+    gx, gw, gb, g = batch_norm_backward(grad_output, input, weight, output, mean, invstd,
+                                        training, relu, True)
+    gz, gw2, gb2, _ = batch_norm_backward(g, input2, weight2, None, mean2, invstd2, training,
+                                          False, False)
+    return gx, gw, gb, gz, gw2, gb2
 
 
 def batch_norm_stats(input):

@@ -529,3 +529,52 @@ def test_dual_op_matches_reference(dual_kernel, training):
 def test_opcheck_dual(dual_kernel, requires_grad, training):
     for args in _dual_args(dual_kernel, requires_grad, training):
         torch.library.opcheck(torch.ops.fastnn.batch_norm_dual.default, args)
+
+
+@pytest.fixture
+def dual_backward_kernel(kernel_only):
+    if not ops.has_kernel(kernel_only, "batch_norm_dual_backward"):
+        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_dual_backward")
+    return kernel_only
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_dual_backward_op_matches_reference(dual_backward_kernel, dtype, half_params, layout,
+                                            training, relu):
+    device = dual_backward_kernel
+    shape, fmt = LAYOUTS[layout]
+    x = make_input(shape, dtype, device, fmt)
+    z = make_input(shape, dtype, device, fmt, shift=-3.0, scale=0.5)
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype, half_params), device)
+    w2, b2, rm2, rv2 = make_params(shape[1], param_dtype(dtype, half_params), device)
+    out, m1, is1, m2, is2 = reference.batch_norm_dual(x, w, b, rm.clone(), rv.clone(), z, w2, b2,
+                                                      rm2.clone(), rv2.clone(), training, 0.1,
+                                                      1e-5, 0.1, 1e-3, relu)
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    output = out if relu else None
+    for weights in ((w, w2), (None, None)):
+        got = torch.ops.fastnn.batch_norm_dual_backward(g, x, weights[0], z, weights[1], output,
+                                                        m1, is1, m2, is2, training, relu)
+        exp = reference.batch_norm_dual_backward(g, x, weights[0], z, weights[1], output, m1, is1,
+                                                 m2, is2, training, relu)
+        names = ("grad_input", "grad_weight", "grad_bias", "grad_input2", "grad_weight2",
+                 "grad_bias2")
+        for name, a, e in zip(names, got, exp):
+            assert a.dtype == e.dtype, name
+            assert_close(a, e, dtype, grad=True, msg=name)
+        _check_layout(got[0], x)
+        _check_layout(got[3], x)
+
+
+def test_opcheck_dual_backward(dual_backward_kernel):
+    for training in (True, False):
+        for args in _dual_args(dual_backward_kernel, False, training):
+            x, w, b, rm, rv, z, w2, b2, rm2, rv2, _, m, eps, m2, eps2, relu = args
+            out, mean, invstd, mean2, invstd2 = torch.ops.fastnn.batch_norm_dual(*args)
+            g = torch.randn_like(out)
+            torch.library.opcheck(torch.ops.fastnn.batch_norm_dual_backward.default,
+                                  (g, x, w, z, w2, out if relu else None, mean, invstd, mean2,
+                                   invstd2, training, relu))

@@ -611,6 +611,120 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
   }
 }
 
+// The backward of batch_norm_dual, relu(bn1(x) + bn2(z)): both batch norms see the same masked
+// output gradient g. Reduction: sums of g, g * (x - m1) and g * (z - m2) over n values; in eval
+// (kGradInput) dx = g * a1 and dz = g * a2 are written on the way. P as in grad_sums_span.
+template <bool kMask, bool kGradInput, bool kStream, typename T, typename P>
+inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                                int64_t n, const P& m1, const P& m2, const P& a1, const P& a2,
+                                acc_t<T>* sum_g, acc_t<T>* sum_gx, acc_t<T>* sum_gz) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr bool kColumns = std::is_same_v<P, PerColumn<A>>;
+  A s = A(0), sx = A(0), sz = A(0);
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kGradInput) {
+      dx[i] = T(gv * a1.scalar(i));
+      dz[i] = T(gv * a2.scalar(i));
+    }
+    const A gx = gv * (A(x[i]) - m1.scalar(i));
+    const A gz = gv * (A(z[i]) - m2.scalar(i));
+    if constexpr (kColumns) {
+      sum_g[i] += gv;
+      sum_gx[i] += gx;
+      sum_gz[i] += gz;
+    } else {
+      s += gv;
+      sx += gx;
+      sz += gz;
+    }
+  };
+  int64_t i = 0;
+  if constexpr (kStream && kGradInput) {
+    if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
+      return dual_grad_sums_span<kMask, kGradInput, false>(g, out, x, z, dx, dz, n, m1, m2, a1,
+                                                           a2, sum_g, sum_gx, sum_gz);
+    }
+    for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
+  }
+  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0)), sz0(A(0)), sz1(A(0));
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi, zlo, zhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    if constexpr (kGradInput) {
+      put<kStream>(dx + i, glo * a1.vec(i), ghi * a1.vec(j));
+      put<kStream>(dz + i, glo * a2.vec(i), ghi * a2.vec(j));
+    }
+    U::load(x + i, xlo, xhi);
+    U::load(z + i, zlo, zhi);
+    if constexpr (kColumns) {
+      (V::loadu(sum_g + i) + glo).store(sum_g + i);
+      (V::loadu(sum_g + j) + ghi).store(sum_g + j);
+      at::vec::fmadd(glo, xlo - m1.vec(i), V::loadu(sum_gx + i)).store(sum_gx + i);
+      at::vec::fmadd(ghi, xhi - m1.vec(j), V::loadu(sum_gx + j)).store(sum_gx + j);
+      at::vec::fmadd(glo, zlo - m2.vec(i), V::loadu(sum_gz + i)).store(sum_gz + i);
+      at::vec::fmadd(ghi, zhi - m2.vec(j), V::loadu(sum_gz + j)).store(sum_gz + j);
+    } else {
+      sg0 = sg0 + glo;
+      sg1 = sg1 + ghi;
+      sx0 = at::vec::fmadd(glo, xlo - m1.vec(i), sx0);
+      sx1 = at::vec::fmadd(ghi, xhi - m1.vec(j), sx1);
+      sz0 = at::vec::fmadd(glo, zlo - m2.vec(i), sz0);
+      sz1 = at::vec::fmadd(ghi, zhi - m2.vec(j), sz1);
+    }
+  }
+  for (; i < n; ++i) one(i);
+  if constexpr (!kColumns) {
+    *sum_g = s + horizontal_sum(sg0 + sg1);
+    *sum_gx = sx + horizontal_sum(sx0 + sx1);
+    *sum_gz = sz + horizontal_sum(sz0 + sz1);
+  }
+}
+
+// Training gradients of batch_norm_dual: dx = a1 * (g - k1 - (x - m1) * k2) and
+// dz = a2 * (g - k1b - (z - m2) * k2b), g masked by out > 0 (kMask) and read once.
+template <bool kMask, bool kStream, typename T, typename P>
+inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                                 int64_t n, const P& m1, const P& a1, const P& k1, const P& k2,
+                                 const P& m2, const P& a2, const P& k1b, const P& k2b) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    dx[i] = T(std::fma(-(A(x[i]) - m1.scalar(i)), k2.scalar(i), gv - k1.scalar(i)) *
+              a1.scalar(i));
+    dz[i] = T(std::fma(-(A(z[i]) - m2.scalar(i)), k2b.scalar(i), gv - k1b.scalar(i)) *
+              a2.scalar(i));
+  };
+  int64_t i = 0;
+  if constexpr (kStream) {
+    if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
+      return dual_grad_input_span<kMask, false>(g, out, x, z, dx, dz, n, m1, a1, k1, k2, m2, a2,
+                                                k1b, k2b);
+    }
+    for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi, zlo, zhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    U::load(x + i, xlo, xhi);
+    U::load(z + i, zlo, zhi);
+    put<kStream>(dx + i, at::vec::fnmadd(xlo - m1.vec(i), k2.vec(i), glo - k1.vec(i)) * a1.vec(i),
+                 at::vec::fnmadd(xhi - m1.vec(j), k2.vec(j), ghi - k1.vec(j)) * a1.vec(j));
+    put<kStream>(dz + i,
+                 at::vec::fnmadd(zlo - m2.vec(i), k2b.vec(i), glo - k1b.vec(i)) * a2.vec(i),
+                 at::vec::fnmadd(zhi - m2.vec(j), k2b.vec(j), ghi - k1b.vec(j)) * a2.vec(j));
+  }
+  for (; i < n; ++i) one(i);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Drivers.
 
@@ -869,6 +983,107 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
         b2(k2_w.data() + c0);
     grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av,
                                     b1, b2);
+  });
+}
+
+// The reduction pass of batch_norm_dual's backward: per-channel sums of g, g * (x - m1) and
+// g * (z - m2) in double (g masked when kMask); dx = g * a1, dz = g * a2 written on the way in
+// eval (kGradInput). The same items and merge order as grad_sums.
+template <bool kMask, bool kGradInput, bool kStream, typename T>
+void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                    const acc_t<T>* m1, const acc_t<T>* m2, const acc_t<T>* a1,
+                    const acc_t<T>* a2, double* sum_g_c, double* sum_gx_c, double* sum_gz_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<A> psg(p.items), psgx(p.items), psgz(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
+        dual_grad_sums_span<kMask, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            kGradInput ? dz + o : nullptr, n, Broadcast<A>(m1[c]), Broadcast<A>(m2[c]),
+            Broadcast<A>(a1[c]), Broadcast<A>(a2[c]), &psg[t], &psgx[t], &psgz[t]);
+      });
+      if (kStream) stream_fence();
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double sg = 0, sx = 0, sz = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            sg += double(psg[t]);
+            sx += double(psgx[t]);
+            sz += double(psgz[t]);
+          }
+        sum_g_c[c] = sg;
+        sum_gx_c[c] = sx;
+        sum_gz_c[c] = sz;
+      }
+    });
+    return;
+  }
+
+  const std::vector<A> m1_w = expand_columns(p, m1), m2_w = expand_columns(p, m2);
+  const std::vector<A> a1_w = expand_columns(p, a1), a2_w = expand_columns(p, a2);
+  std::vector<A> psg(p.groups * p.W, A(0)), psgx(p.groups * p.W, A(0)),
+      psgz(p.groups * p.W, A(0));
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t slot = (t / p.col_blocks) * p.W + c0;
+      const PerColumn<A> pm1(m1_w.data() + c0), pm2(m2_w.data() + c0), pa1(a1_w.data() + c0),
+          pa2(a2_w.data() + c0);
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        dual_grad_sums_span<kMask, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            kGradInput ? dz + o : nullptr, n, pm1, pm2, pa1, pa2, psg.data() + slot,
+            psgx.data() + slot, psgz.data() + slot);
+      });
+    }
+    if (kStream) stream_fence();
+  });
+  std::vector<double> col_g(p.W, 0.0), col_gx(p.W, 0.0), col_gz(p.W, 0.0);
+  for (int64_t grp = 0; grp < p.groups; ++grp) {
+    for (int64_t j = 0; j < p.W; ++j) {
+      col_g[j] += double(psg[grp * p.W + j]);
+      col_gx[j] += double(psgx[grp * p.W + j]);
+      col_gz[j] += double(psgz[grp * p.W + j]);
+    }
+  }
+  std::fill(sum_g_c, sum_g_c + p.C, 0.0);
+  std::fill(sum_gx_c, sum_gx_c + p.C, 0.0);
+  std::fill(sum_gz_c, sum_gz_c + p.C, 0.0);
+  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
+    sum_g_c[c] += col_g[j];
+    sum_gx_c[c] += col_gx[j];
+    sum_gz_c[c] += col_gz[j];
+  });
+}
+
+// The element-wise pass of batch_norm_dual's training backward: dx and dz from one read of g.
+template <bool kMask, bool kStream, typename T>
+void dual_input_grad(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx,
+                     T* dz, const std::vector<const acc_t<T>*>& k) {
+  // k: m1, a1, k1, k2, m2, a2, k1b, k2b per channel.
+  using A = acc_t<T>;
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      auto b = [&](int i) { return Broadcast<A>(k[i][c]); };
+      dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o,
+                                           dx + o, dz + o, n, b(0), b(1), b(2), b(3), b(4),
+                                           b(5), b(6), b(7));
+    });
+    return;
+  }
+  const RowSpans rs = row_spans(p);
+  std::vector<std::vector<A>> w;
+  for (const A* values : k) w.push_back(expand_span_columns(p, rs, values));
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
+    auto b = [&](int i) { return PerColumn<A>(w[i].data() + c0); };
+    dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o, dx + o,
+                                         dz + o, n, b(0), b(1), b(2), b(3), b(4), b(5), b(6),
+                                         b(7));
   });
 }
 
@@ -1236,6 +1451,96 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
   return {out, mean1, invstd1, mean2, invstd2};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd,
+    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu) {
+  const char* op = "fastnn.batch_norm_dual_backward";
+  check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
+  check_same_shape(op, "input2", input, input2);
+  check_channel_tensor(op, "weight2", input, weight2);
+  check_stat_tensor(op, "mean2", input, mean2);
+  check_stat_tensor(op, "invstd2", input, invstd2);
+  const BNShape shape = bn_shape(input);
+  const auto fmt = shape.format;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+  Tensor grad_input2 = at::empty(input.sizes(), input.options().memory_format(fmt));
+  Tensor grad_weight = at::zeros({shape.C}, stat_options);
+  Tensor grad_bias = at::zeros({shape.C}, stat_options);
+  Tensor grad_weight2 = at::zeros({shape.C}, stat_options);
+  if (input.numel() == 0) {
+    return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
+  }
+  const Tensor x = input.contiguous(fmt);
+  const Tensor z = input2.contiguous(fmt);
+  const Tensor g = grad_output.contiguous(fmt);
+  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)",
+      [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const Plan p = make_plan<T>(shape);
+        const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
+        const int64_t C = shape.C;
+        const std::vector<A> m1 = channel_values<A>(mean, C, A(0));
+        const std::vector<A> is1 = channel_values<A>(invstd, C, A(1));
+        const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
+        const std::vector<A> m2 = channel_values<A>(mean2, C, A(0));
+        const std::vector<A> is2 = channel_values<A>(invstd2, C, A(1));
+        const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
+        std::vector<A> a1(C), a2(C);
+        for (int64_t c = 0; c < C; ++c) {
+          a1[c] = is1[c] * w1[c];
+          a2[c] = is2[c] * w2[c];
+        }
+        const T* gp = g.const_data_ptr<T>();
+        const T* op = relu ? out.const_data_ptr<T>() : nullptr;
+        const T* xp = x.const_data_ptr<T>();
+        const T* zp = z.const_data_ptr<T>();
+        T* dxp = grad_input.mutable_data_ptr<T>();
+        T* dzp = grad_input2.mutable_data_ptr<T>();
+        std::vector<double> sum_g(C), sum_gx(C), sum_gz(C);
+        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+          FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
+            FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+              dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, m1.data(),
+                                                         m2.data(), a1.data(), a2.data(),
+                                                         sum_g.data(), sum_gx.data(),
+                                                         sum_gz.data());
+            });
+          });
+        });
+        A* gw = grad_weight.mutable_data_ptr<A>();
+        A* gb = grad_bias.mutable_data_ptr<A>();
+        A* gw2 = grad_weight2.mutable_data_ptr<A>();
+        for (int64_t c = 0; c < C; ++c) {
+          gb[c] = A(sum_g[c]);
+          gw[c] = A(sum_gx[c] * double(is1[c]));
+          gw2[c] = A(sum_gz[c] * double(is2[c]));
+        }
+        if (!training) return;
+        std::vector<A> k1(C), k2(C), k2b(C);
+        const double n = double(p.count);
+        for (int64_t c = 0; c < C; ++c) {
+          k1[c] = A(sum_g[c] / n);  // the same for both: both see the same g
+          k2[c] = A(sum_gx[c] * double(is1[c]) * double(is1[c]) / n);
+          k2b[c] = A(sum_gz[c] * double(is2[c]) * double(is2[c]) / n);
+        }
+        const std::vector<const A*> k = {m1.data(), a1.data(), k1.data(), k2.data(),
+                                         m2.data(), a2.data(), k1.data(), k2b.data()};
+        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+            dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, k);
+          });
+        });
+      });
+  // Both batch norms see the same output gradient: the same bias gradient.
+  return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
+}
+
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_input("fastnn.batch_norm_stats", input);
   const BNShape shape = bn_shape(input);
@@ -1362,6 +1667,7 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_backward", &fastnn::cpu::batch_norm_backward_cpu);
   m.impl("batch_norm_stats", &fastnn::cpu::batch_norm_stats_cpu);
   m.impl("batch_norm_dual", &fastnn::cpu::batch_norm_dual_cpu);
+  m.impl("batch_norm_dual_backward", &fastnn::cpu::batch_norm_dual_backward_cpu);
   m.impl("batch_norm_train_with_stats", &fastnn::cpu::batch_norm_train_with_stats_cpu);
   m.impl("batch_norm_backward_reduce", &fastnn::cpu::batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &fastnn::cpu::batch_norm_backward_elemt_cpu);
