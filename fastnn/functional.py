@@ -32,6 +32,18 @@ def _check_channel_tensor(arg: str, input: Tensor, t: Optional[Tensor]) -> None:
                            f"{input.dtype} ({arg} must have {allowed})")
 
 
+def _check_like_input(arg: str, input: Tensor, t: Tensor) -> None:
+    """A tensor that must have the input's device, size and dtype (residual, input2)."""
+    if t.device != input.device:
+        raise RuntimeError(f"batch_norm: {arg} is on {t.device} but input is on {input.device}")
+    if t.shape != input.shape:
+        raise RuntimeError(f"batch_norm: {arg} must have the input's size {tuple(input.shape)}, "
+                           f"got {tuple(t.shape)}")
+    if t.dtype != input.dtype:
+        raise RuntimeError(f"batch_norm: {arg} has dtype {t.dtype} but input has dtype "
+                           f"{input.dtype}")
+
+
 def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                weight: Optional[Tensor], bias: Optional[Tensor], training: bool, eps: float,
                residual: Optional[Tensor]) -> None:
@@ -49,15 +61,7 @@ def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
                    ("running_var", running_var)):
         _check_channel_tensor(arg, input, t)
     if residual is not None:
-        if residual.device != input.device:
-            raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on "
-                               f"{input.device}")
-        if residual.shape != input.shape:
-            raise RuntimeError(f"batch_norm: residual must have the input's size "
-                               f"{tuple(input.shape)}, got {tuple(residual.shape)}")
-        if residual.dtype != input.dtype:
-            raise RuntimeError(f"batch_norm: residual has dtype {residual.dtype} but input has "
-                               f"dtype {input.dtype}")
+        _check_like_input("residual", input, residual)
     if training:
         if input.numel() > 0 and input.numel() // input.shape[1] == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input "
@@ -144,15 +148,7 @@ def add_relu(input: Tensor, residual: Tensor) -> Tensor:
 def check_input2(input: Tensor, input2: Tensor) -> None:
     if not isinstance(input2, Tensor):
         raise TypeError(f"batch_norm: input2 must be a Tensor, got {type(input2).__name__}")
-    if input2.device != input.device:
-        raise RuntimeError(f"batch_norm: input2 is on {input2.device} but input is on "
-                           f"{input.device}")
-    if input2.shape != input.shape:
-        raise RuntimeError(f"batch_norm: input2 must have the input's size {tuple(input.shape)}, "
-                           f"got {tuple(input2.shape)}")
-    if input2.dtype != input.dtype:
-        raise RuntimeError(f"batch_norm: input2 has dtype {input2.dtype} but input has dtype "
-                           f"{input.dtype}")
+    _check_like_input("input2", input, input2)
 
 
 def dual_batch_norm_unchecked(input, weight, bias, running_mean, running_var, input2, weight2,

@@ -356,17 +356,21 @@ if _ext.loaded():
             gi, gw, gb, gr = _backward(ctx, grad_output)
             return None, gi, gw, gb, None, None, None, None, gr, None
 
-    def _train_autograd(keyset, input, weight, bias, running_mean, running_var, momentum, eps,
-                        residual, relu):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
-            return _BatchNormTrainFunction.apply(keyset, input, weight, bias, running_mean,
-                                                 running_var, momentum, eps, residual, relu)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _train_op.redispatch(keyset & torch._C._after_autograd_keyset, input, weight,
-                                        bias, running_mean, running_var, momentum, eps, residual,
-                                        relu)
+    def _autograd_kernel(op, function, differentiable):
+        """The Autograd kernel of a mutating op: `function` when the call records a graph (one
+        of the arguments at the indices `differentiable` requires grad), else the op below
+        autograd."""
+        def kernel(keyset, *args):
+            if torch.is_grad_enabled() and torch._C._any_requires_grad(
+                    *(args[i] for i in differentiable)):
+                return function.apply(keyset, *args)
+            with torch._C._AutoDispatchBelowAutograd():
+                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+        return kernel
 
-    _lib.impl("batch_norm_train", _train_autograd, "Autograd", with_keyset=True)
+    # input, weight, bias, residual
+    _lib.impl("batch_norm_train", _autograd_kernel(_train_op, _BatchNormTrainFunction,
+                                                   (0, 1, 2, 7)), "Autograd", with_keyset=True)
 
     # batch_norm_train_with_stats: the same construction; mean and var get no gradient.
     _train_stats_op = torch.ops.fastnn.batch_norm_train_with_stats.default
@@ -390,17 +394,10 @@ if _ext.loaded():
             gi, gw, gb, gr = _backward(ctx, grad_output)
             return None, gi, None, None, gw, gb, None, None, None, None, gr, None
 
-    def _train_with_stats_autograd(keyset, input, mean, var, weight, bias, running_mean,
-                                   running_var, momentum, eps, residual, relu):
-        args = (input, mean, var, weight, bias, running_mean, running_var, momentum, eps,
-                residual, relu)
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, residual):
-            return _BatchNormTrainWithStatsFunction.apply(keyset, *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _train_stats_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    _lib.impl("batch_norm_train_with_stats", _train_with_stats_autograd, "Autograd",
-              with_keyset=True)
+    # input, weight, bias, residual
+    _lib.impl("batch_norm_train_with_stats",
+              _autograd_kernel(_train_stats_op, _BatchNormTrainWithStatsFunction, (0, 3, 4, 9)),
+              "Autograd", with_keyset=True)
 
     # batch_norm_dual: the gradient is batch_norm_backward of each input, the second taking the
     # (ReLU-masked) output gradient the first returns as its residual gradient.
@@ -442,19 +439,14 @@ if _ext.loaded():
             gx, gw, gb, gz, gw2, gb2 = batch_norm_dual_backward(
                 grad_output, input, weight, input2, weight2, out, mean, invstd, mean2, invstd2,
                 ctx.training, ctx.relu)
-            return (gx if need[0] else None,
-                    gw.to(weight.dtype) if need[1] and weight is not None else None,
-                    gb.to(bias.dtype) if need[2] and bias is not None else None,
-                    gz if need[3] else None,
-                    gw2.to(weight2.dtype) if need[4] and weight2 is not None else None,
-                    gb2.to(bias2.dtype) if need[5] and bias2 is not None else None)
-        gx, gw, gb, gm = batch_norm_backward(grad_output, input, weight, out, mean, invstd,
-                                             ctx.training, ctx.relu, need_second and ctx.relu)
-        gz = gw2 = gb2 = None
-        if need_second:
-            g2 = gm if ctx.relu else grad_output
-            gz, gw2, gb2, _ = batch_norm_backward(g2, input2, weight2, None, mean2, invstd2,
-                                                  ctx.training, False, False)
+        else:
+            gx, gw, gb, gm = batch_norm_backward(grad_output, input, weight, out, mean, invstd,
+                                                 ctx.training, ctx.relu, need_second and ctx.relu)
+            gz = gw2 = gb2 = None
+            if need_second:
+                g2 = gm if ctx.relu else grad_output
+                gz, gw2, gb2, _ = batch_norm_backward(g2, input2, weight2, None, mean2, invstd2,
+                                                      ctx.training, False, False)
         return (gx if need[0] else None,
                 gw.to(weight.dtype) if need[1] and weight is not None else None,
                 gb.to(bias.dtype) if need[2] and bias is not None else None,
@@ -481,12 +473,7 @@ if _ext.loaded():
                                          allow_unused=True))
         return tuple(next(grads) if t is not None and t.requires_grad else None for t in ins)
 
-    def _dual_autograd(keyset, *args):
-        input, weight, bias, _, _, input2, weight2, bias2 = args[:8]
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(input, weight, bias, input2,
-                                                                   weight2, bias2):
-            return _BatchNormDualFunction.apply(keyset, *args)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _dual_op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
-    _lib.impl("batch_norm_dual", _dual_autograd, "Autograd", with_keyset=True)
+    # input, weight, bias, input2, weight2, bias2
+    _lib.impl("batch_norm_dual", _autograd_kernel(_dual_op, _BatchNormDualFunction,
+                                                  (0, 1, 2, 5, 6, 7)), "Autograd",
+              with_keyset=True)
