@@ -621,3 +621,22 @@ def test_dual_mixed_layouts(backend, device, training, z_kind):
     exp = _run_dual("torch", x, z, p1, p2, training, True, g)
     for key in got:
         assert_close(got[key], exp[key], torch.float32, grad=key.startswith("grad"), msg=key)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dual_empty_batch(backend, device, training):
+    """N = 0: an empty output and gradients, running statistics untouched, batches counted, as
+    two torch.nn.BatchNorm2d do."""
+    bn, bn2 = fastnn.nn.BatchNormAddReLU2d(3).to(device), fastnn.nn.BatchNorm2d(3).to(device)
+    bn.train(training)
+    bn2.train(training)
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    z = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    out = fastnn.nn.dual_bn_add_relu(bn, x, bn2, z)
+    assert out.shape == x.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape and z.grad.shape == z.shape
+    for m in (bn, bn2):
+        assert torch.count_nonzero(m.running_mean) == 0
+        assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+        assert m.num_batches_tracked.item() == (1 if training else 0)
