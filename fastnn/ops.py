@@ -13,7 +13,8 @@ from torch import Tensor
 from fastnn import _ext, reference
 
 __all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
-           "batch_norm_dual", "batch_norm_dual_backward", "batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
+           "batch_norm_dual", "batch_norm_dual_backward", "batch_norm_stats",
+           "batch_norm_train_with_stats", "batch_norm_backward_reduce",
            "batch_norm_backward_elemt"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -29,6 +30,25 @@ def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
     them into parts (batch_norm_stats, batch_norm_train_with_stats, batch_norm_backward_reduce
     and _elemt) have CPU kernels, and elsewhere fastnn.functional runs their reference."""
     return device_type in _ext.kernel_devices(op)
+
+
+def _call(name: str, args: tuple, grad_tensors: tuple):
+    """Calls torch.ops.fastnn.<name>. In eager mode it skips the dispatcher's trip through the
+    op's Python Autograd kernel: with no graph to record it runs below autograd, and with one it
+    applies the op's autograd.Function itself (the same Function that kernel applies, about half
+    the per-call cost). Under torch.compile the op is called as it is, for tracing to see it."""
+    op = getattr(torch.ops.fastnn, name).default
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*grad_tensors):
+        function = _AUTOGRAD_FUNCTIONS.get(name)
+        return function.apply(None, *args) if function is not None else op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+# The autograd.Function of each mutating op (filled in below when fastnn._C is loaded).
+_AUTOGRAD_FUNCTIONS = {}
 
 
 def _below_autograd(*tensors: Optional[Tensor]):
@@ -50,11 +70,7 @@ def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     """(output, save_mean, save_invstd); running_mean/running_var are updated in place."""
     args = (input, weight, bias, running_mean, running_var, float(momentum), float(eps),
             residual, bool(relu))
-    below = _below_autograd(input, weight, bias, residual)
-    if below is None:
-        return torch.ops.fastnn.batch_norm_train.default(*args)
-    with below:
-        return torch.ops.fastnn.batch_norm_train.default(*args)
+    return _call("batch_norm_train", args, (input, weight, bias, residual))
 
 
 def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -90,11 +106,7 @@ def batch_norm_dual(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     args = (input, weight, bias, running_mean, running_var, input2, weight2, bias2,
             running_mean2, running_var2, bool(training), float(momentum), float(eps),
             float(momentum2), float(eps2), bool(relu))
-    below = _below_autograd(input, weight, bias, input2, weight2, bias2)
-    if below is None:
-        return torch.ops.fastnn.batch_norm_dual.default(*args)
-    with below:
-        return torch.ops.fastnn.batch_norm_dual.default(*args)
+    return _call("batch_norm_dual", args, (input, weight, bias, input2, weight2, bias2))
 
 
 def batch_norm_dual_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
@@ -119,11 +131,7 @@ def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
     treated as the functions of input they are (no gradient flows to mean and var)."""
     args = (input, mean.detach(), var.detach(), weight, bias, running_mean, running_var,
             float(momentum), float(eps), residual, bool(relu))
-    below = _below_autograd(input, weight, bias, residual)
-    if below is None:
-        return torch.ops.fastnn.batch_norm_train_with_stats.default(*args)
-    with below:
-        return torch.ops.fastnn.batch_norm_train_with_stats.default(*args)
+    return _call("batch_norm_train_with_stats", args, (input, weight, bias, residual))
 
 
 # The parts of the training forward and backward (see csrc/fastnn.cpp). They are not
@@ -337,14 +345,21 @@ if _ext.loaded():
     # redispatches below autograd.
     _train_op = torch.ops.fastnn.batch_norm_train.default
 
+    def _redispatch(op, keyset, *args):
+        """The op below autograd: redispatched with the Autograd kernel's keyset, or called (in
+        the caller's _AutoDispatchBelowAutograd) when _call applied the Function itself."""
+        if keyset is None:
+            return op(*args)
+        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
     class _BatchNormTrainFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, keyset, input, weight, bias, running_mean, running_var, momentum, eps,
                     residual, relu):
             with torch._C._AutoDispatchBelowAutograd():
-                out, mean, invstd = _train_op.redispatch(
-                    keyset & torch._C._after_autograd_keyset, input, weight, bias, running_mean,
-                    running_var, momentum, eps, residual, relu)
+                out, mean, invstd = _redispatch(_train_op, keyset, input, weight, bias,
+                                                running_mean, running_var, momentum, eps,
+                                                residual, relu)
             ctx.fastnn_needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[2],
                                 ctx.needs_input_grad[3], ctx.needs_input_grad[8])
             _save(ctx, input, weight, bias, residual, out, mean, invstd, True, relu, eps)
@@ -380,9 +395,9 @@ if _ext.loaded():
         def forward(ctx, keyset, input, mean, var, weight, bias, running_mean, running_var,
                     momentum, eps, residual, relu):
             with torch._C._AutoDispatchBelowAutograd():
-                out, save_mean, invstd = _train_stats_op.redispatch(
-                    keyset & torch._C._after_autograd_keyset, input, mean, var, weight, bias,
-                    running_mean, running_var, momentum, eps, residual, relu)
+                out, save_mean, invstd = _redispatch(_train_stats_op, keyset, input, mean, var,
+                                                     weight, bias, running_mean, running_var,
+                                                     momentum, eps, residual, relu)
             ctx.fastnn_needs = (ctx.needs_input_grad[1], ctx.needs_input_grad[4],
                                 ctx.needs_input_grad[5], ctx.needs_input_grad[10])
             _save(ctx, input, weight, bias, residual, out, save_mean, invstd, True, relu, eps)
@@ -409,10 +424,10 @@ if _ext.loaded():
                     bias2, running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
                     relu):
             with torch._C._AutoDispatchBelowAutograd():
-                out, mean, invstd, mean2, invstd2 = _dual_op.redispatch(
-                    keyset & torch._C._after_autograd_keyset, input, weight, bias, running_mean,
-                    running_var, input2, weight2, bias2, running_mean2, running_var2, training,
-                    momentum, eps, momentum2, eps2, relu)
+                out, mean, invstd, mean2, invstd2 = _redispatch(
+                    _dual_op, keyset, input, weight, bias, running_mean, running_var, input2,
+                    weight2, bias2, running_mean2, running_var2, training, momentum, eps,
+                    momentum2, eps2, relu)
             n = ctx.needs_input_grad
             ctx.fastnn_needs = (n[1], n[2], n[3], n[6], n[7], n[8])
             ctx.training, ctx.relu, ctx.eps, ctx.eps2 = training, relu, eps, eps2
@@ -477,3 +492,9 @@ if _ext.loaded():
     _lib.impl("batch_norm_dual", _autograd_kernel(_dual_op, _BatchNormDualFunction,
                                                   (0, 1, 2, 5, 6, 7)), "Autograd",
               with_keyset=True)
+
+    _AUTOGRAD_FUNCTIONS.update({
+        "batch_norm_train": _BatchNormTrainFunction,
+        "batch_norm_train_with_stats": _BatchNormTrainWithStatsFunction,
+        "batch_norm_dual": _BatchNormDualFunction,
+    })
