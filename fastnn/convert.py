@@ -55,6 +55,8 @@ class AddReLU(nn.Module):
     """relu(input + residual): what remains of a fused BN+add+ReLU once its batch norm is folded
     into the preceding convolution."""
 
+    adds_residual_and_relu = True
+
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
         return fastnn_functional.add_relu(input, residual)
 
@@ -186,7 +188,39 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
         relu.replace_all_uses_with(node)
         graph.erase_node(relu)
         graph.erase_node(user)
+        if _plain_bn_call(other, modules, calls, occurrences):
+            _fuse_dual(graph, node, other)
     graph.lint()
+
+
+def _plain_bn_call(node: fx.Node, modules: Dict[str, nn.Module], calls: Counter,
+                   occurrences: Counter) -> bool:
+    """node is the only call of a fastnn BatchNorm2d held in one place, on one tensor, whose
+    result only the fused BN+add+ReLU uses: a downsampling shortcut's batch norm."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
+        return False
+    bn = modules.get(node.target)
+    return (type(bn) is fnn.BatchNorm2d and calls[node.target] == 1
+            and occurrences[id(bn)] == 1 and not _has_hooks(bn))
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
+def _fuse_dual(graph: fx.Graph, fused: fx.Node, shortcut_bn: fx.Node) -> None:
+    """relu(bn(x) + bn2(z)), fused as BN+add+ReLU with bn2's output as the residual, becomes one
+    fastnn.nn.dual_bn_add_relu(bn, x, bn2, z): both batch norms in one kernel. Both modules stay
+    where they are (same state_dict), read by the call."""
+    with graph.inserting_before(fused):
+        bn1 = graph.get_attr(fused.target)
+        bn2 = graph.get_attr(shortcut_bn.target)
+        dual = graph.call_function(fnn.dual_bn_add_relu,
+                                   (bn1, fused.args[0], bn2, shortcut_bn.args[0]))
+    fused.replace_all_uses_with(dual)
+    graph.erase_node(fused)
+    graph.erase_node(shortcut_bn)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -371,6 +371,24 @@ def test_resnet_downsample_blocks_use_the_dual_kernel(monkeypatch):
     assert calls == [256, 512, 1024, 2048]
 
 
+def test_convert_fuses_downsampling_shortcuts():
+    """convert() of torchvision's ResNet-18 (fx path): each block with a downsampling shortcut
+    runs fastnn.nn.dual_bn_add_relu; same numbers and state as torchvision, and it still folds
+    for inference."""
+    ref, _ = torchvision_pair("resnet18", num_classes=10)
+    converted = convert(copy.deepcopy(ref))
+    assert isinstance(converted, torch.fx.GraphModule)
+    duals = [n for n in converted.graph.nodes
+             if n.op == "call_function" and n.target is fnn.dual_bn_add_relu]
+    assert len(duals) == 3
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    assert_same_training(ref, converted, x, train=True)
+    assert_same_training(ref, converted, x, train=False)
+    folded = fuse_for_inference(converted)
+    torch.testing.assert_close(folded(x), converted.eval()(x), **F64)
+    assert module_kinds(folded)["AddReLU"] == 8
+
+
 def test_densenet_shares_batch_statistics(monkeypatch):
     """In training a dense block computes each feature map's batch statistics once: every dense
     layer's norm1 then normalizes with them (batch_norm_train_with_stats) instead of computing

@@ -4,6 +4,7 @@ torch's modules keep working."""
 from typing import Optional, Tuple
 
 import torch
+import torch.fx
 from torch import Tensor
 
 from fastnn import functional as F
@@ -96,6 +97,8 @@ class BatchNormAddReLU2d(BatchNorm2d):
     """relu(BatchNorm2d(input) + residual) in one kernel: a ResNet block's last BN, shortcut add
     and ReLU. Same parameters and state_dict keys as BatchNorm2d."""
 
+    adds_residual_and_relu = True  # forward(input, residual) = relu(f(input) + residual)
+
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
         return self._bn_forward(input, residual, True)
 
@@ -108,13 +111,23 @@ def dual_bn_add_relu(bn: torch.nn.Module, input: Tensor, bn2: torch.nn.Module,
     num_batches_tracked) as if called on its own; a failing call changes neither.
 
     bn may be a BatchNormAddReLU2d (its ReLU is applied here either way) or a plain BatchNorm2d;
-    bn2 is applied without ReLU, whatever its type.
+    bn2 is applied without ReLU, whatever its type. Other modules (synchronized or torch batch
+    norms, or what fuse_for_inference leaves) are called one after the other instead:
+    ``bn(input, bn2(input2))`` when bn adds a residual itself, else
+    ``relu(bn(input) + bn2(input2))``.
     """
-    for m in (bn, bn2):
-        if not isinstance(m, _FastBatchNorm) or hasattr(m, "process_group"):
-            raise TypeError("dual_bn_add_relu takes two fastnn batch-norm modules (not "
-                            f"synchronized ones), got {type(bn).__name__} and "
-                            f"{type(bn2).__name__}")
+    def fusable(m):
+        return isinstance(m, _FastBatchNorm) and not hasattr(m, "process_group")
+
+    if (isinstance(input, torch.fx.Proxy) or isinstance(input2, torch.fx.Proxy)
+            or not fusable(bn) or not fusable(bn2)):
+        # The two modules called one after the other: under torch.fx tracing (so that a traced
+        # graph shows each batch norm, for fuse_for_inference to fold each into its
+        # convolution), and for other modules (synchronized batch norms, torch's, what folding
+        # left: an AddReLU and an Identity).
+        if getattr(bn, "adds_residual_and_relu", False):
+            return bn(input, bn2(input2))
+        return torch.relu(bn(input) + bn2(input2))
     train1, rm1, rv1 = bn._bn_args(input, None)
     F.check_input2(input, input2)
     train2, rm2, rv2 = bn2._bn_args(input2, None)

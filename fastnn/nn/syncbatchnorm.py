@@ -191,6 +191,8 @@ class SyncBatchNormReLU(SyncBatchNorm):
 class SyncBatchNormAddReLU(SyncBatchNorm):
     """relu(SyncBatchNorm(input) + residual)."""
 
+    adds_residual_and_relu = True
+
     _relu = True
     _residual = True
 
