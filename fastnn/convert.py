@@ -357,7 +357,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm (exactly those classes; subclasses may
     have their own forward) becomes fastnn's, sharing its parameters and buffers, and BN->ReLU
-    and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d.
+    and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d. On the fx
+    graph, a BN->add->ReLU whose residual is another batch norm's output (a ResNet block's
+    downsampling shortcut) becomes one fastnn.nn.dual_bn_add_relu of both.
 
     When the model traces with torch.fx to the same graph in training and in eval mode, the
     patterns are found on that graph and the result is a torch.fx.GraphModule named like the
