@@ -188,7 +188,7 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
         relu.replace_all_uses_with(node)
         graph.erase_node(relu)
         graph.erase_node(user)
-        if _plain_bn_call(other, modules, calls, occurrences):
+        if not _has_hooks(bn) and _plain_bn_call(other, modules, calls, occurrences):
             _fuse_dual(graph, node, other)
     graph.lint()
 

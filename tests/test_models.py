@@ -367,8 +367,14 @@ def test_resnet_downsample_blocks_use_the_dual_kernel(monkeypatch):
     assert_same_training(ref, model, x, train=True)
     assert calls == [256, 512] * (len(calls) // 2) and seen
     calls.clear()
-    models.resnet50(num_classes=10).eval()(torch.randn(1, 3, 32, 32))
+    resnet50 = models.resnet50(num_classes=10).eval()
+    resnet50(torch.randn(1, 3, 32, 32))
     assert calls == [256, 512, 1024, 2048]
+    calls.clear()
+    seen.clear()
+    resnet50.layer3[0].bn3.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    resnet50(torch.randn(1, 3, 32, 32))
+    assert calls == [256, 512, 2048] and len(seen) == 1
 
 
 def test_convert_fuses_downsampling_shortcuts():

@@ -69,7 +69,7 @@ def _dual_shortcut(downsample: Optional[nn.Module], last_bn: nn.Module) -> bool:
     return (type(downsample) is nn.Sequential and len(downsample) == 2
             and type(downsample[1]) is fnn.BatchNorm2d
             and type(last_bn) is fnn.BatchNormAddReLU2d
-            and _no_hooks(downsample) and _no_hooks(downsample[1]))
+            and _no_hooks(downsample) and _no_hooks(downsample[1]) and _no_hooks(last_bn))
 
 
 class BasicBlock(nn.Module):
