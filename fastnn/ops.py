@@ -35,8 +35,9 @@ def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
 def _call(name: str, args: tuple, grad_tensors: tuple):
     """Calls torch.ops.fastnn.<name>. In eager mode it skips the dispatcher's trip through the
     op's Python Autograd kernel: with no graph to record it runs below autograd, and with one it
-    applies the op's autograd.Function itself (the same Function that kernel applies, about half
-    the per-call cost). Under torch.compile the op is called as it is, for tracing to see it."""
+    applies the op's autograd.Function itself where the op has one (the same Function that kernel
+    applies, about half the per-call cost; batch_norm_eval's autograd is torch.library's, reached
+    through the op). Under torch.compile the op is called as it is, for tracing to see it."""
     op = getattr(torch.ops.fastnn, name).default
     if torch.compiler.is_compiling():
         return op(*args)
@@ -49,18 +50,6 @@ def _call(name: str, args: tuple, grad_tensors: tuple):
 
 # The autograd.Function of each mutating op (filled in below when fastnn._C is loaded).
 _AUTOGRAD_FUNCTIONS = {}
-
-
-def _below_autograd(*tensors: Optional[Tensor]):
-    """A context that skips the ops' Python autograd kernels when the call records no graph (no
-    grad mode, or nothing requires grad): that kernel would only redispatch, at the cost of a
-    Python round trip per call (about half of a small inference call's time). None under
-    torch.compile, whose tracing must see the op as it is."""
-    if torch.compiler.is_compiling():
-        return None
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
-        return None
-    return torch._C._AutoDispatchBelowAutograd()
 
 
 def batch_norm_train(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -77,11 +66,7 @@ def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
                     running_mean: Tensor, running_var: Tensor, eps: float,
                     residual: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     args = (input, weight, bias, running_mean, running_var, float(eps), residual, bool(relu))
-    below = _below_autograd(input, weight, bias, residual)
-    if below is None:
-        return torch.ops.fastnn.batch_norm_eval.default(*args)
-    with below:
-        return torch.ops.fastnn.batch_norm_eval.default(*args)
+    return _call("batch_norm_eval", args, (input, weight, bias, residual))
 
 
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
