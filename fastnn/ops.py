@@ -289,6 +289,30 @@ def _double_backward_grads(ctx, grad_output, input, weight, bias, residual, mean
                  for t in (input, weight, bias, residual))
 
 
+# Mutating ops (they update running statistics in place, which torch.library.register_autograd
+# refuses) get an Autograd kernel that applies an autograd.Function whose forward redispatches
+# below autograd.
+
+def _redispatch(op, keyset, *args):
+    """The op below autograd: redispatched with the Autograd kernel's keyset, or called (in
+    the caller's _AutoDispatchBelowAutograd) when _call applied the Function itself."""
+    if keyset is None:
+        return op(*args)
+    return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+def _autograd_kernel(op, function, differentiable):
+    """The Autograd kernel of a mutating op: `function` when the call records a graph (one
+    of the arguments at the indices `differentiable` requires grad), else the op below
+    autograd."""
+    def kernel(keyset, *args):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(
+                *(args[i] for i in differentiable)):
+            return function.apply(keyset, *args)
+        with torch._C._AutoDispatchBelowAutograd():
+            return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+    return kernel
+
+
 if _ext.loaded():
     _lib = torch.library.Library("fastnn", "FRAGMENT")  # noqa: TOR901
 
@@ -330,13 +354,6 @@ if _ext.loaded():
     # redispatches below autograd.
     _train_op = torch.ops.fastnn.batch_norm_train.default
 
-    def _redispatch(op, keyset, *args):
-        """The op below autograd: redispatched with the Autograd kernel's keyset, or called (in
-        the caller's _AutoDispatchBelowAutograd) when _call applied the Function itself."""
-        if keyset is None:
-            return op(*args)
-        return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-
     class _BatchNormTrainFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, keyset, input, weight, bias, running_mean, running_var, momentum, eps,
@@ -355,18 +372,6 @@ if _ext.loaded():
         def backward(ctx, grad_output, _grad_mean, _grad_invstd):
             gi, gw, gb, gr = _backward(ctx, grad_output)
             return None, gi, gw, gb, None, None, None, None, gr, None
-
-    def _autograd_kernel(op, function, differentiable):
-        """The Autograd kernel of a mutating op: `function` when the call records a graph (one
-        of the arguments at the indices `differentiable` requires grad), else the op below
-        autograd."""
-        def kernel(keyset, *args):
-            if torch.is_grad_enabled() and torch._C._any_requires_grad(
-                    *(args[i] for i in differentiable)):
-                return function.apply(keyset, *args)
-            with torch._C._AutoDispatchBelowAutograd():
-                return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
-        return kernel
 
     # input, weight, bias, residual
     _lib.impl("batch_norm_train", _autograd_kernel(_train_op, _BatchNormTrainFunction,

@@ -90,13 +90,86 @@ def _check(rank, batch_sizes, dtype, relu, residual, momentum, results):
     torch.testing.assert_close(ye, ye_ref, **tol)
 
 
+def _check_compiled(rank, results=None):
+    """torch.compile(fullgraph=True) of a network with every synchronized module kind: no graph
+    break, and the outputs, gradients and running statistics of eager execution."""
+    import copy
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn1 = fastnn.nn.BatchNormReLU2d(4)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = fastnn.nn.BatchNormAddReLU2d(4, momentum=0.3)
+            self.bn3 = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn1(self.conv1(x))
+            return self.bn3(self.bn2(self.conv2(y), y))
+
+    torch.manual_seed(0)
+    net = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(Net().double())
+    compiled_net = copy.deepcopy(net)
+    compiled = torch.compile(compiled_net, fullgraph=True)
+    x = torch.randn(2 + rank, 3, 5, 5, dtype=torch.float64)  # uneven batches
+    for _ in range(2):
+        y = net(x)
+        y.square().sum().backward()
+        yc = compiled(x)
+        yc.square().sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(yc, y, **tol)
+    for (name, p), (_, pc) in zip(net.named_parameters(), compiled_net.named_parameters()):
+        torch.testing.assert_close(pc.grad, p.grad, **tol, msg=name)
+    for (name, b), (_, bc) in zip(net.named_buffers(), compiled_net.named_buffers()):
+        torch.testing.assert_close(bc, b, **tol, msg=name)
+    # The statistics came from the whole group: both ranks hold the same running statistics.
+    rv = compiled_net.bn2.running_var.clone()
+    dist.all_reduce(rv)
+    torch.testing.assert_close(rv, 2 * compiled_net.bn2.running_var, **tol)
+
+
+def _check_opcheck(rank, results=None):
+    """torch.library.opcheck of the synchronized ops (schema, autograd registration, fake
+    kernels, AOT dispatch), each call a real collective over the group."""
+    torch.manual_seed(rank)
+    C = 3
+    x = torch.randn(2 + rank, C, 4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(C, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(C, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2 + rank, C, 4, 4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    for residual, relu in ((None, False), (r, True)):
+        torch.library.opcheck(torch.ops.fastnn.sync_batch_norm.default,
+                              (x, w, b, residual, rm, rv, 0.1, 1e-5, relu, ""))
+    y, mean, invstd, count = torch.ops.fastnn.sync_batch_norm.default(
+        x.detach(), w.detach(), b.detach(), None, None, None, 0.1, 1e-5, True, "")
+    assert float(count) == 2 * 16 + 3 * 16
+    g = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastnn.sync_batch_norm_backward.default,
+                          (g, x.detach(), w.detach(), y, mean, invstd, count, True, True, ""))
+
+
+def _check_one_value_over_group(rank, results=None):
+    """One value per channel over the whole group (batch sizes 1 and 0): every rank raises
+    torch's ValueError and no running statistic changes."""
+    sync = fastnn.nn.SyncBatchNorm(3)
+    x = torch.randn(1 - rank, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        sync(x)
+    assert int(sync.num_batches_tracked) == 0
+    assert torch.equal(sync.running_mean, torch.zeros(3))
+    assert torch.equal(sync.running_var, torch.ones(3))
+
+
 def _worker(rank, init_file, cases, result_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
-        for i, case in enumerate(cases):
+        for i, (check, args) in enumerate(cases):
             try:
-                _check(rank, *case, results=None)
+                check(rank, *args, results=None)
                 msg = "ok"
             except Exception:
                 msg = traceback.format_exc()
@@ -109,11 +182,14 @@ def _worker(rank, init_file, cases, result_dir):
 
 CASES = [
     # batch sizes per rank, dtype, relu, residual, momentum
-    ((3, 5), torch.float64, False, False, 0.1),
-    ((2, 0), torch.float64, True, False, None),
-    ((4, 4), torch.float64, True, True, 0.3),
-    ((1, 1), torch.float32, False, False, 0.1),  # one value per rank, two over the group
-    ((3, 2), torch.bfloat16, True, True, 0.1),
+    (_check, ((3, 5), torch.float64, False, False, 0.1)),
+    (_check, ((2, 0), torch.float64, True, False, None)),
+    (_check, ((4, 4), torch.float64, True, True, 0.3)),
+    (_check, ((1, 1), torch.float32, False, False, 0.1)),  # one value per rank, two over the group
+    (_check, ((3, 2), torch.bfloat16, True, True, 0.1)),
+    (_check_one_value_over_group, ()),
+    (_check_compiled, ()),
+    (_check_opcheck, ()),
 ]
 
 
@@ -134,7 +210,7 @@ def test_sync_batchnorm_matches_full_batch(tmp_path):
             path = tmp_path / f"{i}.{rank}"
             msg = path.read_text() if path.exists() else "no result"
             if msg != "ok":
-                failures.append(f"case {case} rank {rank}:\n{msg}")
+                failures.append(f"case {case[0].__name__}{case[1]} rank {rank}:\n{msg}")
     assert not failures, "\n".join(failures)
 
 

@@ -1,6 +1,6 @@
 """SyncBatchNorm on fastnn's kernels: batch statistics over a whole torch.distributed process group
 (NCCL on GPUs, gloo on CPUs, where torch's own SyncBatchNorm refuses to run)."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -8,83 +8,163 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastnn import functional as F
-from fastnn import reference
+from fastnn import ops, reference
 from fastnn.nn.batchnorm import _FastBatchNorm
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU"]
 
 
-class _SyncBatchNormFunction(torch.autograd.Function):
-    """One all-gather of each rank's (mean, M2, count) per forward, merged with Chan's formula;
-    one all-reduce of (sum g, sum g*xhat) per backward. The local statistics, the normalization
-    and both halves of the backward are fastnn's kernels (the reference where a device has none).
-    """
+# all_gather_into_tensor was renamed all_gather_single (torch 2.14 warns on the old name).
+_all_gather_single = getattr(dist, "all_gather_single", None) or getattr(
+    dist, "all_gather_into_tensor", None)
 
-    @staticmethod
-    def forward(ctx, input, weight, bias, residual, running_mean, running_var, momentum, eps,
-                relu, process_group, world_size):
-        C = input.shape[1]
-        count = input.numel() // C if C else 0
-        mean, var = F.batch_norm_stats(input)
-        packed = torch.cat([mean, var * count, mean.new_full((1,), float(count))])
-        parts = [torch.empty_like(packed) for _ in range(world_size)]
-        dist.all_gather(parts, packed, group=process_group)
-        gathered = torch.stack(parts)
+
+def _resolve_group(group_name: str):
+    """The process group a SyncBatchNorm names ("" for the default group)."""
+    if not group_name:
+        return dist.group.WORLD
+    return dist.distributed_c10d._resolve_process_group(group_name)
+
+
+# The synchronized forward and backward are ops of the fastnn library, implemented here in
+# Python on fastnn's kernels and torch.distributed (for every device: CompositeExplicitAutograd).
+# torch.compile sees each as one opaque call with a fake kernel, so a compiled model with
+# SyncBatchNorm has no graph break, and the collective runs inside the op in eager and compiled
+# code alike. The process group travels as its name.
+_lib = torch.library.Library("fastnn", "FRAGMENT")  # noqa: TOR901
+_lib.define(
+    "sync_batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, "
+    "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, bool relu, "
+    "str group_name) -> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define(
+    "sync_batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? output, "
+    "Tensor mean, Tensor invstd, Tensor count, bool relu, bool residual_grad, str group_name) "
+    "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     residual: Optional[Tensor], running_mean: Optional[Tensor],
+                     running_var: Optional[Tensor], momentum: float, eps: float, relu: bool,
+                     group_name: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training batch norm over the process group: (output, mean, invstd, count), count being
+    the number of values per channel over the group (float64, shape [1]).
+
+    One all-gather of each rank's (mean, M2, count) in float64, merged with Chan's formula; with
+    a world size of one there is no collective. The arguments are checked by the module before
+    the call; the one check that needs the group (more than one value per channel over it)
+    raises here, before the running statistics are touched."""
+    group = _resolve_group(group_name)
+    world_size = dist.get_world_size(group)
+    C = input.shape[1]
+    local_count = input.numel() // C if C else 0
+    mean, var = F.batch_norm_stats(input)
+    total = torch.full((1,), float(local_count), dtype=torch.float64, device=mean.device)
+    n_total = local_count
+    if world_size > 1:
+        packed = torch.cat([mean.double(), var.double() * local_count, total])
+        gathered = packed.new_empty((world_size * packed.numel(),))
+        _all_gather_single(gathered, packed, group=group)
+        gathered = gathered.view(world_size, -1)
         means, m2s, counts = gathered[:, :C], gathered[:, C:2 * C], gathered[:, 2 * C:]
         total = counts.sum(0)  # [1]
-        global_mean = (means * counts).sum(0) / total.clamp(min=1)
-        global_m2 = (m2s + counts * (means - global_mean) ** 2).sum(0)
         n_total = int(total.item())
-        if n_total == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got "
-                             f"1 value per channel over the process group (input size "
-                             f"{input.size()})")
-        ctx.world_size = world_size
-        ctx.process_group = process_group
+        global_mean = (means * counts).sum(0) / max(n_total, 1)
+        global_var = (m2s + counts * (means - global_mean) ** 2).sum(0) / max(n_total, 1)
+        mean, var = global_mean.to(mean.dtype), global_var.to(var.dtype)
+    if n_total == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got 1 value "
+                         f"per channel over the process group (input size {input.size()})")
+    if n_total == 0:
+        return torch.empty_like(input), mean, torch.zeros_like(var), total
+    reference.update_running_stats(running_mean, running_var, mean, var, momentum, n_total)
+    # Normalizing with given statistics is exactly the inference kernel.
+    out = F.batch_norm_unchecked(input, mean, var, weight, bias, False, 0.0, eps, residual, relu)
+    return out, mean, torch.rsqrt(var + eps), total
+
+
+def _sync_batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
+                              output: Optional[Tensor], mean: Tensor, invstd: Tensor,
+                              count: Tensor, relu: bool, residual_grad: bool,
+                              group_name: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_input, sum_dy_xhat, sum_dy, grad_residual): one all-reduce of (sum g, sum g*xhat)
+    over the group. The sums returned are this rank's: torch.nn.SyncBatchNorm's parameter
+    gradients, which DistributedDataParallel averages. grad_residual is empty unless
+    residual_grad."""
+    group = _resolve_group(group_name)
+    sum_dy, sum_dy_xhat, grad_residual = F.batch_norm_backward_reduce(
+        grad_output, input, output, mean, invstd, relu, residual_grad)
+    sums = torch.cat([sum_dy, sum_dy_xhat])
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+    sums = sums / count.clamp(min=1).to(sums.dtype)
+    C = mean.numel()
+    if residual_grad and relu:
+        # The masked gradient is already in grad_residual.
+        grad_input = F.batch_norm_backward_elemt(grad_residual, input, weight, None, mean, invstd,
+                                                 sums[:C], sums[C:], False)
+    else:
+        grad_input = F.batch_norm_backward_elemt(grad_output, input, weight, output, mean, invstd,
+                                                 sums[:C], sums[C:], relu)
+    return grad_input, sum_dy_xhat, sum_dy, grad_residual
+
+
+def _fake_sync_batch_norm(input, weight, bias, residual, running_mean, running_var, momentum,
+                          eps, relu, group_name):
+    stat = input.new_empty((input.shape[1],), dtype=reference.accumulate_dtype(input.dtype))
+    out = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                      memory_format=ops.output_memory_format(input))
+    return out, stat, torch.empty_like(stat), input.new_empty((1,), dtype=torch.float64)
+
+
+def _fake_sync_batch_norm_backward(grad_output, input, weight, output, mean, invstd, count, relu,
+                                   residual_grad, group_name):
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device,
+                             memory_format=ops.output_memory_format(input))
+    grad_residual = torch.empty_like(grad_input) if residual_grad else input.new_empty((0,))
+    return grad_input, torch.empty_like(mean), torch.empty_like(mean), grad_residual
+
+
+_lib.impl("sync_batch_norm", _sync_batch_norm, "CompositeExplicitAutograd")
+_lib.impl("sync_batch_norm_backward", _sync_batch_norm_backward, "CompositeExplicitAutograd")
+torch.library.register_fake("fastnn::sync_batch_norm", _fake_sync_batch_norm, lib=_lib)
+torch.library.register_fake("fastnn::sync_batch_norm_backward", _fake_sync_batch_norm_backward,
+                            lib=_lib)
+_sync_op = torch.ops.fastnn.sync_batch_norm.default
+_sync_backward_op = torch.ops.fastnn.sync_batch_norm_backward.default
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, keyset, input, weight, bias, residual, running_mean, running_var, momentum,
+                eps, relu, group_name):
+        with torch._C._AutoDispatchBelowAutograd():
+            out, mean, invstd, count = ops._redispatch(
+                _sync_op, keyset, input, weight, bias, residual, running_mean, running_var,
+                momentum, eps, relu, group_name)
         ctx.relu = relu
+        ctx.group_name = group_name
         ctx.has_residual = residual is not None
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.n_total = n_total
-        if n_total == 0:
-            ctx.empty = True
-            return torch.empty_like(input)
-        ctx.empty = False
-        global_var = global_m2 / n_total
-        reference.update_running_stats(running_mean, running_var, global_mean, global_var,
-                                       momentum, n_total)
-        # Normalizing with given statistics is exactly the inference kernel.
-        out = F.batch_norm_unchecked(input, global_mean, global_var, weight, bias, False, 0.0,
-                                     eps, residual, relu)
-        invstd = torch.rsqrt(global_var + eps)
-        ctx.save_for_backward(input, weight, out if relu else None, global_mean, invstd)
-        return out
+        ctx.save_for_backward(input, weight, out if relu else None, mean, invstd, count)
+        ctx.mark_non_differentiable(mean, invstd, count)
+        return out, mean, invstd, count
 
     @staticmethod
-    def backward(ctx, grad_output):
-        if ctx.empty:
-            return (torch.zeros_like(grad_output), None, None,
-                    torch.zeros_like(grad_output) if ctx.has_residual else None) + (None,) * 7
-        input, weight, out, mean, invstd = ctx.saved_tensors
-        sum_dy, sum_dy_xhat, grad_residual = F.batch_norm_backward_reduce(
-            grad_output, input, out, mean, invstd, ctx.relu, ctx.has_residual)
-        sums = torch.cat([sum_dy, sum_dy_xhat])
-        dist.all_reduce(sums, group=ctx.process_group)
-        C = mean.numel()
-        if ctx.has_residual and ctx.relu:
-            # The masked gradient is already in grad_residual.
-            grad_input = F.batch_norm_backward_elemt(
-                grad_residual, input, weight, None, mean, invstd, sums[:C] / ctx.n_total,
-                sums[C:] / ctx.n_total, False)
-        else:
-            grad_input = F.batch_norm_backward_elemt(
-                grad_output, input, weight, out, mean, invstd, sums[:C] / ctx.n_total,
-                sums[C:] / ctx.n_total, ctx.relu)
-        # Like torch.nn.SyncBatchNorm: parameter gradients are this rank's sums (DDP averages them).
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None else None
-        grad_bias = sum_dy.to(ctx.bias_dtype) if ctx.bias_dtype is not None else None
-        if not ctx.has_residual:
-            grad_residual = None
-        return (grad_input, grad_weight, grad_bias, grad_residual) + (None,) * 7
+    def backward(ctx, grad_output, *_grad_stats):
+        input, weight, out, mean, invstd, count = ctx.saved_tensors
+        grad_input, sum_dy_xhat, sum_dy, grad_residual = _sync_backward_op(
+            grad_output, input, weight, out, mean, invstd, count, ctx.relu, ctx.has_residual,
+            ctx.group_name)
+        grad_weight = None if ctx.weight_dtype is None else sum_dy_xhat.to(ctx.weight_dtype)
+        grad_bias = None if ctx.bias_dtype is None else sum_dy.to(ctx.bias_dtype)
+        return (None, grad_input, grad_weight, grad_bias,
+                grad_residual if ctx.has_residual else None) + (None,) * 6
+
+
+# input, weight, bias, residual
+_lib.impl("sync_batch_norm", ops._autograd_kernel(_sync_op, _SyncBatchNormFunction, (0, 1, 2, 3)),
+          "Autograd", with_keyset=True)
 
 
 class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
@@ -116,14 +196,23 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             raise TypeError(f"{type(self).__name__}.forward takes no residual")
         return self._sync_forward(input, residual)
 
+    @property
+    def process_group(self):
+        return self._process_group
+
+    @process_group.setter
+    def process_group(self, group) -> None:
+        # The synchronized op names its group (a string is what a custom op, and torch.compile,
+        # can carry); "" is the default group, looked up when the op runs.
+        self._process_group = group
+        self._group_name = "" if group is None else group.group_name
+
     def _sync_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
-        need_sync = self.training and dist.is_available() and dist.is_initialized()
-        if need_sync:
-            process_group = self.process_group or dist.group.WORLD
-            world_size = dist.get_world_size(process_group)
-            need_sync = world_size > 1
-        if not need_sync:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return self._bn_forward(input, residual, self._relu)
+        if not torch.compiler.is_compiling() and dist.get_world_size(
+                _resolve_group(self._group_name)) == 1:
+            return self._bn_forward(input, residual, self._relu)  # nothing to synchronize
 
         self._check_input_dim(input)
         track = self.track_running_stats
@@ -140,9 +229,8 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         factor = 0.0 if self.momentum is None else self.momentum
         if count_batch and self.momentum is None:  # cumulative moving average
             factor = 1.0 / float(self.num_batches_tracked + 1)
-        out = _SyncBatchNormFunction.apply(input, self.weight, self.bias, residual, running_mean,
-                                           running_var, factor, self.eps, self._relu,
-                                           process_group, world_size)
+        out = _sync_op(input, self.weight, self.bias, residual, running_mean, running_var,
+                       float(factor), float(self.eps), self._relu, self._group_name)[0]
         # Counted only once the group-wide checks passed, so a failing call changes nothing.
         if count_batch:
             self.num_batches_tracked.add_(1)
