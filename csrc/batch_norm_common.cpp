@@ -180,6 +180,43 @@ void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
   }
 }
 
+at::Tensor check_cat_inputs(const char* op, at::TensorList inputs) {
+  TORCH_CHECK_VALUE(!inputs.empty(), op, ": inputs must hold at least one tensor");
+  const at::Tensor& first = inputs[0];
+  std::vector<int64_t> sizes = first.sizes().vec();
+  int64_t channels = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const at::Tensor& t = inputs[i];
+    check_input(op, t);
+    TORCH_CHECK_VALUE(t.dim() == first.dim(), op, ": inputs[", i, "] has ", t.dim(),
+                      " dimensions but inputs[0] has ", first.dim());
+    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), op, ": inputs[", i, "] is ",
+                     t.scalar_type(), " but inputs[0] is ", first.scalar_type());
+    TORCH_CHECK(t.device() == first.device(), op, ": inputs[", i, "] is on ", t.device(),
+                " but inputs[0] is on ", first.device());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      TORCH_CHECK_VALUE(d == 1 || t.size(d) == first.size(d), op, ": inputs[", i, "] has size ",
+                        t.sizes(), ", which does not match inputs[0] (", first.sizes(),
+                        ") outside dimension 1");
+    }
+    channels += t.size(1);
+  }
+  sizes[1] = channels;
+  return at::empty({}, first.options()).expand(sizes);
+}
+
+at::MemoryFormat cat_memory_format(at::TensorList inputs) {
+  c10::optional<at::MemoryFormat> format;
+  for (const at::Tensor& t : inputs) {
+    const at::MemoryFormat f = t.suggest_memory_format();
+    if (f == at::MemoryFormat::Contiguous || (format.has_value() && *format != f)) {
+      return at::MemoryFormat::Contiguous;
+    }
+    format = f;
+  }
+  return format.value_or(at::MemoryFormat::Contiguous);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input) {
   const auto fmt = output_memory_format(input);
   auto stat_opts = input.options().dtype(accumulate_type(input.scalar_type()));

@@ -65,6 +65,15 @@ void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
                      const c10::optional<at::Tensor>& running_var2, bool training, double eps,
                      double eps2);
 
+// The inputs of batch_norm_cat_with_stats (feature maps concatenated along dim 1): at least one,
+// each a valid input of one dtype, rank and device, sizes equal but for dim 1. Returns a
+// zero-storage tensor of the concatenation's size, dtype and device (an expanded scalar) for the
+// checks that take the whole input.
+at::Tensor check_cat_inputs(const char* op, at::TensorList inputs);
+// The concatenation's memory format, torch.cat's rule: the inputs' suggested memory format when
+// they all suggest the same one, else contiguous.
+at::MemoryFormat cat_memory_format(at::TensorList inputs);
+
 // Empty [C] statistics / gradients for the N = 0 case, so every kernel treats it the same way.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> empty_batch_train(const at::Tensor& input);
 

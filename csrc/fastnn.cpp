@@ -68,6 +68,15 @@ TORCH_LIBRARY(fastnn, m) {
       "batch_norm_train_with_stats(Tensor input, Tensor mean, Tensor var, Tensor? weight, "
       "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
       "float eps, Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor)");
+  // batch_norm_train_with_stats of the concatenation of `inputs` along dim 1 (DenseNet's earlier
+  // feature maps), read where they are: the concatenated copy is never made. mean/var are the
+  // concatenation's per-channel statistics; the output is the normalized concatenation (layout:
+  // channels_last when every input is). No residual. The backward is batch_norm_backward's
+  // training one of the concatenation.
+  m.def(
+      "batch_norm_cat_with_stats(Tensor[] inputs, Tensor mean, Tensor var, Tensor? weight, "
+      "Tensor? bias, Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, "
+      "float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // The reductions of the training backward: per channel sum_dy = sum(g) and
   // sum_dy_xhat = sum(g * (input - mean) * invstd), in the accumulation dtype, g being
   // grad_output masked by output > 0 when relu. With residual_grad the masked g is returned too

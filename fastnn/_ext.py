@@ -64,7 +64,8 @@ def reason():
 # each device fastnn._C was built for; the others may not (yet) on every device.
 OPS = ("batch_norm_train", "batch_norm_eval", "batch_norm_backward", "batch_norm_dual",
        "batch_norm_dual_backward", "batch_norm_stats",
-       "batch_norm_train_with_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt")
+       "batch_norm_train_with_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt",
+       "batch_norm_cat_with_stats")
 
 
 def _registered_devices(op):

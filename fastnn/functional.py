@@ -1,6 +1,6 @@
 """User-facing functions: `batch_norm` mirrors torch.nn.functional.batch_norm, plus the fused
 residual add and ReLU: out = relu(batch_norm(input) + residual)."""
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -9,7 +9,7 @@ from fastnn import ops, reference
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
            "add_relu",
-           "batch_norm_with_stats",
+           "batch_norm_with_stats", "batch_norm_cat_with_stats",
            "batch_norm_stats",
            "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
 
@@ -311,3 +311,56 @@ def batch_norm_with_stats_unchecked(input, mean, var, running_mean, running_var,
         reference.update_running_stats(running_mean, running_var, mean, var, momentum,
                                        input.numel() // input.shape[1])
     return _GivenStatsBatchNorm.apply(input, weight, bias, residual, mean, var, eps, relu)
+
+
+def batch_norm_cat_with_stats(inputs: Sequence[Tensor], mean: Tensor, var: Tensor,
+                              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                              momentum: float = 0.1, eps: float = 1e-5,
+                              relu: bool = False) -> Tensor:
+    """batch_norm_with_stats(torch.cat(inputs, 1), mean, var, ...): the feature maps a DenseNet
+    layer normalizes, read where they are instead of from a concatenated copy where the device
+    has the kernel (elsewhere they are concatenated first). ``mean`` and ``var`` are the
+    concatenation's statistics (those of each input, concatenated). Output, running-statistics
+    update and gradients are those of batch_norm in training on the concatenation.
+    """
+    inputs = list(inputs)
+    if not _cat_kernel_inputs(inputs):
+        # torch.cat's own rules and errors (type promotion among them).
+        return batch_norm_with_stats(torch.cat(inputs, 1), mean, var, running_mean, running_var,
+                                     weight, bias, momentum, eps, None, relu)
+    probe = cat_probe(inputs)
+    check_args(probe, running_mean, running_var, weight, bias, True, eps, None)
+    check_batch_stats(probe, mean, var)
+    return batch_norm_cat_with_stats_unchecked(inputs, mean, var, running_mean, running_var,
+                                               weight, bias, momentum, eps, relu)
+
+
+def _cat_kernel_inputs(inputs: List[Tensor]) -> bool:
+    """Whether the inputs are what batch_norm_cat_with_stats's kernel takes (one dtype, device
+    and rank, sizes equal but for dim 1); anything else goes through torch.cat."""
+    if not inputs or not all(isinstance(t, Tensor) for t in inputs):
+        return False
+    first = inputs[0]
+    return all(t.dtype == first.dtype and t.device == first.device and t.dim() == first.dim()
+               and t.dim() >= 2 and t.shape[:1] == first.shape[:1]
+               and t.shape[2:] == first.shape[2:] for t in inputs)
+
+
+def cat_probe(inputs: List[Tensor]) -> Tensor:
+    """A tensor of the concatenation's size, dtype and device that stores one value (an expanded
+    scalar), for checks that take the whole input."""
+    first = inputs[0]
+    size = list(first.shape)
+    size[1] = sum(t.shape[1] for t in inputs)
+    return first.new_empty(()).expand(size)
+
+
+def batch_norm_cat_with_stats_unchecked(inputs, mean, var, running_mean, running_var, weight,
+                                        bias, momentum, eps, relu):
+    """batch_norm_cat_with_stats once its checks have passed."""
+    if _use_part_kernel(inputs[0], "batch_norm_cat_with_stats"):
+        return ops.batch_norm_cat_with_stats(inputs, mean, var, weight, bias, running_mean,
+                                             running_var, momentum, eps, relu)[0]
+    return batch_norm_with_stats_unchecked(torch.cat(inputs, 1), mean, var, running_mean,
+                                           running_var, weight, bias, momentum, eps, None, relu)

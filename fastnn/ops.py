@@ -5,7 +5,7 @@ kernels and autograd here is what lets them run under torch.compile(fullgraph=Tr
 and torch.library.opcheck. When fastnn._C is not loaded none of this is registered, and
 fastnn.functional runs fastnn.reference instead.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -15,7 +15,7 @@ from fastnn import _ext, reference
 __all__ = ["available", "has_kernel", "batch_norm_train", "batch_norm_eval", "batch_norm_backward",
            "batch_norm_dual", "batch_norm_dual_backward", "batch_norm_stats",
            "batch_norm_train_with_stats", "batch_norm_backward_reduce",
-           "batch_norm_backward_elemt"]
+           "batch_norm_backward_elemt", "batch_norm_cat_with_stats"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -119,6 +119,24 @@ def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
     return _call("batch_norm_train_with_stats", args, (input, weight, bias, residual))
 
 
+def batch_norm_cat_with_stats(inputs: Sequence[Tensor], mean: Tensor, var: Tensor,
+                              weight: Optional[Tensor], bias: Optional[Tensor],
+                              running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                              momentum: float, eps: float,
+                              relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """batch_norm_train_with_stats of torch.cat(inputs, 1), without the concatenated copy."""
+    inputs = list(inputs)
+    args = (inputs, mean.detach(), var.detach(), weight, bias, running_mean, running_var,
+            float(momentum), float(eps), bool(relu))
+    op = torch.ops.fastnn.batch_norm_cat_with_stats.default
+    if torch.compiler.is_compiling():
+        return op(*args)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs, weight, bias):
+        return _AUTOGRAD_FUNCTIONS["batch_norm_cat_with_stats"].apply(None, *args[1:], *inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 # The parts of the training forward and backward (see csrc/fastnn.cpp). They are not
 # differentiable: callers (SyncBatchNorm, DenseNet's shared statistics) wrap them in their own
 # autograd.Function, so their inputs are detached here.
@@ -203,6 +221,19 @@ def _fake_train_with_stats(input, mean, var, weight, bias, running_mean, running
                    bias=bias, running_mean=running_mean, running_var=running_var,
                    residual=residual)
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
+
+
+def _fake_cat_with_stats(inputs, mean, var, weight, bias, running_mean, running_var, momentum,
+                         eps, relu):
+    if len(inputs) == 0:
+        raise ValueError("fastnn.batch_norm_cat_with_stats: inputs must hold at least one tensor")
+    first = inputs[0]
+    _check_devices("fastnn.batch_norm_cat_with_stats", first, mean=mean, var=var, weight=weight,
+                   bias=bias, running_mean=running_mean, running_var=running_var,
+                   **{f"inputs[{i}]": t for i, t in enumerate(inputs)})
+    # The layout rule of the kernels is torch.cat's.
+    out = torch.cat(list(inputs), 1)
+    return out, _channel_stat(out), _channel_stat(out)
 
 
 def _fake_dual(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
@@ -328,6 +359,8 @@ if _ext.loaded():
     torch.library.register_fake("fastnn::batch_norm_backward_reduce", _fake_backward_reduce,
                                 lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward_elemt", _fake_backward_elemt,
+                                lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_cat_with_stats", _fake_cat_with_stats,
                                 lib=_lib)
 
     # batch_norm_eval is functional: torch.library.register_autograd.
@@ -483,7 +516,68 @@ if _ext.loaded():
                                                   (0, 1, 2, 5, 6, 7)), "Autograd",
               with_keyset=True)
 
+    # batch_norm_cat_with_stats: the inputs are passed to the Function one by one (autograd sees
+    # tensors only as direct arguments). The backward is the training backward of their
+    # concatenation, made for the call and freed with it; the gradient of each input is its
+    # slice of the concatenation's.
+    _cat_op = torch.ops.fastnn.batch_norm_cat_with_stats.default
+
+    class _BatchNormCatWithStatsFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, keyset, mean, var, weight, bias, running_mean, running_var, momentum,
+                    eps, relu, *inputs):
+            with torch._C._AutoDispatchBelowAutograd():
+                out, save_mean, invstd = _redispatch(_cat_op, keyset, list(inputs), mean, var,
+                                                     weight, bias, running_mean, running_var,
+                                                     momentum, eps, relu)
+            ctx.relu, ctx.eps = relu, eps
+            ctx.widths = [t.shape[1] for t in inputs]
+            ctx.save_for_backward(weight, bias, out if relu else None, save_mean, invstd,
+                                  *inputs)
+            ctx.mark_non_differentiable(save_mean, invstd)
+            return out, save_mean, invstd
+
+        @staticmethod
+        def backward(ctx, grad_output, _grad_mean, _grad_invstd):
+            weight, bias, out, mean, invstd, *inputs = ctx.saved_tensors
+            need = ctx.needs_input_grad
+            need_inputs = need[10:]
+            if torch.is_grad_enabled():  # double backward: differentiate the reference
+                x = torch.cat(inputs, 1)
+                y = reference.batch_norm_train(x, weight, bias, None, None, 0.0, ctx.eps, None,
+                                               ctx.relu)[0]
+                wanted = [t for t, n in zip([weight, bias] + inputs, need[3:5] + need_inputs)
+                          if t is not None and n]
+                grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True,
+                                                 allow_unused=True))
+                gw = next(grads) if weight is not None and need[3] else None
+                gb = next(grads) if bias is not None and need[4] else None
+                gis = [next(grads) if n else None for n in need_inputs]
+            else:
+                x = torch.cat(inputs, 1)
+                gi, gw, gb, _ = batch_norm_backward(grad_output, x, weight, out, mean, invstd,
+                                                    True, ctx.relu, False)
+                del x
+                gis = [g if n else None for g, n in zip(gi.split(ctx.widths, 1), need_inputs)]
+                gw = gw.to(weight.dtype) if weight is not None and need[3] else None
+                gb = gb.to(bias.dtype) if bias is not None and need[4] else None
+            return (None, None, None, gw, gb, None, None, None, None, None, *gis)
+
+    def _cat_autograd_kernel(keyset, inputs, mean, var, weight, bias, running_mean, running_var,
+                             momentum, eps, relu):
+        if torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs, weight, bias):
+            return _BatchNormCatWithStatsFunction.apply(keyset, mean, var, weight, bias,
+                                                        running_mean, running_var, momentum,
+                                                        eps, relu, *inputs)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _cat_op.redispatch(keyset & torch._C._after_autograd_keyset, inputs, mean,
+                                      var, weight, bias, running_mean, running_var, momentum,
+                                      eps, relu)
+
+    _lib.impl("batch_norm_cat_with_stats", _cat_autograd_kernel, "Autograd", with_keyset=True)
+
     _AUTOGRAD_FUNCTIONS.update({
+        "batch_norm_cat_with_stats": _BatchNormCatWithStatsFunction,
         "batch_norm_train": _BatchNormTrainFunction,
         "batch_norm_train_with_stats": _BatchNormTrainWithStatsFunction,
         "batch_norm_dual": _BatchNormDualFunction,

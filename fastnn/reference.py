@@ -85,6 +85,20 @@ def batch_norm_train(input, weight, bias, running_mean, running_var, momentum, e
     return out, mean.detach(), invstd.detach()
 
 
+def batch_norm_cat_with_stats(inputs, mean, var, weight, bias, running_mean, running_var,
+                              momentum, eps, relu=False):
+    """The fastnn op: torch.cat(inputs, 1) normalized with its given batch statistics (mean,
+    biased var), the running statistics updated with them. Returns (output, save_mean,
+    save_invstd)."""
+    x = torch.cat(list(inputs), 1)
+    out = _normalize_affine(x.to(mean.dtype), mean, torch.rsqrt(var + eps), weight, bias, None,
+                            relu, x.dtype)
+    if x.numel() > 0:
+        update_running_stats(running_mean, running_var, mean, var, momentum,
+                             x.numel() // x.shape[1])
+    return out, mean.clone(), torch.rsqrt(var + eps)
+
+
 def batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual=None, relu=False):
     acc = accumulate_dtype(input.dtype)
     mean = running_mean.to(acc)

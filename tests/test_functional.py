@@ -490,6 +490,81 @@ def test_with_stats_gradcheck(backend, device, relu):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
+# batch_norm_cat_with_stats: batch_norm_with_stats of torch.cat(inputs, 1) without the copy
+
+def _run_cat_with_stats(inputs, w, b, rm, rv, relu, g, fused):
+    xs = [t.detach().clone().requires_grad_(True) for t in inputs]
+    wl, bl = (None if t is None else t.detach().clone().requires_grad_(True) for t in (w, b))
+    rm, rv = rm.clone(), rv.clone()
+    if fused:
+        stats = [fastnn.functional.batch_norm_stats(t) for t in xs]
+        mean = torch.cat([m for m, _ in stats])
+        var = torch.cat([v for _, v in stats])
+        out = fastnn.functional.batch_norm_cat_with_stats(xs, mean, var, rm, rv, wl, bl, 0.1,
+                                                          1e-5, relu=relu)
+    else:
+        out = fastnn.functional.batch_norm(torch.cat(xs, 1), rm, rv, wl, bl, True, 0.1, 1e-5,
+                                           relu=relu)
+    out.backward(g)
+    # Each input's gradient, put side by side.
+    return {"out": out.detach(), "running_mean": rm, "running_var": rv,
+            "grad_input": torch.cat([t.grad for t in xs], 1), "grad_residual": None,
+            "grad_weight": None if wl is None else wl.grad,
+            "grad_bias": None if bl is None else bl.grad}
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("layout", ["2d", "nchw", "nhwc", "ndhwc"])
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_cat_with_stats_matches_batch_norm(backend, device, dtype, half_params, layout, relu):
+    """Outputs, every gradient and the running statistics of batch_norm (training) on the
+    concatenation."""
+    shape, fmt = LAYOUTS[layout]
+    inputs = [make_input((shape[0], c) + shape[2:], dtype, device, fmt, shift=0.5 * i)
+              for i, c in enumerate((3, 1, 4))]
+    w, b, rm, rv = make_params(8, param_dtype(dtype, half_params), device)
+    g = make_input((shape[0], 8) + shape[2:], dtype, device, fmt, shift=0.0, scale=1.0)
+    got = _run_cat_with_stats(inputs, w, b, rm, rv, relu, g, fused=True)
+    expected = _run_cat_with_stats(inputs, w, b, rm, rv, relu, g, fused=False)
+    check_results(got, expected, dtype, "cat_with_stats vs batch_norm:")
+    assert got["out"].dtype == dtype
+    assert got["out"].stride() == torch.cat(inputs, 1).stride()  # torch.cat's layout
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
+def test_cat_with_stats_gradcheck(backend, device, relu):
+    a = make_input((3, 2, 3, 2), torch.float64, device).requires_grad_(True)
+    c = make_input((3, 1, 3, 2), torch.float64, device, torch.channels_last,
+                   shift=-1.0).requires_grad_(True)
+    w, b, rm, rv = make_params(3, torch.float64, device)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def fn(a, c, w, b):
+        mean, var = fastnn.functional.batch_norm_stats(torch.cat([a, c], 1))
+        return fastnn.functional.batch_norm_cat_with_stats([a, c], mean, var, rm.clone(),
+                                                           rv.clone(), w, b, 0.1, 1e-3, relu=relu)
+    assert torch.autograd.gradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
+
+
+def test_cat_with_stats_mixed_dtypes_follow_torch_cat(backend, device):
+    """Inputs the kernel does not take (here two dtypes) are concatenated by torch.cat first,
+    with its type promotion."""
+    a = make_input((4, 2, 3, 3), torch.float32, device)
+    c = make_input((4, 3, 3, 3), torch.float64, device)
+    x = torch.cat([a, c], 1)
+    mean, var = fastnn.functional.batch_norm_stats(x)
+    w, b, rm, rv = make_params(5, torch.float64, device)
+    out = fastnn.functional.batch_norm_cat_with_stats([a, c], mean, var, rm.clone(), rv.clone(),
+                                                      w, b)
+    exp = fastnn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, exp)
+    with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
+        fastnn.functional.batch_norm_cat_with_stats(
+            [a, make_input((4, 3, 2, 3), torch.float32, device)], mean, var, rm, rv, w, b)
+
+
 def test_with_stats_bad_statistics(backend, device):
     x = make_input((4, 3, 5), torch.float32, device)
     w, b, rm, rv = make_params(3, torch.float32, device)

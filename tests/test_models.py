@@ -397,28 +397,45 @@ def test_convert_fuses_downsampling_shortcuts():
 
 def test_densenet_shares_batch_statistics(monkeypatch):
     """In training a dense block computes each feature map's batch statistics once: every dense
-    layer's norm1 then normalizes with them (batch_norm_train_with_stats) instead of computing
-    them again; in eval none does. test_small_densenet_matches_torchvision checks the numbers."""
+    layer's norm1 then normalizes the feature maps themselves with them
+    (batch_norm_cat_with_stats: no concatenated copy, no statistics pass); with a hook on norm1 it
+    gets the concatenation torchvision's layer passes (batch_norm_train_with_stats); in eval none
+    of this happens. test_small_densenet_matches_torchvision checks the numbers."""
     import fastnn.ops
     from fastnn.models import densenet as dn
 
-    if not dn._shares_statistics(torch.zeros(2, 2, dtype=torch.float64)):
-        pytest.skip("no CPU kernels for batch_norm_stats/batch_norm_train_with_stats")
+    if not dn._shares_statistics(torch.zeros(2, 2, dtype=torch.float64)) or not \
+            fastnn.ops.has_kernel("cpu", "batch_norm_cat_with_stats"):
+        pytest.skip("no CPU kernels for the shared statistics")
     calls = []
-    original = fastnn.ops.batch_norm_train_with_stats
 
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape[1])
-        return original(*args, **kwargs)
+    def counting(name):
+        original = getattr(fastnn.ops, name)
 
-    monkeypatch.setattr(fastnn.ops, "batch_norm_train_with_stats", counting)
+        def op(*args, **kwargs):
+            first = args[0]
+            calls.append((name, [t.shape[1] for t in first] if isinstance(first, list)
+                          else first.shape[1]))
+            return original(*args, **kwargs)
+        monkeypatch.setattr(fastnn.ops, name, op)
+
+    counting("batch_norm_train_with_stats")
+    counting("batch_norm_cat_with_stats")
     model = models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, bn_size=2,
                             num_classes=4).double()
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     model.train()
     model(x).sum().backward()
-    # Block 1: 16 and 24 input channels; transition to 16; block 2: 16, 24, 32.
-    assert calls == [16, 24, 16, 24, 32]
+    # Block 1: 16 and 16 + 8 input channels; transition to 16; block 2: 16, 16 + 8, 16 + 8 + 8.
+    cat = "batch_norm_cat_with_stats"
+    assert calls == [(cat, [16]), (cat, [16, 8]), (cat, [16]), (cat, [16, 8]),
+                     (cat, [16, 8, 8])]
+    calls.clear()
+    seen = []
+    model.features.denseblock2.denselayer3.norm1.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape))
+    model(x).sum().backward()
+    assert calls[-1] == ("batch_norm_train_with_stats", 32) and seen == [(3, 32, 4, 4)]
     calls.clear()
     model.eval()
     model(x)

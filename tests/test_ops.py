@@ -578,3 +578,137 @@ def test_opcheck_dual_backward(dual_backward_kernel):
             torch.library.opcheck(torch.ops.fastnn.batch_norm_dual_backward.default,
                                   (g, x, w, z, w2, out if relu else None, mean, invstd, mean2,
                                    invstd2, training, relu))
+
+
+# ---------------------------------------------------------------------------------------------
+# batch_norm_cat_with_stats: batch_norm_train_with_stats of torch.cat(inputs, 1), the inputs read
+# where they are (DenseNet's feature maps)
+
+CAT_WIDTHS = (3, 1, 5, 2)
+
+
+@pytest.fixture
+def cat_kernel(kernel_only):
+    if not ops.has_kernel(kernel_only, "batch_norm_cat_with_stats") or not ops.has_kernel(
+            kernel_only, "batch_norm_stats"):
+        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_cat_with_stats")
+    return kernel_only
+
+
+def _cat_inputs(layout, dtype, device, widths=CAT_WIDTHS):
+    """Inputs of `widths` channels in `layout`; "mixed": channels_last and contiguous alike."""
+    if layout == "mixed":
+        shape, _ = LAYOUTS["nhwc"]
+        fmts = [torch.channels_last if i % 2 else torch.contiguous_format
+                for i in range(len(widths))]
+    else:
+        shape, fmt = LAYOUTS[layout]
+        fmts = [fmt] * len(widths)
+    return [make_input((shape[0], w) + shape[2:], dtype, device, f, shift=0.5 + i)
+            for i, (w, f) in enumerate(zip(widths, fmts))]
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("layout", ["2d", "3d", "nchw", "nhwc", "mixed", "ndhwc"])
+@pytest.mark.parametrize("dtype, half_params", DTYPE_CASES)
+def test_cat_with_stats_op_matches_train_with_stats(cat_kernel, dtype, half_params, layout, relu):
+    """The same output, saved statistics and running-statistics update as
+    batch_norm_train_with_stats of the concatenation, and the reference's."""
+    inputs = _cat_inputs(layout, dtype, cat_kernel)
+    x = torch.cat(inputs, 1)
+    C = x.shape[1]
+    w, b, rm, rv = make_params(C, param_dtype(dtype, half_params), cat_kernel)
+    mean, var = torch.ops.fastnn.batch_norm_stats(x)
+    rm1, rv1, rm2, rv2, rm3, rv3 = (t.clone() for t in (rm, rv) * 3)
+    got = torch.ops.fastnn.batch_norm_cat_with_stats(inputs, mean, var, w, b, rm1, rv1, 0.1, 1e-5,
+                                                     relu)
+    exp = torch.ops.fastnn.batch_norm_train_with_stats(x, mean, var, w, b, rm2, rv2, 0.1, 1e-5,
+                                                       None, relu)
+    ref = reference.batch_norm_cat_with_stats(inputs, mean, var, w, b, rm3, rv3, 0.1, 1e-5, relu)
+    assert got[0].stride() == x.stride()  # torch.cat's layout
+    for name, a, e, r in zip(("out", "save_mean", "save_invstd"), got, exp, ref):
+        assert a.dtype == e.dtype == r.dtype, name
+        assert_close(a, e, dtype, msg=name)
+        assert_close(a, r, dtype, msg=name + " vs reference")
+    for a, e in ((rm1, rm2), (rv1, rv2), (rm1, rm3), (rv1, rv3)):
+        assert_close(a, e, dtype, msg="running statistics")
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_cat_with_stats_op_large(cat_kernel, fmt):
+    """Outputs large enough for the non-temporal stores of the channels-first path."""
+    inputs = [make_input((2, c, 128, 128), torch.float32, cat_kernel, fmt) for c in (64, 32, 32)]
+    x = torch.cat(inputs, 1)
+    w, b, rm, rv = make_params(128, torch.float32, cat_kernel)
+    mean, var = torch.ops.fastnn.batch_norm_stats(x)
+    got = torch.ops.fastnn.batch_norm_cat_with_stats(inputs, mean, var, w, b, None, None, 0.1,
+                                                     1e-5, True)[0]
+    exp = torch.ops.fastnn.batch_norm_train_with_stats(x, mean, var, w, b, None, None, 0.1, 1e-5,
+                                                       None, True)[0]
+    assert torch.equal(got, exp)
+
+
+def test_cat_with_stats_op_empty_batch(cat_kernel):
+    inputs = [torch.empty(0, c, 3, 3, device=cat_kernel) for c in (2, 3)]
+    rm, rv = torch.zeros(5, device=cat_kernel), torch.ones(5, device=cat_kernel)
+    mean, var = torch.zeros(5, device=cat_kernel), torch.zeros(5, device=cat_kernel)
+    out, _, _ = torch.ops.fastnn.batch_norm_cat_with_stats(inputs, mean, var, None, None, rm, rv,
+                                                           0.1, 1e-5, True)
+    assert out.shape == (0, 5, 3, 3)
+    assert torch.equal(rm, torch.zeros(5, device=cat_kernel))
+    assert torch.equal(rv, torch.ones(5, device=cat_kernel))
+
+
+def test_cat_with_stats_op_bad_inputs(cat_kernel):
+    d = cat_kernel
+    mean, var = torch.zeros(5, device=d), torch.ones(5, device=d)
+    op = torch.ops.fastnn.batch_norm_cat_with_stats
+    with pytest.raises(ValueError, match="inputs must hold at least one tensor"):
+        op([], mean, var, None, None, None, None, 0.1, 1e-5, False)
+    with pytest.raises(ValueError, match=r"inputs\[1\] has size \[2, 3, 4, 4\], which does not "
+                                         r"match inputs\[0\]"):
+        op([torch.randn(2, 2, 3, 3, device=d), torch.randn(2, 3, 4, 4, device=d)], mean, var,
+           None, None, None, None, 0.1, 1e-5, False)
+    with pytest.raises(TypeError, match=r"inputs\[1\] is Double but inputs\[0\] is Float"):
+        op([torch.randn(2, 2, 3, 3, device=d), torch.randn(2, 3, 3, 3, device=d).double()], mean,
+           var, None, None, None, None, 0.1, 1e-5, False)
+    with pytest.raises((RuntimeError, ValueError), match="weight"):
+        op([torch.randn(2, 2, 3, 3, device=d), torch.randn(2, 3, 3, 3, device=d)], mean, var,
+           torch.ones(4, device=d), None, None, None, 0.1, 1e-5, False)
+    rm, rv = torch.zeros(5, device=d), torch.ones(5, device=d)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        op([torch.randn(1, 2, device=d), torch.randn(1, 3, device=d)], mean, var, None, None, rm,
+           rv, 0.1, 1e-5, False)
+    assert torch.equal(rm, torch.zeros(5, device=d)) and torch.equal(rv, torch.ones(5, device=d))
+
+
+def test_opcheck_cat_with_stats(cat_kernel):
+    for layout in ("nchw", "mixed", "2d"):
+        for dtype in (torch.float32, torch.bfloat16):
+            for requires_grad in (False, True):
+                inputs = [t.requires_grad_(requires_grad)
+                          for t in _cat_inputs(layout, dtype, cat_kernel, (3, 2))]
+                mean, var = torch.ops.fastnn.batch_norm_stats(torch.cat(inputs, 1).detach())
+                w, b, rm, rv = make_params(5, torch.float32, cat_kernel)
+                w.requires_grad_(requires_grad)
+                for relu in (False, True):
+                    torch.library.opcheck(torch.ops.fastnn.batch_norm_cat_with_stats.default,
+                                          (inputs, mean, var, w, b, rm, rv, 0.1, 1e-5, relu))
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_cat_with_stats_op_gradcheck(cat_kernel, relu):
+    """First and second derivatives of the op (through its autograd.Function) in float64."""
+    a = make_input((3, 2, 3, 2), torch.float64, cat_kernel).requires_grad_(True)
+    c = make_input((3, 1, 3, 2), torch.float64, cat_kernel, shift=-1.0).requires_grad_(True)
+    w, b, _, _ = make_params(3, torch.float64, cat_kernel)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+
+    def fn(a, c, w, b):
+        mean, var = ops.batch_norm_stats(torch.cat([a, c], 1))
+        return ops.batch_norm_cat_with_stats([a, c], mean, var, w, b, None, None, 0.1, 1e-3,
+                                             relu)[0]
+    assert torch.autograd.gradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-4)

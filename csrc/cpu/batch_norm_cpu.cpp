@@ -1267,6 +1267,121 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
                        residual, relu);
 }
 
+// batch_norm_train_with_stats of the concatenation of `inputs` along dim 1, each input read
+// where it is and its normalized channels written into their place in the output. Channels-first:
+// plane by plane ((n, c) runs of S values, parameters in registers); channels-last: each row of
+// every input, its parameters per column.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
+    at::TensorList inputs, const Tensor& mean, const Tensor& var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_cat_with_stats";
+  const Tensor probe = check_cat_inputs(kOp, inputs);
+  check_train_args(probe, weight, bias, running_mean, running_var, momentum, eps, c10::nullopt);
+  check_stat_tensor(kOp, "mean", probe, mean);
+  check_stat_tensor(kOp, "var", probe, var);
+  const at::MemoryFormat format = cat_memory_format(inputs);
+  Tensor out = at::empty(probe.sizes(), probe.options().memory_format(format));
+  if (out.numel() == 0) {
+    auto empty = empty_batch_train(out);
+    return {out, std::get<1>(empty), std::get<2>(empty)};
+  }
+  const int64_t N = probe.size(0), C = probe.size(1), S = probe.numel() / (N * C);
+  // Rows of C values (channels-last, or one value per channel and sample): each input's rows.
+  const bool channels_last = format != at::MemoryFormat::Contiguous || S == 1;
+  const int64_t K = int64_t(inputs.size());
+  std::vector<Tensor> xs(K);
+  std::vector<int64_t> widths(K), offsets(K), owner(C);
+  for (int64_t i = 0, off = 0; i < K; ++i) {
+    xs[i] = inputs[i].contiguous(format);
+    widths[i] = inputs[i].size(1);
+    offsets[i] = off;
+    for (int64_t c = off; c < off + widths[i]; ++c) owner[c] = i;
+    off += widths[i];
+  }
+  const auto stat_options = probe.options().dtype(accumulate_type(probe.scalar_type()));
+  Tensor save_mean = at::empty({C}, stat_options);
+  Tensor save_invstd = at::empty({C}, stat_options);
+  const std::vector<double> mean_d = channel_values<double>(mean, C, 0.0);
+  const std::vector<double> var_d = channel_values<double>(var, C, 0.0);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, probe.scalar_type(), "fastnn.batch_norm_cat_with_stats (CPU)",
+      [&] {
+        using T = scalar_t;
+        using A = acc_t<T>;
+        const std::vector<A> w = channel_values<A>(weight, C, A(1));
+        const std::vector<A> b = channel_values<A>(bias, C, A(0));
+        A* sm = save_mean.mutable_data_ptr<A>();
+        A* si = save_invstd.mutable_data_ptr<A>();
+        std::vector<A> scale(C), mean_lo(C);
+        bool low = false;
+        for (int64_t c = 0; c < C; ++c) {
+          const double invstd = 1.0 / std::sqrt(var_d[c] + eps);
+          sm[c] = A(mean_d[c]);
+          mean_lo[c] = A(mean_d[c] - double(sm[c]));
+          low = low || mean_lo[c] != A(0);
+          si[c] = A(invstd);
+          scale[c] = A(invstd * double(w[c]));
+        }
+        std::vector<const T*> xp(K);
+        for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].const_data_ptr<T>();
+        T* y = out.mutable_data_ptr<T>();
+        constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+        const bool stream = !channels_last && S % kLine == 0 &&
+                            out.nbytes() >= std::max(kStreamMinBytes, last_level_cache_bytes() / 4) &&
+                            reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
+        FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+          FASTNN_BOOL_SWITCH(low, kLow, [&] {
+            if (!channels_last) {
+              FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+                at::parallel_for(
+                    0, N * C, std::max<int64_t>(1, kMinParallelElements / S),
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t t = begin; t < end; ++t) {
+                        const int64_t n = t / C, c = t % C, i = owner[c];
+                        const T* x = xp[i] + (n * widths[i] + (c - offsets[i])) * S;
+                        const Broadcast<A> m(sm[c]), sc(scale[c]), h(b[c]);
+                        if constexpr (kLow) {
+                          forward_span<false, kRelu, kStream>(x, (const T*)nullptr, y + t * S, S,
+                                                              m, Broadcast<A>(mean_lo[c]), sc, h);
+                        } else {
+                          forward_span<false, kRelu, kStream>(x, (const T*)nullptr, y + t * S, S,
+                                                              m, NoLow{}, sc, h);
+                        }
+                      }
+                      if (kStream) stream_fence();
+                    });
+              });
+              return;
+            }
+            at::parallel_for(
+                0, N * S, std::max<int64_t>(1, kMinParallelElements / C),
+                [&](int64_t begin, int64_t end) {
+                  for (int64_t r = begin; r < end; ++r) {
+                    for (int64_t i = 0; i < K; ++i) {
+                      const int64_t o = offsets[i];
+                      const PerColumn<A> m(sm + o), sc(scale.data() + o), h(b.data() + o);
+                      const T* x = xp[i] + r * widths[i];
+                      if constexpr (kLow) {
+                        forward_span<false, kRelu, false>(x, (const T*)nullptr, y + r * C + o,
+                                                          widths[i], m,
+                                                          PerColumn<A>(mean_lo.data() + o), sc, h);
+                      } else {
+                        forward_span<false, kRelu, false>(x, (const T*)nullptr, y + r * C + o,
+                                                          widths[i], m, NoLow{}, sc, h);
+                      }
+                    }
+                  }
+                });
+          });
+        });
+      });
+  update_running_stats_cpu(running_mean, running_var, mean_d, var_d, momentum, N * S);
+  return {out, save_mean, save_invstd};
+}
+
 Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& weight,
                            const c10::optional<Tensor>& bias, const Tensor& running_mean,
                            const Tensor& running_var, double eps,
@@ -1671,4 +1786,5 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_train_with_stats", &fastnn::cpu::batch_norm_train_with_stats_cpu);
   m.impl("batch_norm_backward_reduce", &fastnn::cpu::batch_norm_backward_reduce_cpu);
   m.impl("batch_norm_backward_elemt", &fastnn::cpu::batch_norm_backward_elemt_cpu);
+  m.impl("batch_norm_cat_with_stats", &fastnn::cpu::batch_norm_cat_with_stats_cpu);
 }

@@ -44,3 +44,9 @@ def load_weights(model: nn.Module, weights: Any, progress: bool,
     if rename is not None:
         state_dict = rename(state_dict)
     model.load_state_dict(state_dict)
+
+
+def _no_hooks(m: nn.Module) -> bool:
+    """No hook of any kind is set on module m itself."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)

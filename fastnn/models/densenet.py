@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from fastnn import functional as fF
 from fastnn import nn as fnn
 from fastnn import ops as fnn_ops
-from fastnn.models._utils import load_weights, override_kwarg, resolve_weights
+from fastnn.models._utils import _no_hooks, load_weights, override_kwarg, resolve_weights
 
 __all__ = ["DenseNet", "densenet121", "densenet161", "densenet169", "densenet201"]
 
@@ -35,11 +35,25 @@ class _DenseBatchNormReLU2d(fnn.BatchNormReLU2d):
     """A dense layer's first BN+ReLU. In training it can take the batch statistics of its input
     from the block, which computes each feature map's statistics once for all its layers: every
     layer normalizes the same earlier feature maps, so their per-channel batch mean and variance
-    are the same for each. Its own running statistics, weight and bias are its own, and outputs
-    and gradients are those of BatchNormReLU2d."""
+    are the same for each. With those statistics it also takes the feature maps themselves (a
+    list) and reads them where they are, never making their concatenated copy. Its own running
+    statistics, weight and bias are its own, and outputs and gradients are those of
+    BatchNormReLU2d on the concatenation."""
 
-    def forward(self, input: Tensor,
+    def forward(self, input: Union[Tensor, List[Tensor]],
                 batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+        if isinstance(input, (list, tuple)):
+            inputs = list(input)
+            if batch_stats is None or not self.training or not fF._cat_kernel_inputs(inputs):
+                input = torch.cat(inputs, 1)
+            else:
+                probe = fF.cat_probe(inputs)
+                _, running_mean, running_var = self._bn_args(probe, None)
+                fF.check_batch_stats(probe, *batch_stats)
+                factor = self._count_batch()
+                return fF.batch_norm_cat_with_stats_unchecked(
+                    inputs, batch_stats[0], batch_stats[1], running_mean, running_var,
+                    self.weight, self.bias, factor, self.eps, True)
         return self._bn_forward(input, None, True, batch_stats)
 
 
@@ -73,12 +87,14 @@ class _DenseLayer(nn.Module):
 
     def bn_function(self, inputs: List[Tensor],
                     stats: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
-        concated_features = torch.cat(inputs, 1)
         if stats is not None and isinstance(self.norm1, _DenseBatchNormReLU2d):
             batch_stats = (torch.cat([m for m, _ in stats]), torch.cat([v for _, v in stats]))
-            normed = self.norm1(concated_features, batch_stats=batch_stats)
+            # The feature maps as they are (no concatenated copy), unless a hook on norm1 expects
+            # the concatenation torchvision's layer passes it.
+            features = inputs if _no_hooks(self.norm1) else torch.cat(inputs, 1)
+            normed = self.norm1(features, batch_stats=batch_stats)
         else:
-            normed = self.norm1(concated_features)
+            normed = self.norm1(torch.cat(inputs, 1))
         bottleneck_output = self.conv1(self.relu1(normed))
         return bottleneck_output
 

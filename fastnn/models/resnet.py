@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fastnn import nn as fnn
-from fastnn.models._utils import load_weights, override_kwarg, resolve_weights
+from fastnn.models._utils import _no_hooks, load_weights, override_kwarg, resolve_weights
 
 __all__ = [
     "ResNet",
@@ -57,9 +57,6 @@ def _norm_layers(norm_layer: Optional[Callable[..., nn.Module]], fused: bool):
     return False, norm_layer, norm_layer, norm_layer, lambda: nn.ReLU(inplace=True)
 
 
-def _no_hooks(m: nn.Module) -> bool:
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
 
 
 def _dual_shortcut(downsample: Optional[nn.Module], last_bn: nn.Module) -> bool:
