@@ -323,16 +323,21 @@ def test_over_2_31_elements(fmt):
 # The ops that split the training forward and backward into parts (SyncBatchNorm, DenseNet's
 # shared statistics). They have CPU kernels; elsewhere fastnn.functional runs their reference.
 
+def _require_kernels(device, *names):
+    """The device, or a skip naming the ops fastnn._C has no kernel of on it."""
+    missing = [op for op in names if not ops.has_kernel(device, op)]
+    if missing:
+        pytest.skip(f"fastnn._C has no {device} kernel of {', '.join(missing)}")
+    return device
+
+
 PART_OPS = ("batch_norm_stats", "batch_norm_train_with_stats", "batch_norm_backward_reduce",
             "batch_norm_backward_elemt")
 
 
 @pytest.fixture
 def part_kernels(kernel_only):
-    missing = [op for op in PART_OPS if not ops.has_kernel(kernel_only, op)]
-    if missing:
-        pytest.skip(f"fastnn._C has no {kernel_only} kernel of {', '.join(missing)}")
-    return kernel_only
+    return _require_kernels(kernel_only, *PART_OPS)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -502,9 +507,7 @@ def _dual_args(device, requires_grad, training):
 
 @pytest.fixture
 def dual_kernel(kernel_only):
-    if not ops.has_kernel(kernel_only, "batch_norm_dual"):
-        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_dual")
-    return kernel_only
+    return _require_kernels(kernel_only, "batch_norm_dual")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -533,9 +536,7 @@ def test_opcheck_dual(dual_kernel, requires_grad, training):
 
 @pytest.fixture
 def dual_backward_kernel(kernel_only):
-    if not ops.has_kernel(kernel_only, "batch_norm_dual_backward"):
-        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_dual_backward")
-    return kernel_only
+    return _require_kernels(kernel_only, "batch_norm_dual_backward")
 
 
 @pytest.mark.parametrize("relu", [False, True], ids=["norelu", "relu"])
@@ -589,10 +590,7 @@ CAT_WIDTHS = (3, 1, 5, 2)
 
 @pytest.fixture
 def cat_kernel(kernel_only):
-    if not ops.has_kernel(kernel_only, "batch_norm_cat_with_stats") or not ops.has_kernel(
-            kernel_only, "batch_norm_stats"):
-        pytest.skip(f"fastnn._C has no {kernel_only} kernel of batch_norm_cat_with_stats")
-    return kernel_only
+    return _require_kernels(kernel_only, "batch_norm_cat_with_stats", "batch_norm_stats")
 
 
 def _cat_inputs(layout, dtype, device, widths=CAT_WIDTHS):
