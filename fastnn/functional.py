@@ -250,24 +250,36 @@ class _GivenStatsBatchNorm(torch.autograd.Function):
                                    relu)
         invstd = torch.rsqrt(var + eps)
         ctx.relu = relu
+        ctx.eps = eps
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(input, weight, bias, out if relu else None, mean, invstd)
+        ctx.save_for_backward(input, weight, bias, residual, out if relu else None, mean, invstd)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        input, weight, bias, out, mean, invstd = ctx.saved_tensors
-        need_residual = ctx.has_residual and ctx.needs_input_grad[3]
+        input, weight, bias, residual, out, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            # create_graph=True: the first derivatives of the training forward, recomputed so
+            # that they can be differentiated again.
+            ins = (input, weight, bias, residual)
+            y = reference.batch_norm_train(input, weight, bias, None, None, 0.0, ctx.eps,
+                                           residual, ctx.relu)[0]
+            wanted = [t for t, n in zip(ins, need) if t is not None and n]
+            grads = iter(torch.autograd.grad(y, wanted, grad_output, create_graph=True,
+                                             allow_unused=True))
+            return tuple(next(grads) if t is not None and n else None
+                         for t, n in zip(ins, need)) + (None,) * 4
+        need_residual = ctx.has_residual and need[3]
         if use_kernel(input):
             gi, gw, gb, gr = ops.batch_norm_backward(grad_output, input, weight, out, mean, invstd,
                                                      True, ctx.relu, need_residual)
         else:
             gi, gw, gb, gr = reference.batch_norm_backward(grad_output, input, weight, out, mean,
                                                            invstd, True, ctx.relu, need_residual)
-        return (gi if ctx.needs_input_grad[0] else None,
-                gw.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None,
-                gb.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+        return (gi if need[0] else None,
+                gw.to(weight.dtype) if weight is not None and need[1] else None,
+                gb.to(bias.dtype) if bias is not None and need[2] else None,
                 gr if need_residual else None, None, None, None, None)
 
 
@@ -280,7 +292,7 @@ def batch_norm_with_stats(input: Tensor, mean: Tensor, var: Tensor,
     ``mean`` and ``var`` (biased) per channel, in float32 (float64 for float64 input), as
     batch_norm_stats returns them, or assembled from the statistics of the feature maps that
     ``input`` concatenates. Output, running-statistics update and gradients are those of
-    batch_norm in training; first derivatives only.
+    batch_norm in training.
     """
     check_args(input, running_mean, running_var, weight, bias, True, eps, residual)
     check_batch_stats(input, mean, var)

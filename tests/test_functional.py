@@ -488,6 +488,7 @@ def test_with_stats_gradcheck(backend, device, relu):
         return fastnn.functional.batch_norm_with_stats(x, mean, var, rm.clone(), rv.clone(), w,
                                                        b, 0.1, 1e-3, residual=r, relu=relu)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
 # batch_norm_cat_with_stats: batch_norm_with_stats of torch.cat(inputs, 1) without the copy
@@ -545,6 +546,7 @@ def test_cat_with_stats_gradcheck(backend, device, relu):
         return fastnn.functional.batch_norm_cat_with_stats([a, c], mean, var, rm.clone(),
                                                            rv.clone(), w, b, 0.1, 1e-3, relu=relu)
     assert torch.autograd.gradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradgradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
 
 
 def test_cat_with_stats_mixed_dtypes_follow_torch_cat(backend, device):
