@@ -213,7 +213,10 @@ def keep_freed_memory() -> str:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    return "glibc heap kept (mmap off, no trim)" if ok else "system default"
+    global _cpu_allocator
+    if ok:  # recorded for collect_env
+        _cpu_allocator = "glibc heap kept (mmap off, no trim)"
+    return _cpu_allocator
 
 
 def collect_env(device: torch.device) -> dict:
@@ -1542,9 +1545,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = device.type == "cuda"
-    global _cpu_allocator
     if not args.system_malloc and (not cuda or args.models):
-        _cpu_allocator = keep_freed_memory()
+        keep_freed_memory()
     batch = args.batch_size or (128 if cuda else 32)
     shape_spec = args.shapes or ("quick" if args.quick else ("all" if cuda else "quick,resnet50"))
     shapes = _parse_shapes(shape_spec, args.shape, device, batch, args.image_size)
