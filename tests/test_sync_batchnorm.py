@@ -184,6 +184,7 @@ CASES = [
     # batch sizes per rank, dtype, relu, residual, momentum
     (_check, ((3, 5), torch.float64, False, False, 0.1)),
     (_check, ((2, 0), torch.float64, True, False, None)),
+    (_check, ((0, 0), torch.float64, False, False, 0.1)),  # an empty batch over the group
     (_check, ((4, 4), torch.float64, True, True, 0.3)),
     (_check, ((1, 1), torch.float32, False, False, 0.1)),  # one value per rank, two over the group
     (_check, ((3, 2), torch.bfloat16, True, True, 0.1)),

@@ -42,6 +42,27 @@ _lib.define(
     "-> (Tensor, Tensor, Tensor, Tensor)")
 
 
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                          mean: Tensor, var: Tensor, momentum: float, total: Tensor) -> None:
+    """reference.update_running_stats with the group's count `total` ([1], float64) left on the
+    device: the unbiased-variance factor is computed there, not on the host. A count of zero
+    changes nothing."""
+    with torch.no_grad():
+        counted = total > 0
+        if running_mean is not None:
+            old = running_mean.to(mean.dtype)
+            running_mean.copy_(torch.where(counted, mean * momentum + old * (1.0 - momentum), old))
+        if running_var is not None:
+            old = running_var.to(var.dtype)
+            bessel = torch.where(total > 1, total / (total - 1), torch.ones_like(total))
+            factor = (bessel * momentum).to(var.dtype)  # rounded once, as the reference's scalar
+            running_var.copy_(torch.where(counted, var * factor + old * (1.0 - momentum), old))
+
+
 def _sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                      residual: Optional[Tensor], running_mean: Optional[Tensor],
                      running_var: Optional[Tensor], momentum: float, eps: float, relu: bool,
@@ -67,16 +88,20 @@ def _sync_batch_norm(input: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         gathered = gathered.view(world_size, -1)
         means, m2s, counts = gathered[:, :C], gathered[:, C:2 * C], gathered[:, 2 * C:]
         total = counts.sum(0)  # [1]
-        n_total = int(total.item())
-        global_mean = (means * counts).sum(0) / max(n_total, 1)
-        global_var = (m2s + counts * (means - global_mean) ** 2).sum(0) / max(n_total, 1)
+        denom = total.clamp(min=1)
+        global_mean = (means * counts).sum(0) / denom
+        global_var = (m2s + counts * (means - global_mean) ** 2).sum(0) / denom
         mean, var = global_mean.to(mean.dtype), global_var.to(var.dtype)
+        # The host reads the group's count only for the checks below. During CUDA graph capture,
+        # where it cannot, they are skipped (as torch's SyncBatchNorm skips its host-side step
+        # there) and the statistics stay on the device.
+        n_total = None if _capturing(input) else int(total.item())
     if n_total == 1:
         raise ValueError("Expected more than 1 value per channel when training, got 1 value "
                          f"per channel over the process group (input size {input.size()})")
     if n_total == 0:
         return torch.empty_like(input), mean, torch.zeros_like(var), total
-    reference.update_running_stats(running_mean, running_var, mean, var, momentum, n_total)
+    _update_running_stats(running_mean, running_var, mean, var, momentum, total)
     # Normalizing with given statistics is exactly the inference kernel.
     out = F.batch_norm_unchecked(input, mean, var, weight, bias, False, 0.0, eps, residual, relu)
     return out, mean, torch.rsqrt(var + eps), total
