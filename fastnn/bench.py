@@ -791,20 +791,33 @@ def _build_model(name: str, device: torch.device) -> torch.nn.Module:
     return getattr(torchvision.models, name)(weights=None, **kwargs).to(device)
 
 
+def _build_fastnn_model(name: str, base: torch.nn.Module, device: torch.device,
+                        memory_format: torch.memory_format) -> torch.nn.Module:
+    """fastnn.models' own build of `name` (every fusion it makes: BN+ReLU, BN+add+ReLU, the
+    two-BN shortcut, DenseNet's shared statistics) with torchvision's model's weights."""
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+    model = getattr(fastnn.models, name)(weights=None, **kwargs)
+    model.load_state_dict(base.state_dict())
+    return model.to(device=device, memory_format=memory_format)
+
+
 def run_models(names: Sequence[str], device: torch.device, batch: int, image_size: int,
                use_compile: bool, policy: Policy, progress: bool = True) -> List[dict]:
     """Images/s of a training step (forward, cross-entropy, backward, SGD step) and of inference,
     side by side, for torchvision's model ("torchvision"), the same model with its BN modules
-    swapped for fastnn's ("fastnn") and, where fastnn.convert exists, converted with BN+ReLU and
-    BN+add+ReLU fused ("fastnn fused"); with use_compile also torch.compile of torchvision's and
-    of fastnn's best. On CUDA: channels_last and bfloat16 autocast; on CPU: float32, NCHW."""
+    swapped for fastnn's ("fastnn"), converted with BN+ReLU and BN+add+ReLU fused ("fastnn
+    fused", fastnn.convert) and fastnn.models' own build ("fastnn.models", with the two-BN
+    shortcut and DenseNet's shared statistics), all with the same weights; with use_compile
+    also torch.compile of torchvision's and of fastnn.models'. On CUDA: channels_last and
+    bfloat16 autocast; on CPU: float32, NCHW."""
     from tqdm import tqdm
     cuda = device.type == "cuda"
     try:
         convert = importlib.import_module("fastnn.convert").convert
     except Exception:  # no fastnn.convert in this version: no fused variant
         convert = None
-    variants = ["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
+    variants = (["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
+                + ["fastnn.models"])
     if use_compile:
         variants += ["torchvision+compile", variants[-1] + "+compile"]
     records = []
@@ -830,6 +843,8 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                     try:
                         if variant.startswith("fastnn fused"):
                             model = convert(base)
+                        elif variant.startswith("fastnn.models"):
+                            model = _build_fastnn_model(name, base, device, fmt)
                         else:
                             model = copy.deepcopy(base)
                             if variant.startswith("fastnn"):
