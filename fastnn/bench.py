@@ -1520,8 +1520,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "mmaps do not swamp the timings)")
     p.add_argument("--models", default=None,
                    help="also time a training step and inference of these torchvision models "
-                        "(comma list of resnet50, densenet121, googlenet), torchvision vs "
-                        "fastnn's BN modules")
+                        "(comma list of resnet50, densenet121, googlenet): torchvision's, with "
+                        "fastnn's BN modules swapped in, fastnn.convert()ed, and fastnn.models' "
+                        "own build")
     p.add_argument("--model-batch", type=int, default=None,
                    help="batch for --models (default 64 on CUDA, 8 on CPU)")
     p.add_argument("--model-image-size", type=int, default=None,
