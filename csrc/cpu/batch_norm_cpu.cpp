@@ -146,11 +146,19 @@ inline void for_each_column(const Plan& p, int64_t width, const F& f) {
       for (int64_t s = 0; s < p.Sin; ++s) f((i * p.C + c) * p.Sin + s, c);
 }
 
+// The first `width` columns (a multiple of P) of per-channel values: one period of P columns
+// (each channel's value over its Sin columns), then copies of it.
+template <typename A>
+std::vector<A> columns_of(const Plan& p, const A* per_channel, int64_t width) {
+  std::vector<A> out(width);
+  for (int64_t c = 0; c < p.C; ++c) std::fill_n(out.data() + c * p.Sin, p.Sin, per_channel[c]);
+  for (int64_t j = p.P; j < width; j += p.P) std::copy_n(out.data(), p.P, out.data() + j);
+  return out;
+}
+
 template <typename A>
 std::vector<A> expand_columns(const Plan& p, const A* per_channel) {
-  std::vector<A> out(p.W);
-  for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[j] = per_channel[c]; });
-  return out;
+  return columns_of(p, per_channel, p.W);
 }
 
 // Items of the blocks layout: f(offset, length, channel).
@@ -222,10 +230,7 @@ inline RowSpans row_spans(const Plan& p) {
 
 template <typename A>
 std::vector<A> expand_span_columns(const Plan& p, const RowSpans& rs, const A* per_channel) {
-  const std::vector<A> cols = expand_columns(p, per_channel);
-  std::vector<A> out(rs.width);
-  for (int64_t j = 0; j < rs.width; ++j) out[j] = cols[j % p.W];
-  return out;
+  return columns_of(p, per_channel, rs.width);
 }
 
 // f(offset, length, first column) over every span, in parallel; each thread fences its
