@@ -1,11 +1,11 @@
-"""Typed wrappers over torch.ops.fastnn.*, their fake (meta) kernels and autograd.
+"""Typed wrappers over torch.ops.fastnn.* and their fake (meta) kernels.
 
-The ops themselves are declared in csrc/fastnn.cpp. Registering them with TORCH_LIBRARY plus fake
-kernels and autograd here is what lets them run under torch.compile(fullgraph=True), CUDA graphs
-and torch.library.opcheck. When fastnn._C is not loaded none of this is registered, and
+The ops themselves are declared in csrc/fastnn.cpp, their autograd in csrc/autograd.cpp. With the
+fake kernels registered here they run under torch.compile(fullgraph=True), CUDA graphs and
+torch.library.opcheck. When fastnn._C is not loaded none of this is registered, and
 fastnn.functional runs fastnn.reference instead.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -94,7 +94,7 @@ def batch_norm_train_with_stats(input: Tensor, mean: Tensor, var: Tensor,
                                 relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """batch_norm_train with the input's batch statistics (mean, biased var) given; they are
     treated as the functions of input they are (no gradient flows to mean and var)."""
-    args = (input, mean.detach(), var.detach(), weight, bias, running_mean, running_var,
+    args = (input, mean, var, weight, bias, running_mean, running_var,
             float(momentum), float(eps), residual, bool(relu))
     return torch.ops.fastnn.batch_norm_train_with_stats.default(*args)
 
@@ -106,7 +106,7 @@ def batch_norm_cat_with_stats(inputs: Sequence[Tensor], mean: Tensor, var: Tenso
                               relu: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """batch_norm_train_with_stats of torch.cat(inputs, 1), without the concatenated copy."""
     inputs = list(inputs)
-    args = (inputs, mean.detach(), var.detach(), weight, bias, running_mean, running_var,
+    args = (inputs, mean, var, weight, bias, running_mean, running_var,
             float(momentum), float(eps), bool(relu))
     return torch.ops.fastnn.batch_norm_cat_with_stats.default(*args)
 

@@ -14,8 +14,10 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "Batc
 
 
 class _FastBatchNorm:
-    """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, with the
-    arguments checked before num_batches_tracked is counted, so a failing call changes nothing."""
+    """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, counting
+    the batch in num_batches_tracked only once the arguments have passed every check, so a
+    failing call changes nothing. In eager mode with a kernel for the input the op itself checks
+    them (_kernel_forward); elsewhere (torch.compile, fx tracing, the reference) _bn_args does."""
 
     def _bn_args(self, input: Tensor, residual: Optional[Tensor]):
         """Checks a call (before anything is counted) and returns (bn_training, running_mean,
