@@ -151,7 +151,11 @@ inline void for_each_column(const Plan& p, int64_t width, const F& f) {
 template <typename A>
 std::vector<A> columns_of(const Plan& p, const A* per_channel, int64_t width) {
   std::vector<A> out(width);
-  for (int64_t c = 0; c < p.C; ++c) std::fill_n(out.data() + c * p.Sin, p.Sin, per_channel[c]);
+  if (p.Sin == 1) {
+    std::copy_n(per_channel, p.C, out.data());
+  } else {
+    for (int64_t c = 0; c < p.C; ++c) std::fill_n(out.data() + c * p.Sin, p.Sin, per_channel[c]);
+  }
   for (int64_t j = p.P; j < width; j += p.P) std::copy_n(out.data(), p.P, out.data() + j);
   return out;
 }
