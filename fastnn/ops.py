@@ -26,9 +26,10 @@ def available() -> bool:
 
 def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
     """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). The
-    forward/backward ops have kernels on every device fastnn._C was built for; the ops that split
-    them into parts (batch_norm_stats, batch_norm_train_with_stats, batch_norm_backward_reduce
-    and _elemt) have CPU kernels, and elsewhere fastnn.functional runs their reference."""
+    forward/backward ops and the ones that split them into parts (batch_norm_stats,
+    batch_norm_train_with_stats, batch_norm_backward_reduce and _elemt) have kernels on every
+    device fastnn._C was built for; batch_norm_dual, _dual_backward and _cat_with_stats have CPU
+    kernels only, and elsewhere fastnn.functional composes them from the others."""
     return device_type in _ext.kernel_devices(op)
 
 

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# fastnn on a GPU machine: build against the installed torch, check the CUDA ops, run the test
-# suite, compute-sanitizer and the benchmark. Every step is bounded by `timeout`, a failing step
-# does not stop the others, and each step's status goes to $OUT/summary.txt.
+# fastnn on a GPU machine: build against the installed torch, check the CUDA ops, run the CUDA
+# tests, compute-sanitizer and the benchmark, all inside one time budget. Every step is bounded by
+# `timeout`, a failing step does not stop the others, and each step's status goes to
+# $OUT/summary.txt. A step that would start with too little of the budget left is skipped and
+# says so; run it again by name.
 #
-#   scripts/gpu_check.sh                 # env build smoke test sanitize bench
-#   scripts/gpu_check.sh build smoke     # only these steps (any of the names below)
+#   scripts/gpu_check.sh                 # env build smoke sanitize test bench, in that order
+#   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
-# Steps: env, build, smoke (CUDA ops against fastnn.reference, determinism, stability, graph
-# capture), test (the whole pytest suite), sanitize (memcheck, racecheck, initcheck, synccheck over
-# small CUDA calls), bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
+# Steps, most telling first: env, build, smoke (every CUDA op against fastnn.reference,
+# determinism, stability, N=0, graph capture, >2^31 elements), sanitize (memcheck and racecheck
+# over small CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked
+# cuda; TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes;
+# not in the default set).
 #
-# Environment: OUT (default ./gpu-out), BENCH_ARGS (default "--quick"; empty runs the full set),
-# PYTEST_ARGS (extra pytest arguments), MAX_JOBS (build parallelism), and <STEP>_TIMEOUT in seconds
+# Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
+# BENCH_ARGS (default "--quick"; empty runs the full set), PYTEST_ARGS (extra pytest arguments),
+# TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), MAX_JOBS (build
+# parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
 # (BUILD_TIMEOUT, SMOKE_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT).
 set -euo pipefail
 
@@ -27,19 +33,23 @@ export PYTHONUNBUFFERED=1
 # fastnn importable from the checkout even when it was built in place rather than installed.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
-BUILD_TIMEOUT=${BUILD_TIMEOUT:-420}
-SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-240}
-TEST_TIMEOUT=${TEST_TIMEOUT:-480}
-SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-150}   # per sanitizer tool
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-300}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-300}
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-540}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
+SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
+TEST_TIMEOUT=${TEST_TIMEOUT:-240}
+SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}   # per sanitizer tool
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-240}
 BENCH_ARGS=${BENCH_ARGS---quick}
 PYTEST_ARGS=${PYTEST_ARGS:-}
+TEST_MARK=${TEST_MARK-cuda}
+SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
 
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
 else
-  STEPS=(env build smoke test sanitize bench)
+  STEPS=(env build smoke sanitize test bench)
 fi
 
 {
@@ -53,8 +63,16 @@ FAILED=0
 run_step() {
   local name=$1 limit=$2 log=$3
   shift 3
-  local start end rc
+  local start end rc left
   start=$(date +%s)
+  # What is left of the budget, less a margin for the steps' own bookkeeping.
+  left=$((BUDGET - (start - START) - 10))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then
+    printf '%-22s %-16s %5ss  %s\n' "$name" "SKIP(budget)" 0 "over GPU_CHECK_BUDGET=$BUDGET" >> "$SUMMARY"
+    echo "==> [$name] skipped: ${left}s left of the ${BUDGET}s budget" | tee -a "$log"
+    return 0
+  fi
   echo "==> [$name] $*" | tee -a "$log"
   set +e
   timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
@@ -155,6 +173,8 @@ if not SMALL:
                ((2, 3, 1000, 1100), None), ((1, 40, 2100, 3), torch.channels_last),
                ((4096, 33), None), ((3, 2048, 14, 14), None)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+if SMALL:  # under the sanitizers: each vector width once (bfloat16 shares float16's)
+    DTYPES = [torch.float32, torch.float16, torch.float64]
 
 
 def params(C, dtype, kind):
@@ -218,6 +238,51 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
             again = ops.batch_norm_backward(go, x, w, o_ if relu else None, m_, i_, training, relu, rg)
             if not all(torch.equal(a, b_) for a, b_ in zip(got, again)):
                 failures.append(f"{tag}: backward not bitwise reproducible")
+    check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd)
+
+
+def check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd):
+    """The training forward and backward in parts (SyncBatchNorm, DenseNet's shared statistics)
+    against the reference and against the whole ops."""
+    dtype = x.dtype
+    tol, gtol = TOL[dtype], GTOL[dtype]
+    acc = reference.accumulate_dtype(dtype)
+    stat_tol = TOL[acc] if dtype in (torch.float32, torch.float64) else (1e-4, 1e-4)
+    mean, var = ops.batch_norm_stats(x)
+    emean2, evar = reference.batch_norm_stats(x)
+    close(name + " stats mean", mean, emean2, stat_tol)
+    close(name + " stats var", var, evar, stat_tol)
+    again = ops.batch_norm_stats(x)
+    if not (torch.equal(mean, again[0]) and torch.equal(var, again[1])):
+        failures.append(f"{name}: batch_norm_stats not bitwise reproducible")
+    # with the reference's statistics: the same output and running statistics as the whole op
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    out, sm, si = ops.batch_norm_train_with_stats(x, emean2, evar, w, b, rm1, rv1, 0.1, 1e-5, r,
+                                                  relu)
+    reference.batch_norm_train(x, w, b, rm2, rv2, 0.1, 1e-5, r, relu)
+    close(name + " with_stats out", out, eout, tol)
+    close(name + " with_stats save_mean", sm, emean2, (0, 0))
+    close(name + " with_stats save_invstd", si, torch.rsqrt(evar + 1e-5), stat_tol)
+    close(name + " with_stats running_mean", rm1, rm2, tol)
+    close(name + " with_stats running_var", rv1, rv2, tol)
+    # backward in parts
+    o_ = eout if relu else None
+    for rg in (False, True):
+        got = ops.batch_norm_backward_reduce(go, x, o_, emean, einvstd, relu, rg)
+        want = reference.batch_norm_backward_reduce(go, x, o_, emean, einvstd, relu, rg)
+        scale = max(1.0, want[0].abs().max().item(), want[1].abs().max().item())
+        tag = f"{name} backward_reduce residual_grad={rg}"
+        close(tag + " sum_dy", got[0] / scale, want[0] / scale, gtol)
+        close(tag + " sum_dy_xhat", got[1] / scale, want[1] / scale, gtol)
+        close(tag + " grad_residual", got[2], want[2], (0, 0))
+    n = x.numel() // x.shape[1]
+    mean_dy, mean_dy_xhat = want[0] / n, want[1] / n
+    gi = ops.batch_norm_backward_elemt(go, x, w, o_, emean, einvstd, mean_dy, mean_dy_xhat, relu)
+    egi = reference.batch_norm_backward_elemt(go, x, w, o_, emean, einvstd, mean_dy, mean_dy_xhat,
+                                              relu)
+    close(name + " backward_elemt", gi, egi, gtol)
+    whole = ops.batch_norm_backward(go, x, w, o_, emean, einvstd, True, relu, False)[0]
+    close(name + " backward_elemt vs backward", gi, whole, gtol)
 
 
 def check_large():
@@ -388,9 +453,12 @@ step_smoke() {
 }
 
 step_test() {
+  local args=(tests -q -rs --junitxml="$OUT/pytest.xml")
+  [ -n "$TEST_MARK" ] && args+=(-m "$TEST_MARK")
+  # pytest-xdist, where installed, spreads the cases over the machine's cores.
+  "$PY" -c "import xdist" > /dev/null 2>&1 && args+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
   # shellcheck disable=SC2086
-  run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest tests -q -rs \
-    --junitxml="$OUT/pytest.xml" $PYTEST_ARGS
+  run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest "${args[@]}" $PYTEST_ARGS
   note pytest_result "$(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1 || echo 'no result line')"
 }
 
@@ -401,7 +469,7 @@ step_sanitize() {
   fi
   write_op_check
   local tool
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in $SANITIZE_TOOLS; do
     local extra=()
     [ "$tool" = memcheck ] && extra=(--leak-check no)
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
@@ -410,16 +478,6 @@ step_sanitize() {
       --error-exitcode 99 --print-limit 50 "$PY" "$OUT/cuda_op_check.py" --small
     note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1 || echo '?')"
   done
-  # The test suite's own small CUDA cases, if it marks any for the sanitizer.
-  local n
-  n=$("$PY" -m pytest tests -q --collect-only -m cuda -k "sanitizer" 2>/dev/null | grep -c '::' || true)
-  if [ "${n:-0}" -gt 0 ]; then
-    run_step sanitize_pytest "$SANITIZE_TIMEOUT" "$OUT/sanitize_pytest.log" \
-      env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --leak-check no \
-      --error-exitcode 99 --print-limit 50 "$PY" -m pytest tests -q -m cuda -k "sanitizer"
-  else
-    note sanitize_pytest "SKIP (no tests selected by -m cuda -k sanitizer)"
-  fi
 }
 
 step_bench() {
@@ -469,15 +527,15 @@ for step in "${STEPS[@]}"; do
     env) step_env ;;
     build) step_build ;;
     smoke) step_smoke ;;
-    test) step_test ;;
     sanitize) step_sanitize ;;
+    test) step_test ;;
     bench) step_bench ;;
     profile) step_profile ;;
     *) note "$step" "unknown step (env build smoke test sanitize bench profile)"; FAILED=1 ;;
   esac
 done
 
-echo "overall: $([ "$FAILED" -eq 0 ] && echo PASS || echo FAIL)" >> "$SUMMARY"
+echo "overall: $([ "$FAILED" -eq 0 ] && echo PASS || echo FAIL), $(( $(date +%s) - START ))s of ${BUDGET}s" >> "$SUMMARY"
 echo
 cat "$SUMMARY"
 exit "$FAILED"

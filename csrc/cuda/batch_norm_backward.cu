@@ -1,7 +1,9 @@
 // CUDA batch_norm_backward: one reduction pass (sum g, sum g * (x - mean), with the masked
 // gradient written to grad_residual and, in eval, dx written in the same pass), a finalize kernel
-// (grad_weight, grad_bias, dx coefficients), and in training an elementwise dx pass. Host code
-// only; the kernels are in batch_norm_kernels.cuh.
+// (grad_weight, grad_bias, dx coefficients), and in training an elementwise dx pass. The training
+// backward in parts reuses them: batch_norm_backward_reduce is the reduction and the finalize,
+// batch_norm_backward_elemt the dx pass with coefficients from given reductions. Host code only;
+// the kernels are in batch_norm_kernels.cuh.
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
 
@@ -85,6 +87,53 @@ void backward_planes(const BackwardArgs<scalar_t, acc_t>& a) {
   }
 }
 
+// batch_norm_backward_reduce: the reduction and a finalize that writes sum(g) into grad_bias
+// and sum(g * xhat) into grad_weight.
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR>
+void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int64_t C = a.layout.C;
+  Launch L;
+  at::Tensor partial;
+  if (a.layout.rows) {
+    auto reduce = bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
+    static const int bps = blocks_per_sm(reduce);
+    L = plan_rows(a.layout, V, sm_count() * bps);
+    partial = at::empty({2 * L.partials * C}, a.stat_options);
+    reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
+                                           nullptr, L.rows, partial.data_ptr<acc_t>());
+  } else {
+    auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
+    static const int bps = blocks_per_sm(reduce);
+    L = plan_planes(a.layout, V, sm_count() * bps);
+    partial = at::empty({2 * L.partials * C}, a.stat_options);
+    reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
+                                           nullptr, L.planes, partial.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_finalize(a, partial.data_ptr<acc_t>(), L.partials, false, static_cast<acc_t*>(nullptr),
+                  stream);
+}
+
+// batch_norm_backward_elemt: dx = a * g - b - d * (x - mean) with the coefficients in `coef`.
+template <typename scalar_t, typename acc_t, int V, bool MASK>
+void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // REVERSE = true shares the training backward's instantiations; the order does not matter.
+  if (a.layout.rows) {
+    auto dx_kernel = bn_backward_dx_rows_kernel<scalar_t, acc_t, V, MASK, true>;
+    static const int bps = blocks_per_sm(dx_kernel);
+    const Launch L = plan_rows(a.layout, V, sm_count() * bps);
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.rows);
+  } else {
+    auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, MASK, true>;
+    static const int bps = blocks_per_sm(dx_kernel);
+    const Launch L = plan_planes(a.layout, V, sm_count() * bps);
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.planes);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
@@ -151,6 +200,117 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     });
   });
   return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& output,
+    const at::Tensor& mean, const at::Tensor& invstd, bool relu, bool residual_grad) {
+  constexpr const char* kOp = "fastnn.batch_norm_backward_reduce";
+  check_grad_args(kOp, grad_output, input, c10::nullopt, output, mean, invstd, relu);
+  TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor grad_residual = residual_grad
+                                 ? at::empty(input.sizes(),
+                                             input.options().memory_format(shape.format))
+                                 : at::empty({0}, input.options());
+  if (input.numel() == 0) {
+    return {at::zeros({shape.C}, stat_options), at::zeros({shape.C}, stat_options),
+            grad_residual};
+  }
+  at::Tensor sum_dy = at::empty({shape.C}, stat_options);
+  at::Tensor sum_dy_xhat = at::empty({shape.C}, stat_options);
+
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor go = grad_output.contiguous(shape.format);
+  const at::Tensor x = input.contiguous(shape.format);
+  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_backward_reduce_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    BackwardArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.go = go.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
+    a.mean = mean_c.data_ptr<acc_t>();
+    a.invstd = invstd_c.data_ptr<acc_t>();
+    a.gr = residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr;
+    a.grad_weight = sum_dy_xhat.data_ptr<acc_t>();
+    a.grad_bias = sum_dy.data_ptr<acc_t>();
+    a.stat_options = stat_options;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.gr});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+        FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
+          reduce_only<scalar_t, acc_t, V, RELU, WRITE_GR>(a);
+        });
+      });
+    });
+  });
+  return {sum_dy, sum_dy_xhat, grad_residual};
+}
+
+at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const c10::optional<at::Tensor>& weight,
+                                          const c10::optional<at::Tensor>& output,
+                                          const at::Tensor& mean, const at::Tensor& invstd,
+                                          const at::Tensor& mean_dy,
+                                          const at::Tensor& mean_dy_xhat, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_backward_elemt";
+  check_grad_args(kOp, grad_output, input, weight, output, mean, invstd, relu);
+  check_stat_tensor(kOp, "mean_dy", input, mean_dy);
+  check_stat_tensor(kOp, "mean_dy_xhat", input, mean_dy_xhat);
+  TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  if (input.numel() == 0) return grad_input;
+
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor go = grad_output.contiguous(shape.format);
+  const at::Tensor x = input.contiguous(shape.format);
+  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous();
+  const at::Tensor invstd_c = invstd.contiguous();
+  const at::Tensor mean_dy_c = mean_dy.contiguous();
+  const at::Tensor mean_dy_xhat_c = mean_dy_xhat.contiguous();
+  at::Tensor coef = at::empty({3 * shape.C}, input.options().dtype(acc));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_backward_elemt_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    constexpr int kThreadsPerChannelBlock = 256;
+    bn_elemt_coef_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(ceil_div(shape.C, kThreadsPerChannelBlock)),
+           kThreadsPerChannelBlock, 0, stream>>>(
+            invstd_c.data_ptr<acc_t>(), channel_param(weight, acc), mean_dy_c.data_ptr<acc_t>(),
+            mean_dy_xhat_c.data_ptr<acc_t>(), shape.C, coef.data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    BackwardArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.go = go.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
+    a.mean = mean_c.data_ptr<acc_t>();
+    a.dx = grad_input.data_ptr<scalar_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.dx});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, MASK, [&] {
+        dx_only<scalar_t, acc_t, V, MASK>(a, coef.data_ptr<acc_t>());
+      });
+    });
+  });
+  return grad_input;
 }
 
 }  // namespace cuda

@@ -26,5 +26,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
     bool training, bool relu, bool residual_grad);
 
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    double momentum, double eps, const c10::optional<at::Tensor>& residual, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& output,
+    const at::Tensor& mean, const at::Tensor& invstd, bool relu, bool residual_grad);
+
+at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const c10::optional<at::Tensor>& weight,
+                                          const c10::optional<at::Tensor>& output,
+                                          const at::Tensor& mean, const at::Tensor& invstd,
+                                          const at::Tensor& mean_dy,
+                                          const at::Tensor& mean_dy_xhat, bool relu);
+
 }  // namespace cuda
 }  // namespace fastnn

@@ -1,6 +1,7 @@
-// CUDA forward ops: batch_norm_train (statistics -> finalize -> normalize) and batch_norm_eval
-// (normalize with the running statistics). Host code only; the kernels are in
-// batch_norm_kernels.cuh.
+// CUDA forward ops: batch_norm_train (statistics -> finalize -> normalize), batch_norm_eval
+// (normalize with the running statistics), and the training forward in parts: batch_norm_stats
+// (statistics -> finalize) and batch_norm_train_with_stats (given statistics -> normalize). Host
+// code only; the kernels are in batch_norm_kernels.cuh.
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
 
@@ -25,6 +26,22 @@ struct TrainArgs {
 
 // Element offset between the first elements of consecutive channels: the statistics shift.
 inline int64_t shift_stride(const KernelLayout& l) { return l.rows ? 1 : l.S; }
+
+// The running-statistics update of a batch of `count` values per channel.
+template <typename acc_t>
+RunningUpdate<acc_t> running_update(const c10::optional<at::Tensor>& running_mean,
+                                    const c10::optional<at::Tensor>& running_var,
+                                    at::ScalarType acc, double momentum, int64_t count) {
+  RunningUpdate<acc_t> r{};
+  r.mean = running_stat(running_mean, acc);
+  r.var = running_stat(running_var, acc);
+  r.momentum = static_cast<acc_t>(momentum);
+  r.one_minus_momentum = static_cast<acc_t>(1.0 - momentum);
+  const double bessel =
+      count > 1 ? static_cast<double>(count) / static_cast<double>(count - 1) : 1.0;
+  r.momentum_unbiased = static_cast<acc_t>(momentum * bessel);
+  return r;
+}
 
 template <typename scalar_t, typename acc_t>
 void launch_finalize(const TrainArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
@@ -102,6 +119,37 @@ void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* 
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// batch_norm_stats: the statistics pass and a finalize that writes the mean and the biased
+// variance.
+template <typename scalar_t, typename acc_t, int V>
+void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count, acc_t* mean,
+                  acc_t* var, const at::TensorOptions& stat_options) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  Launch L;
+  at::Tensor partial;
+  if (layout.rows) {
+    auto stats = bn_stats_rows_kernel<scalar_t, acc_t, V>;
+    static const int bps = blocks_per_sm(stats);
+    L = plan_rows(layout, V, sm_count() * bps);
+    partial = at::empty({3 * L.partials * layout.C}, stat_options);
+    stats<<<L.grid, L.block, 0, stream>>>(x, L.rows, shift_stride(layout),
+                                          partial.data_ptr<acc_t>());
+  } else {
+    auto stats = bn_stats_planes_kernel<scalar_t, acc_t, V>;
+    static const int bps = blocks_per_sm(stats);
+    L = plan_planes(layout, V, sm_count() * bps);
+    partial = at::empty({3 * L.partials * layout.C}, stat_options);
+    stats<<<L.grid, L.block, 0, stream>>>(x, L.planes, shift_stride(layout),
+                                          partial.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_stats_finalize_kernel<scalar_t, acc_t, true>
+      <<<finalize_grid(layout.C), finalize_block(), 0, stream>>>(
+          partial.data_ptr<acc_t>(), L.partials, layout.C, x, shift_stride(layout), inv_count,
+          acc_t(0), mean, var, RunningUpdate<acc_t>{});
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
@@ -141,12 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
     a.affine.bias = channel_param(bias, acc);
     a.affine.from_var = false;
     a.affine.eps = static_cast<acc_t>(eps);
-    a.running.mean = running_stat(running_mean, acc);
-    a.running.var = running_stat(running_var, acc);
-    a.running.momentum = static_cast<acc_t>(momentum);
-    a.running.one_minus_momentum = static_cast<acc_t>(1.0 - momentum);
-    a.running.momentum_unbiased =
-        static_cast<acc_t>(momentum * static_cast<double>(count) / static_cast<double>(count - 1));
+    a.running = running_update<acc_t>(running_mean, running_var, acc, momentum, count);
     a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
     a.eps = static_cast<acc_t>(eps);
     a.stat_options = stat_options;
@@ -209,6 +252,96 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at:
     });
   });
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  check_input("fastnn.batch_norm_stats", input);
+  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_stats: input must be a CUDA tensor, got ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  const at::TensorOptions stat_options =
+      input.options().dtype(accumulate_type(input.scalar_type()));
+  if (input.numel() == 0) {
+    return {at::zeros({shape.C}, stat_options), at::zeros({shape.C}, stat_options)};
+  }
+  at::Tensor mean = at::empty({shape.C}, stat_options);
+  at::Tensor var = at::empty({shape.C}, stat_options);
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor x = input.contiguous(shape.format);
+  const int64_t count = shape.reduce_size();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const acc_t inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {xp});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      stats_launch<scalar_t, acc_t, V>(layout, xp, inv_count, mean.data_ptr<acc_t>(),
+                                       var.data_ptr<acc_t>(), stat_options);
+    });
+  });
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
+    const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    double momentum, double eps, const c10::optional<at::Tensor>& residual, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_train_with_stats";
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  check_stat_tensor(kOp, "mean", input, mean);
+  check_stat_tensor(kOp, "var", input, var);
+  TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  if (input.numel() == 0) return empty_batch_train(input);
+
+  const BNShape shape = bn_shape(input);
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor x = input.contiguous(shape.format);
+  const bool has_res = defined(residual);
+  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor save_mean = at::empty({shape.C}, stat_options);
+  at::Tensor save_invstd = at::empty({shape.C}, stat_options);
+  const int64_t count = shape.reduce_size();  // > 1, checked above
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_train_with_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    acc_t* sm = save_mean.data_ptr<acc_t>();
+    acc_t* si = save_invstd.data_ptr<acc_t>();
+    constexpr int kThreadsPerChannelBlock = 256;
+    bn_given_stats_kernel<scalar_t, acc_t>
+        <<<static_cast<unsigned>(ceil_div(shape.C, kThreadsPerChannelBlock)),
+           kThreadsPerChannelBlock, 0, stream>>>(
+            mean.data_ptr<acc_t>(), mean.stride(0), var.data_ptr<acc_t>(), var.stride(0), shape.C,
+            eps, sm, si, running_update<acc_t>(running_mean, running_var, acc, momentum, count));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    AffineParams<acc_t> affine{};
+    affine.weight = channel_param(weight, acc);
+    affine.bias = channel_param(bias, acc);
+    affine = with_saved_stats(affine, sm, si);
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* rp = has_res ? res.data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {xp, rp, op});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(has_res, RES, [&] {
+        FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+          eval_launch<scalar_t, acc_t, V, RES, RELU>(layout, xp, rp, op, affine);
+        });
+      });
+    });
+  });
+  return {out, save_mean, save_invstd};
 }
 
 }  // namespace cuda

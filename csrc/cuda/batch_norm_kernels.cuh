@@ -146,6 +146,21 @@ __device__ __forceinline__ acc_t load_running(const RunningStat& s, int64_t c) {
   return static_cast<acc_t>(static_cast<const scalar_t*>(s.ptr)[c * s.stride]);
 }
 
+// running = (1 - momentum) * running + momentum * batch, the variance's batch value unbiased
+// (momentum_unbiased); either running tensor may be absent.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void update_running(const RunningUpdate<acc_t>& ru, int64_t c,
+                                               acc_t mean, acc_t var) {
+  if (ru.mean.ptr != nullptr) {
+    const acc_t rm = load_running<scalar_t, acc_t>(ru.mean, c);
+    store_running<scalar_t>(ru.mean, c, mean * ru.momentum + rm * ru.one_minus_momentum);
+  }
+  if (ru.var.ptr != nullptr) {
+    const acc_t rv = load_running<scalar_t, acc_t>(ru.var, c);
+    store_running<scalar_t>(ru.var, c, var * ru.momentum_unbiased + rv * ru.one_minus_momentum);
+  }
+}
+
 // mean, scale = invstd * weight, shift = bias of channel c.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void channel_affine(const AffineParams<acc_t>& p, int64_t c,
@@ -519,8 +534,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 }
 
 // Training forward, step 2: merge a channel's partials in a fixed order; write save_mean,
-// save_invstd and update the running statistics. Block (kFinalizeX, kFinalizeY).
-template <typename scalar_t, typename acc_t>
+// save_invstd and update the running statistics. Block (kFinalizeX, kFinalizeY). With OUT_VAR
+// (batch_norm_stats) save_invstd receives the biased variance itself and eps is unused.
+template <typename scalar_t, typename acc_t, bool OUT_VAR = false>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
     bn_stats_finalize_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t C,
                              const scalar_t* __restrict__ x, int64_t shift_stride,
@@ -546,15 +562,25 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
   acc_t var = w.m2 * inv_count;  // biased variance; the exact count comes from the host
   var = var < acc_t(0) ? acc_t(0) : var;
   save_mean[c] = mean;
-  save_invstd[c] = rsqrt_acc(var + eps);
-  if (ru.mean.ptr != nullptr) {
-    const acc_t rm = load_running<scalar_t, acc_t>(ru.mean, c);
-    store_running<scalar_t>(ru.mean, c, mean * ru.momentum + rm * ru.one_minus_momentum);
-  }
-  if (ru.var.ptr != nullptr) {
-    const acc_t rv = load_running<scalar_t, acc_t>(ru.var, c);
-    store_running<scalar_t>(ru.var, c, var * ru.momentum_unbiased + rv * ru.one_minus_momentum);
-  }
+  save_invstd[c] = OUT_VAR ? var : rsqrt_acc(var + eps);
+  update_running<scalar_t>(ru, c, mean, var);
+}
+
+// batch_norm_train_with_stats, step 1: the statistics are given (mean, biased var; the
+// accumulation dtype, any stride). save_mean = mean, save_invstd = 1 / sqrt(var + eps) (in double,
+// rounded once), and the running statistics updated as above. One thread per channel.
+template <typename scalar_t, typename acc_t>
+__global__ void bn_given_stats_kernel(const acc_t* __restrict__ mean, int64_t mean_stride,
+                                      const acc_t* __restrict__ var, int64_t var_stride,
+                                      int64_t C, double eps, acc_t* __restrict__ save_mean,
+                                      acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const acc_t m = mean[c * mean_stride];
+  const acc_t v = var[c * var_stride];
+  save_mean[c] = m;
+  save_invstd[c] = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(v) + eps));
+  update_running<scalar_t>(ru, c, m, v);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -765,6 +791,24 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_
     coef[C + c] = a * s.a * inv_count;
     coef[2 * C + c] = a * is * is * s.b * inv_count;
   }
+}
+
+// batch_norm_backward_elemt, step 1: the dx coefficients above from reductions done elsewhere
+// (mean_dy = sum(g) / n, mean_dy_xhat = sum(g * xhat) / n, over every process for a
+// synchronized batch norm): a = weight * invstd, b = a * mean_dy, d = a * invstd * mean_dy_xhat.
+// The [C] inputs are contiguous; one thread per channel.
+template <typename scalar_t, typename acc_t>
+__global__ void bn_elemt_coef_kernel(const acc_t* __restrict__ invstd, ChannelParam weight,
+                                     const acc_t* __restrict__ mean_dy,
+                                     const acc_t* __restrict__ mean_dy_xhat, int64_t C,
+                                     acc_t* __restrict__ coef) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const acc_t is = invstd[c];
+  const acc_t a = is * load_param<scalar_t>(weight, c, acc_t(1));
+  coef[c] = a;
+  coef[C + c] = a * mean_dy[c];
+  coef[2 * C + c] = a * is * mean_dy_xhat[c];
 }
 
 // Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
