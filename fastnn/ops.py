@@ -25,11 +25,10 @@ def available() -> bool:
 
 
 def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
-    """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). The
-    forward/backward ops and the ones that split them into parts (batch_norm_stats,
-    batch_norm_train_with_stats, batch_norm_backward_reduce and _elemt) have kernels on every
-    device fastnn._C was built for; batch_norm_dual, _dual_backward and _cat_with_stats have CPU
-    kernels only, and elsewhere fastnn.functional composes them from the others."""
+    """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). Every op
+    has kernels on every device fastnn._C was built for, except batch_norm_cat_with_stats (CPU
+    only: elsewhere fastnn.functional concatenates the inputs and runs
+    batch_norm_train_with_stats)."""
     return device_type in _ext.kernel_devices(op)
 
 

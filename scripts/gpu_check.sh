@@ -110,9 +110,11 @@ import fastnn  # noqa: E402
 from fastnn import reference  # noqa: E402
 
 SMALL = "--small" in sys.argv
-dev = torch.device("cuda")
-if not fastnn.ops.has_kernel("cuda"):
-    sys.exit(f"fastnn._C has no CUDA kernels: {fastnn.backend_info()}")
+# --device cpu runs the same checks on the CPU kernels: a check of this script itself.
+dev = torch.device(sys.argv[sys.argv.index("--device") + 1] if "--device" in sys.argv else "cuda")
+CUDA = dev.type == "cuda"
+if not fastnn.ops.has_kernel(dev.type):
+    sys.exit(f"fastnn._C has no {dev.type} kernels: {fastnn.backend_info()}")
 ops = torch.ops.fastnn
 
 TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
@@ -239,6 +241,48 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
             if not all(torch.equal(a, b_) for a, b_ in zip(got, again)):
                 failures.append(f"{tag}: backward not bitwise reproducible")
     check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd)
+    check_dual(name, x, w, b, rm, rv, go, relu, pkind)
+
+
+def check_dual(name, x, w, b, rm, rv, go, relu, pkind):
+    """relu(bn(x) + bn2(z)) and its backward, training and eval, against the reference."""
+    dtype = x.dtype
+    tol, gtol = TOL[dtype], GTOL[dtype]
+    acc = reference.accumulate_dtype(dtype)
+    stat_tol = TOL[acc] if dtype in (torch.float32, torch.float64) else (1e-4, 1e-4)
+    z = make(tuple(x.shape), None, dtype).contiguous(memory_format=torch.channels_last) \
+        if layout_of(x) == "cl" else make(tuple(x.shape), None, dtype)
+    w2, b2, rm2, rv2 = params(x.shape[1], dtype, pkind)
+    if w is None:
+        w2 = b2 = None
+    for training in (True, False):
+        tag = f"{name} dual training={training}"
+        got_stats = [t.clone() for t in (rm, rv, rm2, rv2)]
+        want_stats = [t.clone() for t in (rm, rv, rm2, rv2)]
+        got = ops.batch_norm_dual(x, w, b, got_stats[0], got_stats[1], z, w2, b2, got_stats[2],
+                                  got_stats[3], training, 0.1, 1e-5, 0.2, 1e-3, relu)
+        want = reference.batch_norm_dual(x, w, b, want_stats[0], want_stats[1], z, w2, b2,
+                                         want_stats[2], want_stats[3], training, 0.1, 1e-5, 0.2,
+                                         1e-3, relu)
+        close(tag + " out", got[0], want[0], tol)
+        for k, what in enumerate(("mean", "invstd", "mean2", "invstd2")):
+            close(f"{tag} {what}", got[k + 1], want[k + 1], stat_tol)
+        for k, what in enumerate(("running_mean", "running_var", "running_mean2", "running_var2")):
+            close(f"{tag} {what}", got_stats[k], want_stats[k], tol)
+        o_ = want[0] if relu else None
+        args = (go, x, w, z, w2, o_, want[1], want[2], want[3], want[4], training, relu)
+        gg = ops.batch_norm_dual_backward(*args)
+        gw = reference.batch_norm_dual_backward(*args)
+        scale = max(1.0, *(gw[k].abs().max().item() for k in (1, 2, 4, 5)))
+        for k, what in enumerate(("grad_input", "grad_weight", "grad_bias", "grad_input2",
+                                  "grad_weight2", "grad_bias2")):
+            if k in (0, 3):
+                close(f"{tag} backward {what}", gg[k], gw[k], gtol)
+            else:
+                close(f"{tag} backward {what}", gg[k] / scale, gw[k] / scale, gtol)
+        again = ops.batch_norm_dual_backward(*args)
+        if not all(torch.equal(a, b_) for a, b_ in zip(gg, again)):
+            failures.append(f"{tag}: dual backward not bitwise reproducible")
 
 
 def check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd):
@@ -373,7 +417,7 @@ def main():
         close(f"large mean {fmt}: output", out.double(), y64, (0, 3e-3))
 
     # CUDA-graph capture and replay of a training forward + backward
-    if not SMALL:
+    if CUDA and not SMALL:
         x = make((8, 32, 16, 16), torch.channels_last, torch.float16)
         w, b, rm, rv = params(32, torch.float16, "acc")
         go = make((8, 32, 16, 16), torch.channels_last, torch.float16)
@@ -402,10 +446,11 @@ def main():
         close("graph replay running_var", rv, rv2, TOL[torch.float32])
         close("graph replay grad_input", gi, egi, GTOL[torch.float16])
 
-    if not SMALL:
+    if CUDA and not SMALL:
         check_large()
 
-    torch.cuda.synchronize()
+    if CUDA:
+        torch.cuda.synchronize()
     print(f"cuda op check: {checked} comparisons, {len(failures)} failures")
     for f in failures[:200]:
         print("FAIL", f)

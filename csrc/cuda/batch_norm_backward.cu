@@ -33,7 +33,8 @@ void launch_finalize(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* partia
                      bool training, acc_t* coef, cudaStream_t stream) {
   const int64_t C = a.layout.C;
   bn_backward_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-      partial, P, C, a.invstd, a.weight, a.inv_count, training, a.grad_weight, a.grad_bias, coef);
+      partial, P, C, a.invstd, a.weight, a.inv_count, training, a.grad_weight, a.grad_bias, coef,
+      SecondInput<scalar_t, acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -53,12 +54,13 @@ void backward_rows(const BackwardArgs<scalar_t, acc_t>& a) {
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                         TRAINING ? nullptr : a.dx, L.rows, pp);
+                                         TRAINING ? nullptr : a.dx, L.rows, pp,
+                                         SecondInput<scalar_t, acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
   if constexpr (TRAINING) {
     dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
-                                              a.dx, L.rows);
+                                              a.dx, L.rows, SecondInput<scalar_t, acc_t>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -77,12 +79,13 @@ void backward_planes(const BackwardArgs<scalar_t, acc_t>& a) {
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                         TRAINING ? nullptr : a.dx, L.planes, pp);
+                                         TRAINING ? nullptr : a.dx, L.planes, pp,
+                                         SecondInput<scalar_t, acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
   if constexpr (TRAINING) {
     dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
-                                              a.dx, L.planes);
+                                              a.dx, L.planes, SecondInput<scalar_t, acc_t>{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -101,14 +104,16 @@ void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
     L = plan_rows(a.layout, V, sm_count() * bps);
     partial = at::empty({2 * L.partials * C}, a.stat_options);
     reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                           nullptr, L.rows, partial.data_ptr<acc_t>());
+                                           nullptr, L.rows, partial.data_ptr<acc_t>(),
+                                           SecondInput<scalar_t, acc_t>{});
   } else {
     auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
     static const int bps = blocks_per_sm(reduce);
     L = plan_planes(a.layout, V, sm_count() * bps);
     partial = at::empty({2 * L.partials * C}, a.stat_options);
     reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                           nullptr, L.planes, partial.data_ptr<acc_t>());
+                                           nullptr, L.planes, partial.data_ptr<acc_t>(),
+                                           SecondInput<scalar_t, acc_t>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, partial.data_ptr<acc_t>(), L.partials, false, static_cast<acc_t*>(nullptr),
@@ -124,14 +129,67 @@ void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
     auto dx_kernel = bn_backward_dx_rows_kernel<scalar_t, acc_t, V, MASK, true>;
     static const int bps = blocks_per_sm(dx_kernel);
     const Launch L = plan_rows(a.layout, V, sm_count() * bps);
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.rows);
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.rows,
+                                              SecondInput<scalar_t, acc_t>{});
   } else {
     auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, MASK, true>;
     static const int bps = blocks_per_sm(dx_kernel);
     const Launch L = plan_planes(a.layout, V, sm_count() * bps);
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.planes);
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.planes,
+                                              SecondInput<scalar_t, acc_t>{});
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// batch_norm_dual_backward: one reduction pass over g, x and z (g = grad_output masked by the
+// output when relu; in eval dx and dz written in the same pass), a finalize for both batch
+// norms, and in training one pass writing dx and dz from the same g.
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool TRAINING, bool ROWS>
+void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
+                          SecondInput<scalar_t, acc_t> second) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto reduce = [] {
+    if constexpr (ROWS) {
+      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true>;
+    } else {
+      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true>;
+    }
+  }();
+  auto dx_kernel = [] {
+    if constexpr (ROWS) {
+      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, RELU, true, true>;
+    } else {
+      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, RELU, true, true>;
+    }
+  }();
+  static const int bps =
+      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
+  const Launch L = ROWS ? plan_rows(a.layout, V, sm_count() * bps)
+                        : plan_planes(a.layout, V, sm_count() * bps);
+  const auto& geom = [&]() -> const auto& {
+    if constexpr (ROWS) {
+      return L.rows;
+    } else {
+      return L.planes;
+    }
+  }();
+  const int64_t C = a.layout.C;
+  at::Tensor partial = at::empty({3 * L.partials * C + (TRAINING ? 6 * C : 0)}, a.stat_options);
+  acc_t* pp = partial.data_ptr<acc_t>();
+  acc_t* coef = TRAINING ? pp + 3 * L.partials * C : nullptr;
+  second.coef = TRAINING ? coef + 3 * C : nullptr;
+  reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, nullptr,
+                                         TRAINING ? nullptr : a.dx, geom, pp, second);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_backward_finalize_kernel<scalar_t, acc_t, true>
+      <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
+                                                         a.inv_count, TRAINING, a.grad_weight,
+                                                         a.grad_bias, coef, second);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (TRAINING) {
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace
@@ -311,6 +369,86 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const a
     });
   });
   return grad_input;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                              const c10::optional<at::Tensor>& weight, const at::Tensor& input2,
+                              const c10::optional<at::Tensor>& weight2,
+                              const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                              const at::Tensor& invstd, const at::Tensor& mean2,
+                              const at::Tensor& invstd2, bool training, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_dual_backward";
+  check_grad_args(kOp, grad_output, input, weight, output, mean, invstd, relu);
+  check_same_shape(kOp, "input2", input, input2);
+  check_channel_tensor(kOp, "weight2", input, weight2);
+  check_stat_tensor(kOp, "mean2", input, mean2);
+  check_stat_tensor(kOp, "invstd2", input, invstd2);
+  TORCH_CHECK(input.is_cuda(), kOp, ": input must be a CUDA tensor, got ", input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  const at::TensorOptions fmt_options = input.options().memory_format(shape.format);
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor grad_input = at::empty(input.sizes(), fmt_options);
+  at::Tensor grad_input2 = at::empty(input.sizes(), fmt_options);
+  const int64_t C = shape.C;
+  if (input.numel() == 0) {
+    return {grad_input, at::zeros({C}, stat_options), at::zeros({C}, stat_options), grad_input2,
+            at::zeros({C}, stat_options), at::zeros({C}, stat_options)};
+  }
+  at::Tensor grad_weight = at::empty({C}, stat_options), grad_bias = at::empty({C}, stat_options);
+  at::Tensor grad_weight2 = at::empty({C}, stat_options);
+  at::Tensor grad_bias2 = at::empty({C}, stat_options);
+
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor go = grad_output.contiguous(shape.format);
+  const at::Tensor x = input.contiguous(shape.format);
+  const at::Tensor z = input2.contiguous(shape.format);
+  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
+  const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
+  const at::Tensor mean2_c = mean2.contiguous(), invstd2_c = invstd2.contiguous();
+  const int64_t count = shape.reduce_size();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_dual_backward_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    BackwardArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.go = go.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
+    a.mean = mean_c.data_ptr<acc_t>();
+    a.invstd = invstd_c.data_ptr<acc_t>();
+    a.weight = channel_param(weight, acc);
+    a.dx = grad_input.data_ptr<scalar_t>();
+    a.grad_weight = grad_weight.data_ptr<acc_t>();
+    a.grad_bias = grad_bias.data_ptr<acc_t>();
+    a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
+    a.stat_options = stat_options;
+    SecondInput<scalar_t, acc_t> second{};
+    second.z = z.data_ptr<scalar_t>();
+    second.mean = mean2_c.data_ptr<acc_t>();
+    second.invstd = invstd2_c.data_ptr<acc_t>();
+    second.weight = channel_param(weight2, acc);
+    second.dz = grad_input2.data_ptr<scalar_t>();
+    second.grad_weight = grad_weight2.data_ptr<acc_t>();
+    second.grad_bias = grad_bias2.data_ptr<acc_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.dx, second.z, second.dz});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+        FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
+          if (layout.rows) {
+            dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, true>(a, second);
+          } else {
+            dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, false>(a, second);
+          }
+        });
+      });
+    });
+  });
+  return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2};
 }
 
 }  // namespace cuda

@@ -26,6 +26,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
     bool training, bool relu, bool residual_grad);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_dual_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
+    bool training, double momentum, double eps, double momentum2, double eps2, bool relu);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input,
+                              const c10::optional<at::Tensor>& weight, const at::Tensor& input2,
+                              const c10::optional<at::Tensor>& weight2,
+                              const c10::optional<at::Tensor>& output, const at::Tensor& mean,
+                              const at::Tensor& invstd, const at::Tensor& mean2,
+                              const at::Tensor& invstd2, bool training, bool relu);
+
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(

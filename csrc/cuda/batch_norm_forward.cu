@@ -78,7 +78,7 @@ void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.rows);
+                                       L.rows, AffineParams<acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -96,7 +96,7 @@ void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.planes);
+                                       L.planes, AffineParams<acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -109,13 +109,91 @@ void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* 
     auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
     static const int bps = blocks_per_sm(norm);
     const Launch L = plan_rows(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows);
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows, AffineParams<acc_t>{});
   } else {
     auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
     static const int bps = blocks_per_sm(norm);
     const Launch L = plan_planes(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes);
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes, AffineParams<acc_t>{});
   }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// save_mean/save_invstd from given statistics (see bn_given_stats_kernel); C > 0.
+template <typename scalar_t, typename acc_t>
+void launch_given_stats(const ChannelParam& mean, const ChannelParam& var, int64_t C, double eps,
+                        acc_t* save_mean, acc_t* save_invstd, const RunningUpdate<acc_t>& ru,
+                        cudaStream_t stream) {
+  constexpr int kBlock = 256;
+  bn_given_stats_kernel<scalar_t, acc_t>
+      <<<static_cast<unsigned>(ceil_div(C, kBlock)), kBlock, 0, stream>>>(
+          mean, var, C, eps, save_mean, save_invstd, ru);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename acc_t>
+struct DualArgs {
+  KernelLayout layout;
+  bool training;
+  const scalar_t* x;
+  const scalar_t* z;
+  scalar_t* out;
+  acc_t* mean[2];    // the statistics each input is normalized with (outputs of the op)
+  acc_t* invstd[2];
+  AffineParams<acc_t> affine[2];  // weight and bias of each batch norm
+  RunningUpdate<acc_t> running[2];
+  acc_t inv_count;
+  acc_t eps[2];
+  at::TensorOptions stat_options;
+};
+
+// batch_norm_dual: in training the statistics pass of each input and their finalize (running
+// statistics updated), then one pass out = [relu](bn(x) + bn2(z)). In eval mean/invstd are
+// already set from the running statistics.
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool ROWS>
+void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  auto stats = [] {
+    if constexpr (ROWS) {
+      return bn_stats_rows_kernel<scalar_t, acc_t, V>;
+    } else {
+      return bn_stats_planes_kernel<scalar_t, acc_t, V>;
+    }
+  }();
+  auto norm = [] {
+    if constexpr (ROWS) {
+      return bn_normalize_rows_kernel<scalar_t, acc_t, V, true, RELU, true, true>;
+    } else {
+      return bn_normalize_planes_kernel<scalar_t, acc_t, V, true, RELU, true, true>;
+    }
+  }();
+  static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
+  const Launch L = ROWS ? plan_rows(a.layout, V, sm_count() * bps)
+                        : plan_planes(a.layout, V, sm_count() * bps);
+  const auto& geom = [&]() -> const auto& {
+    if constexpr (ROWS) {
+      return L.rows;
+    } else {
+      return L.planes;
+    }
+  }();
+  const int64_t C = a.layout.C;
+  if (a.training) {
+    at::Tensor partial = at::empty({2 * 3 * L.partials * C}, a.stat_options);
+    const scalar_t* inputs[2] = {a.x, a.z};
+    for (int k = 0; k < 2; ++k) {
+      acc_t* pp = partial.data_ptr<acc_t>() + k * 3 * L.partials * C;
+      stats<<<L.grid, L.block, 0, stream>>>(inputs[k], geom, shift_stride(a.layout), pp);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
+          pp, L.partials, C, inputs[k], shift_stride(a.layout), a.inv_count, a.eps[k], a.mean[k],
+          a.invstd[k], a.running[k]);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  }
+  norm<<<L.grid, L.block, 0, stream>>>(a.x, a.z, a.out,
+                                       with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]), geom,
+                                       with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -317,13 +395,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
     acc_t* sm = save_mean.data_ptr<acc_t>();
     acc_t* si = save_invstd.data_ptr<acc_t>();
-    constexpr int kThreadsPerChannelBlock = 256;
-    bn_given_stats_kernel<scalar_t, acc_t>
-        <<<static_cast<unsigned>(ceil_div(shape.C, kThreadsPerChannelBlock)),
-           kThreadsPerChannelBlock, 0, stream>>>(
-            mean.data_ptr<acc_t>(), mean.stride(0), var.data_ptr<acc_t>(), var.stride(0), shape.C,
-            eps, sm, si, running_update<acc_t>(running_mean, running_var, acc, momentum, count));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_given_stats<scalar_t, acc_t>(
+        channel_param(mean, acc), channel_param(var, acc), shape.C, eps, sm, si,
+        running_update<acc_t>(running_mean, running_var, acc, momentum, count), stream);
     AffineParams<acc_t> affine{};
     affine.weight = channel_param(weight, acc);
     affine.bias = channel_param(bias, acc);
@@ -342,6 +416,85 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
     });
   });
   return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_dual_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
+    bool training, double momentum, double eps, double momentum2, double eps2, bool relu) {
+  check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                  running_mean2, running_var2, training, eps, eps2);
+  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_dual: input must be a CUDA tensor, got ",
+              input.device());
+  const c10::cuda::CUDAGuard guard(input.device());
+  const BNShape shape = bn_shape(input);
+  const at::ScalarType acc = accumulate_type(input.scalar_type());
+  const at::TensorOptions stat_options = input.options().dtype(acc);
+  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const int64_t C = shape.C;
+  if (training && input.numel() == 0) {
+    return {out, at::zeros({C}, stat_options), at::zeros({C}, stat_options),
+            at::zeros({C}, stat_options), at::zeros({C}, stat_options)};
+  }
+  at::Tensor mean1 = at::empty({C}, stat_options), invstd1 = at::empty({C}, stat_options);
+  at::Tensor mean2 = at::empty({C}, stat_options), invstd2 = at::empty({C}, stat_options);
+  const KernelLayout layout = kernel_layout(shape);
+  const at::Tensor x = input.contiguous(shape.format);
+  const at::Tensor z = input2.contiguous(shape.format);
+  const int64_t count = shape.reduce_size();  // > 1 in training, checked above
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+                                  "fastnn_batch_norm_dual_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    DualArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.training = training;
+    a.x = x.data_ptr<scalar_t>();
+    a.z = z.data_ptr<scalar_t>();
+    a.out = out.data_ptr<scalar_t>();
+    a.mean[0] = mean1.data_ptr<acc_t>();
+    a.invstd[0] = invstd1.data_ptr<acc_t>();
+    a.mean[1] = mean2.data_ptr<acc_t>();
+    a.invstd[1] = invstd2.data_ptr<acc_t>();
+    a.affine[0].weight = channel_param(weight, acc);
+    a.affine[0].bias = channel_param(bias, acc);
+    a.affine[1].weight = channel_param(weight2, acc);
+    a.affine[1].bias = channel_param(bias2, acc);
+    a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(std::max<int64_t>(count, 1)));
+    a.eps[0] = static_cast<acc_t>(eps);
+    a.eps[1] = static_cast<acc_t>(eps2);
+    a.stat_options = stat_options;
+    if (training) {
+      a.running[0] = running_update<acc_t>(running_mean, running_var, acc, momentum, count);
+      a.running[1] = running_update<acc_t>(running_mean2, running_var2, acc, momentum2, count);
+    } else if (C > 0) {
+      // The statistics the inputs are normalized with: the running ones, returned as mean and
+      // 1 / sqrt(var + eps) like the CPU kernel's.
+      launch_given_stats<scalar_t, acc_t>(channel_param(running_mean, acc),
+                                          channel_param(running_var, acc), C, eps, a.mean[0],
+                                          a.invstd[0], RunningUpdate<acc_t>{}, stream);
+      launch_given_stats<scalar_t, acc_t>(channel_param(running_mean2, acc),
+                                          channel_param(running_var2, acc), C, eps2, a.mean[1],
+                                          a.invstd[1], RunningUpdate<acc_t>{}, stream);
+    }
+    if (input.numel() == 0) return;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = use_vectors(layout, kVec, {a.x, a.z, a.out});
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+        if (layout.rows) {
+          dual_launch<scalar_t, acc_t, V, RELU, true>(a);
+        } else {
+          dual_launch<scalar_t, acc_t, V, RELU, false>(a);
+        }
+      });
+    });
+  });
+  return {out, mean1, invstd1, mean2, invstd2};
 }
 
 }  // namespace cuda

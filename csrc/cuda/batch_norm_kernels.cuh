@@ -172,12 +172,37 @@ __device__ __forceinline__ void channel_affine(const AffineParams<acc_t>& p, int
   shift = load_param<scalar_t>(p.bias, c, acc_t(0));
 }
 
-// [relu]((x - mean) * scale + shift [+ residual]), rounded once to the output dtype.
+// The term added to a normalized value: the residual as it is or, for batch_norm_dual, the
+// second input normalized with its own mean and scale, (z - mean) * scale, in the accumulation
+// dtype (its bias is added to the first batch norm's shift). Set only for DUAL.
+template <typename acc_t, bool DUAL>
+struct ResidualTerm {
+  acc_t mean = acc_t(0);
+  acc_t scale = acc_t(1);
+  template <typename scalar_t>
+  __device__ __forceinline__ acc_t operator()(scalar_t r) const {
+    const acc_t v = static_cast<acc_t>(r);
+    if constexpr (DUAL) return (v - mean) * scale;
+    return v;
+  }
+};
+
+// channel_affine of the second batch norm of a DUAL normalize: its bias joins `shift`.
+template <typename scalar_t, typename acc_t, bool DUAL>
+__device__ __forceinline__ void second_affine(const AffineParams<acc_t>& p2, int64_t c,
+                                              ResidualTerm<acc_t, DUAL>& term, acc_t& shift) {
+  acc_t shift2;
+  channel_affine<scalar_t>(p2, c, term.mean, term.scale, shift2);
+  shift += shift2;
+}
+
+// [relu]((x - mean) * scale + shift [+ residual]), rounded once to the output dtype; `residual`
+// is already in the accumulation dtype.
 template <bool RES, bool RELU, typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t normalize_one(acc_t x, acc_t mean, acc_t scale, acc_t shift,
-                                                  scalar_t residual) {
+                                                  acc_t residual) {
   acc_t y = (x - mean) * scale + shift;
-  if constexpr (RES) y += static_cast<acc_t>(residual);
+  if constexpr (RES) y += residual;
   if constexpr (RELU) y = y < acc_t(0) ? acc_t(0) : y;  // keeps NaN, like torch.relu
   return static_cast<scalar_t>(y);
 }
@@ -286,6 +311,31 @@ __device__ __forceinline__ Sum2<T> combine(const Sum2<T>& a, const Sum2<T>& b) {
   return {a.a + b.a, a.b + b.b};
 }
 
+// The dual backward's sums: sum g, sum g * (x - mean), sum g * (z - mean2).
+template <typename T>
+struct Sum3 {
+  T a;
+  T b;
+  T c;
+};
+
+template <typename T>
+__device__ __forceinline__ Sum3<T> warp_reduce(Sum3<T> s, int min_off) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    if (off < min_off) break;
+    s.a += __shfl_down_sync(0xffffffffu, s.a, off);
+    s.b += __shfl_down_sync(0xffffffffu, s.b, off);
+    s.c += __shfl_down_sync(0xffffffffu, s.c, off);
+  }
+  return s;
+}
+
+template <typename T>
+__device__ __forceinline__ Sum3<T> combine(const Sum3<T>& a, const Sum3<T>& b) {
+  return {a.a + b.a, a.b + b.b, a.c + b.c};
+}
+
 template <typename T>
 struct Fields;
 template <typename T>
@@ -312,6 +362,20 @@ struct Fields<Sum2<T>> {
   }
   __device__ static Sum2<T> get(const T* f, int64_t stride) { return {f[0], f[stride]}; }
   __device__ static Sum2<T> zero() { return {T(0), T(0)}; }
+};
+template <typename T>
+struct Fields<Sum3<T>> {
+  static constexpr int count = 3;
+  using type = T;
+  __device__ static void put(T* f, int64_t stride, const Sum3<T>& s) {
+    f[0] = s.a;
+    f[stride] = s.b;
+    f[2 * stride] = s.c;
+  }
+  __device__ static Sum3<T> get(const T* f, int64_t stride) {
+    return {f[0], f[stride], f[2 * stride]};
+  }
+  __device__ static Sum3<T> zero() { return {T(0), T(0), T(0)}; }
 };
 
 // Whole-block reduction of one value per thread (planes layout, 1-D block of kThreads); the
@@ -566,18 +630,18 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
   update_running<scalar_t>(ru, c, mean, var);
 }
 
-// batch_norm_train_with_stats, step 1: the statistics are given (mean, biased var; the
-// accumulation dtype, any stride). save_mean = mean, save_invstd = 1 / sqrt(var + eps) (in double,
-// rounded once), and the running statistics updated as above. One thread per channel.
+// batch_norm_train_with_stats, step 1 (and batch_norm_dual in eval): the statistics are given
+// (mean and biased variance, or the running statistics; either dtype, any stride). save_mean =
+// mean, save_invstd = 1 / sqrt(var + eps) (in double, rounded once), and the running statistics
+// updated as above when ru has them. One thread per channel.
 template <typename scalar_t, typename acc_t>
-__global__ void bn_given_stats_kernel(const acc_t* __restrict__ mean, int64_t mean_stride,
-                                      const acc_t* __restrict__ var, int64_t var_stride,
-                                      int64_t C, double eps, acc_t* __restrict__ save_mean,
+__global__ void bn_given_stats_kernel(ChannelParam mean, ChannelParam var, int64_t C, double eps,
+                                      acc_t* __restrict__ save_mean,
                                       acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const acc_t m = mean[c * mean_stride];
-  const acc_t v = var[c * var_stride];
+  const acc_t m = load_param<scalar_t>(mean, c, acc_t(0));
+  const acc_t v = load_param<scalar_t>(var, c, acc_t(1));
   save_mean[c] = m;
   save_invstd[c] = static_cast<acc_t>(1.0 / sqrt(static_cast<double>(v) + eps));
   update_running<scalar_t>(ru, c, m, v);
@@ -585,15 +649,30 @@ __global__ void bn_given_stats_kernel(const acc_t* __restrict__ mean, int64_t me
 
 // ---------------------------------------------------------------------------------------------
 // Normalize (training forward step 3, and the whole of eval):
-// y = [relu]((x - mean) * invstd * weight + bias [+ residual]).
+// y = [relu]((x - mean) * invstd * weight + bias [+ residual]). With DUAL (batch_norm_dual) `res`
+// is the second input and the term added is its own batch norm with the parameters p2:
+// y = [relu](bn(x) + bn2(res)), summed in the accumulation dtype and rounded once. The DUAL
+// kernels keep two inputs' loads and five per-channel values per vector lane in registers: at
+// two 512-thread blocks per multiprocessor (64 registers a thread) the 16-bit rows variants
+// spilled about 400 bytes a thread, so they are bounded to one block (512 threads x 4
+// vectors x 2 inputs in flight per multiprocessor is still enough to cover memory latency).
+template <bool DUAL>
+constexpr int normalize_min_blocks() {
+  return DUAL ? 1 : kMinBlocks;
+}
 
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE,
+          bool DUAL = false>
+__global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     bn_normalize_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                               scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g) {
+                               scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g,
+                               AffineParams<acc_t> p2) {
+  constexpr bool kRes = RES || DUAL;
   const int64_t c = blockIdx.x;
   acc_t mean, scale, shift;
   channel_affine<scalar_t>(p, c, mean, scale, shift);
+  ResidualTerm<acc_t, DUAL> term;
+  if constexpr (DUAL) second_affine<scalar_t>(p2, c, term, shift);
   for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
@@ -602,30 +681,37 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<W>(x + off + j * step, v[j]);
-      if constexpr (RES) load_raw<W>(res + off + j * step, r[j]);
+      if constexpr (kRes) load_raw<W>(res + off + j * step, r[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       scalar_t o[W];
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        o[i] = normalize_one<RES, RELU>(static_cast<acc_t>(v[j][i]), mean, scale, shift,
-                                        RES ? r[j][i] : static_cast<scalar_t>(0.0f));
+        o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean, scale,
+                                                   shift, kRes ? term(r[j][i]) : acc_t(0));
       }
       store_raw<W>(y + off + j * step, o);
     }
   });
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE,
+          bool DUAL = false>
+__global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     bn_normalize_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
-                             scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g) {
+                             scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g,
+                             AffineParams<acc_t> p2) {
+  constexpr bool kRes = RES || DUAL;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
   acc_t mean[V], scale[V], shift[V];
+  ResidualTerm<acc_t, DUAL> term[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, cv * V + i, mean[i], scale[i], shift[i]);
+  for (int i = 0; i < V; ++i) {
+    channel_affine<scalar_t>(p, cv * V + i, mean[i], scale[i], shift[i]);
+    if constexpr (DUAL) second_affine<scalar_t>(p2, cv * V + i, term[i], shift[i]);
+  }
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     scalar_t v[U][V];
@@ -633,15 +719,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<V>(x + off + j * step, v[j]);
-      if constexpr (RES) load_raw<V>(res + off + j * step, r[j]);
+      if constexpr (kRes) load_raw<V>(res + off + j * step, r[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       scalar_t o[V];
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        o[i] = normalize_one<RES, RELU>(static_cast<acc_t>(v[j][i]), mean[i], scale[i], shift[i],
-                                        RES ? r[j][i] : static_cast<scalar_t>(0.0f));
+        o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean[i],
+                                                   scale[i], shift[i],
+                                                   kRes ? term[i](r[j][i]) : acc_t(0));
       }
       store_raw<V>(y + off + j * step, o);
     }
@@ -653,105 +740,161 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 // output > 0]. partial = [2][gridDim.y][C]. Also writes, in the same pass, the masked gradient
 // into grad_residual (WRITE_GR) and, in eval where dx does not depend on the sums, dx = g * weight
 // * invstd (EVAL_DX).
+//
+// With DUAL (batch_norm_dual_backward, out = [relu](bn(x) + bn2(z))) the same g is the output
+// gradient of both batch norms: the pass also reads z and sums g * (z - mean2) (partial =
+// [3][gridDim.y][C]), and in eval writes dz = g * weight2 * invstd2 too.
 
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX>
+// The second input of the dual backward, with its statistics, weight and outputs.
+template <typename scalar_t, typename acc_t>
+struct SecondInput {
+  const scalar_t* z = nullptr;
+  const acc_t* mean = nullptr;    // [C], contiguous
+  const acc_t* invstd = nullptr;  // [C], contiguous
+  ChannelParam weight;
+  scalar_t* dz = nullptr;         // grad_input2
+  acc_t* grad_weight = nullptr;
+  acc_t* grad_bias = nullptr;
+  acc_t* coef = nullptr;          // its dx coefficients, [3][C] (training)
+};
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
+          bool DUAL = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
-    scalar_t* __restrict__ dx, PlaneGeom g, acc_t* __restrict__ partial) {
+    scalar_t* __restrict__ dx, PlaneGeom g, acc_t* __restrict__ partial,
+    SecondInput<scalar_t, acc_t> second) {
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
-  acc_t k = acc_t(0);
+  acc_t k = acc_t(0), m2 = acc_t(0), k2 = acc_t(0);
   if constexpr (EVAL_DX) k = invstd[c] * load_param<scalar_t>(weight, c, acc_t(1));
-  Sum2<acc_t> s{acc_t(0), acc_t(0)};
+  if constexpr (DUAL) {
+    m2 = second.mean[c];
+    if constexpr (EVAL_DX) k2 = second.invstd[c] * load_param<scalar_t>(second.weight, c, acc_t(1));
+  }
+  const scalar_t* __restrict__ z = second.z;
+  scalar_t* __restrict__ dz = second.dz;
+  acc_t sa = acc_t(0), sb = acc_t(0), sc = acc_t(0);
   for_each_plane_row<V, false>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
     scalar_t gv[U][W], ov[U][W];
-    scalar_t xv[U][W];
+    scalar_t xv[U][W], zv[U][W];
+    (void)zv;  // read only with DUAL
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<W>(go + off + j * step, gv[j]);
       load_raw<W>(x + off + j * step, xv[j]);
       if constexpr (RELU) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t gm[W], d[W];
-      (void)d;  // written only with EVAL_DX
+      scalar_t gm[W], d[W], d2[W];
+      (void)d;   // written only with EVAL_DX
+      (void)d2;  // written only with EVAL_DX and DUAL
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
         const acc_t ga = static_cast<acc_t>(gm[i]);
-        s.a += ga;
-        s.b += ga * (static_cast<acc_t>(xv[j][i]) - m);
+        sa += ga;
+        sb += ga * (static_cast<acc_t>(xv[j][i]) - m);
+        if constexpr (DUAL) sc += ga * (static_cast<acc_t>(zv[j][i]) - m2);
         if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
+        if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2);
       }
       if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
       if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
+      if constexpr (EVAL_DX && DUAL) store_raw<W>(dz + off + j * step, d2);
     }
   });
-  s = block_reduce_all(s);
-  if (threadIdx.x == 0) {
-    const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
-    Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
+  const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+  if constexpr (DUAL) {
+    const Sum3<acc_t> s = block_reduce_all(Sum3<acc_t>{sa, sb, sc});
+    if (threadIdx.x == 0) Fields<Sum3<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
+  } else {
+    const Sum2<acc_t> s = block_reduce_all(Sum2<acc_t>{sa, sb});
+    if (threadIdx.x == 0) Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
   }
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX>
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
+          bool DUAL = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
-    scalar_t* __restrict__ dx, RowGeom g, acc_t* __restrict__ partial) {
+    scalar_t* __restrict__ dx, RowGeom g, acc_t* __restrict__ partial,
+    SecondInput<scalar_t, acc_t> second) {
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  acc_t sa[V], sb[V];
+  const scalar_t* __restrict__ z = second.z;
+  scalar_t* __restrict__ dz = second.dz;
+  acc_t sa[V], sb[V], sc[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) sa[i] = sb[i] = acc_t(0);
+  for (int i = 0; i < V; ++i) sa[i] = sb[i] = sc[i] = acc_t(0);
   if (cv < g.Cv) {
-    acc_t m[V], k[V];
+    acc_t m[V], k[V], m2[V], k2[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      m[i] = mean[cv * V + i];
-      k[i] = acc_t(0);
-      if constexpr (EVAL_DX) {
-        k[i] = invstd[cv * V + i] * load_param<scalar_t>(weight, cv * V + i, acc_t(1));
+      const int64_t ch = cv * V + i;
+      m[i] = mean[ch];
+      k[i] = m2[i] = k2[i] = acc_t(0);
+      if constexpr (EVAL_DX) k[i] = invstd[ch] * load_param<scalar_t>(weight, ch, acc_t(1));
+      if constexpr (DUAL) {
+        m2[i] = second.mean[ch];
+        if constexpr (EVAL_DX) {
+          k2[i] = second.invstd[ch] * load_param<scalar_t>(second.weight, ch, acc_t(1));
+        }
       }
     }
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
       scalar_t gv[U][V], ov[U][V];
-      scalar_t xv[U][V];
+      scalar_t xv[U][V], zv[U][V];
+      (void)zv;  // read only with DUAL
 #pragma unroll
       for (int j = 0; j < U; ++j) {
         load_raw<V>(go + off + j * step, gv[j]);
         load_raw<V>(x + off + j * step, xv[j]);
         if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
+        if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
       }
 #pragma unroll
       for (int j = 0; j < U; ++j) {
-        scalar_t gm[V], d[V];
-        (void)d;  // written only with EVAL_DX
+        scalar_t gm[V], d[V], d2[V];
+        (void)d;   // written only with EVAL_DX
+        (void)d2;  // written only with EVAL_DX and DUAL
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
           const acc_t ga = static_cast<acc_t>(gm[i]);
           sa[i] += ga;
           sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
+          if constexpr (DUAL) sc[i] += ga * (static_cast<acc_t>(zv[j][i]) - m2[i]);
           if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
+          if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2[i]);
         }
         if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
         if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
+        if constexpr (EVAL_DX && DUAL) store_raw<V>(dz + off + j * step, d2);
       }
     });
   }
   const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
-    const Sum2<acc_t> s = block_reduce_columns(Sum2<acc_t>{sa[i], sb[i]});
-    if (threadIdx.y == 0 && cv < g.Cv) {
-      Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, s);
+    if constexpr (DUAL) {
+      const Sum3<acc_t> s = block_reduce_columns(Sum3<acc_t>{sa[i], sb[i], sc[i]});
+      if (threadIdx.y == 0 && cv < g.Cv) {
+        Fields<Sum3<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, s);
+      }
+    } else {
+      const Sum2<acc_t> s = block_reduce_columns(Sum2<acc_t>{sa[i], sb[i]});
+      if (threadIdx.y == 0 && cv < g.Cv) {
+        Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, s);
+      }
     }
   }
 }
@@ -760,16 +903,33 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
 // grad_weight = sum(g * xhat); in training also the coefficients of
 //   dx = a * g - b - d * (x - mean),  a = weight * invstd, b = a * sum(g) / n,
 //                                     d = a * invstd^2 * sum(g * (x - mean)) / n,
-// stored as coef = [3][C].
+// stored as coef = [3][C]. With DUAL the same for the second input from the third sum (its
+// grad_bias is the same sum(g)), into second's outputs.
 template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void backward_finalize_one(acc_t sum_g, acc_t sum_gx, acc_t is,
+                                                      acc_t w, acc_t inv_count, bool training,
+                                                      int64_t c, int64_t C, acc_t* grad_weight,
+                                                      acc_t* grad_bias, acc_t* coef) {
+  grad_bias[c] = sum_g;
+  grad_weight[c] = sum_gx * is;
+  if (training) {
+    const acc_t a = is * w;
+    coef[c] = a;
+    coef[C + c] = a * sum_g * inv_count;
+    coef[2 * C + c] = a * is * is * sum_gx * inv_count;
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool DUAL = false>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_kernel(
     const acc_t* __restrict__ partial, int64_t P, int64_t C, const acc_t* __restrict__ invstd,
     ChannelParam weight, acc_t inv_count, bool training, acc_t* __restrict__ grad_weight,
-    acc_t* __restrict__ grad_bias, acc_t* __restrict__ coef) {
-  using F = Fields<Sum2<acc_t>>;
+    acc_t* __restrict__ grad_bias, acc_t* __restrict__ coef, SecondInput<scalar_t, acc_t> second) {
+  using S = std::conditional_t<DUAL, Sum3<acc_t>, Sum2<acc_t>>;
+  using F = Fields<S>;
   __shared__ acc_t sm[F::count * kFinalizeY * kFinalizeX];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeX + threadIdx.x;
-  Sum2<acc_t> s = F::zero();
+  S s = F::zero();
   if (c < C) {
     for (int64_t p = threadIdx.y; p < P; p += kFinalizeY) {
       s = combine(s, F::get(partial + p * C + c, P * C));
@@ -782,14 +942,13 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_
   for (int k = 1; k < kFinalizeY; ++k) {
     s = combine(s, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
   }
-  const acc_t is = invstd[c];
-  grad_bias[c] = s.a;
-  grad_weight[c] = s.b * is;
-  if (training) {
-    const acc_t a = is * load_param<scalar_t>(weight, c, acc_t(1));
-    coef[c] = a;
-    coef[C + c] = a * s.a * inv_count;
-    coef[2 * C + c] = a * is * is * s.b * inv_count;
+  backward_finalize_one<scalar_t>(s.a, s.b, invstd[c], load_param<scalar_t>(weight, c, acc_t(1)),
+                                  inv_count, training, c, C, grad_weight, grad_bias, coef);
+  if constexpr (DUAL) {
+    backward_finalize_one<scalar_t>(s.a, s.c, second.invstd[c],
+                                    load_param<scalar_t>(second.weight, c, acc_t(1)), inv_count,
+                                    training, c, C, second.grad_weight, second.grad_bias,
+                                    second.coef);
   }
 }
 
@@ -812,48 +971,69 @@ __global__ void bn_elemt_coef_kernel(const acc_t* __restrict__ invstd, ChannelPa
 }
 
 // Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
-// masked when it is grad_residual) and masked here by output > 0 when MASK.
-template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE>
+// masked when it is grad_residual) and masked here by output > 0 when MASK. With DUAL also
+// dz = a2 * g - b2 - d2 * (z - mean2) from the same g, with second's coefficients.
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
-    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, PlaneGeom g) {
+    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, PlaneGeom g,
+    SecondInput<scalar_t, acc_t> second) {
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
   const acc_t a = coef[c], b = coef[g.C + c], d = coef[2 * g.C + c];
+  acc_t m2 = acc_t(0), a2 = acc_t(0), b2 = acc_t(0), d2 = acc_t(0);
+  if constexpr (DUAL) {
+    m2 = second.mean[c];
+    a2 = second.coef[c];
+    b2 = second.coef[g.C + c];
+    d2 = second.coef[2 * g.C + c];
+  }
+  const scalar_t* __restrict__ z = second.z;
+  scalar_t* __restrict__ dz = second.dz;
   for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
     scalar_t gv[U][W], ov[U][W];
-    scalar_t xv[U][W];
+    scalar_t xv[U][W], zv[U][W];
+    (void)zv;  // read only with DUAL
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<W>(grad + off + j * step, gv[j]);
       load_raw<W>(x + off + j * step, xv[j]);
       if constexpr (MASK) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t o[W];
+      scalar_t o[W], o2[W];
+      (void)o2;  // written only with DUAL
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
         const acc_t ga = static_cast<acc_t>(gm);
         o[i] = static_cast<scalar_t>(a * ga - b - d * (static_cast<acc_t>(xv[j][i]) - m));
+        if constexpr (DUAL) {
+          o2[i] = static_cast<scalar_t>(a2 * ga - b2 - d2 * (static_cast<acc_t>(zv[j][i]) - m2));
+        }
       }
       store_raw<W>(dx + off + j * step, o);
+      if constexpr (DUAL) store_raw<W>(dz + off + j * step, o2);
     }
   });
 }
 
-template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE>
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
-    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, RowGeom g) {
+    const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, RowGeom g,
+    SecondInput<scalar_t, acc_t> second) {
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
-  acc_t m[V], a[V], b[V], d[V];
+  const scalar_t* __restrict__ z = second.z;
+  scalar_t* __restrict__ dz = second.dz;
+  acc_t m[V], a[V], b[V], d[V], m2[V], a2[V], b2[V], d2[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int64_t c = cv * V + i;
@@ -861,28 +1041,43 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
     a[i] = coef[c];
     b[i] = coef[g.C + c];
     d[i] = coef[2 * g.C + c];
+    m2[i] = a2[i] = b2[i] = d2[i] = acc_t(0);
+    if constexpr (DUAL) {
+      m2[i] = second.mean[c];
+      a2[i] = second.coef[c];
+      b2[i] = second.coef[g.C + c];
+      d2[i] = second.coef[2 * g.C + c];
+    }
   }
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     scalar_t gv[U][V], ov[U][V];
-    scalar_t xv[U][V];
+    scalar_t xv[U][V], zv[U][V];
+    (void)zv;  // read only with DUAL
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<V>(grad + off + j * step, gv[j]);
       load_raw<V>(x + off + j * step, xv[j]);
       if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
+      if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
     }
 #pragma unroll
     for (int j = 0; j < U; ++j) {
-      scalar_t o[V];
+      scalar_t o[V], o2[V];
+      (void)o2;  // written only with DUAL
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
         const acc_t ga = static_cast<acc_t>(gm);
         const acc_t xc = static_cast<acc_t>(xv[j][i]) - m[i];
         o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * xc);
+        if constexpr (DUAL) {
+          const acc_t zc = static_cast<acc_t>(zv[j][i]) - m2[i];
+          o2[i] = static_cast<scalar_t>(a2[i] * ga - b2[i] - d2[i] * zc);
+        }
       }
       store_raw<V>(dx + off + j * step, o);
+      if constexpr (DUAL) store_raw<V>(dz + off + j * step, o2);
     }
   });
 }
