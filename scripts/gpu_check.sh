@@ -67,12 +67,12 @@ run_step() {
   start=$(date +%s)
   # What is left of the budget, less a margin for the steps' own bookkeeping.
   left=$((BUDGET - (start - START) - 10))
-  [ "$left" -lt "$limit" ] && limit=$left
-  if [ "$limit" -lt 20 ]; then
+  if [ "$left" -lt 20 ]; then
     printf '%-22s %-16s %5ss  %s\n' "$name" "SKIP(budget)" 0 "over GPU_CHECK_BUDGET=$BUDGET" >> "$SUMMARY"
     echo "==> [$name] skipped: ${left}s left of the ${BUDGET}s budget" | tee -a "$log"
     return 0
   fi
+  [ "$left" -lt "$limit" ] && limit=$left
   echo "==> [$name] $*" | tee -a "$log"
   set +e
   timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
@@ -504,7 +504,7 @@ step_test() {
   "$PY" -c "import xdist" > /dev/null 2>&1 && args+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
   # shellcheck disable=SC2086
   run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest "${args[@]}" $PYTEST_ARGS
-  note pytest_result "$(grep -E '(passed|failed|error)' "$OUT/pytest.log" | tail -1 || echo 'no result line')"
+  note pytest_result "$(grep -E '^=* ?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$OUT/pytest.log" | tail -1 || echo 'no result line')"
 }
 
 step_sanitize() {
