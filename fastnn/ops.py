@@ -25,10 +25,10 @@ def available() -> bool:
 
 
 def has_kernel(device_type: str, op: str = "batch_norm_train") -> bool:
-    """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'). Every op
-    has kernels on every device fastnn._C was built for, except batch_norm_cat_with_stats (CPU
-    only: elsewhere fastnn.functional concatenates the inputs and runs
-    batch_norm_train_with_stats)."""
+    """True when fastnn._C has a kernel of `op` for this device type ('cpu', 'cuda'): every op
+    has one on every device fastnn._C was built for. Where it has none (an older build, or
+    fastnn._C missing), fastnn.functional runs fastnn.reference or composes the op from
+    others."""
     return device_type in _ext.kernel_devices(op)
 
 

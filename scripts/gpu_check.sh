@@ -242,6 +242,33 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
                 failures.append(f"{tag}: backward not bitwise reproducible")
     check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd)
     check_dual(name, x, w, b, rm, rv, go, relu, pkind)
+    check_cat(name, x, w, b, rm, rv, relu)
+
+
+def check_cat(name, x, w, b, rm, rv, relu):
+    """batch_norm_cat_with_stats of x split along its channels (one piece empty when C allows)
+    against batch_norm_train_with_stats of x itself: the same normalize, so bitwise equal."""
+    C = x.shape[1]
+    cuts = sorted({0, C // 3, C // 3, C - C // 4, C})
+    pieces = [x[:, a:b_] for a, b_ in zip(cuts[:-1], cuts[1:])]
+    if C >= 2:
+        pieces.insert(1, x[:, :0])
+    fmt = torch.channels_last if layout_of(x) == "cl" else (
+        torch.channels_last_3d if layout_of(x) == "cl3d" else torch.contiguous_format)
+    pieces = [t.contiguous(memory_format=fmt) for t in pieces]
+    mean, var = reference.batch_norm_stats(x)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    got = ops.batch_norm_cat_with_stats(pieces, mean, var, w, b, rm1, rv1, 0.1, 1e-5, relu)
+    want = ops.batch_norm_train_with_stats(torch.cat(pieces, 1), mean, var, w, b, rm2, rv2, 0.1,
+                                           1e-5, None, relu)
+    tag = f"{name} cat_with_stats ({len(pieces)} inputs)"
+    for what, g_, w_ in (("out", got[0], want[0]), ("save_mean", got[1], want[1]),
+                         ("save_invstd", got[2], want[2]), ("running_mean", rm1, rm2),
+                         ("running_var", rv1, rv2)):
+        close(f"{tag} {what}", g_, w_, (0, 0))
+    if layout_of(got[0]) != layout_of(want[0]):
+        failures.append(f"{tag}: output layout {layout_of(got[0])}, concatenation's "
+                        f"{layout_of(want[0])}")
 
 
 def check_dual(name, x, w, b, rm, rv, go, relu, pkind):
@@ -371,6 +398,18 @@ def main():
     for dtype in DTYPES:  # scalar path forced by a misaligned input
         check_case((3, 16, 4, 8), torch.channels_last, dtype, True, True, True, "acc", misalign=True)
         check_case((3, 16, 4, 8), None, dtype, True, True, True, "acc", misalign=True)
+
+    # batch_norm_cat_with_stats: more inputs than one launch takes (the concatenated copy), and
+    # pieces whose channel counts keep the output's vectors off their boundaries (scalar path)
+    for n_in, width, fmt in ((70, 1, None), (5, 3, torch.channels_last), (4, 5, None)):
+        pieces = [make((4, width, 6, 7), fmt, torch.float16) for _ in range(n_in)]
+        xc = torch.cat(pieces, 1)
+        mean, var = reference.batch_norm_stats(xc)
+        got = ops.batch_norm_cat_with_stats(pieces, mean, var, None, None, None, None, 0.1, 1e-5,
+                                            True)
+        want = ops.batch_norm_train_with_stats(xc, mean, var, None, None, None, None, 0.1, 1e-5,
+                                               None, True)
+        close(f"cat_with_stats {n_in} inputs of {width} channels {fmt}", got[0], want[0], (0, 0))
 
     # strided (non-contiguous) input and grad_output in another layout than the input
     x = make((4, 6, 10, 10), None, torch.float32)[:, :, ::2, 1::2]

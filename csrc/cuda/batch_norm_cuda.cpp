@@ -13,4 +13,5 @@ TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("batch_norm_train_with_stats", &fastnn::cuda::batch_norm_train_with_stats_cuda);
   m.impl("batch_norm_backward_reduce", &fastnn::cuda::batch_norm_backward_reduce_cuda);
   m.impl("batch_norm_backward_elemt", &fastnn::cuda::batch_norm_backward_elemt_cuda);
+  m.impl("batch_norm_cat_with_stats", &fastnn::cuda::batch_norm_cat_with_stats_cuda);
 }

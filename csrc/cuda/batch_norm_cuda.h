@@ -44,6 +44,12 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cat_with_stats_cuda(
+    at::TensorList inputs, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    double momentum, double eps, bool relu);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
     const at::Tensor& input, const at::Tensor& mean, const at::Tensor& var,
     const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,

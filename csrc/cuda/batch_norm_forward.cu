@@ -1,6 +1,7 @@
 // CUDA forward ops: batch_norm_train (statistics -> finalize -> normalize), batch_norm_eval
-// (normalize with the running statistics), and the training forward in parts: batch_norm_stats
-// (statistics -> finalize) and batch_norm_train_with_stats (given statistics -> normalize). Host
+// (normalize with the running statistics), the training forward in parts: batch_norm_stats
+// (statistics -> finalize), batch_norm_train_with_stats (given statistics -> normalize) and
+// batch_norm_cat_with_stats (the same over a list of feature maps), and batch_norm_dual. Host
 // code only; the kernels are in batch_norm_kernels.cuh.
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
@@ -195,6 +196,42 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
                                        with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]), geom,
                                        with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// batch_norm_cat_with_stats's normalize: one launch over every output channel.
+template <typename scalar_t, typename acc_t, int V, bool RELU>
+void cat_launch(const KernelLayout& layout, const CatInputs& in, scalar_t* out,
+                const AffineParams<acc_t>& affine) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (layout.rows) {
+    auto norm = bn_cat_normalize_rows_kernel<scalar_t, acc_t, V, RELU>;
+    static const int bps = blocks_per_sm(norm);
+    const Launch L = plan_rows(layout, V, sm_count() * bps);
+    norm<<<L.grid, L.block, 0, stream>>>(in, out, affine, L.rows);
+  } else {
+    auto norm = bn_cat_normalize_planes_kernel<scalar_t, acc_t, V, RELU>;
+    static const int bps = blocks_per_sm(norm);
+    const Launch L = plan_planes(layout, V, sm_count() * bps);
+    norm<<<L.grid, L.block, 0, stream>>>(in, out, affine, L.planes);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Whether the cat kernels may use V-element vectors: every pointer 16-byte aligned and, so that
+// an input's vectors land on the output's vector boundaries, in rows every input's channel count a
+// multiple of V, in planes each input's offset into the output a multiple of V elements.
+inline bool cat_use_vectors(const KernelLayout& layout, int64_t V, const CatInputs& in,
+                            const void* out) {
+  if (!use_vectors(layout, V, {out})) return false;
+  for (int i = 0; i < in.n; ++i) {
+    const int64_t ci = in.c0[i + 1] - in.c0[i];
+    if (!aligned16(in.ptr[i])) return false;
+    if (layout.rows && ci % V != 0) return false;
+    if (!layout.rows && (((layout.C - ci) * layout.S) % V != 0 || (in.c0[i] * layout.S) % V != 0)) {
+      return false;
+    }
+  }
+  return true;
 }
 
 // batch_norm_stats: the statistics pass and a finalize that writes the mean and the biased
@@ -412,6 +449,75 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
         FASTNN_BOOL_SWITCH(relu, RELU, [&] {
           eval_launch<scalar_t, acc_t, V, RES, RELU>(layout, xp, rp, op, affine);
         });
+      });
+    });
+  });
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cat_with_stats_cuda(
+    at::TensorList inputs, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    double momentum, double eps, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_cat_with_stats";
+  const at::Tensor probe = check_cat_inputs(kOp, inputs);
+  check_train_args(probe, weight, bias, running_mean, running_var, momentum, eps, c10::nullopt);
+  check_stat_tensor(kOp, "mean", probe, mean);
+  check_stat_tensor(kOp, "var", probe, var);
+  TORCH_CHECK(probe.is_cuda(), kOp, ": inputs must be CUDA tensors, got ", probe.device());
+  const c10::cuda::CUDAGuard guard(probe.device());
+  if (inputs.size() > static_cast<size_t>(kMaxCatInputs)) {
+    // More feature maps than one launch takes: normalize their concatenated copy.
+    return batch_norm_train_with_stats_cuda(at::cat(inputs, 1), mean, var, weight, bias,
+                                            running_mean, running_var, momentum, eps,
+                                            c10::nullopt, relu);
+  }
+  at::Tensor out =
+      at::empty(probe.sizes(), probe.options().memory_format(cat_memory_format(inputs)));
+  if (out.numel() == 0) {
+    auto empty = empty_batch_train(out);
+    return {out, std::get<1>(empty), std::get<2>(empty)};
+  }
+  const BNShape shape = bn_shape(out);
+  const KernelLayout layout = kernel_layout(shape);
+  std::vector<at::Tensor> xs;
+  xs.reserve(inputs.size());
+  CatInputs table{};
+  table.n = static_cast<int>(inputs.size());
+  int64_t c0 = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    xs.push_back(inputs[i].contiguous(shape.format));
+    table.ptr[i] = xs.back().data_ptr();
+    table.c0[i] = c0;
+    c0 += inputs[i].size(1);
+  }
+  table.c0[inputs.size()] = c0;
+  const at::ScalarType acc = accumulate_type(probe.scalar_type());
+  const at::TensorOptions stat_options = probe.options().dtype(acc);
+  at::Tensor save_mean = at::empty({shape.C}, stat_options);
+  at::Tensor save_invstd = at::empty({shape.C}, stat_options);
+  const int64_t count = shape.reduce_size();  // > 1, checked above
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(),
+                                  "fastnn_batch_norm_cat_with_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+    acc_t* sm = save_mean.data_ptr<acc_t>();
+    acc_t* si = save_invstd.data_ptr<acc_t>();
+    launch_given_stats<scalar_t, acc_t>(
+        channel_param(mean, acc), channel_param(var, acc), shape.C, eps, sm, si,
+        running_update<acc_t>(running_mean, running_var, acc, momentum, count), stream);
+    AffineParams<acc_t> affine{};
+    affine.weight = channel_param(weight, acc);
+    affine.bias = channel_param(bias, acc);
+    affine = with_saved_stats(affine, sm, si);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const bool vec = cat_use_vectors(layout, kVec, table, op);
+    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+        cat_launch<scalar_t, acc_t, V, RELU>(layout, table, op, affine);
       });
     });
   });

@@ -432,8 +432,14 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // planes layout: a row is a segment of one plane. With V > 1 (every base pointer 16-byte
 // aligned) a row is read as a scalar head up to the first V-aligned element, whole vectors of V,
 // and a scalar tail, so planes of any size and offset get 16-byte accesses; W says which.
+//
+// for_each_plane_row_to also gives f the distance from the input's element to the output's when
+// the output has out_C channels and channel c of the input is channel out_c of the output
+// (batch_norm_cat_with_stats); it is constant along a row, and the host makes it a multiple of V
+// whenever V > 1 so that the output's vectors are aligned as the input's are.
 template <int V, bool REVERSE, typename F>
-__device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c, F&& f) {
+__device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_t c, int64_t out_C,
+                                                      int64_t out_c, F&& f) {
   using One = std::integral_constant<int, 1>;
   using Vec = std::integral_constant<int, V>;
   using Unroll = std::integral_constant<int, kUnroll>;
@@ -452,54 +458,81 @@ __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c
     const int64_t begin = seg * g.seg_len;
     const int len = static_cast<int>(g.seg_len < g.S - begin ? g.seg_len : g.S - begin);
     const int64_t base = (n * g.C + c) * g.S + begin;
+    const int64_t yd = (n * out_C + out_c) * g.S + begin - base;
     if constexpr (V == 1) {
       int i = lane;
-      for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) f(Unroll(), One(), base + i, 32);
-      for (; i < len; i += 32) f(One(), One(), base + i, 32);
+      for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) {
+        f(Unroll(), One(), base + i, 32, yd);
+      }
+      for (; i < len; i += 32) f(One(), One(), base + i, 32, yd);
     } else {
       const int mis = static_cast<int>(base % V);
       const int head = mis == 0 ? 0 : (V - mis < len ? V - mis : len);
       const int nvec = (len - head) / V;
       const int tail = head + nvec * V;
-      if (lane < head) f(One(), One(), base + lane, 0);
+      if (lane < head) f(One(), One(), base + lane, 0, yd);
       const int64_t vbase = base + head;
       constexpr int64_t step = 32 * V;
       int i = lane;
       for (; i + 32 * (kUnroll - 1) < nvec; i += 32 * kUnroll) {
-        f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step);
+        f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       }
-      for (; i < nvec; i += 32) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step);
-      if (lane < len - tail) f(One(), One(), base + tail + lane, 0);
+      for (; i < nvec; i += 32) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
+      if (lane < len - tail) f(One(), One(), base + tail + lane, 0, yd);
     }
   }
 }
 
 template <int V, bool REVERSE, typename F>
-__device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f) {
+__device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c, F&& f) {
+  for_each_plane_row_to<V, REVERSE>(
+      g, c, g.C, c, [&](auto u, auto width, int64_t off, int64_t step, int64_t) {
+        f(u, width, off, step);
+      });
+}
+
+// rows layout. for_each_row_to also gives f the output's offset and step when the output has
+// out_C channels per row and the thread's first input channel is the output's out_col.
+template <int V, bool REVERSE, typename F>
+__device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, int64_t out_C,
+                                                int64_t out_col, F&& f) {
   const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
   if (first >= g.R) return;
   const int64_t count = (g.R - 1 - first) / stride + 1;
   const int64_t col = cv * V;
   const int64_t step = stride * g.C;
+  const int64_t ystep = stride * out_C;
+  using Unroll = std::integral_constant<int, kUnroll>;
+  using One = std::integral_constant<int, 1>;
   int64_t k = 0;
   if (!REVERSE) {
     int64_t off = first * g.C + col;
-    for (; k + kUnroll <= count; k += kUnroll, off += kUnroll * step) {
-      f(std::integral_constant<int, kUnroll>(), off, step);
+    int64_t yoff = first * out_C + out_col;
+    for (; k + kUnroll <= count; k += kUnroll, off += kUnroll * step, yoff += kUnroll * ystep) {
+      f(Unroll(), off, step, yoff, ystep);
     }
-    for (; k < count; ++k, off += step) f(std::integral_constant<int, 1>(), off, step);
+    for (; k < count; ++k, off += step, yoff += ystep) f(One(), off, step, yoff, ystep);
   } else {
     // Last row first; a group of U rows is visited from its lowest row, the groups from the top.
     int64_t remaining = count;
     for (; remaining >= kUnroll; remaining -= kUnroll) {
-      const int64_t off = (first + (remaining - kUnroll) * stride) * g.C + col;
-      f(std::integral_constant<int, kUnroll>(), off, step);
+      const int64_t r = first + (remaining - kUnroll) * stride;
+      f(Unroll(), r * g.C + col, step, r * out_C + out_col, ystep);
     }
     for (; remaining > 0; --remaining) {
-      f(std::integral_constant<int, 1>(), (first + (remaining - 1) * stride) * g.C + col, step);
+      const int64_t r = first + (remaining - 1) * stride;
+      f(One(), r * g.C + col, step, r * out_C + out_col, ystep);
     }
   }
+}
+
+template <int V, bool REVERSE, typename F>
+__device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f) {
+  for_each_row_to<V, REVERSE>(g, cv, g.C, cv * V,
+                              [&](auto u, int64_t off, int64_t step, int64_t, int64_t) {
+                                f(u, off, step);
+                              });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -733,6 +766,95 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
       store_raw<V>(y + off + j * step, o);
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// batch_norm_cat_with_stats: the normalize of the concatenation of up to kMaxCatInputs feature
+// maps along the channels, each read where it is and written into its channels of the output, in
+// one launch. The per-channel parameters are those of the concatenation (output channel c).
+
+constexpr int kMaxCatInputs = 64;
+
+struct CatInputs {
+  int n;                                // inputs
+  const void* ptr[kMaxCatInputs];       // each contiguous in the output's memory format
+  int64_t c0[kMaxCatInputs + 1];        // first output channel of each input; c0[n] = C
+};
+
+// The input that holds output channel c (c0 is increasing).
+__device__ __forceinline__ int cat_input_of(const CatInputs& in, int64_t c) {
+  int i = 0;
+  while (i + 1 < in.n && in.c0[i + 1] <= c) ++i;
+  return i;
+}
+
+// planes: block (c, y) normalizes output channel c, read from its input's plane.
+template <typename scalar_t, typename acc_t, int V, bool RELU>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_cat_normalize_planes_kernel(CatInputs in, scalar_t* __restrict__ y, AffineParams<acc_t> p,
+                                   PlaneGeom g) {
+  const int64_t c = blockIdx.x;
+  const int k = cat_input_of(in, c);
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(in.ptr[k]);
+  PlaneGeom gi = g;  // the input's geometry: its own channel count
+  gi.C = in.c0[k + 1] - in.c0[k];
+  acc_t mean, scale, shift;
+  channel_affine<scalar_t>(p, c, mean, scale, shift);
+  for_each_plane_row_to<V, false>(
+      gi, c - in.c0[k], g.C, c,
+      [&](auto u, auto width, int64_t off, int64_t step, int64_t yd) {
+        constexpr int U = decltype(u)::value;
+        constexpr int W = decltype(width)::value;
+        scalar_t v[U][W];
+#pragma unroll
+        for (int j = 0; j < U; ++j) load_raw<W>(x + off + j * step, v[j]);
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+          scalar_t o[W];
+#pragma unroll
+          for (int i = 0; i < W; ++i) {
+            o[i] = normalize_one<false, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean, scale,
+                                                        shift, acc_t(0));
+          }
+          store_raw<W>(y + off + yd + j * step, o);
+        }
+      });
+}
+
+// rows: thread cv normalizes output channels [cv * V, cv * V + V), all in one input (the host
+// takes V > 1 only when every input's channel count is a multiple of V).
+template <typename scalar_t, typename acc_t, int V, bool RELU>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_cat_normalize_rows_kernel(CatInputs in, scalar_t* __restrict__ y, AffineParams<acc_t> p,
+                                 RowGeom g) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= g.Cv) return;
+  const int64_t c = cv * V;
+  const int k = cat_input_of(in, c);
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(in.ptr[k]);
+  const int64_t ck = in.c0[k + 1] - in.c0[k];
+  const RowGeom gi{g.R, ck, ck / V};
+  acc_t mean[V], scale[V], shift[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, c + i, mean[i], scale[i], shift[i]);
+  for_each_row_to<V, false>(
+      gi, (c - in.c0[k]) / V, g.C, c,
+      [&](auto u, int64_t off, int64_t step, int64_t yoff, int64_t ystep) {
+        constexpr int U = decltype(u)::value;
+        scalar_t v[U][V];
+#pragma unroll
+        for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+          scalar_t o[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            o[i] = normalize_one<false, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean[i],
+                                                        scale[i], shift[i], acc_t(0));
+          }
+          store_raw<V>(y + yoff + j * ystep, o);
+        }
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
