@@ -169,7 +169,11 @@ SHAPES = [  # (shape, memory format)
     ((2, 5, 3, 4, 5), None), ((2, 5, 3, 4, 5), torch.channels_last_3d),
     ((2, 8, 2, 4, 4), torch.channels_last_3d),
 ]
-if not SMALL:
+if SMALL:  # under the sanitizers: each layout and access path once
+    SHAPES = [((7, 16), None), ((4, 5, 6, 7), None), ((4, 5, 6, 7), torch.channels_last),
+              ((3, 16, 4, 8), None), ((3, 16, 4, 8), torch.channels_last), ((2, 1, 9, 9), None),
+              ((2, 24, 1, 1), torch.channels_last), ((2, 8, 2, 4, 4), torch.channels_last_3d)]
+else:
     SHAPES += [((8, 64, 56, 56), None), ((8, 64, 56, 56), torch.channels_last),
                ((16, 256, 7, 7), None), ((16, 256, 7, 7), torch.channels_last),
                ((2, 3, 1000, 1100), None), ((1, 40, 2100, 3), torch.channels_last),
@@ -246,15 +250,20 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
 
 
 def check_cat(name, x, w, b, rm, rv, relu):
-    """batch_norm_cat_with_stats of x split along its channels (one piece empty when C allows)
-    against batch_norm_train_with_stats of x itself: the same normalize, so bitwise equal."""
+    """batch_norm_cat_with_stats of x split along its channels against
+    batch_norm_train_with_stats of x itself: the same normalize, so bitwise equal. Cuts fall on
+    multiples of 8 channels where C allows (the vector path of channels-last inputs); an empty
+    piece is added only to channels-first inputs (it makes torch.cat's result channels-first)."""
     C = x.shape[1]
-    cuts = sorted({0, C // 3, C // 3, C - C // 4, C})
+    if C % 8 == 0:
+        cuts = sorted({0, C // 3 // 8 * 8, (3 * C // 4) // 8 * 8, C})
+    else:
+        cuts = sorted({0, C // 3, C - C // 4, C})
     pieces = [x[:, a:b_] for a, b_ in zip(cuts[:-1], cuts[1:])]
-    if C >= 2:
-        pieces.insert(1, x[:, :0])
     fmt = torch.channels_last if layout_of(x) == "cl" else (
         torch.channels_last_3d if layout_of(x) == "cl3d" else torch.contiguous_format)
+    if C >= 2 and fmt == torch.contiguous_format:
+        pieces.insert(1, x[:, :0])
     pieces = [t.contiguous(memory_format=fmt) for t in pieces]
     mean, var = reference.batch_norm_stats(x)
     rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
@@ -399,17 +408,33 @@ def main():
         check_case((3, 16, 4, 8), torch.channels_last, dtype, True, True, True, "acc", misalign=True)
         check_case((3, 16, 4, 8), None, dtype, True, True, True, "acc", misalign=True)
 
-    # batch_norm_cat_with_stats: more inputs than one launch takes (the concatenated copy), and
-    # pieces whose channel counts keep the output's vectors off their boundaries (scalar path)
-    for n_in, width, fmt in ((70, 1, None), (5, 3, torch.channels_last), (4, 5, None)):
-        pieces = [make((4, width, 6, 7), fmt, torch.float16) for _ in range(n_in)]
+    # batch_norm_cat_with_stats: more inputs than one launch takes (the concatenated copy);
+    # pieces whose channel counts keep the output's vectors off their boundaries (scalar path);
+    # 8/16/8-channel pieces of 7x7 planes (vectors with a scalar head and tail per plane) in
+    # both layouts; exactly the inputs one launch takes.
+    cat_cases = [((1,) * 70, torch.float16, None), ((3,) * 5, torch.float16, torch.channels_last),
+                 ((5,) * 4, torch.float16, None), ((1,) * 64, torch.float32, None)]
+    for dtype in (torch.float16, torch.float32):
+        for fmt in (None, torch.channels_last):
+            cat_cases.append(((8, 16, 8), dtype, fmt))
+    for widths, dtype, fmt in cat_cases:
+        pieces = [make((4, wd, 7, 7), fmt, dtype) for wd in widths]
         xc = torch.cat(pieces, 1)
         mean, var = reference.batch_norm_stats(xc)
-        got = ops.batch_norm_cat_with_stats(pieces, mean, var, None, None, None, None, 0.1, 1e-5,
+        C = xc.shape[1]
+        rm1, rv1 = torch.zeros(C, device=dev), torch.ones(C, device=dev)
+        rm2, rv2 = rm1.clone(), rv1.clone()
+        got = ops.batch_norm_cat_with_stats(pieces, mean, var, None, None, rm1, rv1, 0.1, 1e-5,
                                             True)
-        want = ops.batch_norm_train_with_stats(xc, mean, var, None, None, None, None, 0.1, 1e-5,
+        want = ops.batch_norm_train_with_stats(xc, mean, var, None, None, rm2, rv2, 0.1, 1e-5,
                                                None, True)
-        close(f"cat_with_stats {n_in} inputs of {width} channels {fmt}", got[0], want[0], (0, 0))
+        tag = f"cat_with_stats {len(widths)} inputs of {set(widths)} channels {dtype} {fmt}"
+        close(tag + " out", got[0], want[0], (0, 0))
+        close(tag + " running_mean", rm1, rm2, (0, 0))
+        close(tag + " running_var", rv1, rv2, (0, 0))
+        if layout_of(got[0]) != layout_of(xc):
+            failures.append(f"{tag}: output layout {layout_of(got[0])}, torch.cat's "
+                            f"{layout_of(xc)}")
 
     # strided (non-contiguous) input and grad_output in another layout than the input
     x = make((4, 6, 10, 10), None, torch.float32)[:, :, ::2, 1::2]

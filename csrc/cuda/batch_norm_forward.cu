@@ -225,6 +225,7 @@ inline bool cat_use_vectors(const KernelLayout& layout, int64_t V, const CatInpu
   if (!use_vectors(layout, V, {out})) return false;
   for (int i = 0; i < in.n; ++i) {
     const int64_t ci = in.c0[i + 1] - in.c0[i];
+    if (ci == 0) continue;  // never read
     if (!aligned16(in.ptr[i])) return false;
     if (layout.rows && ci % V != 0) return false;
     if (!layout.rows && (((layout.C - ci) * layout.S) % V != 0 || (in.c0[i] * layout.S) % V != 0)) {
