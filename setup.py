@@ -57,26 +57,44 @@ def _nvidia_pip_includes():
     return out
 
 
-def _cpu_flags():
-    # -fno-math-errno: sqrt and friends compile to instructions (and vectorize); fastnn never
-    # reads errno.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    # at::vec picks its instruction set from CPU_CAPABILITY; build the kernels for AVX2+FMA when the
-    # building machine has them (FASTNN_CPU_ARCH=default opts out, e.g. for portable wheels).
-    arch = os.environ.get("FASTNN_CPU_ARCH", "auto")
-    has_avx2 = False
-    if arch == "auto" and sys.platform.startswith("linux"):
+# CPU instruction sets the kernels can be built for: the flags, and the /proc/cpuinfo flags a CPU
+# needs to run the result.
+_CPU_ISAS = {
+    "avx2": (["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+             ["avx2", "fma", "f16c"]),
+    "avx512": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+               ["avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"]),
+}
+
+
+def _cpu_isa():
+    """The instruction set of the CPU kernels: FASTNN_CPU_ARCH=auto (default: AVX2 when the
+    building machine has it), avx2, avx512 (opt-in: faster bfloat16/float16 kernels on CPUs with
+    AVX-512, see README) or default (portable)."""
+    arch = os.environ.get("FASTNN_CPU_ARCH", "auto").strip().lower()
+    if arch in _CPU_ISAS or arch == "default":
+        return arch
+    if arch != "auto":
+        raise SystemExit(f"FASTNN_CPU_ARCH must be auto, default, avx2 or avx512, got {arch!r}")
+    if sys.platform.startswith("linux"):
         try:
             with open("/proc/cpuinfo") as f:
-                info = f.read()
-            has_avx2 = " avx2" in info and " fma" in info
+                flags = set(f.read().split())
+            if all(flag in flags for flag in _CPU_ISAS["avx2"][1]):
+                return "avx2"
         except OSError:
             pass
-    elif arch == "avx2":
-        has_avx2 = True
-    if has_avx2:
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags, has_avx2
+    return "default"
+
+
+def _cpu_flags(isa):
+    # -fno-math-errno: sqrt and friends compile to instructions (and vectorize); fastnn never
+    # reads errno. at::vec picks its instruction set from CPU_CAPABILITY.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    if isa in _CPU_ISAS:
+        flags += _CPU_ISAS[isa][0]
+    return flags
 
 
 def _extensions():
@@ -84,7 +102,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags, has_avx2 = _cpu_flags()
+    isa = _cpu_isa()
+    cxx_flags = _cpu_flags(isa)
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
 
     want = os.environ.get("FASTNN_CUDA", "auto").lower()
@@ -133,12 +152,12 @@ def _extensions():
                      "--expt-relaxed-constexpr"],
         }
         ext = cpp_extension.CUDAExtension(**kwargs)
-        _log(f"building CPU ({'AVX2' if has_avx2 else 'default'} vectors) and CUDA kernels "
+        _log(f"building CPU ({isa} vectors) and CUDA kernels "
              f"({why}; arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'detected')}; "
              f"{len(cu_sources)} CUDA sources)")
     else:
         ext = cpp_extension.CppExtension(**kwargs)
-        _log(f"building CPU kernels only ({'AVX2' if has_avx2 else 'default'} vectors; "
+        _log(f"building CPU kernels only ({isa} vectors; "
              f"no CUDA: {why})")
     return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
 
@@ -146,10 +165,14 @@ def _extensions():
 def _write_build_info():
     import torch
 
+    isa = _cpu_isa()
     with open(os.path.join(ROOT, "fastnn", "_build_info.py"), "w") as f:
-        f.write("# Written by setup.py: the torch this build of fastnn._C was compiled against.\n")
+        f.write("# Written by setup.py: the torch this build of fastnn._C was compiled against,\n"
+                "# and the instruction set of its CPU kernels with the CPU flags it needs.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
+        f.write(f"CPU_ISA = {isa!r}\n")
+        f.write(f"CPU_FLAGS = {tuple(_CPU_ISAS[isa][1]) if isa in _CPU_ISAS else ()!r}\n")
 
 
 _write_build_info()

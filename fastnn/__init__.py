@@ -14,8 +14,9 @@ def backend_info() -> dict:
     """Which devices run compiled fastnn kernels, and why any do not.
 
     Returns a dict with ``compiled`` (fastnn._C loaded), ``devices`` (device types with kernels,
-    e.g. ``('cpu', 'cuda')``), ``reason`` (why the reference is used, or None), ``torch`` and
-    ``cuda_available``.
+    e.g. ``('cpu', 'cuda')``), ``reason`` (why the reference is used, or None), ``torch``,
+    ``built_against_torch``, ``cpu_isa`` (the instruction set of the CPU kernels: 'avx2',
+    'avx512' or 'default') and ``cuda_available``.
     """
     try:
         from fastnn import _build_info
@@ -28,5 +29,6 @@ def backend_info() -> dict:
         "reason": _ext.reason(),
         "torch": torch.__version__,
         "built_against_torch": built,
+        "cpu_isa": _ext.cpu_isa(),
         "cuda_available": torch.cuda.is_available(),
     }

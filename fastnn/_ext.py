@@ -18,6 +18,17 @@ def _torch_major_minor(version):
     return ".".join(version.split("+")[0].split(".")[:2])
 
 
+def _cpu_lacks(flags):
+    """The CPU flags (as /proc/cpuinfo names them) this machine lacks, of `flags`; empty where
+    that cannot be read (not Linux), since then nothing is known to be missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = set(f.read().split())
+    except OSError:
+        return []
+    return [flag for flag in flags if flag not in have]
+
+
 def _load():
     global _loaded, _reason
     backend = os.environ.get("FASTNN_BACKEND", "auto").strip().lower()
@@ -29,11 +40,17 @@ def _load():
     try:
         from fastnn import _build_info  # written by setup.py next to the extension
         built = _build_info.TORCH_VERSION
+        isa = getattr(_build_info, "CPU_ISA", None)
+        missing = _cpu_lacks(getattr(_build_info, "CPU_FLAGS", ()))
     except ImportError:
-        built = None
+        built, isa, missing = None, None, []
     if built is not None and _torch_major_minor(built) != _torch_major_minor(torch.__version__):
         _reason = (f"fastnn._C was built against torch {built} but torch {torch.__version__} is "
                    f"installed; rebuild fastnn (pip install --no-build-isolation .)")
+    elif missing:
+        # Loading it would be safe, but its first CPU kernel would stop the process (SIGILL).
+        _reason = (f"fastnn._C's CPU kernels were built for {isa} but this CPU lacks "
+                   f"{', '.join(missing)}; rebuild fastnn with FASTNN_CPU_ARCH=auto")
     else:
         try:
             importlib.import_module("fastnn._C")  # loading the library registers the ops
@@ -60,8 +77,7 @@ def reason():
     return _reason
 
 
-# Every op of csrc/fastnn.cpp. The three of the original forward/backward path have kernels on
-# each device fastnn._C was built for; the others may not (yet) on every device.
+# Every op of csrc/fastnn.cpp; an older fastnn._C may lack some of them on some device.
 OPS = ("batch_norm_train", "batch_norm_eval", "batch_norm_backward", "batch_norm_dual",
        "batch_norm_dual_backward", "batch_norm_stats",
        "batch_norm_train_with_stats", "batch_norm_backward_reduce", "batch_norm_backward_elemt",
@@ -85,6 +101,16 @@ def _registered_devices(op):
 # through (it cannot trace the dispatcher query itself).
 _op_devices = {op: _registered_devices(op) for op in OPS}
 _devices = _op_devices["batch_norm_train"]
+
+
+def cpu_isa():
+    """The instruction set fastnn._C's CPU kernels were built for ('avx2', 'avx512', 'default'),
+    or None when unknown."""
+    try:
+        from fastnn import _build_info
+    except ImportError:
+        return None
+    return getattr(_build_info, "CPU_ISA", None)
 
 
 def kernel_devices(op="batch_norm_train"):

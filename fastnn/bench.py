@@ -246,6 +246,7 @@ def collect_env(device: torch.device) -> dict:
         "fastnn_kernel_devices": list(info.get("devices") or ()),
         "fastnn_reason": info.get("reason"),
         "fastnn_backend": ("compiled" if fastnn.ops.has_kernel(device.type) else "reference"),
+        "fastnn_cpu_isa": info.get("cpu_isa"),
         "git_commit": commit,
         "git_dirty": dirty,
         "cache_bytes": cache_bytes(device),
@@ -267,7 +268,9 @@ def collect_env(device: torch.device) -> dict:
 
 def backend_line(env: dict) -> str:
     if env["fastnn_backend"] == "compiled":
-        return f"fastnn backend: compiled kernels on {env['device_type']}"
+        isa = env.get("fastnn_cpu_isa")
+        return (f"fastnn backend: compiled kernels on {env['device_type']}"
+                + (f" ({isa} CPU kernels)" if env["device_type"] == "cpu" and isa else ""))
     return (f"fastnn backend: REFERENCE (pure PyTorch) on {env['device_type']}: "
             f"{env['fastnn_reason'] or 'fastnn._C has no kernel for this device'}")
 
@@ -277,7 +280,7 @@ def env_lines(env: dict) -> List[str]:
              + (f" (sm_{env['gpu_capability'].replace('.', '')}, {env['gpu_memory_gib']} GiB, "
                 f"driver {env['driver']}, cuDNN {env['cudnn']})" if env["device_type"] == "cuda"
                 else f" ({env['cpu_count']} cores, torch threads {env['torch_threads']}, "
-                     f"{env['cpu_capability']}, allocator: "
+                     f"torch {env['cpu_capability']}, allocator: "
                      f"{env.get('cpu_allocator', 'system default')})"),
              f"torch {env['torch']} (CUDA {env['torch_cuda']}), torchvision {env['torchvision']}, "
              f"python {env['python']}, fastnn {env['fastnn']}",

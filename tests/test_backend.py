@@ -140,7 +140,7 @@ def test_fallback_warning_when_extension_cannot_load():
 # The loader's other branches, run in-process: _ext._load() only sets _ext._reason (restored by
 # monkeypatch) and warns or raises, it never unloads what is loaded.
 
-def _reload(monkeypatch, backend=None, block_c=False, built=None):
+def _reload(monkeypatch, backend=None, block_c=False, built=None, cpu_flags=None):
     monkeypatch.setattr(_ext, "_reason", _ext._reason)
     monkeypatch.setattr(_ext, "_loaded", _ext._loaded)
     if backend is None:
@@ -149,9 +149,11 @@ def _reload(monkeypatch, backend=None, block_c=False, built=None):
         monkeypatch.setenv("FASTNN_BACKEND", backend)
     if block_c:
         monkeypatch.setitem(sys.modules, "fastnn._C", None)
-    if built is not None:
+    if built is not None or cpu_flags is not None:
         info = types.ModuleType("fastnn._build_info")
-        info.TORCH_VERSION = built
+        info.TORCH_VERSION = built or torch.__version__
+        if cpu_flags is not None:
+            info.CPU_ISA, info.CPU_FLAGS = cpu_flags
         monkeypatch.setitem(sys.modules, "fastnn._build_info", info)
         monkeypatch.setattr(fastnn, "_build_info", info, raising=False)
     _ext._load()
@@ -175,6 +177,34 @@ def test_loader_warns_when_built_against_other_torch(monkeypatch):
                                             "installed; rebuild fastnn"):
         reason = _reload(monkeypatch, built="1.0.0")
     assert "1.0.0" in reason
+
+
+def test_loader_refuses_kernels_for_an_instruction_set_the_cpu_lacks(monkeypatch):
+    # A build for another CPU would stop the process at its first CPU kernel (SIGILL): the
+    # loader says so and falls back to the reference instead.
+    with pytest.warns(RuntimeWarning, match="CPU kernels were built for avx512 but this CPU "
+                                            "lacks no_such_flag; rebuild fastnn with "
+                                            "FASTNN_CPU_ARCH=auto"):
+        reason = _reload(monkeypatch, cpu_flags=("avx512", ("no_such_flag",)))
+    assert "no_such_flag" in reason
+
+
+def test_loader_accepts_kernels_for_this_cpu(monkeypatch):
+    if not fastnn.ops.available():
+        pytest.skip("fastnn._C is not loaded")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _reload(monkeypatch, cpu_flags=("default", ())) is None
+
+
+def test_build_info_flags_are_this_cpus():
+    # fastnn._C is loaded only when the CPU has every flag its kernels were built for.
+    info = fastnn.backend_info()
+    if not info["compiled"]:
+        pytest.skip("fastnn._C is not loaded")
+    assert info["cpu_isa"] in ("avx2", "avx512", "default")
+    from fastnn import _build_info
+    assert _ext._cpu_lacks(_build_info.CPU_FLAGS) == []
 
 
 def test_loader_warns_when_extension_missing(monkeypatch):
