@@ -38,6 +38,8 @@ LAYOUTS = {
     "3d": ((4, 5, 7), torch.contiguous_format),
     "nchw": ((4, 5, 6, 7), torch.contiguous_format),
     "nhwc": ((4, 5, 6, 7), torch.channels_last),
+    # rows wider than a CPU column block (512): element-wise passes go row by row
+    "nhwc_wide": ((3, 600, 2, 3), torch.channels_last),
     "ncdhw": ((2, 5, 3, 4, 5), torch.contiguous_format),
     "ndhwc": ((2, 5, 3, 4, 5), torch.channels_last_3d),
 }

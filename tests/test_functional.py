@@ -35,6 +35,7 @@ def test_matches_torch(backend, device, dtype, half_params, layout, training, fu
 @pytest.mark.parametrize("shape", [
     (2, 1), (2, 1, 1), (2, 3, 1, 1), (2, 7, 1, 1, 1), (3, 1, 5, 3), (2, 7, 3, 1), (5, 3, 1, 9),
     (2, 7, 1, 3, 1), (2, 64, 3, 3), (8, 3, 17, 19), (2, 1000), (300, 3), (2, 129, 33),
+    (3, 1000, 2, 3), (2, 520, 1, 3, 2),
 ], ids=str)
 @pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

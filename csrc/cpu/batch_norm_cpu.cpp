@@ -219,7 +219,7 @@ void parallel_planes(const Plan& p, const F& f) {
 // Element-wise passes over the rows layout. With rows of at most kMaxColumnBlock values the
 // tensor is periodic with period W from its start, so spans of `reps` whole rows (parameters
 // expanded to reps * W columns) replace row-long ones: fewer spans, no per-row overhead on
-// narrow channels-last rows. Wider rows go column block by column block.
+// narrow channels-last rows. Wider rows go one row per span.
 struct RowSpans {
   int64_t reps = 1;   // rows per span
   int64_t width = 0;  // parameter columns: reps * W
@@ -237,8 +237,8 @@ std::vector<A> expand_span_columns(const Plan& p, const RowSpans& rs, const A* p
   return columns_of(p, per_channel, rs.width);
 }
 
-// f(offset, length, first column) over every span, in parallel; each thread fences its
-// non-temporal stores (kStream) before it leaves.
+// f(offset, length) over every span, in parallel, each span starting at column 0 of the
+// expanded parameters; each thread fences its non-temporal stores (kStream) before it leaves.
 template <bool kStream, typename F>
 void parallel_row_spans(const Plan& p, const RowSpans& rs, const F& f) {
   if (p.col_blocks == 1) {
@@ -248,19 +248,22 @@ void parallel_row_spans(const Plan& p, const RowSpans& rs, const F& f) {
                      [&](int64_t begin, int64_t end) {
                        for (int64_t t = begin; t < end; ++t) {
                          const int64_t o = t * rs.width;
-                         f(o, std::min(rs.width, total - o), int64_t(0));
+                         f(o, std::min(rs.width, total - o));
                        }
                        if (kStream) stream_fence();
                      });
     return;
   }
-  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c0 = (t % p.col_blocks) * p.col_block;
-      for_item_rows(p, t, [&](int64_t o, int64_t n) { f(o, n, c0); });
-    }
-    if (kStream) stream_fence();
-  });
+  // Wide rows: each row one span (the parameters cover a whole row). Column blocks, which the
+  // statistics passes use, would walk memory in row-strided runs of a few hundred values that
+  // the hardware prefetchers follow poorly: whole rows made channels-last inference of
+  // (32, 2048, 7, 7) bfloat16 2.1x faster (benchmarks/results/cpu-wide-rows-2026-11-29).
+  const int64_t n_rows = p.total_rows();
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, kMinParallelElements / p.W),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) f(r * p.W, p.row_width(r));
+                     if (kStream) stream_fence();
+                   });
 }
 
 // Stores a unit, non-temporally when kStream (the caller has aligned the address).
@@ -882,20 +885,20 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean
   const std::vector<A> shift_w = expand_span_columns(p, rs, shift);
   const std::vector<A> rmean_w = kAffine ? expand_span_columns(p, rs, rmean) : std::vector<A>();
   const std::vector<A> rscale_w = kAffine ? expand_span_columns(p, rs, rscale) : std::vector<A>();
-  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
-    const PerColumn<A> m(mean_w.data() + c0), s(scale_w.data() + c0), h(shift_w.data() + c0);
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    const PerColumn<A> m(mean_w.data()), s(scale_w.data()), h(shift_w.data());
     const T* rr = kResidual ? r + o : nullptr;
     const auto ra = [&] {
       if constexpr (kAffine) {
-        return ResidualAffine<PerColumn<A>>{PerColumn<A>(rmean_w.data() + c0),
-                                            PerColumn<A>(rscale_w.data() + c0)};
+        return ResidualAffine<PerColumn<A>>{PerColumn<A>(rmean_w.data()),
+                                            PerColumn<A>(rscale_w.data())};
       } else {
         return PlainResidual{};
       }
     }();
     if constexpr (kLow) {
       forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
-                                              PerColumn<A>(mean_lo_w.data() + c0), s, h, ra);
+                                              PerColumn<A>(mean_lo_w.data()), s, h, ra);
     } else {
       forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h, ra);
     }
@@ -987,9 +990,9 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
   const std::vector<A> a_w = expand_span_columns(p, rs, a);
   const std::vector<A> k1_w = expand_span_columns(p, rs, k1);
   const std::vector<A> k2_w = expand_span_columns(p, rs, k2);
-  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
-    const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0), b1(k1_w.data() + c0),
-        b2(k2_w.data() + c0);
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    const PerColumn<A> m(mean_w.data()), av(a_w.data()), b1(k1_w.data()),
+        b2(k2_w.data());
     grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av,
                                     b1, b2);
   });
@@ -1088,8 +1091,8 @@ void dual_input_grad(const Plan& p, const T* g, const T* out, const T* x, const 
   const RowSpans rs = row_spans(p);
   std::vector<std::vector<A>> w;
   for (const A* values : k) w.push_back(expand_span_columns(p, rs, values));
-  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n, int64_t c0) {
-    auto b = [&](int i) { return PerColumn<A>(w[i].data() + c0); };
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    auto b = [&](int i) { return PerColumn<A>(w[i].data()); };
     dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o, dx + o,
                                          dz + o, n, b(0), b(1), b(2), b(3), b(4), b(5), b(6),
                                          b(7));
