@@ -2,6 +2,7 @@
 torch are present (FASTNN_CUDA=0/1 forces them off/on)."""
 import glob
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -88,6 +89,18 @@ def _cpu_isa():
     return "default"
 
 
+def _reduced_isa(isa):
+    """The instruction set of fastnn._C_avx512, the second build of the CPU kernels that an
+    AVX2 build routes bfloat16/float16 inputs to on CPUs with AVX-512; None when it is not built
+    (another main instruction set, not x86-64 Linux, or FASTNN_CPU_AVX512=0)."""
+    if isa != "avx2" or os.environ.get("FASTNN_CPU_AVX512", "1").strip().lower() in ("0", "off",
+                                                                                   "false", "no"):
+        return None
+    if not (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")):
+        return None
+    return "avx512"
+
+
 def _cpu_flags(isa):
     # -fno-math-errno: sqrt and friends compile to instructions (and vectorize); fastnn never
     # reads errno. at::vec picks its instruction set from CPU_CAPABILITY.
@@ -159,7 +172,20 @@ def _extensions():
         ext = cpp_extension.CppExtension(**kwargs)
         _log(f"building CPU kernels only ({isa} vectors; "
              f"no CUDA: {why})")
-    return [ext], cpp_extension.BuildExtension.with_options(use_ninja=True)
+    exts = [ext]
+    reduced = _reduced_isa(isa)
+    if reduced:
+        exts.append(cpp_extension.CppExtension(
+            name="fastnn._C_avx512",
+            sources=sorted(glob.glob("csrc/cpu/avx512/*.cpp")),
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=[("TORCH_EXTENSION_NAME", "_C_avx512"), ("FASTNN_CPU_KERNEL_TABLE", "1")],
+            extra_compile_args={"cxx": _cpu_flags(reduced)},
+            py_limited_api=False,
+        ))
+        _log(f"building {reduced} CPU kernels for bfloat16/float16 too (fastnn._C_avx512; "
+             f"FASTNN_CPU_AVX512=0 skips them)")
+    return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 
 
 def _write_build_info():
@@ -173,6 +199,10 @@ def _write_build_info():
         f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
         f.write(f"CPU_ISA = {isa!r}\n")
         f.write(f"CPU_FLAGS = {tuple(_CPU_ISAS[isa][1]) if isa in _CPU_ISAS else ()!r}\n")
+        reduced = _reduced_isa(isa)
+        f.write("# fastnn._C_avx512 (bfloat16/float16 CPU kernels), when built.\n")
+        f.write(f"CPU_REDUCED_ISA = {reduced!r}\n")
+        f.write(f"CPU_REDUCED_FLAGS = {tuple(_CPU_ISAS[reduced][1]) if reduced else ()!r}\n")
 
 
 _write_build_info()

@@ -3,10 +3,31 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// `import fastnn._C` only has to load this shared library: the ops register themselves.
+namespace fastnn {
+namespace cpu {
+// csrc/cpu/batch_norm_cpu.cpp: route bfloat16/float16 CPU inputs through another build's kernels.
+bool set_reduced_cpu_kernels(const void* table);
+}  // namespace cpu
+}  // namespace fastnn
+
+namespace {
+// _use_reduced_cpu_kernels(capsule) -> bool: the kernel table of fastnn._C_avx512.
+PyObject* use_reduced_cpu_kernels(PyObject*, PyObject* capsule) {
+  void* table = PyCapsule_GetPointer(capsule, "fastnn.cpu_kernel_table");
+  if (table == nullptr) return nullptr;
+  return PyBool_FromLong(fastnn::cpu::set_reduced_cpu_kernels(table) ? 1 : 0);
+}
+
+PyMethodDef kMethods[] = {
+    {"_use_reduced_cpu_kernels", use_reduced_cpu_kernels, METH_O,
+     "Run bfloat16/float16 CPU inputs on the kernels of fastnn._C_avx512 (its `kernels`)."},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
+// `import fastnn._C` loads this shared library, and the ops register themselves.
 extern "C" {
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMethods};
   return PyModule_Create(&module_def);
 }
 }

@@ -16,7 +16,9 @@ def backend_info() -> dict:
     Returns a dict with ``compiled`` (fastnn._C loaded), ``devices`` (device types with kernels,
     e.g. ``('cpu', 'cuda')``), ``reason`` (why the reference is used, or None), ``torch``,
     ``built_against_torch``, ``cpu_isa`` (the instruction set of the CPU kernels: 'avx2',
-    'avx512' or 'default') and ``cuda_available``.
+    'avx512' or 'default'), ``cpu_isa_bf16_fp16`` (that of the kernels bfloat16/float16 CPU
+    inputs run on: 'avx512' on CPUs with AVX-512 when fastnn._C_avx512 was built, else the same
+    as ``cpu_isa``) and ``cuda_available``.
     """
     try:
         from fastnn import _build_info
@@ -30,5 +32,6 @@ def backend_info() -> dict:
         "torch": torch.__version__,
         "built_against_torch": built,
         "cpu_isa": _ext.cpu_isa(),
+        "cpu_isa_bf16_fp16": _ext.cpu_reduced_isa() or _ext.cpu_isa(),
         "cuda_available": torch.cuda.is_available(),
     }

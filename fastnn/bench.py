@@ -247,6 +247,7 @@ def collect_env(device: torch.device) -> dict:
         "fastnn_reason": info.get("reason"),
         "fastnn_backend": ("compiled" if fastnn.ops.has_kernel(device.type) else "reference"),
         "fastnn_cpu_isa": info.get("cpu_isa"),
+        "fastnn_cpu_isa_bf16_fp16": info.get("cpu_isa_bf16_fp16"),
         "git_commit": commit,
         "git_dirty": dirty,
         "cache_bytes": cache_bytes(device),
@@ -269,8 +270,12 @@ def collect_env(device: torch.device) -> dict:
 def backend_line(env: dict) -> str:
     if env["fastnn_backend"] == "compiled":
         isa = env.get("fastnn_cpu_isa")
-        return (f"fastnn backend: compiled kernels on {env['device_type']}"
-                + (f" ({isa} CPU kernels)" if env["device_type"] == "cpu" and isa else ""))
+        reduced = env.get("fastnn_cpu_isa_bf16_fp16")
+        what = ""
+        if env["device_type"] == "cpu" and isa:
+            what = (f" ({isa} CPU kernels" + (f"; {reduced} for bfloat16/float16" if reduced and
+                                              reduced != isa else "") + ")")
+        return f"fastnn backend: compiled kernels on {env['device_type']}{what}"
     return (f"fastnn backend: REFERENCE (pure PyTorch) on {env['device_type']}: "
             f"{env['fastnn_reason'] or 'fastnn._C has no kernel for this device'}")
 

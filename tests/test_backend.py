@@ -259,3 +259,58 @@ def test_backends_take_their_path(cpu_backend, monkeypatch):
         assert calls == []
     else:
         assert calls == ["batch_norm_train", "batch_norm_eval", "batch_norm_train"]
+
+
+# fastnn._C_avx512: bfloat16/float16 CPU inputs on the AVX-512 build of the same kernels.
+
+_REDUCED_OPS = textwrap.dedent("""
+    import json, sys, torch, fastnn
+    torch.manual_seed(0)
+    out = {"isa": fastnn.backend_info()["cpu_isa_bf16_fp16"]}
+    for dtype in (torch.bfloat16, torch.float16):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = (torch.randn(4, 24, 5, 7) * 2 + 1).to(dtype).contiguous(memory_format=fmt)
+            r = torch.randn_like(x)
+            w, b = torch.rand(24) + 0.5, torch.randn(24)
+            rm, rv = torch.zeros(24), torch.ones(24)
+            y, m, i = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, r, True)
+            g = torch.ops.fastnn.batch_norm_backward(r, x, w, y, m, i, True, True, True)
+            e = torch.ops.fastnn.batch_norm_eval(x, w, b, rm, rv, 1e-5, r, True)
+            key = f"{dtype} {fmt}"
+            out[key] = [t.float().flatten().tolist() for t in (y, m, i, rm, rv, e, *g)]
+    json.dump(out, sys.stdout)
+""")
+
+
+def _reduced_ops(env_extra):
+    env = {**os.environ, **env_extra, "PYTHONPATH": os.pathsep.join(
+        filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-c", _REDUCED_OPS], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+@pytest.mark.skipif(not fastnn.ops.has_kernel("cpu"), reason="fastnn._C is not loaded")
+def test_avx512_bf16_fp16_kernels_agree_with_the_main_build():
+    info = fastnn.backend_info()
+    if info["cpu_isa_bf16_fp16"] == info["cpu_isa"]:
+        pytest.skip("bfloat16/float16 CPU inputs run on the main build here "
+                    f"({info['cpu_isa']}): no AVX-512 build, or a CPU without AVX-512")
+    routed = _reduced_ops({})
+    own = _reduced_ops({"FASTNN_CPU_AVX512": "0"})
+    assert routed["isa"] == "avx512" and own["isa"] == info["cpu_isa"]
+    for key in routed:
+        if key == "isa":
+            continue
+        for a, b_ in zip(routed[key], own[key]):
+            # Different vector widths sum in another order: the same to the dtype's rounding.
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b_), rtol=2e-2, atol=2e-2,
+                                       msg=key)
+
+
+@pytest.mark.skipif(not fastnn.ops.available(), reason="fastnn._C is not loaded")
+def test_reduced_kernel_table_must_be_a_fastnn_capsule():
+    import fastnn._C as C
+    with pytest.raises((ValueError, TypeError)):
+        C._use_reduced_cpu_kernels(object())
