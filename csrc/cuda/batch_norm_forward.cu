@@ -132,6 +132,30 @@ void launch_given_stats(const ChannelParam& mean, const ChannelParam& var, int64
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The training forward with given batch statistics (mean, biased var), up to the normalize:
+// save_mean/save_invstd written and the running statistics updated (count values per channel);
+// returns the normalize's parameters.
+template <typename scalar_t, typename acc_t>
+AffineParams<acc_t> given_stats_affine(const at::Tensor& mean, const at::Tensor& var,
+                                       const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias,
+                                       const c10::optional<at::Tensor>& running_mean,
+                                       const c10::optional<at::Tensor>& running_var,
+                                       double momentum, double eps, int64_t count,
+                                       at::Tensor& save_mean, at::Tensor& save_invstd,
+                                       cudaStream_t stream) {
+  const at::ScalarType acc = save_mean.scalar_type();
+  acc_t* sm = save_mean.data_ptr<acc_t>();
+  acc_t* si = save_invstd.data_ptr<acc_t>();
+  launch_given_stats<scalar_t, acc_t>(
+      channel_param(mean, acc), channel_param(var, acc), mean.size(0), eps, sm, si,
+      running_update<acc_t>(running_mean, running_var, acc, momentum, count), stream);
+  AffineParams<acc_t> affine{};
+  affine.weight = channel_param(weight, acc);
+  affine.bias = channel_param(bias, acc);
+  return with_saved_stats(affine, sm, si);
+}
+
 template <typename scalar_t, typename acc_t>
 struct DualArgs {
   KernelLayout layout;
@@ -431,15 +455,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
                                   "fastnn_batch_norm_train_with_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    acc_t* sm = save_mean.data_ptr<acc_t>();
-    acc_t* si = save_invstd.data_ptr<acc_t>();
-    launch_given_stats<scalar_t, acc_t>(
-        channel_param(mean, acc), channel_param(var, acc), shape.C, eps, sm, si,
-        running_update<acc_t>(running_mean, running_var, acc, momentum, count), stream);
-    AffineParams<acc_t> affine{};
-    affine.weight = channel_param(weight, acc);
-    affine.bias = channel_param(bias, acc);
-    affine = with_saved_stats(affine, sm, si);
+    const AffineParams<acc_t> affine = given_stats_affine<scalar_t, acc_t>(
+        mean, var, weight, bias, running_mean, running_var, momentum, eps, count, save_mean,
+        save_invstd, stream);
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* rp = has_res ? res.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -504,15 +522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cat_with_stats_cuda(
                                   "fastnn_batch_norm_cat_with_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-    acc_t* sm = save_mean.data_ptr<acc_t>();
-    acc_t* si = save_invstd.data_ptr<acc_t>();
-    launch_given_stats<scalar_t, acc_t>(
-        channel_param(mean, acc), channel_param(var, acc), shape.C, eps, sm, si,
-        running_update<acc_t>(running_mean, running_var, acc, momentum, count), stream);
-    AffineParams<acc_t> affine{};
-    affine.weight = channel_param(weight, acc);
-    affine.bias = channel_param(bias, acc);
-    affine = with_saved_stats(affine, sm, si);
+    const AffineParams<acc_t> affine = given_stats_affine<scalar_t, acc_t>(
+        mean, var, weight, bias, running_mean, running_var, momentum, eps, count, save_mean,
+        save_invstd, stream);
     scalar_t* op = out.data_ptr<scalar_t>();
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = cat_use_vectors(layout, kVec, table, op);
