@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -140,12 +141,50 @@ Plan make_plan(const BNShape& s) {
 }
 
 // Columns of the rows layout in channel order: f(column, channel) for every column of the first
-// `width` columns (a multiple of P).
+// `width` columns (a multiple of P), of channels [c0, c1) (all by default).
 template <typename F>
-inline void for_each_column(const Plan& p, int64_t width, const F& f) {
+inline void for_each_column(const Plan& p, int64_t width, const F& f, int64_t c0 = 0,
+                            int64_t c1 = -1) {
+  if (c1 < 0) c1 = p.C;
   for (int64_t i = 0; i * p.P < width; ++i)
-    for (int64_t c = 0; c < p.C; ++c)
+    for (int64_t c = c0; c < c1; ++c)
       for (int64_t s = 0; s < p.Sin; ++s) f((i * p.C + c) * p.Sin + s, c);
+}
+
+// Reductions of the rows layout's per-(group, column) partial results, in parallel: over
+// ranges of columns (f(j0, j1)), then over ranges of channels (f(c0, c1)). Done on one thread,
+// they cost up to a third of a statistics pass over NCHW input with small maps (W = C * H * W).
+template <typename F>
+inline void parallel_columns(const Plan& p, const F& f) {
+  at::parallel_for(0, p.W, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.groups)), f);
+}
+template <typename F>
+inline void parallel_channels(const Plan& p, const F& f) {
+  at::parallel_for(0, p.C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.k * p.Sin)), f);
+}
+
+// out[i][c] = the sum over groups and over channel c's columns of parts[i] (groups x W partial
+// sums), in double.
+template <typename S, size_t kN>
+void sum_columns_to_channels(const Plan& p, const std::array<const S*, kN>& parts,
+                             const std::array<double*, kN>& out) {
+  std::vector<double> col(kN * p.W, 0.0);
+  parallel_columns(p, [&](int64_t j0, int64_t j1) {
+    for (size_t i = 0; i < kN; ++i) {
+      double* ci = col.data() + i * p.W;
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const S* pg = parts[i] + g * p.W;
+        for (int64_t j = j0; j < j1; ++j) ci[j] += double(pg[j]);
+      }
+    }
+  });
+  parallel_channels(p, [&](int64_t c0, int64_t c1) {
+    for (size_t i = 0; i < kN; ++i) {
+      std::fill(out[i] + c0, out[i] + c1, 0.0);
+      const double* ci = col.data() + i * p.W;
+      for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += ci[j]; }, c0, c1);
+    }
+  });
 }
 
 // The first `width` columns (a multiple of P) of per-channel values: one period of P columns
@@ -819,37 +858,50 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   // Columns over groups, then channels over their columns and the tail values.
   std::vector<double> col_mean(p.W, 0.0), col_m2(p.W, 0.0);
   if (p.rows > 0) {
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const double ng = double(p.full_rows_in_group(g));
-      const double* pm = pmean.data() + g * p.W;
-      for (int64_t j = 0; j < p.W; ++j) col_mean[j] += ng * pm[j];
-    }
-    for (int64_t j = 0; j < p.W; ++j) col_mean[j] /= double(p.rows);
-    for (int64_t g = 0; g < p.groups; ++g) {
-      const double ng = double(p.full_rows_in_group(g));
-      const double* pm = pmean.data() + g * p.W;
-      const double* pv = pm2.data() + g * p.W;
-      for (int64_t j = 0; j < p.W; ++j) {
-        const double d = pm[j] - col_mean[j];
-        col_m2[j] += pv[j] + ng * d * d;
+    parallel_columns(p, [&](int64_t j0, int64_t j1) {
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const double ng = double(p.full_rows_in_group(g));
+        const double* pm = pmean.data() + g * p.W;
+        for (int64_t j = j0; j < j1; ++j) col_mean[j] += ng * pm[j];
       }
-    }
+      for (int64_t j = j0; j < j1; ++j) col_mean[j] /= double(p.rows);
+      for (int64_t g = 0; g < p.groups; ++g) {
+        const double ng = double(p.full_rows_in_group(g));
+        const double* pm = pmean.data() + g * p.W;
+        const double* pv = pm2.data() + g * p.W;
+        for (int64_t j = j0; j < j1; ++j) {
+          const double d = pm[j] - col_mean[j];
+          col_m2[j] += pv[j] + ng * d * d;
+        }
+      }
+    });
   }
   const T* tail = x + p.rows * p.W;
   const double rows = double(p.rows);
-  std::vector<double> sum(p.C, 0.0), m2(p.C, 0.0);
-  for_each_column(p, p.W, [&](int64_t j, int64_t c) { sum[c] += rows * col_mean[j]; });
-  for_each_column(p, p.tail, [&](int64_t j, int64_t c) { sum[c] += double(tail[j]); });
-  for (int64_t c = 0; c < p.C; ++c) mean_c[c] = sum[c] / double(p.count);
-  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
-    const double d = col_mean[j] - mean_c[c];
-    m2[c] += col_m2[j] + rows * d * d;
+  parallel_channels(p, [&](int64_t c0, int64_t c1) {
+    std::fill(mean_c + c0, mean_c + c1, 0.0);
+    std::fill(var_c + c0, var_c + c1, 0.0);
+    for_each_column(p, p.W, [&](int64_t j, int64_t c) { mean_c[c] += rows * col_mean[j]; }, c0,
+                    c1);
+    for_each_column(p, p.tail, [&](int64_t j, int64_t c) { mean_c[c] += double(tail[j]); }, c0,
+                    c1);
+    for (int64_t c = c0; c < c1; ++c) mean_c[c] /= double(p.count);
+    for_each_column(
+        p, p.W,
+        [&](int64_t j, int64_t c) {
+          const double d = col_mean[j] - mean_c[c];
+          var_c[c] += col_m2[j] + rows * d * d;
+        },
+        c0, c1);
+    for_each_column(
+        p, p.tail,
+        [&](int64_t j, int64_t c) {
+          const double d = double(tail[j]) - mean_c[c];
+          var_c[c] += d * d;
+        },
+        c0, c1);
+    for (int64_t c = c0; c < c1; ++c) var_c[c] /= double(p.count);
   });
-  for_each_column(p, p.tail, [&](int64_t j, int64_t c) {
-    const double d = double(tail[j]) - mean_c[c];
-    m2[c] += d * d;
-  });
-  for (int64_t c = 0; c < p.C; ++c) var_c[c] = m2[c] / double(p.count);
 }
 
 // y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift; kLow:
@@ -957,21 +1009,7 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
     }
     if (kStream) stream_fence();
   });
-  std::vector<double> col_g(p.W, 0.0), col_gx(p.W, 0.0);
-  for (int64_t grp = 0; grp < p.groups; ++grp) {
-    const A* sg = psg.data() + grp * p.W;
-    const A* sgx = psgx.data() + grp * p.W;
-    for (int64_t j = 0; j < p.W; ++j) {
-      col_g[j] += double(sg[j]);
-      col_gx[j] += double(sgx[j]);
-    }
-  }
-  std::fill(sum_g_c, sum_g_c + p.C, 0.0);
-  std::fill(sum_gx_c, sum_gx_c + p.C, 0.0);
-  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
-    sum_g_c[c] += col_g[j];
-    sum_gx_c[c] += col_gx[j];
-  });
+  sum_columns_to_channels<A, 2>(p, {psg.data(), psgx.data()}, {sum_g_c, sum_gx_c});
 }
 
 // Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked when kMask.
@@ -1057,22 +1095,8 @@ void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T
     }
     if (kStream) stream_fence();
   });
-  std::vector<double> col_g(p.W, 0.0), col_gx(p.W, 0.0), col_gz(p.W, 0.0);
-  for (int64_t grp = 0; grp < p.groups; ++grp) {
-    for (int64_t j = 0; j < p.W; ++j) {
-      col_g[j] += double(psg[grp * p.W + j]);
-      col_gx[j] += double(psgx[grp * p.W + j]);
-      col_gz[j] += double(psgz[grp * p.W + j]);
-    }
-  }
-  std::fill(sum_g_c, sum_g_c + p.C, 0.0);
-  std::fill(sum_gx_c, sum_gx_c + p.C, 0.0);
-  std::fill(sum_gz_c, sum_gz_c + p.C, 0.0);
-  for_each_column(p, p.W, [&](int64_t j, int64_t c) {
-    sum_g_c[c] += col_g[j];
-    sum_gx_c[c] += col_gx[j];
-    sum_gz_c[c] += col_gz[j];
-  });
+  sum_columns_to_channels<A, 3>(p, {psg.data(), psgx.data(), psgz.data()},
+                                {sum_g_c, sum_gx_c, sum_gz_c});
 }
 
 // The element-wise pass of batch_norm_dual's training backward: dx and dz from one read of g.

@@ -9,9 +9,12 @@
 #include <cstdint>
 #include <type_traits>
 
-#if defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
 #include <immintrin.h>
-#define FASTNN_STREAM_STORES 1
+#define FASTNN_STREAM_STORES 512
+#elif defined(CPU_CAPABILITY_AVX2) && defined(__AVX2__)
+#include <immintrin.h>
+#define FASTNN_STREAM_STORES 256
 #else
 #define FASTNN_STREAM_STORES 0
 #endif
@@ -55,11 +58,23 @@ struct Unit {
     }
   }
 
-  // Non-temporal store of a unit to a 32-byte aligned address: the line is not read first and
-  // does not push other data out of the cache. Falls back to store() without AVX2.
-  static constexpr int64_t kStreamAlign = 32;
+  // Non-temporal store of a unit to an address aligned to a vector register (kStreamAlign): the
+  // line is not read first and does not push other data out of the cache. Falls back to store()
+  // without AVX2.
+  static constexpr int64_t kStreamAlign = int64_t(sizeof(V));
   static C10_ALWAYS_INLINE void stream(T* p, const V& lo, const V& hi) {
-#if FASTNN_STREAM_STORES
+#if FASTNN_STREAM_STORES == 512
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, lo);
+      _mm512_stream_ps(p + kHalf, hi);
+    } else if constexpr (std::is_same_v<T, double>) {
+      _mm512_stream_pd(p, lo);
+      _mm512_stream_pd(p + kHalf, hi);
+    } else {
+      const __m512i v = at::vec::convert_from_float<T>(lo, hi);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    }
+#elif FASTNN_STREAM_STORES == 256
     if constexpr (std::is_same_v<T, float>) {
       _mm256_stream_ps(p, lo);
       _mm256_stream_ps(p + kHalf, hi);
