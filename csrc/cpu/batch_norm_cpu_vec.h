@@ -99,13 +99,12 @@ inline void stream_fence() {
 }
 
 
+// Sum of a vector's lanes, as a tree of shuffles (ATen's reduction) rather than one dependent
+// add per lane.
 template <typename A>
 C10_ALWAYS_INLINE A horizontal_sum(const Vectorized<A>& v) {
-  alignas(64) A buf[Vectorized<A>::size()];
-  v.store(buf);
-  A s = 0;
-  for (int64_t i = 0; i < Vectorized<A>::size(); ++i) s += buf[i];
-  return s;
+  return at::vec::vec_reduce_all<A>(
+      [](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
 }
 
 // ReLU that keeps NaN, like torch.relu.
