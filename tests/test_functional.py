@@ -160,6 +160,64 @@ def test_large_mean_stability(backend, device):
         torch.testing.assert_close(rv1.double(), rv2, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0, 100.0, 1e4])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nchw_blocks", "nchw", "nchw_rows", "nhwc", "nhwc_wide"])
+def test_float32_output_precision(layout, training, offset):
+    """The CPU kernels' float32 output is right to a few roundings of its own scale for channel
+    means from 0 to 1e4 standard deviations: whether the means are folded into the shift
+    (y = x * scale + shift, near zero) or subtracted first (far from zero). Checked against
+    float64 on the same float32 input; the dual form (two batch norms added) likewise."""
+    if not fastnn.ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C has no CPU kernels")
+    # Each of the CPU kernels' element-wise paths: channel planes of 64 values or more, planes of
+    # 16 to 63 (7x7), rows of short planes (3x3), channels-last rows narrower and wider than a
+    # column block.
+    shape, fmt = {
+        "nchw_blocks": ((4, 5, 9, 9), torch.contiguous_format),
+        "nchw_rows": ((8, 70, 3, 3), torch.contiguous_format),
+    }.get(layout) or LAYOUTS[layout]
+    C = shape[1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    gen = torch.Generator().manual_seed(0)
+    std = 0.5
+
+    def sample():
+        x = torch.randn(shape, generator=gen, dtype=torch.float64) * std + offset * std
+        return x.float().contiguous(memory_format=fmt)
+
+    x, z = sample(), sample()
+    w = torch.rand(C, generator=gen) + 0.5
+    b = torch.rand(C, generator=gen) - 0.5
+    w2 = torch.rand(C, generator=gen) + 0.5
+    b2 = torch.rand(C, generator=gen) - 0.5
+    rm = torch.full((C,), offset * std)
+    rv = torch.full((C,), std * std)
+
+    def bn64(t, weight, bias):
+        t = t.double()
+        if training:
+            mean = t.mean([d for d in range(t.dim()) if d != 1]).view(view)
+            var = t.var([d for d in range(t.dim()) if d != 1], unbiased=False).view(view)
+        else:
+            mean, var = rm.double().view(view), rv.double().view(view)
+        xhat = (t - mean) / torch.sqrt(var + 1e-5)
+        return xhat * weight.double().view(view) + bias.double().view(view), xhat
+
+    exp, xhat = bn64(x, w, b)
+    out = fastnn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+    scale = b.abs().double().view(view) + w.double().view(view) * (xhat.abs() + 1)
+    err = (out.double() - exp).abs() / scale
+    assert err.max() <= 4 * torch.finfo(torch.float32).eps, err.max()
+
+    exp2, zhat = bn64(z, w2, b2)
+    out = fastnn.functional.dual_batch_norm_add_relu(
+        x, z, rm.clone(), rv.clone(), rm.clone(), rv.clone(), w, b, w2, b2, training, relu=False)
+    scale = scale + b2.abs().double().view(view) + w2.double().view(view) * (zhat.abs() + 1)
+    err = (out.double() - exp - exp2).abs() / scale
+    assert err.max() <= 4 * torch.finfo(torch.float32).eps, err.max()
+
+
 # ---------------------------------------------------------------------------------------------
 # hypothesis: shapes, strides (non-contiguous views), momentum, eps
 

@@ -332,34 +332,38 @@ C10_ALWAYS_INLINE int64_t stream_head(const T* p, int64_t n) {
 // ---------------------------------------------------------------------------------------------
 // Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
 
-// y = relu?((x - mean) * scale + shift + r?). The mean comes in two parts (mean + mean_lo) so
-// that x - mean keeps float precision when the mean is large against the spread; `L` is NoLow
-// when mean_lo is zero for every channel (always so in inference with float32 statistics).
-//
-// `R` is PlainResidual (r is added as it is) or ResidualAffine<P>: r is the input of a second
-// batch norm, added as (r - rmean) * rscale (its shift is folded into `shift`).
+// y = relu?((x - mean) * scale + shift + r?), where `M` (mean) is Zero when the mean is folded
+// into shift (see ChannelAffine). `R` is PlainResidual (r is added as it is) or ResidualAffine:
+// r is the input of a second batch norm, added as (r - rmean) * rscale (rmean Zero when folded).
 struct PlainResidual {};
-template <typename P>
+template <typename M, typename P>
 struct ResidualAffine {
-  P mean;
+  M mean;
   P scale;
 };
+template <typename R>
+constexpr bool kCentersResidual = false;
+template <typename M, typename P>
+constexpr bool kCentersResidual<ResidualAffine<M, P>> = !std::is_same_v<M, Zero>;
 
-template <bool kResidual, bool kRelu, bool kStream, typename T, typename P, typename L,
+template <bool kResidual, bool kRelu, bool kStream, typename T, typename M, typename P,
           typename R = PlainResidual>
-inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean, const L& mean_lo,
-                         const P& scale, const P& shift, const R& ra = R{}) {
+inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean, const P& scale,
+                         const P& shift, const R& ra = R{}) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  constexpr bool kLow = !std::is_same_v<L, NoLow>;
+  constexpr bool kCenter = !std::is_same_v<M, Zero>;
   constexpr bool kAffine = !std::is_same_v<R, PlainResidual>;
+  constexpr bool kResidualCenter = kCentersResidual<R>;
   auto one = [&](int64_t i) {
-    A d = A(x[i]) - mean.scalar(i);
-    if constexpr (kLow) d -= mean_lo.scalar(i);
+    A d = A(x[i]);
+    if constexpr (kCenter) d -= mean.scalar(i);
     A v = std::fma(d, scale.scalar(i), shift.scalar(i));
     if constexpr (kResidual && kAffine) {
-      v = std::fma(A(r[i]) - ra.mean.scalar(i), ra.scale.scalar(i), v);
+      A rd = A(r[i]);
+      if constexpr (kResidualCenter) rd -= ra.mean.scalar(i);
+      v = std::fma(rd, ra.scale.scalar(i), v);
     } else if constexpr (kResidual) {
       v += A(r[i]);
     }
@@ -372,11 +376,9 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
     const int64_t j = i + U::kHalf;
     V lo, hi;
     U::load(x + i, lo, hi);
-    lo = lo - mean.vec(i);
-    hi = hi - mean.vec(j);
-    if constexpr (kLow) {
-      lo = lo - mean_lo.vec(i);
-      hi = hi - mean_lo.vec(j);
+    if constexpr (kCenter) {
+      lo = lo - mean.vec(i);
+      hi = hi - mean.vec(j);
     }
     lo = at::vec::fmadd(lo, scale.vec(i), shift.vec(i));
     hi = at::vec::fmadd(hi, scale.vec(j), shift.vec(j));
@@ -384,8 +386,12 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const P& mean,
       V rlo, rhi;
       U::load(r + i, rlo, rhi);
       if constexpr (kAffine) {
-        lo = at::vec::fmadd(rlo - ra.mean.vec(i), ra.scale.vec(i), lo);
-        hi = at::vec::fmadd(rhi - ra.mean.vec(j), ra.scale.vec(j), hi);
+        if constexpr (kResidualCenter) {
+          rlo = rlo - ra.mean.vec(i);
+          rhi = rhi - ra.mean.vec(j);
+        }
+        lo = at::vec::fmadd(rlo, ra.scale.vec(i), lo);
+        hi = at::vec::fmadd(rhi, ra.scale.vec(j), hi);
       } else {
         lo = lo + rlo;
         hi = hi + rhi;
@@ -905,58 +911,118 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   });
 }
 
-// y = relu?((x - mean) * scale + shift + residual?) with per-channel mean/scale/shift; kLow:
-// mean_lo is not zero everywhere. kAffine: the residual is a second batch norm's input, added as
-// (r - rmean) * rscale.
-template <bool kResidual, bool kRelu, bool kStream, bool kLow, bool kAffine = false, typename T>
-void normalize(const Plan& p, const T* x, const T* r, T* y, const acc_t<T>* mean,
-               const acc_t<T>* mean_lo, const acc_t<T>* scale, const acc_t<T>* shift,
-               const acc_t<T>* rmean = nullptr, const acc_t<T>* rscale = nullptr) {
+// The per-channel parameters of the element-wise forward pass,
+//   y = relu?((x - mean) * scale + shift + residual?),
+// where a dual batch norm's residual is its input r, added as (r - rmean) * rscale. The means are
+// float; what rounding a mean (in double) to float leaves out, mean_lo, is taken into the shift,
+// shift = bias - mean_lo * scale, so that x - mean stays exact for x near the mean even when the
+// mean is large against the spread (mean 1e4, std 1).
+//
+// Folded (y = x * scale + shift' + r * rscale, shift' = bias - mean * scale - rmean * rscale):
+// used when that loses nothing that matters for any channel (see fold_means); it reads two
+// parameters per value instead of three.
+template <typename A>
+struct ChannelAffine {
+  std::vector<A> mean, scale, shift, rmean, rscale;
+  bool folded = false;
+};
+
+// How far a mean may be from zero, against the spread of the output, and still be folded into
+// the shift: see fold_means.
+constexpr double kFoldLimit = 4.0;
+
+// The shift of ChannelAffine, in double and rounded once: bias minus, per batch norm k, its
+// mean's part (mean_k - float(mean_k) when centered, all of mean_k when folded) times its scale.
+// Folding moves the error of x - mean (exact for x near the mean) to the rounding of the shift:
+// half a unit in the last place of |bias| + |mean * scale|. The output's own scale is |bias| +
+// |weight| (weight = scale times the standard deviation that scale divides by), so a mean with
+// |mean * scale| within kFoldLimit of that costs at most a few units of the output's rounding;
+// larger means keep the centered form. Returns whether it folded.
+template <typename A, size_t kK>
+bool fold_means(ChannelAffine<A>& q, const std::array<const double*, kK>& means,
+                const std::array<const std::vector<A>*, kK>& scales,
+                const std::array<const std::vector<A>*, kK>& weights,
+                const std::array<const std::vector<A>*, kK>& biases) {
+  const int64_t C = int64_t(q.scale.size());
+  bool fold = true;
+  for (int64_t c = 0; c < C && fold; ++c) {
+    double moved = 0, bound = 0, bias = 0;
+    for (size_t k = 0; k < kK; ++k) {
+      moved += std::abs(means[k][c] * double((*scales[k])[c]));
+      bound += std::abs(double((*weights[k])[c]));
+      bias += double((*biases[k])[c]);
+    }
+    fold = moved <= kFoldLimit * (std::abs(bias) + bound);  // false for NaN and infinity
+  }
+  q.shift.assign(C, A(0));
+  for (int64_t c = 0; c < C; ++c) {
+    double shift = 0;
+    for (size_t k = 0; k < kK; ++k) {
+      const double mean = means[k][c];
+      const double part = fold ? mean : mean - double(A(mean));
+      shift += double((*biases[k])[c]);
+      if (part != 0) shift -= part * double((*scales[k])[c]);  // not 0 * inf
+    }
+    q.shift[c] = A(shift);
+  }
+  q.folded = fold;
+  return fold;
+}
+
+// forward_span over one span with the parameters `at(&ChannelAffine::member)` gives (Broadcast of
+// one channel, or PerColumn over expanded columns); kCenter: not folded.
+template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine, typename T,
+          typename F>
+C10_ALWAYS_INLINE void forward_span_with(const T* x, const T* r, T* y, int64_t n, const F& at) {
+  using Q = ChannelAffine<acc_t<T>>;
+  const auto center = [&](auto member) {
+    if constexpr (kCenter) {
+      return at(member);
+    } else {
+      return Zero{};
+    }
+  };
+  const auto ra = [&] {
+    if constexpr (kAffine) {
+      return ResidualAffine<decltype(center(&Q::rmean)), decltype(at(&Q::rscale))>{
+          center(&Q::rmean), at(&Q::rscale)};
+    } else {
+      return PlainResidual{};
+    }
+  }();
+  forward_span<kResidual, kRelu, kStream>(x, r, y, n, center(&Q::mean), at(&Q::scale),
+                                          at(&Q::shift), ra);
+}
+
+// The element-wise forward pass with the parameters `q` (kCenter: !q.folded); kAffine: the
+// residual is a second batch norm's input (q.rmean, q.rscale).
+template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine = false, typename T>
+void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<acc_t<T>>& q) {
   using A = acc_t<T>;
+  using Q = ChannelAffine<A>;
+  using Member = std::vector<A> Q::*;
   if (elementwise_by_planes<T>(p)) {
     parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
-      const Broadcast<A> m(mean[c]), s(scale[c]), h(shift[c]);
-      const T* rr = kResidual ? r + o : nullptr;
-      const auto ra = [&] {
-        if constexpr (kAffine) {
-          return ResidualAffine<Broadcast<A>>{Broadcast<A>(rmean[c]), Broadcast<A>(rscale[c])};
-        } else {
-          return PlainResidual{};
-        }
-      }();
-      if constexpr (kLow) {
-        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, Broadcast<A>(mean_lo[c]),
-                                                s, h, ra);
-      } else {
-        forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h, ra);
-      }
+      forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
+          x + o, kResidual ? r + o : nullptr, y + o, n,
+          [&](Member m) { return Broadcast<A>((q.*m)[c]); });
     });
     return;
   }
+  // Rows: the parameters that this form reads, expanded to the span's columns.
   const RowSpans rs = row_spans(p);
-  const std::vector<A> mean_w = expand_span_columns(p, rs, mean);
-  const std::vector<A> mean_lo_w = kLow ? expand_span_columns(p, rs, mean_lo) : std::vector<A>();
-  const std::vector<A> scale_w = expand_span_columns(p, rs, scale);
-  const std::vector<A> shift_w = expand_span_columns(p, rs, shift);
-  const std::vector<A> rmean_w = kAffine ? expand_span_columns(p, rs, rmean) : std::vector<A>();
-  const std::vector<A> rscale_w = kAffine ? expand_span_columns(p, rs, rscale) : std::vector<A>();
+  const std::array<std::pair<Member, bool>, 5> used = {{{&Q::mean, kCenter},
+                                                        {&Q::scale, true},
+                                                        {&Q::shift, true},
+                                                        {&Q::rmean, kAffine && kCenter},
+                                                        {&Q::rscale, kAffine}}};
+  Q wide;
+  for (const auto& [m, use] : used)
+    if (use) wide.*m = expand_span_columns(p, rs, (q.*m).data());
   parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
-    const PerColumn<A> m(mean_w.data()), s(scale_w.data()), h(shift_w.data());
-    const T* rr = kResidual ? r + o : nullptr;
-    const auto ra = [&] {
-      if constexpr (kAffine) {
-        return ResidualAffine<PerColumn<A>>{PerColumn<A>(rmean_w.data()),
-                                            PerColumn<A>(rscale_w.data())};
-      } else {
-        return PlainResidual{};
-      }
-    }();
-    if constexpr (kLow) {
-      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m,
-                                              PerColumn<A>(mean_lo_w.data()), s, h, ra);
-    } else {
-      forward_span<kResidual, kRelu, kStream>(x + o, rr, y + o, n, m, NoLow{}, s, h, ra);
-    }
+    forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
+        x + o, kResidual ? r + o : nullptr, y + o, n,
+        [&](Member m) { return PerColumn<A>((wide.*m).data()); });
   });
 }
 
@@ -1190,22 +1256,41 @@ std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill)
 
 template <typename T>
 void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
-                   const acc_t<T>* mean, const acc_t<T>* mean_lo, const acc_t<T>* scale,
-                   const acc_t<T>* shift, bool relu) {
+                   const ChannelAffine<acc_t<T>>& q, bool relu) {
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
-  const bool low = std::any_of(mean_lo, mean_lo + p.C, [](acc_t<T> v) { return v != 0; });
   FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
-        FASTNN_BOOL_SWITCH(low, kLow, [&] {
-          normalize<kResidual, kRelu, kStream, kLow>(p, xp, rp, yp, mean, mean_lo, scale,
-                                                     shift);
+        FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+          normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q);
         });
       });
     });
   });
+}
+
+// The parameters of a batch norm's forward pass from its mean and variance in double; saves the
+// float mean and 1 / sqrt(var + eps), which the backward needs, to save_mean / save_invstd when
+// given.
+template <typename A>
+ChannelAffine<A> channel_affine(const std::vector<double>& mean, const std::vector<double>& var,
+                                double eps, const std::vector<A>& weight,
+                                const std::vector<A>& bias, A* save_mean, A* save_invstd) {
+  const int64_t C = int64_t(mean.size());
+  ChannelAffine<A> q;
+  q.mean.resize(C);
+  q.scale.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(var[c] + eps);
+    q.mean[c] = A(mean[c]);
+    q.scale[c] = A(invstd * double(weight[c]));
+    if (save_mean != nullptr) save_mean[c] = q.mean[c];
+    if (save_invstd != nullptr) save_invstd[c] = A(invstd);
+  }
+  fold_means<A, 1>(q, {mean.data()}, {&q.scale}, {&weight}, {&bias});
+  return q;
 }
 
 // running_mean = (1 - momentum) * running_mean + momentum * mean and running_var likewise with
@@ -1267,18 +1352,10 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
           batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
         const std::vector<A> w = channel_values<A>(weight, C, A(1));
         const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        A* sm = save_mean.mutable_data_ptr<A>();
-        A* si = save_invstd.mutable_data_ptr<A>();
-        std::vector<A> mean_lo(C), scale(C);
-        for (int64_t c = 0; c < C; ++c) {
-          const double invstd = 1.0 / std::sqrt(var[c] + eps);
-          sm[c] = A(mean[c]);
-          mean_lo[c] = A(mean[c] - double(sm[c]));
-          si[c] = A(invstd);
-          scale[c] = A(invstd * double(w[c]));
-        }
-        run_normalize<scalar_t>(p, x, res, out, sm, mean_lo.data(), scale.data(), b.data(),
-                                relu);
+        const ChannelAffine<A> q =
+            channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                           save_invstd.mutable_data_ptr<A>());
+        run_normalize<scalar_t>(p, x, res, out, q, relu);
       });
   update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
                            shape.N * shape.S);
@@ -1352,18 +1429,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
         using A = acc_t<T>;
         const std::vector<A> w = channel_values<A>(weight, C, A(1));
         const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        A* sm = save_mean.mutable_data_ptr<A>();
-        A* si = save_invstd.mutable_data_ptr<A>();
-        std::vector<A> scale(C), mean_lo(C);
-        bool low = false;
-        for (int64_t c = 0; c < C; ++c) {
-          const double invstd = 1.0 / std::sqrt(var_d[c] + eps);
-          sm[c] = A(mean_d[c]);
-          mean_lo[c] = A(mean_d[c] - double(sm[c]));
-          low = low || mean_lo[c] != A(0);
-          si[c] = A(invstd);
-          scale[c] = A(invstd * double(w[c]));
-        }
+        const ChannelAffine<A> q =
+            channel_affine(mean_d, var_d, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                           save_invstd.mutable_data_ptr<A>());
+        using Member = std::vector<A> ChannelAffine<A>::*;
         std::vector<const T*> xp(K);
         for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].const_data_ptr<T>();
         T* y = out.mutable_data_ptr<T>();
@@ -1372,7 +1441,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
                             out.nbytes() >= std::max(kStreamMinBytes, last_level_cache_bytes() / 4) &&
                             reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-          FASTNN_BOOL_SWITCH(low, kLow, [&] {
+          FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
             if (!channels_last) {
               FASTNN_BOOL_SWITCH(stream, kStream, [&] {
                 at::parallel_for(
@@ -1381,14 +1450,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
                       for (int64_t t = begin; t < end; ++t) {
                         const int64_t n = t / C, c = t % C, i = owner[c];
                         const T* x = xp[i] + (n * widths[i] + (c - offsets[i])) * S;
-                        const Broadcast<A> m(sm[c]), sc(scale[c]), h(b[c]);
-                        if constexpr (kLow) {
-                          forward_span<false, kRelu, kStream>(x, (const T*)nullptr, y + t * S, S,
-                                                              m, Broadcast<A>(mean_lo[c]), sc, h);
-                        } else {
-                          forward_span<false, kRelu, kStream>(x, (const T*)nullptr, y + t * S, S,
-                                                              m, NoLow{}, sc, h);
-                        }
+                        forward_span_with<false, kRelu, kStream, kCenter, false>(
+                            x, (const T*)nullptr, y + t * S, S,
+                            [&](Member m) { return Broadcast<A>((q.*m)[c]); });
                       }
                       if (kStream) stream_fence();
                     });
@@ -1401,16 +1465,9 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
                   for (int64_t r = begin; r < end; ++r) {
                     for (int64_t i = 0; i < K; ++i) {
                       const int64_t o = offsets[i];
-                      const PerColumn<A> m(sm + o), sc(scale.data() + o), h(b.data() + o);
-                      const T* x = xp[i] + r * widths[i];
-                      if constexpr (kLow) {
-                        forward_span<false, kRelu, false>(x, (const T*)nullptr, y + r * C + o,
-                                                          widths[i], m,
-                                                          PerColumn<A>(mean_lo.data() + o), sc, h);
-                      } else {
-                        forward_span<false, kRelu, false>(x, (const T*)nullptr, y + r * C + o,
-                                                          widths[i], m, NoLow{}, sc, h);
-                      }
+                      forward_span_with<false, kRelu, false, kCenter, false>(
+                          xp[i] + r * widths[i], (const T*)nullptr, y + r * C + o, widths[i],
+                          [&](Member m) { return PerColumn<A>((q.*m).data() + o); });
                     }
                   }
                 });
@@ -1440,14 +1497,8 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
         const std::vector<double> rv = channel_values<double>(running_var, C, 1.0);
         const std::vector<A> w = channel_values<A>(weight, C, A(1));
         const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        std::vector<A> mean(C), mean_lo(C), scale(C);
-        for (int64_t c = 0; c < C; ++c) {
-          mean[c] = A(rm[c]);
-          mean_lo[c] = A(rm[c] - double(mean[c]));
-          scale[c] = A(double(w[c]) / std::sqrt(rv[c] + eps));
-        }
-        run_normalize<scalar_t>(p, x, res, out, mean.data(), mean_lo.data(), scale.data(),
-                                b.data(), relu);
+        const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
+        run_normalize<scalar_t>(p, x, res, out, q, relu);
       });
   return out;
 }
@@ -1568,31 +1619,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
         const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
         const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
         const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
-        A* sm1 = mean1.mutable_data_ptr<A>();
-        A* si1 = invstd1.mutable_data_ptr<A>();
-        A* sm2 = mean2.mutable_data_ptr<A>();
-        A* si2 = invstd2.mutable_data_ptr<A>();
-        std::vector<A> lo(C), scale(C), shift(C), rscale(C);
-        for (int64_t c = 0; c < C; ++c) {
-          const double inv1 = 1.0 / std::sqrt(v1[c] + eps);
-          const double inv2 = 1.0 / std::sqrt(v2[c] + eps2);
-          sm1[c] = A(m1[c]);
-          lo[c] = A(m1[c] - double(sm1[c]));
-          si1[c] = A(inv1);
-          scale[c] = A(inv1 * double(w1[c]));
-          sm2[c] = A(m2[c]);
-          si2[c] = A(inv2);
-          rscale[c] = A(inv2 * double(w2[c]));
-          shift[c] = A(double(b1[c]) + double(b2[c]));
-        }
+        ChannelAffine<A> q = channel_affine(m1, v1, eps, w1, b1, mean1.mutable_data_ptr<A>(),
+                                            invstd1.mutable_data_ptr<A>());
+        ChannelAffine<A> q2 = channel_affine(m2, v2, eps2, w2, b2, mean2.mutable_data_ptr<A>(),
+                                             invstd2.mutable_data_ptr<A>());
+        q.rmean = std::move(q2.mean);
+        q.rscale = std::move(q2.scale);
+        fold_means<A, 2>(q, {m1.data(), m2.data()}, {&q.scale, &q.rscale}, {&w1, &w2},
+                         {&b1, &b2});
         if (input.numel() == 0) return;
-        const bool low = std::any_of(lo.begin(), lo.end(), [](A v) { return v != 0; });
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
           FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
-            FASTNN_BOOL_SWITCH(low, kLow, [&] {
-              normalize<true, kRelu, kStream, kLow, true>(
-                  p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), sm1,
-                  lo.data(), scale.data(), shift.data(), sm2, rscale.data());
+            FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+              normalize<true, kRelu, kStream, kCenter, true>(
+                  p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), q);
             });
           });
         });

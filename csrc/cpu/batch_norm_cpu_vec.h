@@ -143,7 +143,7 @@ struct PerColumn {
 };
 
 // A parameter known to be zero everywhere: the kernels skip its loads and arithmetic.
-struct NoLow {};
+struct Zero {};
 
 
 }  // namespace cpu
