@@ -12,6 +12,7 @@ digits). Rank 0 prints the loss and the test accuracy every epoch.
 """
 import argparse
 import datetime
+import gc
 import os
 import sys
 import tempfile
@@ -37,54 +38,62 @@ def _run(rank, args, init_file, result_file):
                             world_size=args.world_size,
                             timeout=datetime.timedelta(seconds=args.timeout))
     try:
-        torch.manual_seed(args.seed)
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
-        device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
-        if use_cuda:
-            torch.cuda.set_device(device)
-        (x_train, y_train, x_test, y_test), name = single.load_data(args.dataset, args.data_root)
-        model, size, channels = single.build_model(args.model, fused=True)
-        model = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
-        ddp = DistributedDataParallel(model, device_ids=[rank] if use_cuda else None)
-        prepare = single.make_prepare(args.image_size or size, channels)
-        train_set = TensorDataset(x_train, y_train)
-        sampler = DistributedSampler(train_set, num_replicas=args.world_size, rank=rank,
-                                     shuffle=True, seed=args.seed)
-        loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
-        test_loader = DataLoader(TensorDataset(x_test, y_test), batch_size=256)
-        optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
-        losses = []
-        for epoch in range(1, args.epochs + 1):
-            sampler.set_epoch(epoch)
-            ddp.train()
-            for step, (x, y) in enumerate(loader):
-                if args.max_steps and step >= args.max_steps:
-                    break
-                x, y = prepare(x.to(device)), y.to(device)
-                out = ddp(x)
-                loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            if rank == 0:
-                acc = single.evaluate(model, test_loader, prepare, device)
-                print(f"epoch {epoch}: {name}, last loss {losses[-1]:.4f}, test acc {acc:.3f}",
-                      flush=True)
-        # Every rank holds the same running statistics: they came from the group's batch.
-        bn = next(m for m in model.modules() if isinstance(m, fastnn.nn.SyncBatchNorm))
-        stats = torch.stack([bn.running_mean.float().cpu(), bn.running_var.float().cpu()])
-        all_stats = [torch.empty_like(stats.to(device)) for _ in range(args.world_size)]
-        dist.all_gather(all_stats, stats.to(device))
-        if rank == 0:
-            spread = max((s - all_stats[0]).abs().max().item() for s in all_stats)
-            torch.save({"losses": losses, "running_stat_spread": spread}, result_file)
-            k = min(3, len(losses))
-            print(f"mean loss of the first {k} steps {sum(losses[:k]) / k:.4f}, "
-                  f"of the last {k} {sum(losses[-k:]) / k:.4f}")
-            print(f"running statistics identical across ranks: max difference {spread:.3g}")
+        # The model, DDP wrapper and optimizer (held in reference cycles) are freed here, while
+        # the process group still exists: left to the interpreter's exit, tearing down what
+        # they hold of the gloo group aborted about one run in seven.
+        _train(rank, args, result_file, use_cuda)
+        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def _train(rank, args, result_file, use_cuda):
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
+    device = torch.device(f"cuda:{rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    (x_train, y_train, x_test, y_test), name = single.load_data(args.dataset, args.data_root)
+    model, size, channels = single.build_model(args.model, fused=True)
+    model = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[rank] if use_cuda else None)
+    prepare = single.make_prepare(args.image_size or size, channels)
+    train_set = TensorDataset(x_train, y_train)
+    sampler = DistributedSampler(train_set, num_replicas=args.world_size, rank=rank,
+                                 shuffle=True, seed=args.seed)
+    loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler)
+    test_loader = DataLoader(TensorDataset(x_test, y_test), batch_size=256)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=args.lr, momentum=0.9)
+    losses = []
+    for epoch in range(1, args.epochs + 1):
+        sampler.set_epoch(epoch)
+        ddp.train()
+        for step, (x, y) in enumerate(loader):
+            if args.max_steps and step >= args.max_steps:
+                break
+            x, y = prepare(x.to(device)), y.to(device)
+            out = ddp(x)
+            loss = F.cross_entropy(out[0] if isinstance(out, tuple) else out, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        if rank == 0:
+            acc = single.evaluate(model, test_loader, prepare, device)
+            print(f"epoch {epoch}: {name}, last loss {losses[-1]:.4f}, test acc {acc:.3f}",
+                  flush=True)
+    # Every rank holds the same running statistics: they came from the group's batch.
+    bn = next(m for m in model.modules() if isinstance(m, fastnn.nn.SyncBatchNorm))
+    stats = torch.stack([bn.running_mean.float().cpu(), bn.running_var.float().cpu()])
+    all_stats = [torch.empty_like(stats.to(device)) for _ in range(args.world_size)]
+    dist.all_gather(all_stats, stats.to(device))
+    if rank == 0:
+        spread = max((s - all_stats[0]).abs().max().item() for s in all_stats)
+        torch.save({"losses": losses, "running_stat_spread": spread}, result_file)
+        k = min(3, len(losses))
+        print(f"mean loss of the first {k} steps {sum(losses[:k]) / k:.4f}, "
+              f"of the last {k} {sum(losses[-k:]) / k:.4f}")
+        print(f"running statistics identical across ranks: max difference {spread:.3g}")
 
 
 def main(argv=None):

@@ -160,6 +160,35 @@ def test_large_mean_stability(backend, device):
         torch.testing.assert_close(rv1.double(), rv2, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("C, period, N, H", [(512, 128, 8, 7), (600, 128, 8, 7),
+                                              (64, 1024, 16, 14)], ids=str)
+def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
+    """Channels-last float32 statistics stay exact to float32 rounding when a channel's values
+    are far from uniform along the rows (the N*H*W positions): the first sixteenth of every
+    `period` rows offset by 100 std. The CPU kernel's column statistics take one pass around
+    pivots from the first rows of each run of `period` rows (its work item for these widths),
+    which on this input would amplify float rounding 17-fold (relative error 5e-7 to 1.3e-6);
+    it must notice and redo those columns in double."""
+    rows = N * H * H
+    r = torch.arange(rows)
+    offset = ((r % period) < period // 16).double() * 100.0
+    x = torch.randn(rows, C, dtype=torch.float64) + offset[:, None]
+    x = x.view(N, H, H, C).permute(0, 3, 1, 2).float().to(device)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    rm = torch.zeros(C, device=device)
+    rv = torch.ones(C, device=device)
+    fastnn.functional.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5)
+    xd = x.double()
+    std = xd.std((0, 2, 3))
+    # Rounding the results to float32 alone costs up to 6e-8 of the variance. The reference
+    # (float32 PyTorch ops) and the CUDA kernels are held to the float32 tolerance of the suite.
+    exact = backend == "kernel" and device == "cpu"
+    rtol = 2e-7 if exact else tol(torch.float32)["rtol"]
+    torch.testing.assert_close(rv.double(), std**2, rtol=rtol, atol=0)
+    torch.testing.assert_close((rm.double() - xd.mean((0, 2, 3))) / std,
+                               torch.zeros_like(std), rtol=0, atol=rtol)
+
+
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0, 1e4])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["nchw_blocks", "nchw", "nchw_rows", "nhwc", "nhwc_wide"])

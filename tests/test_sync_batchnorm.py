@@ -1,6 +1,7 @@
 """fastnn.nn.SyncBatchNorm over 2 gloo processes (loopback only) against one torch BatchNorm over
 the concatenated batch: outputs, every gradient, running statistics."""
 import datetime
+import gc
 import os
 import time
 import traceback
@@ -177,6 +178,9 @@ def _worker(rank, init_file, cases, result_dir):
                 f.write(msg)
             dist.barrier()
     finally:
+        # What the checks left in reference cycles goes while the group exists (see
+        # examples/ddp_train.py: a gloo group torn down at interpreter exit can abort).
+        gc.collect()
         dist.destroy_process_group()
 
 
