@@ -16,6 +16,7 @@ previous one.
     fastnn-bench --quick --out bench-out      # a few shapes; table, bench.md, bench.json, bench.png
     fastnn-bench                              # the full set for this machine
     fastnn-bench --compare A.json B.json      # what changed between two runs
+    fastnn-bench --compare A1.json,A2.json B1.json,B2.json   # ... of runs taken alternately
 """
 import argparse
 import contextlib
@@ -1367,13 +1368,83 @@ def _key(r: dict) -> tuple:
     return (r["case"], tuple(r["shape"]), r["dtype"], r["layout"])
 
 
-def compare_runs(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
-    """Text report of what changed from run A to run B: fastnn's time per case, and the speedups
-    over each baseline."""
+def combine_runs(runs: List[dict]) -> dict:
+    """Several runs of the same set as one: per case, the geometric means over the runs of
+    fastnn's median time and of each speedup (speedups are measured within a run, so their mean
+    cancels most of a machine's drift between runs); per model variant, of images/s. Cases and
+    variants missing from some runs are averaged over the runs that have them."""
+    if len(runs) == 1:
+        return runs[0]
+    ops: Dict[tuple, List[dict]] = {}
+    for run in runs:
+        for r in run.get("ops", []):
+            ops.setdefault(_key(r), []).append(r)
+    combined_ops = []
+    for rs in ops.values():
+        r = dict(rs[0])
+        times = [x["impls"].get("fastnn", {}).get("median_ms") for x in rs]
+        r["impls"] = {"fastnn": {"median_ms": _geomean(times)}} if _geomean(times) else {}
+        r["speedup"] = {}
+        for base in {k for x in rs for k in x["speedup"]}:
+            g = _geomean([x["speedup"].get(base) for x in rs])
+            if g:
+                r["speedup"][base] = g
+        combined_ops.append(r)
+    models: Dict[tuple, List[dict]] = {}
+    for run in runs:
+        for m in run.get("models", []):
+            models.setdefault((m["model"], m["mode"]), []).append(m)
+    combined_models = []
+    for ms in models.values():
+        m = dict(ms[0])
+        m["variants"] = {}
+        for v in {v for x in ms for v in x["variants"]}:
+            g = _geomean([x["variants"].get(v, {}).get("images_per_s") for x in ms])
+            m["variants"][v] = {"images_per_s": g} if g else {}
+        combined_models.append(m)
+    env = dict(runs[0]["env"])
+    env["runs"] = len(runs)
+    return {"env": env, "ops": combined_ops, "models": combined_models}
+
+
+def _group_lines(ia: dict, ib: dict, common: List[tuple], baseline: str) -> List[str]:
+    """Geometric-mean speedup over `baseline` in A and B by dtype and layout and by case, and
+    how many cases are slower than it."""
+    groups: Dict[str, List[tuple]] = {"all": list(common)}
+    for k in common:
+        groups.setdefault(f"{k[2]} {k[3]}", []).append(k)
+    for k in common:
+        groups.setdefault(k[0], []).append(k)
+    header = ["group", "cases", "A", "B", "B/A"]
+    rows = []
+    for name, keys in groups.items():
+        keys = [k for k in keys if baseline in ia[k]["speedup"] and baseline in ib[k]["speedup"]]
+        ga = _geomean([ia[k]["speedup"][baseline] for k in keys])
+        gb = _geomean([ib[k]["speedup"][baseline] for k in keys])
+        if ga and gb:
+            rows.append([name, str(len(keys)), f"{ga:.3f}x", f"{gb:.3f}x", f"{gb / ga:.3f}"])
+    if not rows:
+        return []
+    keys = [k for k in common if baseline in ia[k]["speedup"] and baseline in ib[k]["speedup"]]
+    slower_a = sum(1 for k in keys if ia[k]["speedup"][baseline] < 1)
+    slower_b = sum(1 for k in keys if ib[k]["speedup"][baseline] < 1)
+    return (["", f"Speedup over {IMPL_TITLES[baseline]}, geometric mean by group"]
+            + _text_table(header, rows)
+            + [f"slower than {IMPL_TITLES[baseline]}: {slower_a} of {len(keys)} cases (A), "
+               f"{slower_b} (B)"])
+
+
+def compare_runs(a, b, name_a: str = "A", name_b: str = "B") -> str:
+    """Text report of what changed from run A to run B: fastnn's time per case, the speedups over
+    each baseline, and their geometric means by group. A or B may be a list of runs of the same
+    set, taken alternately with the other side's: they are combined with combine_runs."""
+    a = combine_runs(a) if isinstance(a, list) else a
+    b = combine_runs(b) if isinstance(b, list) else b
     out = []
     for label, run, name in (("A", a, name_a), ("B", b, name_b)):
         env = run["env"]
-        out.append(f"{label}: {name}: {env['device']}, torch {env['torch']}, "
+        runs = f" ({env['runs']} runs combined)" if env.get("runs", 1) > 1 else ""
+        out.append(f"{label}: {name}{runs}: {env['device']}, torch {env['torch']}, "
                    f"fastnn backend {env['fastnn_backend']}, commit "
                    f"{(env.get('git_commit') or 'unknown')[:12]}, {env['date']}")
     if a["env"]["device"] != b["env"]["device"]:
@@ -1416,6 +1487,8 @@ def compare_runs(a: dict, b: dict, name_a: str = "A", name_b: str = "B") -> str:
         if ga and gb:
             out.append(f"speedup vs {IMPL_TITLES[x]}: geometric mean {ga:.2f}x (A) -> "
                        f"{gb:.2f}x (B)")
+    for x in baselines:
+        out += _group_lines(ia, ib, common, x)
     ma = {(m["model"], m["mode"]): m for m in a.get("models", [])}
     mb = {(m["model"], m["mode"]): m for m in b.get("models", [])}
     mcommon = [k for k in ma if k in mb]
@@ -1543,18 +1616,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the layer shapes that would be timed and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                   help="print the differences between two runs and exit")
+                   help="print the differences between two runs and exit; either side may be "
+                        "a comma list of runs of the same set (taken alternately with the "
+                        "other side's), combined as geometric means per case")
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.compare:
-        runs = []
-        for path in args.compare:
-            with open(path) as f:
-                runs.append(json.load(f))
-        print(compare_runs(runs[0], runs[1], args.compare[0], args.compare[1]))
+        sides = []
+        for spec in args.compare:
+            runs = []
+            for path in _split(spec):
+                with open(path) as f:
+                    runs.append(json.load(f))
+            sides.append(runs)
+        print(compare_runs(sides[0], sides[1], args.compare[0], args.compare[1]))
         return 0
 
     started = time.perf_counter()

@@ -628,64 +628,63 @@ inline void column_stats_double(const T* x, int64_t W, int64_t n, double& mean_o
 // is done again in double: see batch_stats.
 constexpr double kMaxPivotGain = 3.0;
 
-// One pass over kU units of columns of nr rows: the sums of d = x[r][j] - pivot[j] and of d^2 in
-// float registers, then added to s1[j] and s2[j] in double.
+// Sums over nr rows of x[r][j] - pivot[j] for kU units of columns, in float registers.
 template <int kU, typename T>
-inline void tile_pivot_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot, double* s1,
-                            double* s2) {
+inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
+                             acc_t<T>* sum) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  V p[2 * kU], a[2 * kU], q[2 * kU];
-  for (int v = 0; v < 2 * kU; ++v) {
-    p[v] = V::loadu(pivot + v * V::size());
-    a[v] = V(A(0));
-    q[v] = V(A(0));
-  }
+  V s[2 * kU];
+  for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
   for (int64_t r = 0; r < nr; ++r) {
     const T* row = x + r * W;
     for (int u = 0; u < kU; ++u) {
       V lo, hi;
       U::load(row + u * U::kSize, lo, hi);
-      lo = lo - p[2 * u];
-      hi = hi - p[2 * u + 1];
-      a[2 * u] = a[2 * u] + lo;
-      a[2 * u + 1] = a[2 * u + 1] + hi;
-      q[2 * u] = at::vec::fmadd(lo, lo, q[2 * u]);
-      q[2 * u + 1] = at::vec::fmadd(hi, hi, q[2 * u + 1]);
+      s[2 * u] = s[2 * u] + (lo - V::loadu(pivot + u * U::kSize));
+      s[2 * u + 1] = s[2 * u + 1] + (hi - V::loadu(pivot + u * U::kSize + U::kHalf));
     }
   }
-  alignas(64) A sa[2 * kU * V::size()];
-  alignas(64) A sq[2 * kU * V::size()];
-  for (int v = 0; v < 2 * kU; ++v) {
-    a[v].store(sa + v * V::size());
-    q[v].store(sq + v * V::size());
-  }
-  for (int64_t j = 0; j < 2 * kU * V::size(); ++j) {
-    s1[j] += double(sa[j]);
-    s2[j] += double(sq[j]);
-  }
+  for (int v = 0; v < 2 * kU; ++v) s[v].store(sum + v * V::size());
 }
 
-// tile_pivot_sums over cw columns.
+// The sums over nr rows of d = x[r][j] - pivot[j] and of d^2 over cw columns, added to s1[j] and
+// s2[j] in double (`sum` and `sq` are scratch of cw values). Two passes, as in rows_stats: the
+// first walks memory in tiles of four units (256 bytes of each float row, which the hardware
+// prefetchers follow; one pass of both sums fits only two units in registers and ran 1.1-1.5x
+// slower on input that is not in cache), the second reads the run again from L1.
 template <typename T>
 inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
-                            const acc_t<T>* pivot, double* s1, double* s2) {
+                            const acc_t<T>* pivot, acc_t<T>* sum, acc_t<T>* sq, double* s1,
+                            double* s2) {
   using A = acc_t<T>;
   constexpr int64_t kUnit = Unit<T>::kSize;
   int64_t j = 0;
+  for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
+    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j);
   for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
-    tile_pivot_sums<2>(x + j, W, nr, pivot + j, s1 + j, s2 + j);
-  for (; j + kUnit <= cw; j += kUnit) tile_pivot_sums<1>(x + j, W, nr, pivot + j, s1 + j, s2 + j);
+    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j);
   for (; j < cw; ++j) {
-    A a = A(0), q = A(0);
+    A a = A(0);
+    for (int64_t r = 0; r < nr; ++r) a += A(x[r * W + j]) - pivot[j];
+    sum[j] = a;
+  }
+  j = 0;
+  for (; j + 2 * kUnit <= cw; j += 2 * kUnit) tile_square_sums<2>(x + j, W, nr, pivot + j, sq + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_square_sums<1>(x + j, W, nr, pivot + j, sq + j);
+  for (; j < cw; ++j) {
+    A q = A(0);
     for (int64_t r = 0; r < nr; ++r) {
       const A d = A(x[r * W + j]) - pivot[j];
-      a += d;
       q += d * d;
     }
-    s1[j] += double(a);
-    s2[j] += double(q);
+    sq[j] = q;
+  }
+  for (j = 0; j < cw; ++j) {
+    s1[j] += double(sum[j]);
+    s2[j] += double(sq[j]);
   }
 }
 
@@ -904,13 +903,13 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
 
   // Rows layout: per item (a group of rows by a block of columns), the statistics of each column.
   // The item's first run of sub_rows rows takes both passes (rows_stats); its means, rounded to
-  // float, are the pivots of one pass over the item's other runs: sums of d = x - pivot and of
-  // d^2, per run in float, across runs in double. The variance m2 = S2 - S1^2 / n then carries
+  // float, are the pivots of the item's other runs: sums of d = x - pivot and of d^2, per run in
+  // float, across runs in double. The variance m2 = S2 - S1^2 / n then carries
   // the float rounding of S2 amplified by S2 / m2 = 1 + n (mean - pivot)^2 / m2, which is near 1
   // as the first run's mean is near the item's; a column where it exceeds kMaxPivotGain (a few in
-  // a hundred thousand on Gaussian data) is done again in double. One pass per run instead of two
-  // and two additions per column instead of a Chan merge: on channels-last 7x7 input with
-  // 512-2048 channels the per-run merges had taken as long as the data passes.
+  // a hundred thousand on Gaussian data) is done again in double. Two additions per column and
+  // run instead of a mean and a Chan merge in double: on channels-last 7x7 input with 512-2048
+  // channels those had taken as long as the passes over the data.
   std::vector<double> pmean(p.groups * p.W, 0.0), pm2(p.groups * p.W, 0.0);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
     alignas(64) A pivot[kMaxColumnBlock];
@@ -933,7 +932,8 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
         s2[j] = double(m2[j]);  // around mean[j], the pivot
       }
       for (int64_t r0 = first; r0 < n_rows; r0 += p.sub_rows)
-        rows_pivot_sums(xi + r0 * p.W, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, s1, s2);
+        rows_pivot_sums(xi + r0 * p.W, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, pivot,
+                        m2, s1, s2);
       double* out_mean = pmean.data() + g * p.W + c0;
       double* out_m2 = pm2.data() + g * p.W + c0;
       const double n = double(n_rows);

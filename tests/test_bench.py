@@ -1,0 +1,67 @@
+"""fastnn-bench's comparison of runs (--compare), on made-up run records."""
+import json
+import math
+
+from fastnn import bench
+
+
+def _op(case, shape, dtype, layout, ms, **speedups):
+    return {"case": case, "shape": list(shape), "dtype": dtype, "layout": layout,
+            "impls": {"fastnn": {"median_ms": ms}}, "speedup": dict(speedups)}
+
+
+def _run(ops, commit="abc", models=()):
+    env = {"device": "cpu", "torch": "2.x", "fastnn_backend": "compiled", "git_commit": commit,
+           "date": "2026-01-01"}
+    return {"env": env, "ops": list(ops), "models": list(models)}
+
+
+def test_combine_runs_takes_geometric_means_per_case():
+    a1 = _run([_op("bn_eval", (2, 3, 4, 4), "float32", "nchw", 1.0, torch=2.0),
+               _op("bn_eval", (2, 3, 4, 4), "float32", "channels_last", 4.0, torch=0.5)])
+    a2 = _run([_op("bn_eval", (2, 3, 4, 4), "float32", "nchw", 4.0, torch=8.0)],
+              models=[{"model": "resnet50", "mode": "train",
+                       "variants": {"fastnn": {"images_per_s": 9.0}}}])
+    a1["models"] = [{"model": "resnet50", "mode": "train",
+                     "variants": {"fastnn": {"images_per_s": 1.0}}}]
+    c = bench.combine_runs([a1, a2])
+    ops = {(r["layout"]): r for r in c["ops"]}
+    assert math.isclose(ops["nchw"]["impls"]["fastnn"]["median_ms"], 2.0)
+    assert math.isclose(ops["nchw"]["speedup"]["torch"], 4.0)
+    # A case only one run has keeps that run's values.
+    assert math.isclose(ops["channels_last"]["speedup"]["torch"], 0.5)
+    assert math.isclose(c["models"][0]["variants"]["fastnn"]["images_per_s"], 3.0)
+    assert c["env"]["runs"] == 2
+
+
+def test_compare_reports_groups_and_cases_slower_than_the_baseline():
+    shape = (32, 64, 56, 56)
+    before = [_run([_op("bn_eval", shape, "float32", "nchw", 2.0, torch=0.8),
+                    _op("bn_train_fwd", shape, "bfloat16", "channels_last", 1.0, torch=1.5)])
+              for _ in range(2)]
+    after = [_run([_op("bn_eval", shape, "float32", "nchw", 1.0, torch=1.6),
+                   _op("bn_train_fwd", shape, "bfloat16", "channels_last", 1.0, torch=1.5)],
+                  commit="def") for _ in range(2)]
+    text = bench.compare_runs(before, after, "before", "after")
+    assert "(2 runs combined)" in text
+    assert "fastnn time B/A: geometric mean 0.707" in text  # sqrt(0.5 * 1.0)
+    lines = text.splitlines()
+    start = lines.index("Speedup over eager, geometric mean by group")
+    table = {line.split()[0]: line.split() for line in lines[start + 3:start + 8]
+             if line.strip()}
+    assert table["all"][2:5] == [f"{math.sqrt(0.8 * 1.5):.3f}x", f"{math.sqrt(1.6 * 1.5):.3f}x",
+                                 f"{math.sqrt(2.0):.3f}"]
+    assert table["bn_eval"][2:5] == ["0.800x", "1.600x", "2.000"]
+    assert "slower than eager: 1 of 2 cases (A), 0 (B)" in text
+
+
+def test_compare_command_line_takes_comma_lists(tmp_path, capsys):
+    paths = []
+    for i, speed in enumerate((1.0, 4.0, 2.0)):
+        p = tmp_path / f"run{i}.json"
+        p.write_text(json.dumps(_run([_op("bn_eval", (2, 3, 4, 4), "float32", "nchw", 1.0,
+                                          torch=speed)])))
+        paths.append(str(p))
+    assert bench.main(["--compare", f"{paths[0]},{paths[1]}", paths[2]]) == 0
+    out = capsys.readouterr().out
+    assert "speedup vs eager: geometric mean 2.00x (A) -> 2.00x (B)" in out
