@@ -165,10 +165,10 @@ def test_large_mean_stability(backend, device):
 def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
     """Channels-last float32 statistics stay exact to float32 rounding when a channel's values
     are far from uniform along the rows (the N*H*W positions): the first sixteenth of every
-    `period` rows offset by 100 std. The CPU kernel's column statistics take one pass around
-    pivots from the first rows of each run of `period` rows (its work item for these widths),
-    which on this input would amplify float rounding 17-fold (relative error 5e-7 to 1.3e-6);
-    it must notice and redo those columns in double."""
+    `period` rows offset by 100 std. The CPU kernel's column statistics sum deviations from
+    pivots taken from the first rows of each run of `period` rows (its work item for these
+    widths), which on this input would amplify float rounding 17-fold (relative error 5e-7 to
+    1.3e-6); it must notice and redo those columns in double."""
     rows = N * H * H
     r = torch.arange(rows)
     offset = ((r % period) < period // 16).double() * 100.0

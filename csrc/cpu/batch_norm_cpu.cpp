@@ -624,8 +624,8 @@ inline void column_stats_double(const T* x, int64_t W, int64_t n, double& mean_o
   m2_out = m2;
 }
 
-// How much the one-pass column statistics may amplify float rounding (S2 / m2) before a column
-// is done again in double: see batch_stats.
+// How much the pivot-centred column statistics may amplify float rounding (S2 / m2) before a
+// column is done again in double: see batch_stats.
 constexpr double kMaxPivotGain = 3.0;
 
 // Sums over nr rows of x[r][j] - pivot[j] for kU units of columns, in float registers.
