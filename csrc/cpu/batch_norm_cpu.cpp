@@ -516,24 +516,18 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
 }
 
 // Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
-// (row stride W). First pass: pivot[j] = x[0][j], sum[j] = sum over rows of x[r][j] - x[0][j].
-// The sums live in registers; the pivots are re-read from L1 (`pivot`), which leaves room for
-// four units: 256 bytes of each float row, whole lines, read in order.
+// (row stride W). First pass: sum[j] = sum over rows of x[r][j] - pivot[j]. The sums live in
+// registers; the pivots are re-read from L1, which leaves room for four units: 256 bytes of each
+// float row, whole lines, read in order.
 template <int kU, typename T>
-inline void tile_deviation_sums(const T* x, int64_t W, int64_t nr, acc_t<T>* pivot,
-                                acc_t<T>* sum) {
+inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
+                             acc_t<T>* sum) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
   V s[2 * kU];
-  for (int u = 0; u < kU; ++u) {
-    V lo, hi;
-    U::load(x + u * U::kSize, lo, hi);
-    lo.store(pivot + u * U::kSize);
-    hi.store(pivot + u * U::kSize + U::kHalf);
-  }
   for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
-  for (int64_t r = 1; r < nr; ++r) {
+  for (int64_t r = 0; r < nr; ++r) {
     const T* row = x + r * W;
     for (int u = 0; u < kU; ++u) {
       V lo, hi;
@@ -571,31 +565,32 @@ inline void tile_square_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* 
   for (int v = 0; v < 2 * kU; ++v) q[v].store(m2 + v * V::size());
 }
 
-// Both passes over cw columns of nr rows; mean_d (double) and m2 (around mean_d) per column.
-// `pivot` and `mean` are scratch of cw values.
+// tile_offset_sums over cw columns.
 template <typename T>
-inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* pivot,
-                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2) {
+inline void rows_offset_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
+                             const acc_t<T>* pivot, acc_t<T>* sum) {
   using A = acc_t<T>;
   constexpr int64_t kUnit = Unit<T>::kSize;
   int64_t j = 0;
   for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
-    tile_deviation_sums<4>(x + j, W, nr, pivot + j, mean + j);
+    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j);
   for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
-    tile_deviation_sums<2>(x + j, W, nr, pivot + j, mean + j);
-  for (; j + kUnit <= cw; j += kUnit) tile_deviation_sums<1>(x + j, W, nr, pivot + j, mean + j);
+    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j);
   for (; j < cw; ++j) {
-    pivot[j] = A(x[j]);
-    A sum = A(0);
-    for (int64_t r = 1; r < nr; ++r) sum += A(x[r * W + j]) - pivot[j];
-    mean[j] = sum;
+    A a = A(0);
+    for (int64_t r = 0; r < nr; ++r) a += A(x[r * W + j]) - pivot[j];
+    sum[j] = a;
   }
-  const double inv_n = 1.0 / double(nr);
-  for (j = 0; j < cw; ++j) {
-    mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
-    mean[j] = A(mean_d[j]);
-  }
-  j = 0;
+}
+
+// tile_square_sums over cw columns.
+template <typename T>
+inline void rows_square_sums(const T* x, int64_t W, int64_t nr, int64_t cw, const acc_t<T>* mean,
+                             acc_t<T>* m2) {
+  using A = acc_t<T>;
+  constexpr int64_t kUnit = Unit<T>::kSize;
+  int64_t j = 0;
   for (; j + 2 * kUnit <= cw; j += 2 * kUnit) tile_square_sums<2>(x + j, W, nr, mean + j, m2 + j);
   for (; j + kUnit <= cw; j += kUnit) tile_square_sums<1>(x + j, W, nr, mean + j, m2 + j);
   for (; j < cw; ++j) {
@@ -606,6 +601,27 @@ inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* 
     }
     m2[j] = q;
   }
+}
+
+// Both passes over cw columns of nr rows: the first around pivot[j] = x[0][j], then the squares
+// around the float mean; mean_d (double) and m2 (around the float mean) per column. `pivot` and
+// `mean` are scratch of cw values.
+template <typename T>
+inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* pivot,
+                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < cw; ++j) pivot[j] = A(x[j]);
+  if (nr > 1) {
+    rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean);
+  } else {
+    std::fill(mean, mean + cw, A(0));
+  }
+  const double inv_n = 1.0 / double(nr);
+  for (int64_t j = 0; j < cw; ++j) {
+    mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
+    mean[j] = A(mean_d[j]);
+  }
+  rows_square_sums(x, W, nr, cw, mean, m2);
 }
 
 // Mean and sum of squared deviations of one column (stride W) of n rows, both passes in double.
@@ -628,27 +644,6 @@ inline void column_stats_double(const T* x, int64_t W, int64_t n, double& mean_o
 // column is done again in double: see batch_stats.
 constexpr double kMaxPivotGain = 3.0;
 
-// Sums over nr rows of x[r][j] - pivot[j] for kU units of columns, in float registers.
-template <int kU, typename T>
-inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
-                             acc_t<T>* sum) {
-  using U = Unit<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  V s[2 * kU];
-  for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
-  for (int64_t r = 0; r < nr; ++r) {
-    const T* row = x + r * W;
-    for (int u = 0; u < kU; ++u) {
-      V lo, hi;
-      U::load(row + u * U::kSize, lo, hi);
-      s[2 * u] = s[2 * u] + (lo - V::loadu(pivot + u * U::kSize));
-      s[2 * u + 1] = s[2 * u + 1] + (hi - V::loadu(pivot + u * U::kSize + U::kHalf));
-    }
-  }
-  for (int v = 0; v < 2 * kU; ++v) s[v].store(sum + v * V::size());
-}
-
 // The sums over nr rows of d = x[r][j] - pivot[j] and of d^2 over cw columns, added to s1[j] and
 // s2[j] in double (`sum` and `sq` are scratch of cw values). Two passes, as in rows_stats: the
 // first walks memory in tiles of four units (256 bytes of each float row, which the hardware
@@ -658,31 +653,9 @@ template <typename T>
 inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
                             const acc_t<T>* pivot, acc_t<T>* sum, acc_t<T>* sq, double* s1,
                             double* s2) {
-  using A = acc_t<T>;
-  constexpr int64_t kUnit = Unit<T>::kSize;
-  int64_t j = 0;
-  for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
-    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j);
-  for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
-    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j);
-  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j);
-  for (; j < cw; ++j) {
-    A a = A(0);
-    for (int64_t r = 0; r < nr; ++r) a += A(x[r * W + j]) - pivot[j];
-    sum[j] = a;
-  }
-  j = 0;
-  for (; j + 2 * kUnit <= cw; j += 2 * kUnit) tile_square_sums<2>(x + j, W, nr, pivot + j, sq + j);
-  for (; j + kUnit <= cw; j += kUnit) tile_square_sums<1>(x + j, W, nr, pivot + j, sq + j);
-  for (; j < cw; ++j) {
-    A q = A(0);
-    for (int64_t r = 0; r < nr; ++r) {
-      const A d = A(x[r * W + j]) - pivot[j];
-      q += d * d;
-    }
-    sq[j] = q;
-  }
-  for (j = 0; j < cw; ++j) {
+  rows_offset_sums(x, W, nr, cw, pivot, sum);
+  rows_square_sums(x, W, nr, cw, pivot, sq);
+  for (int64_t j = 0; j < cw; ++j) {
     s1[j] += double(sum[j]);
     s2[j] += double(sq[j]);
   }
