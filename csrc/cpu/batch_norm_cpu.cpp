@@ -521,7 +521,7 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
 // float row, whole lines, read in order.
 template <int kU, typename T>
 inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
-                             acc_t<T>* sum) {
+                             acc_t<T>* sum, int64_t ahead) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
@@ -529,6 +529,8 @@ inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* 
   for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
   for (int64_t r = 0; r < nr; ++r) {
     const T* row = x + r * W;
+    if (ahead != 0)
+      for (int u = 0; u < kU; ++u) prefetch(row + u * U::kSize + ahead);
     for (int u = 0; u < kU; ++u) {
       V lo, hi;
       U::load(row + u * U::kSize, lo, hi);
@@ -568,15 +570,15 @@ inline void tile_square_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* 
 // tile_offset_sums over cw columns.
 template <typename T>
 inline void rows_offset_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
-                             const acc_t<T>* pivot, acc_t<T>* sum) {
+                             const acc_t<T>* pivot, acc_t<T>* sum, int64_t ahead = 0) {
   using A = acc_t<T>;
   constexpr int64_t kUnit = Unit<T>::kSize;
   int64_t j = 0;
   for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
-    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j);
+    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j, ahead);
   for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
-    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j);
-  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j);
+    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j, ahead);
+  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j, ahead);
   for (; j < cw; ++j) {
     A a = A(0);
     for (int64_t r = 0; r < nr; ++r) a += A(x[r * W + j]) - pivot[j];
@@ -608,11 +610,11 @@ inline void rows_square_sums(const T* x, int64_t W, int64_t nr, int64_t cw, cons
 // `mean` are scratch of cw values.
 template <typename T>
 inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* pivot,
-                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2) {
+                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2, int64_t ahead = 0) {
   using A = acc_t<T>;
   for (int64_t j = 0; j < cw; ++j) pivot[j] = A(x[j]);
   if (nr > 1) {
-    rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean);
+    rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean, ahead);
   } else {
     std::fill(mean, mean + cw, A(0));
   }
@@ -652,8 +654,8 @@ constexpr double kMaxPivotGain = 3.0;
 template <typename T>
 inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
                             const acc_t<T>* pivot, acc_t<T>* sum, acc_t<T>* sq, double* s1,
-                            double* s2) {
-  rows_offset_sums(x, W, nr, cw, pivot, sum);
+                            double* s2, int64_t ahead = 0) {
+  rows_offset_sums(x, W, nr, cw, pivot, sum, ahead);
   rows_square_sums(x, W, nr, cw, pivot, sq);
   for (int64_t j = 0; j < cw; ++j) {
     s1[j] += double(sum[j]);
@@ -899,14 +901,15 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
       if (n_rows == 0) continue;
       const T* xi = x + g * p.group_rows * p.W + c0;
       const int64_t first = std::min(p.sub_rows, n_rows);
-      rows_stats(xi, p.W, first, cw, pivot, mean, mean_d, m2);
+      const int64_t ahead = p.sub_rows * p.W;
+      rows_stats(xi, p.W, first, cw, pivot, mean, mean_d, m2, first < n_rows ? ahead : 0);
       for (int64_t j = 0; j < cw; ++j) {
         s1[j] = double(first) * (mean_d[j] - double(mean[j]));
         s2[j] = double(m2[j]);  // around mean[j], the pivot
       }
       for (int64_t r0 = first; r0 < n_rows; r0 += p.sub_rows)
         rows_pivot_sums(xi + r0 * p.W, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, pivot,
-                        m2, s1, s2);
+                        m2, s1, s2, r0 + p.sub_rows < n_rows ? ahead : 0);
       double* out_mean = pmean.data() + g * p.W + c0;
       double* out_m2 = pm2.data() + g * p.W + c0;
       const double n = double(n_rows);
