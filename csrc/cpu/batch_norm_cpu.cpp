@@ -68,6 +68,7 @@ constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses
 constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
 constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
 constexpr int64_t kSpanElements = 1024;         // rows layout: element-wise span of whole rows
+constexpr int64_t kGroupMultiple = 4;           // rows layout: groups of rows, when several
 constexpr int64_t kMinParallelElements = 32 * 1024;
 constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // the least output that bypasses the cache
 
@@ -130,9 +131,17 @@ Plan make_plan(const BNShape& s) {
     p.col_block = std::min(p.W, kMaxColumnBlock);
     p.col_blocks = divup(p.W, p.col_block);
     p.sub_rows = std::max<int64_t>(1, chunk_elements / p.col_block);
-    p.group_rows =
+    // Groups of (nearly) equal size, as many as a multiple of kGroupMultiple when there are
+    // several: a smaller last group, or one group more than the threads can share evenly, had
+    // left a thread idle for up to an eighth of the statistics pass (13 groups of at most 128
+    // rows for channels-last 32x512x7x7 on two threads).
+    const int64_t max_group_rows =
         std::max<int64_t>(1, kItemElements / p.col_block / p.sub_rows) * p.sub_rows;
-    p.groups = divup(p.total_rows(), p.group_rows);
+    const int64_t total_rows = p.total_rows();
+    int64_t groups = divup(total_rows, max_group_rows);
+    if (groups > 1) groups = std::min(total_rows, divup(groups, kGroupMultiple) * kGroupMultiple);
+    p.group_rows = groups > 0 ? divup(total_rows, groups) : max_group_rows;
+    p.groups = divup(total_rows, p.group_rows);
     p.items = p.groups * p.col_blocks;
     item_elements = p.group_rows * p.col_block;
   }
