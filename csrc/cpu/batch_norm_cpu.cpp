@@ -622,6 +622,8 @@ inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* 
                        acc_t<T>* mean, double* mean_d, acc_t<T>* m2, int64_t ahead = 0) {
   using A = acc_t<T>;
   for (int64_t j = 0; j < cw; ++j) pivot[j] = A(x[j]);
+  if (ahead != 0)
+    for (int64_t j = 0; j < cw; j += 64 / int64_t(sizeof(T))) prefetch(x + ahead + j);
   if (nr > 1) {
     rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean, ahead);
   } else {
@@ -902,23 +904,34 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
     alignas(64) double mean_d[kMaxColumnBlock];
     alignas(64) double s1[kMaxColumnBlock];
     alignas(64) double s2[kMaxColumnBlock];
+    // Where item t starts, and the distance from `at` (run r0 of item t) to the run after it
+    // (the next item's first when r0 is the item's last; none after the range's last run): what
+    // the passes over a run prefetch.
+    auto item_start = [&](int64_t t) {
+      return x + (t / p.col_blocks) * p.group_rows * p.W + (t % p.col_blocks) * p.col_block;
+    };
+    auto ahead = [&](int64_t t, int64_t r0, int64_t n_rows, const T* at) -> int64_t {
+      if (r0 + p.sub_rows < n_rows) return p.sub_rows * p.W;
+      return t + 1 < end ? item_start(t + 1) - at : 0;
+    };
     for (int64_t t = begin; t < end; ++t) {
       const int64_t g = t / p.col_blocks;
       const int64_t c0 = (t % p.col_blocks) * p.col_block;
       const int64_t cw = std::min(p.col_block, p.W - c0);
       const int64_t n_rows = p.full_rows_in_group(g);
       if (n_rows == 0) continue;
-      const T* xi = x + g * p.group_rows * p.W + c0;
+      const T* xi = item_start(t);
       const int64_t first = std::min(p.sub_rows, n_rows);
-      const int64_t ahead = p.sub_rows * p.W;
-      rows_stats(xi, p.W, first, cw, pivot, mean, mean_d, m2, first < n_rows ? ahead : 0);
+      rows_stats(xi, p.W, first, cw, pivot, mean, mean_d, m2, ahead(t, 0, n_rows, xi));
       for (int64_t j = 0; j < cw; ++j) {
         s1[j] = double(first) * (mean_d[j] - double(mean[j]));
         s2[j] = double(m2[j]);  // around mean[j], the pivot
       }
-      for (int64_t r0 = first; r0 < n_rows; r0 += p.sub_rows)
-        rows_pivot_sums(xi + r0 * p.W, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, pivot,
-                        m2, s1, s2, r0 + p.sub_rows < n_rows ? ahead : 0);
+      for (int64_t r0 = first; r0 < n_rows; r0 += p.sub_rows) {
+        const T* run = xi + r0 * p.W;
+        rows_pivot_sums(run, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, pivot, m2, s1, s2,
+                        ahead(t, r0, n_rows, run));
+      }
       double* out_mean = pmean.data() + g * p.W + c0;
       double* out_m2 = pm2.data() + g * p.W + c0;
       const double n = double(n_rows);
