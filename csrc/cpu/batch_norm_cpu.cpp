@@ -527,7 +527,10 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
 // Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
 // (row stride W). First pass: sum[j] = sum over rows of x[r][j] - pivot[j]. The sums live in
 // registers; the pivots are re-read from L1, which leaves room for four units: 256 bytes of each
-// float row, whole lines, read in order.
+// float row, whole lines, read in order. With `ahead` != 0 the same lines `ahead` elements on
+// (the next run's) are prefetched: the hardware prefetchers follow this column-block walk poorly,
+// and with it the channels-last statistics of 32x512x7x7 float32 from memory took 0.16 ms
+// instead of 0.12.
 template <int kU, typename T>
 inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
                              acc_t<T>* sum, int64_t ahead) {
@@ -539,7 +542,7 @@ inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* 
   for (int64_t r = 0; r < nr; ++r) {
     const T* row = x + r * W;
     if (ahead != 0)
-      for (int u = 0; u < kU; ++u) prefetch(row + u * U::kSize + ahead);
+      for (int u = 0; u < kU; ++u) prefetch(row + u * U::kSize, ahead);
     for (int u = 0; u < kU; ++u) {
       V lo, hi;
       U::load(row + u * U::kSize, lo, hi);
@@ -623,7 +626,7 @@ inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* 
   using A = acc_t<T>;
   for (int64_t j = 0; j < cw; ++j) pivot[j] = A(x[j]);
   if (ahead != 0)
-    for (int64_t j = 0; j < cw; j += 64 / int64_t(sizeof(T))) prefetch(x + ahead + j);
+    for (int64_t j = 0; j < cw; j += 64 / int64_t(sizeof(T))) prefetch(x + j, ahead);
   if (nr > 1) {
     rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean, ahead);
   } else {
