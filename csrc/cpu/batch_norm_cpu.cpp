@@ -14,8 +14,12 @@
 //
 // Statistics: each L1-sized run of values gets its mean (summing deviations from the run's first
 // value) and then its sum of squared deviations from that mean, on a second pass that hits L1.
-// Runs are combined with the parallel-variance formula (Chan et al.) in double. No
-// E[x^2] - E[x]^2, so a mean far larger than the spread costs no precision.
+// Blocks: runs are combined with the parallel-variance formula (Chan et al.) in double. Rows:
+// an item's first run gives each column a pivot (its float mean), the item's other runs sum
+// deviations from the pivots and their squares, and a column whose pivot was too far off for
+// that is redone in double (see batch_stats); items are then combined by Chan's formula. No
+// E[x^2] - E[x]^2 anywhere, so a mean far larger than the spread costs no precision. The rows
+// layout's runs are walked column block by column block, so each run prefetches the next.
 //
 // Outputs larger than a quarter of the last-level cache are written with non-temporal stores: no
 // read-for-ownership of the output lines and no eviction of the input the next pass reads.
