@@ -247,6 +247,69 @@ def test_float32_output_precision(layout, training, offset):
     assert err.max() <= 4 * torch.finfo(torch.float32).eps, err.max()
 
 
+@pytest.mark.parametrize("grad_offset", [0.0, 20.0])
+@pytest.mark.parametrize("offset", [0.0, 3.0, 100.0, 1e4])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("layout", ["nchw_blocks", "nchw", "nchw_rows", "nhwc", "nhwc_wide"])
+def test_float32_input_grad_precision(layout, relu, offset, grad_offset):
+    """The CPU kernels' float32 training input gradients (batch norm and the dual form) are
+    right to a few roundings of their own scale for channel means from 0 to 1e4 standard
+    deviations and output gradients with and without a large mean. Checked against float64 on
+    the same float32 input, gradient and saved statistics, with the output gradient correlated
+    with the input so that the (x - mean) * k2 term matters: a kernel that folded the mean into
+    the gradient's offset (dx = a * (g - k1 + mean * k2 - x * k2)) at 100 standard deviations
+    would be off by about 23 roundings, at 1e4 by about 2800."""
+    if not fastnn.ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C has no CPU kernels")
+    shape, fmt = {
+        "nchw_blocks": ((4, 5, 9, 9), torch.contiguous_format),
+        "nchw_rows": ((8, 70, 3, 3), torch.contiguous_format),
+    }.get(layout) or LAYOUTS[layout]
+    C = shape[1]
+    dims = [d for d in range(len(shape)) if d != 1]
+    view = (1, C) + (1,) * (len(shape) - 2)
+    gen = torch.Generator().manual_seed(0)
+    std = 0.5
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = (x64 * std + offset * std).float().contiguous(memory_format=fmt)
+    g = (torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5 * x64 + grad_offset)
+    g = g.float().contiguous(memory_format=fmt)
+    z = (x64.flip(0) * std * 2 - offset * std).float().contiguous(memory_format=fmt)
+    w = torch.rand(C, generator=gen) + 0.5
+    b = torch.rand(C, generator=gen) - 0.5
+    w2 = torch.rand(C, generator=gen) + 0.5
+    b2 = torch.rand(C, generator=gen) - 0.5
+
+    def check(dx, x, gm, mean, invstd, weight):
+        m, istd = mean.double().view(view), invstd.double().view(view)
+        xc = x.double() - m
+        k1 = gm.mean(dims, keepdim=True)
+        k2 = (gm * xc).mean(dims, keepdim=True) * istd * istd
+        a = weight.double().view(view) * istd
+        exp = a * (gm - k1 - xc * k2)
+        rms = (gm - k1).pow(2).mean(dims, keepdim=True).sqrt()
+        scale = a.abs() * (rms + k1.abs() + (k2.abs() / istd) * (xc.abs() * istd + 1))
+        err = (dx.double() - exp).abs() / scale
+        assert err.max() <= 8 * torch.finfo(torch.float32).eps, err.max()
+
+    def masked(out):
+        return torch.where(out > 0, g.double(), 0.0) if relu else g.double()
+
+    out, mean, invstd = torch.ops.fastnn.batch_norm_train(
+        x, w, b, None, None, 0.1, 1e-5, None, relu)
+    dx = torch.ops.fastnn.batch_norm_backward(
+        g, x, w, out if relu else None, mean, invstd, True, relu, False)[0]
+    check(dx, x, masked(out), mean, invstd, w)
+
+    # relu(bn(x) + bn2(z)): both gradients from one pass over g.
+    out, mean, invstd, mean2, invstd2 = torch.ops.fastnn.batch_norm_dual(
+        x, w, b, None, None, z, w2, b2, None, None, True, 0.1, 1e-5, 0.1, 1e-5, relu)
+    dx, _, _, dz, _, _ = torch.ops.fastnn.batch_norm_dual_backward(
+        g, x, w, z, w2, out if relu else None, mean, invstd, mean2, invstd2, True, relu)
+    check(dx, x, masked(out), mean, invstd, w)
+    check(dz, z, masked(out), mean2, invstd2, w2)
+
+
 # ---------------------------------------------------------------------------------------------
 # hypothesis: shapes, strides (non-contiguous views), momentum, eps
 
