@@ -189,9 +189,21 @@ def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
                                torch.zeros_like(std), rtol=0, atol=rtol)
 
 
+# Each of the CPU kernels' element-wise paths: channel planes of 64 values or more, planes of 16
+# to 63 (6x7), rows of short planes (3x3), channels-last rows narrower and wider than a column
+# block.
+PRECISION_LAYOUTS = {
+    "nchw_blocks": ((4, 5, 9, 9), torch.contiguous_format),
+    "nchw": LAYOUTS["nchw"],
+    "nchw_rows": ((8, 70, 3, 3), torch.contiguous_format),
+    "nhwc": LAYOUTS["nhwc"],
+    "nhwc_wide": LAYOUTS["nhwc_wide"],
+}
+
+
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0, 1e4])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("layout", ["nchw_blocks", "nchw", "nchw_rows", "nhwc", "nhwc_wide"])
+@pytest.mark.parametrize("layout", list(PRECISION_LAYOUTS))
 def test_float32_output_precision(layout, training, offset):
     """The CPU kernels' float32 output is right to a few roundings of its own scale for channel
     means from 0 to 1e4 standard deviations: whether the means are folded into the shift
@@ -199,13 +211,7 @@ def test_float32_output_precision(layout, training, offset):
     float64 on the same float32 input; the dual form (two batch norms added) likewise."""
     if not fastnn.ops.has_kernel("cpu"):
         pytest.skip("fastnn._C has no CPU kernels")
-    # Each of the CPU kernels' element-wise paths: channel planes of 64 values or more, planes of
-    # 16 to 63 (7x7), rows of short planes (3x3), channels-last rows narrower and wider than a
-    # column block.
-    shape, fmt = {
-        "nchw_blocks": ((4, 5, 9, 9), torch.contiguous_format),
-        "nchw_rows": ((8, 70, 3, 3), torch.contiguous_format),
-    }.get(layout) or LAYOUTS[layout]
+    shape, fmt = PRECISION_LAYOUTS[layout]
     C = shape[1]
     view = (1, C) + (1,) * (len(shape) - 2)
     gen = torch.Generator().manual_seed(0)
@@ -250,7 +256,7 @@ def test_float32_output_precision(layout, training, offset):
 @pytest.mark.parametrize("grad_offset", [0.0, 20.0])
 @pytest.mark.parametrize("offset", [0.0, 3.0, 100.0, 1e4])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
-@pytest.mark.parametrize("layout", ["nchw_blocks", "nchw", "nchw_rows", "nhwc", "nhwc_wide"])
+@pytest.mark.parametrize("layout", list(PRECISION_LAYOUTS))
 def test_float32_input_grad_precision(layout, relu, offset, grad_offset):
     """The CPU kernels' float32 training input gradients (batch norm and the dual form) are
     right to a few roundings of their own scale for channel means from 0 to 1e4 standard
@@ -261,10 +267,7 @@ def test_float32_input_grad_precision(layout, relu, offset, grad_offset):
     would be off by about 23 roundings, at 1e4 by about 2800."""
     if not fastnn.ops.has_kernel("cpu"):
         pytest.skip("fastnn._C has no CPU kernels")
-    shape, fmt = {
-        "nchw_blocks": ((4, 5, 9, 9), torch.contiguous_format),
-        "nchw_rows": ((8, 70, 3, 3), torch.contiguous_format),
-    }.get(layout) or LAYOUTS[layout]
+    shape, fmt = PRECISION_LAYOUTS[layout]
     C = shape[1]
     dims = [d for d in range(len(shape)) if d != 1]
     view = (1, C) + (1,) * (len(shape) - 2)
