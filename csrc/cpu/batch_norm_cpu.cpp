@@ -182,21 +182,31 @@ inline void parallel_channels(const Plan& p, const F& f) {
 template <typename S, size_t kN>
 void sum_columns_to_channels(const Plan& p, const std::array<const S*, kN>& parts,
                              const std::array<double*, kN>& out) {
-  std::vector<double> col(kN * p.W, 0.0);
-  parallel_columns(p, [&](int64_t j0, int64_t j1) {
-    for (size_t i = 0; i < kN; ++i) {
-      double* ci = col.data() + i * p.W;
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const S* pg = parts[i] + g * p.W;
-        for (int64_t j = j0; j < j1; ++j) ci[j] += double(pg[j]);
+  // A single group's partial sums are the columns' (the same values: 0 + s is s).
+  std::vector<double> col;
+  if (p.groups != 1) {
+    col.assign(kN * p.W, 0.0);
+    parallel_columns(p, [&](int64_t j0, int64_t j1) {
+      for (size_t i = 0; i < kN; ++i) {
+        double* ci = col.data() + i * p.W;
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const S* pg = parts[i] + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) ci[j] += double(pg[j]);
+        }
       }
-    }
-  });
+    });
+  }
   parallel_channels(p, [&](int64_t c0, int64_t c1) {
     for (size_t i = 0; i < kN; ++i) {
       std::fill(out[i] + c0, out[i] + c1, 0.0);
-      const double* ci = col.data() + i * p.W;
-      for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += ci[j]; }, c0, c1);
+      if (p.groups != 1) {
+        const double* ci = col.data() + i * p.W;
+        for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += ci[j]; }, c0, c1);
+      } else {
+        const S* ci = parts[i];
+        for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += double(ci[j]); }, c0,
+                        c1);
+      }
     }
   });
 }
@@ -955,26 +965,36 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
     }
   });
 
-  // Columns over groups, then channels over their columns and the tail values.
-  std::vector<double> col_mean(p.W, 0.0), col_m2(p.W, 0.0);
-  if (p.rows > 0) {
-    parallel_columns(p, [&](int64_t j0, int64_t j1) {
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const double ng = double(p.full_rows_in_group(g));
-        const double* pm = pmean.data() + g * p.W;
-        for (int64_t j = j0; j < j1; ++j) col_mean[j] += ng * pm[j];
-      }
-      for (int64_t j = j0; j < j1; ++j) col_mean[j] /= double(p.rows);
-      for (int64_t g = 0; g < p.groups; ++g) {
-        const double ng = double(p.full_rows_in_group(g));
-        const double* pm = pmean.data() + g * p.W;
-        const double* pv = pm2.data() + g * p.W;
-        for (int64_t j = j0; j < j1; ++j) {
-          const double d = pm[j] - col_mean[j];
-          col_m2[j] += pv[j] + ng * d * d;
+  // Columns over groups, then channels over their columns and the tail values. A single group
+  // (channels-first 7x7 maps up to batch 128) already holds the columns' statistics.
+  std::vector<double> merged;
+  const double* col_mean = pmean.data();
+  const double* col_m2 = pm2.data();
+  if (p.groups != 1) {
+    merged.assign(2 * p.W, 0.0);
+    double* mean_w = merged.data();
+    double* m2_w = merged.data() + p.W;
+    col_mean = mean_w;
+    col_m2 = m2_w;
+    if (p.rows > 0) {
+      parallel_columns(p, [&](int64_t j0, int64_t j1) {
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const double ng = double(p.full_rows_in_group(g));
+          const double* pm = pmean.data() + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) mean_w[j] += ng * pm[j];
         }
-      }
-    });
+        for (int64_t j = j0; j < j1; ++j) mean_w[j] /= double(p.rows);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const double ng = double(p.full_rows_in_group(g));
+          const double* pm = pmean.data() + g * p.W;
+          const double* pv = pm2.data() + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) {
+            const double d = pm[j] - mean_w[j];
+            m2_w[j] += pv[j] + ng * d * d;
+          }
+        }
+      });
+    }
   }
   const T* tail = x + p.rows * p.W;
   const double rows = double(p.rows);
