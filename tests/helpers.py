@@ -129,7 +129,13 @@ def run_bn(impl, x, weight, bias, running_mean, running_var, training, momentum,
         out = fastnn.functional.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps,
                                            residual=rl, relu=relu)
     elif impl == "torch":
-        out = F.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps)
+        if eps == 0.0 and not training:
+            # torch 2.14 accepts eps=0 in eval, as fastnn does; older releases (2.11) reject it in
+            # F.batch_norm's Python check, while their kernel, called directly, computes it.
+            out = torch.batch_norm(xin, wl, bl, rm, rv, False, momentum, eps,
+                                   torch.backends.cudnn.enabled)
+        else:
+            out = F.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps)
         if rl is not None:
             out = out + rl
         if relu:
