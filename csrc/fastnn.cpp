@@ -68,8 +68,8 @@ TORCH_LIBRARY(fastnn, m) {
       "float eps, float momentum2, float eps2, bool relu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Its backward: (grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2),
-  // the parameter gradients in the accumulation dtype; the output gradient (masked by
-  // output > 0 when relu) is read once for both inputs.
+  // the parameter gradients in the accumulation dtype; the output gradient (zeroed where
+  // output <= 0 when relu) is read once for both inputs.
   m.def(
       "batch_norm_dual_backward(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor input2, Tensor? weight2, Tensor? output, Tensor mean, Tensor invstd, "
@@ -100,7 +100,7 @@ TORCH_LIBRARY(fastnn, m) {
       "float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // The reductions of the training backward: per channel sum_dy = sum(g) and
   // sum_dy_xhat = sum(g * (input - mean) * invstd), in the accumulation dtype, g being
-  // grad_output masked by output > 0 when relu. With residual_grad the masked g is returned too
+  // grad_output zeroed where output <= 0 when relu. With residual_grad the masked g is returned too
   // (the residual's gradient), else an empty tensor.
   m.def(
       "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor? output, Tensor mean, "

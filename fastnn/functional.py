@@ -215,7 +215,7 @@ def batch_norm_backward_reduce(grad_output: Tensor, input: Tensor, output: Optio
                                mean: Tensor, invstd: Tensor, relu: bool = False,
                                residual_grad: bool = False):
     """(sum_dy, sum_dy_xhat, grad_residual): per channel sum(g) and sum(g * (input - mean) *
-    invstd), g being grad_output masked by output > 0 when relu; grad_residual is the masked g
+    invstd), g being grad_output zeroed where output <= 0 when relu; grad_residual is the masked g
     when residual_grad, else an empty tensor."""
     if _use_part_kernel(input, "batch_norm_backward_reduce"):
         return ops.batch_norm_backward_reduce(grad_output, input, output, mean, invstd, relu,

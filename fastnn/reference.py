@@ -160,7 +160,8 @@ def batch_norm_stats(input):
 def _masked_grad(grad_output, output, relu, acc):
     g = grad_output.to(acc)
     if relu:
-        g = torch.where(output > 0, g, torch.zeros((), dtype=acc, device=g.device))
+        # torch's ReLU backward: zero where output <= 0, the gradient elsewhere (NaN included).
+        g = torch.where(output <= 0, torch.zeros((), dtype=acc, device=g.device), g)
     return g
 
 

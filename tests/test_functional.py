@@ -296,7 +296,7 @@ def test_float32_input_grad_precision(layout, relu, offset, grad_offset):
         assert err.max() <= 8 * torch.finfo(torch.float32).eps, err.max()
 
     def masked(out):
-        return torch.where(out > 0, g.double(), 0.0) if relu else g.double()
+        return torch.where(out <= 0, 0.0, g.double()) if relu else g.double()
 
     out, mean, invstd = torch.ops.fastnn.batch_norm_train(
         x, w, b, None, None, 0.1, 1e-5, None, relu)
@@ -532,6 +532,51 @@ def test_nan_and_inf_propagate(backend, device, training, value):
     torch.testing.assert_close(out, exp, equal_nan=True, **tol(torch.float32))
     torch.testing.assert_close(rm1, rm2, equal_nan=True, **tol(torch.float32))
     torch.testing.assert_close(rv1, rv2, equal_nan=True, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("where", ["input", "residual", "input2"])
+def test_nan_gradients_through_relu(backend, device, where, fmt, dtype):
+    """Where a NaN reaches the ReLU's output, the gradient passes there as in torch's ReLU
+    backward (zero only where the output is <= 0): with a NaN in the residual (or the dual
+    form's second input) every other gradient stays finite and must equal PyTorch's."""
+    memory_format = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    shape = (3, 4, 8, 8)
+    x = make_input(shape, dtype, device, memory_format, shift=0.0)
+    z = make_input(shape, dtype, device, memory_format, shift=0.0)
+    g = make_input(shape, dtype, device, memory_format, shift=0.0)
+    (x if where == "input" else z)[1, 2, 3, 5] = float("nan")
+    w, b, _, _ = make_params(4, dtype, device)
+    w2, b2, _, _ = make_params(4, dtype, device)
+    leaves = [t.clone().requires_grad_() for t in (x, z, w, b, w2, b2)]
+    ref_leaves = [t.clone().requires_grad_() for t in (x, z, w, b, w2, b2)]
+    dual = where == "input2"
+
+    def run(fn, ts):
+        xl, zl, wl, bl, w2l, b2l = ts
+        out = fn(xl, zl, wl, bl, w2l, b2l)
+        wrt = [xl, zl, wl, bl] + ([w2l, b2l] if dual else [])
+        return [out] + list(torch.autograd.grad(out, wrt, g))
+
+    if dual:
+        got = run(lambda xl, zl, wl, bl, w2l, b2l: fastnn.functional.dual_batch_norm_add_relu(
+            xl, zl, None, None, None, None, wl, bl, w2l, b2l, True), leaves)
+        exp = run(lambda xl, zl, wl, bl, w2l, b2l: F.relu(
+            F.batch_norm(xl, None, None, wl, bl, True) + F.batch_norm(zl, None, None, w2l, b2l,
+                                                                      True)), ref_leaves)
+    else:
+        got = run(lambda xl, zl, wl, bl, w2l, b2l: fastnn.functional.batch_norm_add_relu(
+            xl, zl, None, None, wl, bl, True), leaves)
+        exp = run(lambda xl, zl, wl, bl, w2l, b2l: F.relu(
+            F.batch_norm(xl, None, None, wl, bl, True) + zl), ref_leaves)
+    names = ["out", "grad_input", "grad_residual", "grad_weight", "grad_bias", "grad_weight2",
+             "grad_bias2"]
+    for name, a, e in zip(names, got, exp):
+        torch.testing.assert_close(a, e, equal_nan=True, msg=name,
+                                   **tol(dtype, grad=name != "out"))
+    if where == "residual":  # one NaN output: everything else is finite
+        assert all(bool(t.isfinite().all()) for t in (got[1], got[3], got[4]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -429,7 +429,7 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
   for (; i < n; ++i) one(i);
 }
 
-// A unit of the output gradient, zero where out <= 0 (kMask: the ReLU's mask).
+// A unit of the output gradient, zero where out <= 0 (kMask: the ReLU's mask; NaN passes).
 template <bool kMask, typename T, typename V>
 C10_ALWAYS_INLINE void load_grad(const T* g, const T* out, V& lo, V& hi) {
   Unit<T>::load(g, lo, hi);
@@ -441,7 +441,7 @@ C10_ALWAYS_INLINE void load_grad(const T* g, const T* out, V& lo, V& hi) {
   }
 }
 
-// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked by out > 0 (kMask).
+// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g zeroed where out <= 0 (kMask).
 template <bool kMask, bool kStream, typename T, typename P>
 inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
                             const P& a, const P& k1, const P& k2) {
@@ -450,7 +450,7 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
   using V = Vectorized<A>;
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
     const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
     dx[i] = T(d * a.scalar(i));
   };
@@ -691,7 +691,7 @@ inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
   }
 }
 
-// Sums of g and g * (x - mean) over n values, g masked by out > 0 (kMask); on the way the masked
+// Sums of g and g * (x - mean) over n values, g zeroed where out <= 0 (kMask); on the way the masked
 // g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is Broadcast
 // (one channel, sums in registers) or PerColumn (sums added to the per-column arrays sum_g and
 // sum_gx).
@@ -706,7 +706,7 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
   A s = A(0), sx = A(0);
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
     if constexpr (kGradResidual) gr[i] = T(gv);
     if constexpr (kGradInput) dx[i] = T(gv * a.scalar(i));
     const A gx = gv * (A(x[i]) - mean.scalar(i));
@@ -768,7 +768,7 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
   A s = A(0), sx = A(0), sz = A(0);
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
     if constexpr (kGradInput) {
       dx[i] = T(gv * a1.scalar(i));
       dz[i] = T(gv * a2.scalar(i));
@@ -829,7 +829,7 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
 }
 
 // Training gradients of batch_norm_dual: dx = a1 * (g - k1 - (x - m1) * k2) and
-// dz = a2 * (g - k1b - (z - m2) * k2b), g masked by out > 0 (kMask) and read once.
+// dz = a2 * (g - k1b - (z - m2) * k2b), g zeroed where out <= 0 (kMask) and read once.
 template <bool kMask, bool kStream, typename T, typename P>
 inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
                                  int64_t n, const P& m1, const P& a1, const P& k1, const P& k2,
@@ -839,7 +839,7 @@ inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* 
   using V = Vectorized<A>;
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) > A(0) ? gv : A(0);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
     dx[i] = T(std::fma(-(A(x[i]) - m1.scalar(i)), k2.scalar(i), gv - k1.scalar(i)) *
               a1.scalar(i));
     dz[i] = T(std::fma(-(A(z[i]) - m2.scalar(i)), k2b.scalar(i), gv - k1b.scalar(i)) *

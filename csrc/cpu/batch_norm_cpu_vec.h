@@ -117,10 +117,11 @@ C10_ALWAYS_INLINE A relu(A v) {
   return std::isnan(v) ? v : (v > A(0) ? v : A(0));
 }
 
-// g where out > 0, else 0 (NaN output masks the gradient, as torch.where(out > 0, g, 0) does).
+// g, except 0 where out <= 0: the ReLU's backward as torch computes it (threshold_backward), which
+// passes the gradient where the output is NaN.
 template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> mask_positive(const Vectorized<A>& g, const Vectorized<A>& out) {
-  return Vectorized<A>::blendv(Vectorized<A>(A(0)), g, out > Vectorized<A>(A(0)));
+  return Vectorized<A>::blendv(g, Vectorized<A>(A(0)), out <= Vectorized<A>(A(0)));
 }
 
 // A per-channel parameter as the kernels see it: one value for a whole channels-first block

@@ -207,13 +207,14 @@ __device__ __forceinline__ scalar_t normalize_one(acc_t x, acc_t mean, acc_t sca
   return static_cast<scalar_t>(y);
 }
 
-// grad_output masked by the ReLU (output > 0) when RELU.
+// grad_output masked by the ReLU when RELU: zero where output <= 0; a NaN output passes the
+// gradient, as torch's ReLU backward (threshold_backward) does.
 template <bool RELU, typename scalar_t>
 __device__ __forceinline__ scalar_t masked_grad(scalar_t g, scalar_t out) {
   if constexpr (RELU) {
     // Compare in double for double (a float cast would flush tiny positive values to zero).
     using cmp_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    return static_cast<cmp_t>(out) > cmp_t(0) ? g : static_cast<scalar_t>(0.0f);
+    return static_cast<cmp_t>(out) <= cmp_t(0) ? static_cast<scalar_t>(0.0f) : g;
   } else {
     return g;
   }
@@ -858,8 +859,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, step 1: per-block sums of g and g * (x - mean), g = grad_output [masked by
-// output > 0]. partial = [2][gridDim.y][C]. Also writes, in the same pass, the masked gradient
+// Backward, step 1: per-block sums of g and g * (x - mean), g = grad_output [zeroed where
+// output <= 0]. partial = [2][gridDim.y][C]. Also writes, in the same pass, the masked gradient
 // into grad_residual (WRITE_GR) and, in eval where dx does not depend on the sums, dx = g * weight
 // * invstd (EVAL_DX).
 //
@@ -1093,7 +1094,7 @@ __global__ void bn_elemt_coef_kernel(const acc_t* __restrict__ invstd, ChannelPa
 }
 
 // Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
-// masked when it is grad_residual) and masked here by output > 0 when MASK. With DUAL also
+// masked when it is grad_residual) and zeroed here where output <= 0 when MASK. With DUAL also
 // dz = a2 * g - b2 - d2 * (z - mean2) from the same g, with second's coefficients.
 template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
