@@ -519,12 +519,26 @@ def test_strided_parameters_and_running_stats(backend, device, training):
     assert_close(storage, expected, torch.float32)
 
 
+# Where the non-finite value sits: inside a plane; a channel's first value (the value the CUDA
+# kernels shift by) and the first of a later plane (where a CPU chunk starts), on 64x64 planes
+# (the CPU's blocks layout) and channels-last.
+_NONFINITE_AT = {
+    "inside": ((4, 3, 5, 5), torch.contiguous_format, (1, 0, 2, 3)),
+    "channel-first": ((2, 3, 64, 64), torch.contiguous_format, (0, 1, 0, 0)),
+    "plane-first": ((2, 3, 64, 64), torch.contiguous_format, (1, 2, 0, 0)),
+    "cl-first": ((4, 3, 5, 5), torch.channels_last, (0, 0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("at", list(_NONFINITE_AT))
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_nan_and_inf_propagate(backend, device, training, value):
-    """NaN/Inf inputs give what PyTorch gives (per channel), and the same running stats."""
-    x = make_input((4, 3, 5, 5), torch.float32, device)
-    x[1, 0, 2, 3] = float(value)
+def test_nan_and_inf_propagate(backend, device, training, value, at):
+    """NaN/Inf inputs give what PyTorch gives (per channel: a mean of +-Inf stays +-Inf), and the
+    same running stats."""
+    shape, memory_format, pos = _NONFINITE_AT[at]
+    x = make_input(shape, torch.float32, device, memory_format)
+    x[pos] = float(value)
     w, b, rm, rv = make_params(3, torch.float32, device)
     rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
     out = fastnn.functional.batch_norm(x, rm1, rv1, w, b, training, 0.1, 1e-5)

@@ -461,8 +461,8 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
     V glo, ghi, xlo, xhi;
     load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
     U::load(x + i, xlo, xhi);
-    const V dlo = at::vec::fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
-    const V dhi = at::vec::fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
+    const V dlo = vec_fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
+    const V dhi = vec_fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
     put<kStream>(dx + i, dlo, dhi);
   }
   for (; i < n; ++i) one(i);
@@ -478,7 +478,10 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
-  const A pivot = A(x[0]);
+  // An infinite or NaN pivot would turn the sum of an Inf-holding chunk into NaN, where torch's
+  // mean is +-Inf: such a pivot is replaced by 0.
+  const A first = A(x[0]);
+  const A pivot = std::isfinite(first) ? first : A(0);
   const V vp(pivot);
   V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
   int64_t i = 0;
@@ -859,11 +862,11 @@ inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* 
     load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
     U::load(x + i, xlo, xhi);
     U::load(z + i, zlo, zhi);
-    put<kStream>(dx + i, at::vec::fnmadd(xlo - m1.vec(i), k2.vec(i), glo - k1.vec(i)) * a1.vec(i),
-                 at::vec::fnmadd(xhi - m1.vec(j), k2.vec(j), ghi - k1.vec(j)) * a1.vec(j));
+    put<kStream>(dx + i, vec_fnmadd(xlo - m1.vec(i), k2.vec(i), glo - k1.vec(i)) * a1.vec(i),
+                 vec_fnmadd(xhi - m1.vec(j), k2.vec(j), ghi - k1.vec(j)) * a1.vec(j));
     put<kStream>(dz + i,
-                 at::vec::fnmadd(zlo - m2.vec(i), k2b.vec(i), glo - k1b.vec(i)) * a2.vec(i),
-                 at::vec::fnmadd(zhi - m2.vec(j), k2b.vec(j), ghi - k1b.vec(j)) * a2.vec(j));
+                 vec_fnmadd(zlo - m2.vec(i), k2b.vec(i), glo - k1b.vec(i)) * a2.vec(i),
+                 vec_fnmadd(zhi - m2.vec(j), k2b.vec(j), ghi - k1b.vec(j)) * a2.vec(j));
   }
   for (; i < n; ++i) one(i);
 }

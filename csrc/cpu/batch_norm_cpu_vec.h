@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/version.h>
 
 #include <cmath>
 #include <cstdint>
@@ -23,6 +24,17 @@ namespace fastnn {
 namespace cpu {
 
 using at::vec::Vectorized;
+
+// c - a * b in one fused multiply-add: torch's vector library has fnmadd from 2.9; before, fmadd of
+// -a (negation is exact, so the result is the same).
+template <typename V>
+C10_ALWAYS_INLINE V vec_fnmadd(const V& a, const V& b, const V& c) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+  return at::vec::fnmadd(a, b, c);
+#else
+  return at::vec::fmadd(a.neg(), b, c);
+#endif
+}
 
 // Accumulation type: float for float32/float16/bfloat16, double for float64.
 template <typename T>

@@ -230,23 +230,28 @@ struct Welford {
   T n;   // count (exact while below 2^24 in float32; only a weight beyond that)
 };
 
+// The means are merged as a weighted sum, not as a.mean + delta * r: a channel holding +-Inf keeps
+// the mean +-Inf (as torch's is) instead of turning it into Inf - Inf = NaN at the next merge.
 template <typename T>
 __device__ __forceinline__ Welford<T> welford_merge(const Welford<T>& a, const Welford<T>& b) {
   if (b.n == T(0)) return a;
   if (a.n == T(0)) return b;
   const T n = a.n + b.n;
+  const T inv = T(1) / n;
   const T delta = b.mean - a.mean;
-  const T r = b.n / n;
-  return {a.mean + delta * r, a.m2 + b.m2 + delta * delta * a.n * r, n};
+  const T r = b.n * inv;
+  return {a.mean * (a.n * inv) + b.mean * r, a.m2 + b.m2 + delta * delta * a.n * r, n};
 }
 
 // Adds V values of one channel: their own mean and M2 first, then one Chan merge.
 template <int V, typename T>
 __device__ __forceinline__ void welford_add(Welford<T>& w, const T (&x)[V]) {
   if constexpr (V == 1) {
+    const T n0 = w.n;
     w.n += T(1);
     const T delta = x[0] - w.mean;
-    w.mean += delta / w.n;
+    const T inv = T(1) / w.n;
+    w.mean = w.mean * (n0 * inv) + x[0] * inv;  // weighted, as in welford_merge
     w.m2 += delta * (x[0] - w.mean);
   } else {
     T s = T(0);
@@ -260,9 +265,10 @@ __device__ __forceinline__ void welford_add(Welford<T>& w, const T (&x)[V]) {
       c2 += d * d;
     }
     const T n = w.n + T(V);
+    const T inv = T(1) / n;
     const T delta = cm - w.mean;
-    const T r = T(V) / n;
-    w.mean += delta * r;
+    const T r = T(V) * inv;
+    w.mean = w.mean * (w.n * inv) + cm * r;  // weighted, as in welford_merge
     w.m2 += c2 + delta * delta * w.n * r;
     w.n = n;
   }
@@ -545,7 +551,10 @@ __device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t channel_shift(const scalar_t* __restrict__ x, int64_t c,
                                                int64_t shift_stride) {
-  return static_cast<acc_t>(x[c * shift_stride]);
+  // A non-finite first value would make every shifted value NaN (x - Inf), where torch's mean is
+  // +-Inf: such a shift is replaced by 0.
+  const acc_t v = static_cast<acc_t>(x[c * shift_stride]);
+  return isfinite(v) ? v : acc_t(0);
 }
 
 template <typename scalar_t, typename acc_t, int V>
@@ -596,7 +605,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
       // The U rows' own mean and M2 per channel, then one Chan merge (one division per step).
       const acc_t nn = n + acc_t(U);
-      const acc_t r = acc_t(U) / nn;
+      const acc_t inv = acc_t(1) / nn;
+      const acc_t r = acc_t(U) * inv;
+      const acc_t ra = n * inv;
       const acc_t nr = n * r;
 #pragma unroll
       for (int i = 0; i < V; ++i) {
@@ -615,7 +626,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           c2 += d * d;
         }
         const acc_t delta = cm - mean[i];
-        mean[i] += delta * r;
+        mean[i] = mean[i] * ra + cm * r;  // weighted, as in welford_merge
         m2[i] += c2 + delta * delta * nr;
       }
       n = nn;
