@@ -264,12 +264,20 @@ def _redispatch(op, keyset, *args):
     return op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
+def _any_requires_grad_py(*args):
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+# torch._C._any_requires_grad (C++, faster) is missing from older releases such as torch 2.4.
+_any_requires_grad = getattr(torch._C, "_any_requires_grad", _any_requires_grad_py)
+
+
 def _autograd_kernel(op, function, differentiable):
     """The Autograd kernel of a mutating op: `function` when the call records a graph (one
     of the arguments at the indices `differentiable` requires grad), else the op below
     autograd."""
     def kernel(keyset, *args):
-        if torch.is_grad_enabled() and torch._C._any_requires_grad(
+        if torch.is_grad_enabled() and _any_requires_grad(
                 *(args[i] for i in differentiable)):
             return function.apply(keyset, *args)
         with torch._C._AutoDispatchBelowAutograd():

@@ -23,6 +23,7 @@ with warnings.catch_warnings():
     from fastnn.convert import AddReLU, convert, fuse_for_inference
 
 tv = pytest.importorskip("torchvision.models")
+import torchvision  # noqa: E402  (present: torchvision.models imported)
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 REL64 = 1e-8  # float64 results agree to this, relative to the largest value of the tensor
@@ -277,8 +278,22 @@ def test_matches_torchvision(name, fused, shape, train):
     if name == "googlenet":
         kwargs.update(aux_logits=True, init_weights=True)
     ref, model = torchvision_pair(name, fused, **kwargs)
+    if name == "googlenet" and _TV_GOOGLENET_AUX_SWAPPED:
+        ref.forward = partial(_aux_in_current_order, ref.forward)
     x = torch.randn(shape, dtype=torch.float64)
     assert_same_training(ref, model, x, train)
+
+
+# torchvision before 0.21 returned GoogLeNet's auxiliary logits in each other's fields
+# (aux_logits2 held the first classifier's); fastnn's GoogLeNet returns them as torchvision does
+# since: (logits, aux_logits2, aux_logits1) = (fc, aux2, aux1).
+_TV_GOOGLENET_AUX_SWAPPED = tuple(
+    int(v) for v in torchvision.__version__.split("+")[0].split(".")[:2]) < (0, 21)
+
+
+def _aux_in_current_order(forward, x):
+    out = forward(x)
+    return type(out)(out[0], out[2], out[1]) if isinstance(out, tuple) else out
 
 
 def test_channels_last_float32():
