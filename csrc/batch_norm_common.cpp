@@ -100,7 +100,9 @@ void check_train_args(const at::Tensor& input, const c10::optional<at::Tensor>& 
                       const c10::optional<at::Tensor>& residual) {
   check_forward_args("fastnn.batch_norm_train", input, weight, bias, running_mean, running_var,
                      residual);
-  TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive during training, but got ", eps);
+  // Written as torch's Python check is (eps <= 0 rejected), so that a NaN eps passes as there.
+  TORCH_CHECK_VALUE(!(eps <= 0.0), "batch_norm eps must be positive during training, but got ",
+                    eps);
   if (input.numel() > 0) {
     const int64_t per_channel = input.numel() / input.size(1);
     TORCH_CHECK_VALUE(per_channel > 1,
@@ -116,7 +118,7 @@ void check_eval_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
                      const c10::optional<at::Tensor>& residual) {
   check_forward_args("fastnn.batch_norm_eval", input, weight, bias, running_mean, running_var,
                      residual);
-  TORCH_CHECK_VALUE(eps >= 0.0, "batch_norm eps must be non-negative, but got ", eps);
+  TORCH_CHECK_VALUE(!(eps < 0.0), "batch_norm eps must be non-negative, but got ", eps);
 }
 
 void check_backward_args(const at::Tensor& grad_output, const at::Tensor& input,
@@ -160,9 +162,9 @@ void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
   check_channel_tensor(op, "running_mean2", input, running_mean2);
   check_channel_tensor(op, "running_var2", input, running_var2);
   if (training) {
-    TORCH_CHECK_VALUE(eps > 0.0 && eps2 > 0.0,
+    TORCH_CHECK_VALUE(!(eps <= 0.0) && !(eps2 <= 0.0),
                       "batch_norm eps must be positive during training, but got ",
-                      eps > 0.0 ? eps2 : eps);
+                      eps <= 0.0 ? eps : eps2);
     if (input.numel() > 0) {
       TORCH_CHECK_VALUE(input.numel() / input.size(1) > 1,
                         "Expected more than 1 value per channel when training, got input size ",
@@ -175,8 +177,8 @@ void check_dual_args(const at::Tensor& input, const c10::optional<at::Tensor>& w
                        running_var2.has_value() && running_var2->defined();
     TORCH_CHECK(stats, op, ": running statistics of both batch norms must be defined in "
                 "evaluation mode");
-    TORCH_CHECK_VALUE(eps >= 0.0 && eps2 >= 0.0,
-                      "batch_norm eps must be non-negative, but got ", eps >= 0.0 ? eps2 : eps);
+    TORCH_CHECK_VALUE(!(eps < 0.0) && !(eps2 < 0.0),
+                      "batch_norm eps must be non-negative, but got ", eps < 0.0 ? eps : eps2);
   }
 }
 

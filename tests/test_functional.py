@@ -916,6 +916,54 @@ def test_dual_mixed_layouts(backend, device, training, z_kind):
         assert_close(got[key], exp[key], torch.float32, grad=key.startswith("grad"), msg=key)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 0), (2, 3, 0, 5), (2, 0, 5, 5), (2, 0), (0, 3, 4, 4)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_inputs_every_form(backend, device, training, shape):
+    """Empty inputs of every kind (no channels, no spatial positions, no batch): an empty output
+    from the plain, fused and dual forms, the running statistics unchanged. torch gives the
+    same where it takes the input (no channels: torch raises an IndexError from inside its
+    kernel; fastnn returns the empty output)."""
+    C = shape[1]
+    x = torch.randn(shape, device=device)
+    z = torch.randn(shape, device=device)
+    w, b, rm, rv = make_params(C, torch.float32, device)
+    if C > 0:
+        exp = F.relu(F.batch_norm(x, rm.clone(), rv.clone(), w, b, training)
+                     + F.batch_norm(z, rm.clone(), rv.clone(), w, b, training))
+        assert exp.shape == x.shape
+    rms = [rm.clone() for _ in range(4)]
+    rvs = [rv.clone() for _ in range(4)]
+    got = fastnn.functional.dual_batch_norm_add_relu(x, z, rms[0], rvs[0], rms[1], rvs[1], w, b,
+                                                     w, b, training)
+    assert got.shape == x.shape
+    got = fastnn.functional.batch_norm_add_relu(x, z, rms[2], rvs[2], w, b, training)
+    assert got.shape == x.shape
+    got = fastnn.functional.batch_norm(x, rms[3], rvs[3], w, b, training)
+    assert got.shape == x.shape
+    for m_, v_ in zip(rms, rvs):
+        assert torch.equal(m_, rm) and torch.equal(v_, rv)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_nan_eps_as_torch(backend, device, training):
+    """torch takes eps=nan (its checks are eps <= 0 and eps < 0) and gives NaN: so does fastnn,
+    the dual form included, with the same running statistics."""
+    x = make_input((4, 3, 5, 5), torch.float32, device)
+    w, b, rm, rv = make_params(3, torch.float32, device)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    nan = float("nan")
+    exp = F.batch_norm(x, rm2, rv2, w, b, training, 0.1, nan)
+    got = fastnn.functional.batch_norm(x, rm1, rv1, w, b, training, 0.1, nan)
+    torch.testing.assert_close(got, exp, equal_nan=True)
+    torch.testing.assert_close(rm1, rm2, equal_nan=True)
+    torch.testing.assert_close(rv1, rv2, equal_nan=True)
+    got = fastnn.functional.dual_batch_norm_add_relu(x, x.clone(), rm.clone(), rv.clone(),
+                                                     rm.clone(), rv.clone(), w, b, w, b,
+                                                     training, 0.1, 1e-5, eps2=nan)
+    assert got.isnan().all()
+
+
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_dual_empty_batch(backend, device, training):
     """N = 0: an empty output and gradients, running statistics untouched, batches counted, as

@@ -112,6 +112,7 @@ Plan make_plan(const BNShape& s) {
   p.C = s.C;
   p.S = s.S;
   p.count = s.N * s.S;
+  if (s.N == 0 || s.C == 0 || s.S == 0) return p;  // empty: no work items (and no row width)
   p.blocks = !s.channels_last && s.S >= kMinBlockSpatial;
   int64_t item_elements;
   if (p.blocks) {
@@ -1726,7 +1727,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
       at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_dual (CPU)", [&] {
         using T = scalar_t;
         using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);
+        const Plan p = make_plan<T>(shape);  // of no items when the input is empty
         if (training && input.numel() > 0) {
           batch_stats<T>(p, x.const_data_ptr<T>(), m1.data(), v1.data());
           batch_stats<T>(p, z.const_data_ptr<T>(), m2.data(), v2.data());
