@@ -121,7 +121,9 @@ def _uses_all_state(model: nn.Module, graph: fx.Graph) -> bool:
 def _is_relu(node: fx.Node, src: fx.Node, modules: Dict[str, nn.Module]) -> bool:
     """node computes relu(src), in place or not."""
     if node.op == "call_module":
-        return type(modules.get(node.target)) is nn.ReLU and node.args == (src,) and not node.kwargs
+        relu = modules.get(node.target)
+        return (type(relu) is nn.ReLU and node.args == (src,) and not node.kwargs
+                and not _has_hooks(relu))
     if node.op == "call_function":
         return (node.target in (torch.relu, torch.relu_, F.relu) and len(node.args) in (1, 2)
                 and node.args[0] is src and set(node.kwargs) <= {"inplace"})
@@ -143,6 +145,9 @@ def _added_to(node: fx.Node, src: fx.Node) -> Optional[fx.Node]:
     # Parameters and buffers (get_attr) are usually broadcast biases, not residuals.
     if not isinstance(other, fx.Node) or other is src or other.op == "get_attr":
         return None
+    in_place = node.target in (operator.iadd, "add_")
+    if in_place and a is other and len(other.users) > 1:
+        return None  # other.add_(src) changes a tensor that is read elsewhere too
     return other
 
 
@@ -163,7 +168,8 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
         if node.op != "call_module":
             continue
         bn = modules.get(node.target)
-        if type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1:
+        if (type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1
+                or _has_hooks(bn)):  # a hook sees the batch norm's own output
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -240,11 +246,11 @@ def _adopt(cls: type, old: nn.Module, replace: Dict[str, nn.Module], **attrs) ->
 
 
 def _is_plain_bn(m: nn.Module) -> bool:
-    return type(m) is fnn.BatchNorm2d
+    return type(m) is fnn.BatchNorm2d and not _has_hooks(m)
 
 
 def _is_single_relu(m: nn.Module, occurrences: Counter) -> bool:
-    return type(m) is nn.ReLU and occurrences[id(m)] == 1
+    return type(m) is nn.ReLU and occurrences[id(m)] == 1 and not _has_hooks(m)
 
 
 def _fuse_residual(cls: type, relu_bns: Tuple[str, ...], add_bn: str) -> Callable:
@@ -365,9 +371,10 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     patterns are found on that graph and the result is a torch.fx.GraphModule named like the
     model's class, with the same submodule names and state_dict keys (the fused ReLU modules are
     gone; they hold no state). Otherwise the model keeps its classes and forward, and the module
-    swaps that are safe without a graph are made (see the module docstring). A fused add needs a
-    residual of the BN output's shape and dtype (the residual pattern); fastnn raises an error
-    naming both otherwise.
+    swaps that are safe without a graph are made (see the module docstring). A fused add whose
+    residual has another size or dtype (a per-channel residual; a float32 shortcut under
+    autocast) is computed as torch would. A batch norm or ReLU module with hooks, and an in-place
+    add into a residual that is read again, are left unfused.
 
     Args:
         model: any module.
@@ -428,7 +435,10 @@ def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
         ranks = (_bn_rank(bn),)
     if not any(type(layer) in _CONV_FOR_BN.get(r, ()) for r in ranks):
         return False
-    if parametrize.is_parametrized(layer):
+    if parametrize.is_parametrized(layer) or _has_hooks(layer) or _has_hooks(bn):
+        # A parametrized weight, or one that a pre-hook recomputes (nn.utils.spectral_norm,
+        # weight_norm), cannot take the folded values; a hook on either module would no
+        # longer see what it saw.
         return False
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     return out == bn.num_features and _folded_replacement(bn) is not None

@@ -1,5 +1,7 @@
 """Every bad input raises the error PyTorch raises (same type), with a message that names the
 argument, and a failed call changes no running statistic and no num_batches_tracked."""
+import copy
+
 import pytest
 import torch
 
@@ -250,9 +252,35 @@ def test_module_params_on_other_device(cpu_backend, cls, other):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_residual_mismatch(backend, device, training):
+    """The functional op's residual must be like the input. The module stands for
+    relu(bn(x) + residual): a residual that broadcasts, or of another dtype, gets torch's
+    broadcasting and type promotion; sizes that do not broadcast and another device raise before
+    anything changes."""
     m = _module(fastnn.nn.BatchNormAddReLU2d, 3, device, training)
     before = _snapshot(m)
     x = torch.randn(2, 3, 4, 4, device=device)
+    module_bad = {
+        "size": (torch.randn(2, 3, 4, 5, device=device),
+                 r"residual of size \(2, 3, 4, 5\) does not broadcast with the input's size"),
+        "device": (torch.randn(2, 3, 4, 4, device="meta"),
+                   r"residual is on meta but input is on " + device),
+    }
+    for name, (r, match) in module_bad.items():
+        with pytest.raises(RuntimeError, match=match):
+            m(x, r)
+        _assert_unchanged(m, before)
+    for r in (torch.randn(1, 3, 1, 1, device=device),
+              torch.randn(2, 3, 4, 4, device=device, dtype=torch.float64),
+              torch.randn(2, 3, 4, 4, device=device).half()):
+        ref = torch.nn.BatchNorm2d(3).to(device).train(training)
+        ref.load_state_dict(m.state_dict())
+        mc = copy.deepcopy(m)
+        expected = torch.relu(ref(x) + r)
+        got = mc(x, r)
+        assert got.dtype == expected.dtype
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(mc.running_mean, ref.running_mean)
+        torch.testing.assert_close(mc.running_var, ref.running_var)
     bad = {
         "size": (torch.randn(2, 3, 4, 5, device=device), r"residual must have the input's size"),
         "broadcastable": (torch.randn(1, 3, 1, 1, device=device),
@@ -265,9 +293,6 @@ def test_residual_mismatch(backend, device, training):
                    r"residual is on meta but input is on " + device),
     }
     for name, (r, match) in bad.items():
-        with pytest.raises(RuntimeError, match=match):
-            m(x, r)
-        _assert_unchanged(m, before)
         rm, rv = m.running_mean.clone(), m.running_var.clone()
         with pytest.raises(RuntimeError, match=match):
             FN(x, rm, rv, m.weight, m.bias, training, residual=r, relu=True)

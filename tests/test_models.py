@@ -656,6 +656,86 @@ def test_convert_patterns():
     assert_same_training(ref, model, x, False)
 
 
+class UnlikeResiduals(nn.Module):
+    """BN->add->ReLU whose residual is not the BN output's like: a per-channel residual
+    (broadcast), the block's input (float32 under autocast while the BN output is bfloat16), an
+    in-place add into a residual read again later, and a downsampling-style sum of two BNs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_bcast = nn.BatchNorm2d(4)
+        self.bn_skip = nn.BatchNorm2d(4)
+        self.bn_inplace = nn.BatchNorm2d(4)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn_bcast(self.conv(x)) + x.mean((2, 3), keepdim=True))
+        y = F.relu(self.bn_skip(self.conv(y)) + x)
+        idt = y * 1
+        out = idt.add_(self.bn_inplace(self.conv(y)))  # idt changes: read again below
+        y = F.relu(out) + idt
+        return F.relu(self.bn_a(self.conv(y)) + self.bn_b(y))
+
+
+def test_convert_unlike_residuals():
+    """A residual of another size falls back on torch's broadcasting, an in-place add into a
+    residual that is read again is not fused, and under autocast (a float32 shortcut added to a
+    bfloat16 BN output) the converted model gives torch's dtype and values."""
+    torch.manual_seed(0)
+    ref, model = converted_pair(UnlikeResiduals())
+    assert type(model.bn_inplace) is fnn.BatchNorm2d
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    assert_same_training(ref, model, x, True)
+    assert_same_training(ref, model, x, False)
+    ref32, model32 = copy.deepcopy(ref).float(), copy.deepcopy(model).float()
+    for m in (ref32, model32):
+        m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = ref32(x.float()), model32(x.float())
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+
+
+def test_convert_leaves_hooked_modules_unfused():
+    """A hook on a batch norm sees its own output, and a hook on a ReLU module still runs:
+    convert does not fuse either; hooks set after converting fire on the dual path too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    model[1].register_forward_hook(lambda m, i, o: o - 10)
+    seen = []
+    model[5].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
+    ref = copy.deepcopy(model).double()
+    conv = convert(model).double()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), ref(x), **F64)
+    assert len(seen) == 2
+    modules = dict(conv.named_modules())
+    assert type(modules["1"]) is fnn.BatchNorm2d and type(modules["4"]) is fnn.BatchNorm2d
+
+    ref = randomize_batch_norms(tv.resnet18(num_classes=10)).double()
+    conv = convert(ref)
+    modules = dict(conv.named_modules())
+    calls = []
+    for name in ("layer2.0.bn2", "layer2.0.downsample.1"):  # the first dual call's modules
+        modules[name].register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(conv(x), ref(x), **F64)
+    assert sorted(calls) == ["layer2.0.bn2", "layer2.0.downsample.1"]
+
+
+def test_fuse_for_inference_leaves_hooked_layers():
+    """nn.utils.spectral_norm recomputes the conv's weight in a pre-hook: the BN stays."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.spectral_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4)).eval()
+    fused = fuse_for_inference(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(fused(x), model(x))
+    torch.testing.assert_close(fused(x), model(x))
+
+
 def test_convert_shares_parameters_inplace():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
     bn = model[1]

@@ -322,3 +322,29 @@ def test_from_module(backend, device, fast_cls):
     elif fast_cls is fastnn.nn.BatchNormReLU2d:
         exp = F.relu(exp)
     assert_close(out, exp, torch.float64)
+
+
+def test_torchscript():
+    """torch.jit.script takes fastnn's BatchNorm1d/2d/3d as their torch counterparts (shared
+    parameters and buffers: the same outputs and running statistics); the fused modules raise an
+    error that says what works instead."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), fastnn.nn.BatchNorm2d(4),
+                                torch.nn.ReLU())
+    ref = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warnings
+        scripted = torch.jit.script(model)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(scripted(x), ref(x))
+    torch.testing.assert_close(model[1].running_mean, ref[1].running_mean)
+    assert model[1].num_batches_tracked.item() == 1
+    scripted.eval()
+    ref.eval()
+    torch.testing.assert_close(scripted(x), ref(x))
+    with pytest.raises(RuntimeError, match="BatchNormReLU2d cannot be compiled by torch.jit.script"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.script(fastnn.nn.BatchNormReLU2d(4))

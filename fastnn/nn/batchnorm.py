@@ -13,6 +13,40 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "Batc
            "dual_bn_add_relu"]
 
 
+def _unlike_input(input: Tensor, residual: Tensor) -> bool:
+    """residual is a tensor of another size or dtype than input: relu(bn(input) + residual)
+    then takes torch's broadcasting and type promotion (a float32 shortcut under autocast, a
+    per-channel residual), which the fused kernel does not do. Raises, before anything is
+    counted, when torch's add would fail (sizes that do not broadcast, another device)."""
+    if not (isinstance(residual, Tensor) and isinstance(input, Tensor)
+            and not isinstance(input, torch.fx.Proxy)):
+        return False
+    if residual.shape == input.shape and residual.dtype == input.dtype:
+        return False
+    try:
+        torch.broadcast_shapes(input.shape, residual.shape)
+    except RuntimeError:
+        raise RuntimeError(f"batch_norm: residual of size {tuple(residual.shape)} does not "
+                           f"broadcast with the input's size {tuple(input.shape)}") from None
+    if residual.device != input.device and residual.dim() > 0:
+        raise RuntimeError(f"batch_norm: residual is on {residual.device} but input is on "
+                           f"{input.device}")
+    return True
+
+
+def _other_dtype(input: Tensor, input2: Tensor) -> bool:
+    """input2 differs from input in dtype only (under autocast, say)."""
+    return (isinstance(input2, Tensor) and isinstance(input, Tensor)
+            and input2.shape == input.shape and input2.device == input.device
+            and input2.dtype != input.dtype)
+
+
+def _no_hooks(m: torch.nn.Module) -> bool:
+    """No hook of any kind is set on module m itself."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
+
+
 class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, counting
     the batch in num_batches_tracked only once the arguments have passed every check, so a
@@ -107,6 +141,22 @@ class _FastBatchNorm:
         new._modules = dict(bn._modules)
         return new
 
+    def __prepare_scriptable__(self):
+        """What torch.jit.script compiles instead: TorchScript cannot call fastnn's forward. A
+        BatchNorm1d/2d/3d becomes its torch counterpart sharing its parameters and buffers (the
+        same numbers, on torch's kernels); the fused modules raise a clear error."""
+        base = _SCRIPTABLE_AS.get(type(self))
+        if base is None:
+            raise RuntimeError(
+                f"fastnn.nn.{type(self).__name__} cannot be compiled by torch.jit.script "
+                "(TorchScript); torch.compile, torch.jit.trace and torch.export take it")
+        new = base.__new__(base)
+        new.__dict__.update(self.__dict__)
+        new._parameters = dict(self._parameters)
+        new._buffers = dict(self._buffers)
+        new._modules = dict(self._modules)
+        return new
+
 
 class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):
     """torch.nn.BatchNorm1d on fastnn's kernels (input (N, C) or (N, C, L))."""
@@ -129,6 +179,10 @@ class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
         return self._bn_forward(input, None, False)
 
 
+_SCRIPTABLE_AS = {BatchNorm1d: torch.nn.BatchNorm1d, BatchNorm2d: torch.nn.BatchNorm2d,
+                  BatchNorm3d: torch.nn.BatchNorm3d}
+
+
 class BatchNormReLU2d(BatchNorm2d):
     """relu(BatchNorm2d(input)) in one kernel. Same parameters and state_dict keys as
     BatchNorm2d."""
@@ -144,6 +198,8 @@ class BatchNormAddReLU2d(BatchNorm2d):
     adds_residual_and_relu = True  # forward(input, residual) = relu(f(input) + residual)
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        if _unlike_input(input, residual):
+            return torch.relu(self._bn_forward(input, None, False) + residual)
         return self._bn_forward(input, residual, True)
 
 
@@ -161,14 +217,16 @@ def dual_bn_add_relu(bn: torch.nn.Module, input: Tensor, bn2: torch.nn.Module,
     ``relu(bn(input) + bn2(input2))``.
     """
     def fusable(m):
-        return isinstance(m, _FastBatchNorm) and not hasattr(m, "process_group")
+        return (isinstance(m, _FastBatchNorm) and not hasattr(m, "process_group")
+                and _no_hooks(m))
 
     if (isinstance(input, torch.fx.Proxy) or isinstance(input2, torch.fx.Proxy)
-            or not fusable(bn) or not fusable(bn2)):
+            or not fusable(bn) or not fusable(bn2) or _other_dtype(input, input2)):
         # The two modules called one after the other: under torch.fx tracing (so that a traced
         # graph shows each batch norm, for fuse_for_inference to fold each into its
-        # convolution), and for other modules (synchronized batch norms, torch's, what folding
-        # left: an AddReLU and an Identity).
+        # convolution), for other modules (synchronized batch norms, torch's, what folding
+        # left: an AddReLU and an Identity), for modules with hooks (each hook sees its own
+        # module's call), and for inputs of different dtypes (torch's type promotion).
         if getattr(bn, "adds_residual_and_relu", False):
             return bn(input, bn2(input2))
         return torch.relu(bn(input) + bn2(input2))

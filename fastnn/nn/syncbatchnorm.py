@@ -9,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastnn import functional as F
 from fastnn import ops, reference
-from fastnn.nn.batchnorm import _FastBatchNorm
+from fastnn.nn.batchnorm import _FastBatchNorm, _unlike_input
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "SyncBatchNormAddReLU"]
 
@@ -232,12 +232,14 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         self._process_group = group
         self._group_name = "" if group is None else group.group_name
 
-    def _sync_forward(self, input: Tensor, residual: Optional[Tensor]) -> Tensor:
+    def _sync_forward(self, input: Tensor, residual: Optional[Tensor],
+                      relu: Optional[bool] = None) -> Tensor:
+        relu = self._relu if relu is None else relu
         if not (self.training and dist.is_available() and dist.is_initialized()):
-            return self._bn_forward(input, residual, self._relu)
+            return self._bn_forward(input, residual, relu)
         if not torch.compiler.is_compiling() and dist.get_world_size(
                 _resolve_group(self._group_name)) == 1:
-            return self._bn_forward(input, residual, self._relu)  # nothing to synchronize
+            return self._bn_forward(input, residual, relu)  # nothing to synchronize
 
         self._check_input_dim(input)
         track = self.track_running_stats
@@ -255,7 +257,7 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
         if count_batch and self.momentum is None:  # cumulative moving average
             factor = 1.0 / float(self.num_batches_tracked + 1)
         out = _sync_op(input, self.weight, self.bias, residual, running_mean, running_var,
-                       float(factor), float(self.eps), self._relu, self._group_name)[0]
+                       float(factor), float(self.eps), relu, self._group_name)[0]
         # Counted only once the group-wide checks passed, so a failing call changes nothing.
         if count_batch:
             self.num_batches_tracked.add_(1)
@@ -310,4 +312,6 @@ class SyncBatchNormAddReLU(SyncBatchNorm):
     _residual = True
 
     def forward(self, input: Tensor, residual: Tensor) -> Tensor:
+        if _unlike_input(input, residual):  # torch's broadcasting and type promotion
+            return torch.relu(self._sync_forward(input, None, False) + residual)
         return self._sync_forward(input, residual)
