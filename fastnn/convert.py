@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from fastnn import functional as fastnn_functional
 from fastnn import nn as fnn
+from fastnn.nn.batchnorm import _no_hooks
 
 __all__ = ["convert", "fuse_for_inference", "AddReLU"]
 
@@ -123,7 +124,7 @@ def _is_relu(node: fx.Node, src: fx.Node, modules: Dict[str, nn.Module]) -> bool
     if node.op == "call_module":
         relu = modules.get(node.target)
         return (type(relu) is nn.ReLU and node.args == (src,) and not node.kwargs
-                and not _has_hooks(relu))
+                and _no_hooks(relu))
     if node.op == "call_function":
         return (node.target in (torch.relu, torch.relu_, F.relu) and len(node.args) in (1, 2)
                 and node.args[0] is src and set(node.kwargs) <= {"inplace"})
@@ -169,7 +170,7 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
             continue
         bn = modules.get(node.target)
         if (type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1
-                or _has_hooks(bn)):  # a hook sees the batch norm's own output
+                or not _no_hooks(bn)):  # a hook sees the batch norm's own output
             continue
         if len(node.args) != 1 or node.kwargs:
             continue
@@ -194,7 +195,7 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
         relu.replace_all_uses_with(node)
         graph.erase_node(relu)
         graph.erase_node(user)
-        if not _has_hooks(bn) and _plain_bn_call(other, modules, calls, occurrences):
+        if _no_hooks(bn) and _plain_bn_call(other, modules, calls, occurrences):
             _fuse_dual(graph, node, other)
     graph.lint()
 
@@ -207,12 +208,7 @@ def _plain_bn_call(node: fx.Node, modules: Dict[str, nn.Module], calls: Counter,
         return False
     bn = modules.get(node.target)
     return (type(bn) is fnn.BatchNorm2d and calls[node.target] == 1
-            and occurrences[id(bn)] == 1 and not _has_hooks(bn))
-
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
+            and occurrences[id(bn)] == 1 and _no_hooks(bn))
 
 
 def _fuse_dual(graph: fx.Graph, fused: fx.Node, shortcut_bn: fx.Node) -> None:
@@ -246,11 +242,11 @@ def _adopt(cls: type, old: nn.Module, replace: Dict[str, nn.Module], **attrs) ->
 
 
 def _is_plain_bn(m: nn.Module) -> bool:
-    return type(m) is fnn.BatchNorm2d and not _has_hooks(m)
+    return type(m) is fnn.BatchNorm2d and _no_hooks(m)
 
 
 def _is_single_relu(m: nn.Module, occurrences: Counter) -> bool:
-    return type(m) is nn.ReLU and occurrences[id(m)] == 1 and not _has_hooks(m)
+    return type(m) is nn.ReLU and occurrences[id(m)] == 1 and _no_hooks(m)
 
 
 def _fuse_residual(cls: type, relu_bns: Tuple[str, ...], add_bn: str) -> Callable:
@@ -435,7 +431,7 @@ def _can_fold(layer: nn.Module, bn: nn.Module) -> bool:
         ranks = (_bn_rank(bn),)
     if not any(type(layer) in _CONV_FOR_BN.get(r, ()) for r in ranks):
         return False
-    if parametrize.is_parametrized(layer) or _has_hooks(layer) or _has_hooks(bn):
+    if parametrize.is_parametrized(layer) or not _no_hooks(layer) or not _no_hooks(bn):
         # A parametrized weight, or one that a pre-hook recomputes (nn.utils.spectral_norm,
         # weight_norm), cannot take the folded values; a hook on either module would no
         # longer see what it saw.

@@ -8,6 +8,8 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
+from fastnn.nn.batchnorm import _no_hooks  # noqa: F401  (used by the model builders)
+
 __all__ = []
 
 
@@ -44,9 +46,3 @@ def load_weights(model: nn.Module, weights: Any, progress: bool,
     if rename is not None:
         state_dict = rename(state_dict)
     model.load_state_dict(state_dict)
-
-
-def _no_hooks(m: nn.Module) -> bool:
-    """No hook of any kind is set on module m itself."""
-    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or m._backward_pre_hooks)
