@@ -47,6 +47,16 @@ def _no_hooks(m: torch.nn.Module) -> bool:
                 or m._backward_pre_hooks)
 
 
+def _sharing_state(cls: type, m: torch.nn.Module) -> torch.nn.Module:
+    """An instance of cls with m's attributes, sharing its parameters, buffers and children."""
+    new = cls.__new__(cls)
+    new.__dict__.update(m.__dict__)
+    new._parameters = dict(m._parameters)
+    new._buffers = dict(m._buffers)
+    new._modules = dict(m._modules)
+    return new
+
+
 class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, counting
     the batch in num_batches_tracked only once the arguments have passed every check, so a
@@ -134,12 +144,7 @@ class _FastBatchNorm:
     @classmethod
     def from_module(cls, bn: torch.nn.modules.batchnorm._BatchNorm):
         """A fastnn module with bn's configuration, sharing its parameters and buffers."""
-        new = cls.__new__(cls)
-        new.__dict__.update(bn.__dict__)
-        new._parameters = dict(bn._parameters)
-        new._buffers = dict(bn._buffers)
-        new._modules = dict(bn._modules)
-        return new
+        return _sharing_state(cls, bn)
 
     def __prepare_scriptable__(self):
         """What torch.jit.script compiles instead: TorchScript cannot call fastnn's forward. A
@@ -150,12 +155,7 @@ class _FastBatchNorm:
             raise RuntimeError(
                 f"fastnn.nn.{type(self).__name__} cannot be compiled by torch.jit.script "
                 "(TorchScript); torch.compile, torch.jit.trace and torch.export take it")
-        new = base.__new__(base)
-        new.__dict__.update(self.__dict__)
-        new._parameters = dict(self._parameters)
-        new._buffers = dict(self._buffers)
-        new._modules = dict(self._modules)
-        return new
+        return _sharing_state(base, self)
 
 
 class BatchNorm1d(_FastBatchNorm, torch.nn.BatchNorm1d):
