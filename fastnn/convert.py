@@ -354,6 +354,20 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
     return visit(model)
 
 
+def _order_like(copy: nn.Module, original: nn.Module) -> None:
+    """Puts copy's submodules (a GraphModule's tree, which fx fills in the order its graph first
+    uses them) in original's order, so that parameters() and state_dict() list what they list
+    for the model: an optimizer's state saved before converting lines up."""
+    mods = dict(copy._modules)
+    copy._modules.clear()
+    for name, child in original._modules.items():
+        if name in mods:
+            copy._modules[name] = mods.pop(name)
+            if copy._modules[name] is not child and child is not None:
+                _order_like(copy._modules[name], child)
+    copy._modules.update(mods)
+
+
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model on fastnn: same outputs, gradients and running statistics, faster.
 
@@ -390,6 +404,7 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
         _fuse_graph(model, graph)
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
         gm.training = model.training
+        _order_like(gm, model)
         return gm
     return _fuse_modules(model)
 

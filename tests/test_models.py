@@ -558,6 +558,17 @@ def test_convert_torchvision_model(name, shape):
     opt.step()
     assert_same_training(ref, model, x, True)
     assert_same_training(ref, model, x, False)
+    # Parameters and state in the model's order: an optimizer's state saved for the model loads
+    # into one over the converted model's parameters and lines up with them.
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert list(model.state_dict()) == list(ref.state_dict())
+    opt_ref.step()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt.load_state_dict(opt_ref.state_dict())
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"],
+                                   opt_ref.state[ref_params[name]]["momentum_buffer"], **F64)
 
 
 def test_convert_googlenet_by_module_swap():
