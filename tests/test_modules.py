@@ -348,3 +348,40 @@ def test_torchscript():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.script(fastnn.nn.BatchNormReLU2d(4))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_jit_trace_and_export(training):
+    """torch.jit.trace and torch.export take the fused modules and the dual form: the same
+    outputs and running statistics as the eager modules."""
+    import warnings
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.bn_relu = fastnn.nn.BatchNormReLU2d(4)
+            self.bn_add = fastnn.nn.BatchNormAddReLU2d(4)
+            self.bn_ds = fastnn.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.bn_relu(self.conv(x))
+            return fastnn.nn.dual_bn_add_relu(self.bn_add, self.conv(y), self.bn_ds, x)
+
+    torch.manual_seed(0)
+    model = Block().train(training)
+    x = torch.randn(2, 4, 6, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced_model = copy.deepcopy(model)
+        traced = torch.jit.trace(traced_model, x, check_trace=False)
+    exported = torch.export.export(copy.deepcopy(model), (x,)).module()
+    twice = copy.deepcopy(model)
+    twice(x)  # tracing ran the model once
+    expected = model(x)
+    torch.testing.assert_close(traced(x), expected)
+    torch.testing.assert_close(exported(x), expected)
+    torch.testing.assert_close(twice(x), expected)
+    for name in ("bn_relu", "bn_add", "bn_ds"):  # the trace updates the running statistics too
+        torch.testing.assert_close(getattr(traced_model, name).running_mean,
+                                   getattr(twice, name).running_mean)
