@@ -354,18 +354,18 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
     return visit(model)
 
 
-def _order_like(copy: nn.Module, original: nn.Module) -> None:
-    """Puts copy's submodules (a GraphModule's tree, which fx fills in the order its graph first
+def _order_like(target: nn.Module, original: nn.Module) -> None:
+    """Puts target's submodules (a GraphModule's tree, which fx fills in the order its graph first
     uses them) in original's order, so that parameters() and state_dict() list what they list
     for the model: an optimizer's state saved before converting lines up."""
-    mods = dict(copy._modules)
-    copy._modules.clear()
+    mods = dict(target._modules)
+    target._modules.clear()
     for name, child in original._modules.items():
         if name in mods:
-            copy._modules[name] = mods.pop(name)
-            if copy._modules[name] is not child and child is not None:
-                _order_like(copy._modules[name], child)
-    copy._modules.update(mods)
+            target._modules[name] = mods.pop(name)
+            if target._modules[name] is not child and child is not None:
+                _order_like(target._modules[name], child)
+    target._modules.update(mods)
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
