@@ -344,7 +344,8 @@ def test_torchscript():
     scripted.eval()
     ref.eval()
     torch.testing.assert_close(scripted(x), ref(x))
-    with pytest.raises(RuntimeError, match="BatchNormReLU2d cannot be compiled by torch.jit.script"):
+    with pytest.raises(RuntimeError,
+                       match="BatchNormReLU2d cannot be compiled by torch.jit.script"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.script(fastnn.nn.BatchNormReLU2d(4))

@@ -695,10 +695,10 @@ inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
   }
 }
 
-// Sums of g and g * (x - mean) over n values, g zeroed where out <= 0 (kMask); on the way the masked
-// g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is Broadcast
-// (one channel, sums in registers) or PerColumn (sums added to the per-column arrays sum_g and
-// sum_gx).
+// Sums of g and g * (x - mean) over n values, g zeroed where out <= 0 (kMask); on the way the
+// masked g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is
+// Broadcast (one channel, sums in registers) or PerColumn (sums added to the per-column arrays
+// sum_g and sum_gx).
 template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P>
 inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
                            const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
