@@ -13,7 +13,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "batch_norm_common.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <initializer_list>
 #include <string>
@@ -131,8 +134,8 @@ Tensor normalize_affine(const Tensor& x, const Tensor& mean, const Tensor& invst
   return y.to(out_dtype);
 }
 
-// (mean, invstd) of x with batch statistics (zeros for an empty batch, as the kernels give).
-std::pair<Tensor, Tensor> batch_stats(const Tensor& x, double eps) {
+// (mean, biased var) of x per channel (zeros for an empty batch, as the kernels give).
+std::pair<Tensor, Tensor> mean_var(const Tensor& x) {
   if (x.numel() == 0) {
     Tensor zeros = at::zeros({x.size(1)}, x.options());
     return {zeros, zeros};
@@ -140,6 +143,13 @@ std::pair<Tensor, Tensor> batch_stats(const Tensor& x, double eps) {
   const auto dims = reduce_dims(x.dim());
   Tensor mean = x.mean(dims);
   Tensor var = (x - per_channel(mean, x.dim())).square().mean(dims);
+  return {mean, var};
+}
+
+// (mean, invstd) of x with batch statistics (zeros for an empty batch, as the kernels give).
+std::pair<Tensor, Tensor> batch_stats(const Tensor& x, double eps) {
+  if (x.numel() == 0) return mean_var(x);
+  auto [mean, var] = mean_var(x);
   return {mean, at::rsqrt(var + eps)};
 }
 
@@ -461,13 +471,76 @@ class CatWithStatsFunction : public torch::autograd::Function<CatWithStatsFuncti
 };
 
 // ------------------------------------------------------------------------------------------
+// Forward-mode AD and torch.func.
+//
+// A torch::autograd::Function has no forward-mode derivative and refuses torch.func's transforms.
+// So when an argument carries a forward-mode tangent (torch.autograd.forward_ad, torch.func.jvp,
+// jacfwd), or a call records a graph under a torch.func transform (grad, vjp, jacrev), the
+// output is computed by the differentiable ATen ops above, which carry tangents and functorch's
+// wrappers; the op itself runs below autograd only for what those ops do not give, the
+// running-statistics update and the saved statistics. Under torch.vmap the ops' FuncTorchBatched
+// kernels (below) compute everything with ATen ops, which have batching rules.
+
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptTensor& t) { return t.has_value() && has_tangent(*t); }
+
+bool under_functorch() {
+  return c10::impl::tls_is_dispatch_key_included(
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+}
+
+// True when a call must take the ATen path: see above.
+bool composite_path(bool graph, std::initializer_list<bool> tangents) {
+  if (graph && under_functorch()) return true;
+  for (bool t : tangents) {
+    if (t) return true;
+  }
+  return false;
+}
+
+// The training output from the input's own batch statistics, in the input's dtype unless
+// `acc_out` asks for the accumulation dtype.
+Tensor train_output(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                    double eps, const OptTensor& residual, bool relu, bool acc_out = false) {
+  const auto acc = accumulate_dtype(input);
+  const Tensor x = input.to(acc);
+  auto [m, s] = batch_stats(x, eps);
+  return normalize_affine(x, m, s, value_or_undefined(weight), value_or_undefined(bias),
+                          value_or_undefined(residual), relu,
+                          acc_out ? acc : input.scalar_type());
+}
+
+// The inference output from the running statistics (no derivative flows to them, as in torch).
+Tensor eval_output(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                   const Tensor& running_mean, const Tensor& running_var, double eps,
+                   const OptTensor& residual, bool relu, bool acc_out = false) {
+  const auto acc = accumulate_dtype(input);
+  const Tensor mean = running_mean.detach().to(acc);
+  const Tensor invstd = at::rsqrt(running_var.detach().to(acc) + eps);
+  return normalize_affine(input.to(acc), mean, invstd, value_or_undefined(weight),
+                          value_or_undefined(bias), value_or_undefined(residual), relu,
+                          acc_out ? acc : input.scalar_type());
+}
+
+// ------------------------------------------------------------------------------------------
 // The Autograd kernels.
 
 Stats3 train_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
                       double momentum, double eps, const OptTensor& residual, bool relu) {
-  if (!records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
-                      requires_grad(residual)})) {
+  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
+                                    requires_grad(bias), requires_grad(residual)});
+  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
+                             has_tangent(residual)})) {
+    Tensor mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(std::ignore, mean, invstd) = train_op().call(
+          input, weight, bias, running_mean, running_var, momentum, eps, residual, relu);
+    }
+    return {train_output(input, weight, bias, eps, residual, relu), mean, invstd};
+  }
+  if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return train_op().call(input, weight, bias, running_mean, running_var, momentum, eps,
                            residual, relu);
@@ -482,8 +555,21 @@ Stats3 train_with_stats_autograd(const Tensor& input, const Tensor& mean, const 
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  double momentum, double eps, const OptTensor& residual,
                                  bool relu) {
-  if (!records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
-                      requires_grad(residual)})) {
+  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
+                                    requires_grad(bias), requires_grad(residual)});
+  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
+                             has_tangent(residual)})) {
+    // The given statistics are the input's own: the output is recomputed from the input.
+    Tensor save_mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(std::ignore, save_mean, invstd) =
+          train_with_stats_op().call(input, mean, var, weight, bias, running_mean, running_var,
+                                     momentum, eps, residual, relu);
+    }
+    return {train_output(input, weight, bias, eps, residual, relu), save_mean, invstd};
+  }
+  if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return train_with_stats_op().call(input, mean, var, weight, bias, running_mean, running_var,
                                       momentum, eps, residual, relu);
@@ -498,9 +584,23 @@ Stats3 train_with_stats_autograd(const Tensor& input, const Tensor& mean, const 
 Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var,
                     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                     const OptTensor& running_var, double momentum, double eps, bool relu) {
-  bool any_input = false;
-  for (const Tensor& t : inputs) any_input = any_input || requires_grad(t);
-  if (!records_graph({any_input, requires_grad(weight), requires_grad(bias)})) {
+  bool any_input = false, any_tangent = false;
+  for (const Tensor& t : inputs) {
+    any_input = any_input || requires_grad(t);
+    any_tangent = any_tangent || has_tangent(t);
+  }
+  const bool graph = records_graph({any_input, requires_grad(weight), requires_grad(bias)});
+  if (composite_path(graph, {any_tangent, has_tangent(weight), has_tangent(bias)})) {
+    Tensor save_mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(std::ignore, save_mean, invstd) = cat_op().call(
+          inputs, mean, var, weight, bias, running_mean, running_var, momentum, eps, relu);
+    }
+    return {train_output(at::cat(inputs, 1), weight, bias, eps, c10::nullopt, relu), save_mean,
+            invstd};
+  }
+  if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return cat_op().call(inputs, mean, var, weight, bias, running_mean, running_var, momentum,
                          eps, relu);
@@ -514,8 +614,13 @@ Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var
 Tensor eval_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const Tensor& running_mean, const Tensor& running_var, double eps,
                      const OptTensor& residual, bool relu) {
-  if (!records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
-                      requires_grad(residual)})) {
+  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
+                                    requires_grad(bias), requires_grad(residual)});
+  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
+                             has_tangent(residual)})) {
+    return eval_output(input, weight, bias, running_mean, running_var, eps, residual, relu);
+  }
+  if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return eval_op().call(input, weight, bias, running_mean, running_var, eps, residual, relu);
   }
@@ -529,8 +634,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_autograd(
     const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
     const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
     double eps2, bool relu) {
-  if (!records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
-                      requires_grad(input2), requires_grad(weight2), requires_grad(bias2)})) {
+  const bool graph =
+      records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
+                     requires_grad(input2), requires_grad(weight2), requires_grad(bias2)});
+  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
+                             has_tangent(input2), has_tangent(weight2), has_tangent(bias2)})) {
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> r;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      r = dual_op().call(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                         running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
+                         relu);
+    }
+    // bn2(input2) kept in the accumulation dtype: the op takes the sum there.
+    const OptTensor y2 =
+        training ? train_output(input2, weight2, bias2, eps2, c10::nullopt, false, true)
+                 : eval_output(input2, weight2, bias2, *running_mean2, *running_var2, eps2,
+                               c10::nullopt, false, true);
+    std::get<0>(r) = training ? train_output(input, weight, bias, eps, y2, relu)
+                              : eval_output(input, weight, bias, *running_mean, *running_var,
+                                            eps, y2, relu);
+    return r;
+  }
+  if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return dual_op().call(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
                           running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
@@ -543,8 +669,123 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_autograd(
   return {r[0], r[1], r[2], r[3], r[4]};
 }
 
+// ------------------------------------------------------------------------------------------
+// torch.vmap: the forward ops in ATen ops, whose batching rules do the work (FuncTorchBatched
+// kernels). Arguments are checked as the device kernels check them. The running statistics are
+// updated in place by ATen ops: that works when they are batched like the input (as
+// torch.func.stack_module_state gives them) and fails, as torch's batch norm fails, when an
+// unbatched buffer would take a batched update.
+
+void update_running(const OptTensor& running_mean, const OptTensor& running_var,
+                    const Tensor& mean, const Tensor& var, double momentum, const Tensor& input) {
+  if (input.numel() == 0) return;  // as the kernels: an empty batch leaves them unchanged
+  at::NoGradGuard no_grad;
+  const int64_t count = input.numel() / input.size(1);
+  if (running_mean.has_value() && running_mean->defined()) {
+    running_mean->copy_(mean * momentum + running_mean->to(mean.scalar_type()) * (1 - momentum));
+  }
+  if (running_var.has_value() && running_var->defined()) {
+    const double bessel = count > 1 ? double(count) / double(count - 1) : 1.0;
+    running_var->copy_(var * (momentum * bessel) +
+                       running_var->to(var.scalar_type()) * (1 - momentum));
+  }
+}
+
+// The training forward normalized with (mean, var): (output, mean, invstd); zero statistics
+// for an empty batch, as the kernels give.
+Stats3 normalize_with(const Tensor& input, const Tensor& mean, const Tensor& var,
+                      const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                      const OptTensor& running_var, double momentum, double eps,
+                      const OptTensor& residual, bool relu, bool acc_out = false) {
+  const auto acc = accumulate_dtype(input);
+  update_running(running_mean, running_var, mean, var, momentum, input);
+  const Tensor invstd = input.numel() == 0 ? at::zeros_like(var) : at::rsqrt(var + eps);
+  const Tensor out = normalize_affine(input.to(acc), mean, invstd, value_or_undefined(weight),
+                                      value_or_undefined(bias), value_or_undefined(residual),
+                                      relu, acc_out ? acc : input.scalar_type());
+  return {out, input.numel() == 0 ? at::zeros_like(mean) : mean.clone(), invstd};
+}
+
+Stats3 train_batched(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                     const OptTensor& running_mean, const OptTensor& running_var,
+                     double momentum, double eps, const OptTensor& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  auto [mean, var] = mean_var(input.to(accumulate_dtype(input)));
+  return normalize_with(input, mean, var, weight, bias, running_mean, running_var, momentum, eps,
+                        residual, relu);
+}
+
+Stats3 train_with_stats_batched(const Tensor& input, const Tensor& mean, const Tensor& var,
+                                const OptTensor& weight, const OptTensor& bias,
+                                const OptTensor& running_mean, const OptTensor& running_var,
+                                double momentum, double eps, const OptTensor& residual,
+                                bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "mean", input, mean);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "var", input, var);
+  return normalize_with(input, mean, var, weight, bias, running_mean, running_var, momentum, eps,
+                        residual, relu);
+}
+
+Stats3 cat_batched(at::TensorList inputs, const Tensor& mean, const Tensor& var,
+                   const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
+                   const OptTensor& running_var, double momentum, double eps, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_cat_with_stats";
+  const Tensor probe = check_cat_inputs(kOp, inputs);
+  check_train_args(probe, weight, bias, running_mean, running_var, momentum, eps, c10::nullopt);
+  check_stat_tensor(kOp, "mean", probe, mean);
+  check_stat_tensor(kOp, "var", probe, var);
+  return normalize_with(at::cat(inputs, 1), mean, var, weight, bias, running_mean, running_var,
+                        momentum, eps, c10::nullopt, relu);
+}
+
+Tensor eval_batched(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                    const Tensor& running_mean, const Tensor& running_var, double eps,
+                    const OptTensor& residual, bool relu) {
+  check_eval_args(input, weight, bias, running_mean, running_var, eps, residual);
+  return eval_output(input, weight, bias, running_mean, running_var, eps, residual, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_batched(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const Tensor& input2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
+    const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
+    double eps2, bool relu) {
+  check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                  running_mean2, running_var2, training, eps, eps2);
+  const auto acc = accumulate_dtype(input);
+  if (!training) {
+    const auto stats = [&](const Tensor& rm, const Tensor& rv, double e) {
+      return std::make_pair(rm.to(acc), at::rsqrt(rv.to(acc) + e));
+    };
+    auto [mean, invstd] = stats(*running_mean, *running_var, eps);
+    auto [mean2, invstd2] = stats(*running_mean2, *running_var2, eps2);
+    const OptTensor y2 = eval_output(input2, weight2, bias2, *running_mean2, *running_var2, eps2,
+                                     c10::nullopt, false, true);
+    return {eval_output(input, weight, bias, *running_mean, *running_var, eps, y2, relu), mean,
+            invstd, mean2, invstd2};
+  }
+  auto [m2, v2] = mean_var(input2.to(acc));
+  auto [y2, mean2, invstd2] = normalize_with(input2, m2, v2, weight2, bias2, running_mean2,
+                                             running_var2, momentum2, eps2, c10::nullopt, false,
+                                             true);
+  auto [m, v] = mean_var(input.to(acc));
+  auto [out, mean, invstd] = normalize_with(input, m, v, weight, bias, running_mean, running_var,
+                                            momentum, eps, y2, relu);
+  return {out, mean, invstd, mean2, invstd2};
+}
+
 }  // namespace
 }  // namespace fastnn
+
+TORCH_LIBRARY_IMPL(fastnn, FuncTorchBatched, m) {
+  m.impl("batch_norm_train", &fastnn::train_batched);
+  m.impl("batch_norm_train_with_stats", &fastnn::train_with_stats_batched);
+  m.impl("batch_norm_cat_with_stats", &fastnn::cat_batched);
+  m.impl("batch_norm_eval", &fastnn::eval_batched);
+  m.impl("batch_norm_dual", &fastnn::dual_batched);
+}
 
 TORCH_LIBRARY_IMPL(fastnn, Autograd, m) {
   m.impl("batch_norm_train", &fastnn::train_autograd);

@@ -317,11 +317,17 @@ def batch_norm_with_stats_unchecked(input, mean, var, running_mean, running_var,
     if _use_part_kernel(input, "batch_norm_train_with_stats"):
         return ops.batch_norm_train_with_stats(input, mean, var, weight, bias, running_mean,
                                                running_var, momentum, eps, residual, relu)[0]
-    # Elsewhere: the inference kernel with these statistics and the training backward.
     mean, var = mean.detach(), var.detach()
     if input.numel() > 0:
         reference.update_running_stats(running_mean, running_var, mean, var, momentum,
                                        input.numel() // input.shape[1])
+    if not use_kernel(input):
+        # The reference's training forward, differentiable in every mode of autograd and
+        # torch.func: it computes the statistics again, as the reference computed them.
+        return reference.batch_norm_train(input, weight, bias, None, None, 0.0, eps, residual,
+                                          relu)[0]
+    # A kernel without its with-stats form: the inference kernel with these statistics and the
+    # training backward.
     return _GivenStatsBatchNorm.apply(input, weight, bias, residual, mean, var, eps, relu)
 
 

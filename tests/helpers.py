@@ -70,6 +70,20 @@ def assert_close(actual, expected, dtype, grad=False, msg=""):
                                msg=lambda m: f"{msg}: {m}", **tol(dtype, grad))
 
 
+def gradcheck(fn, inputs, atol=1e-5):
+    """torch.autograd.gradcheck in every mode: reverse and forward (jvp), each also batched
+    (torch.vmap over the grad_outputs or tangents)."""
+    return torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=atol, check_forward_ad=True,
+                                    check_batched_grad=True, check_batched_forward_grad=True)
+
+
+def gradgradcheck(fn, inputs, atol=1e-5):
+    """torch.autograd.gradgradcheck, reverse over reverse (batched too) and forward over
+    reverse."""
+    return torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=atol, check_batched_grad=True,
+                                        check_fwd_over_rev=True)
+
+
 def param_dtype(dtype, half_params=False):
     """The parameter dtype paired with an input dtype: float32 for float16/bfloat16 input unless
     `half_params` asks for the input's own dtype."""

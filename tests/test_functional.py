@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 import fastnn
 from helpers import (DTYPE_CASES, LAYOUTS, assert_close, check_against_oracles, check_results,
-                     make_input, make_params, param_dtype, run_bn, tol)
+                     gradcheck, gradgradcheck, make_input, make_params, param_dtype, run_bn,
+                     tol)
 
 FUSED = {
     "plain": (False, False),
@@ -426,16 +427,16 @@ def test_gradcheck(backend, device, training, case):
     with_residual, relu, affine = GRAD_CASES[case]
     inputs, rm, rv = _gradcheck_inputs(device, with_residual, affine)
     fn = _bn_fn(training, with_residual, affine, relu, rm, rv)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_channels_last(backend, device, training):
     inputs, rm, rv = _gradcheck_inputs(device, True, True, torch.channels_last)
     fn = _bn_fn(training, True, True, True, rm, rv)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,8 +701,8 @@ def test_with_stats_gradcheck(backend, device, relu):
         mean, var = fastnn.functional.batch_norm_stats(x)
         return fastnn.functional.batch_norm_with_stats(x, mean, var, rm.clone(), rv.clone(), w,
                                                        b, 0.1, 1e-3, residual=r, relu=relu)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 # batch_norm_cat_with_stats: batch_norm_with_stats of torch.cat(inputs, 1) without the copy
@@ -758,8 +759,8 @@ def test_cat_with_stats_gradcheck(backend, device, relu):
         mean, var = fastnn.functional.batch_norm_stats(torch.cat([a, c], 1))
         return fastnn.functional.batch_norm_cat_with_stats([a, c], mean, var, rm.clone(),
                                                            rv.clone(), w, b, 0.1, 1e-3, relu=relu)
-    assert torch.autograd.gradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, (a, c, w, b), eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, (a, c, w, b))
+    assert gradgradcheck(fn, (a, c, w, b))
 
 
 def test_cat_with_stats_mixed_dtypes_follow_torch_cat(backend, device):
@@ -868,8 +869,8 @@ def test_dual_gradcheck(backend, device, training, relu):
         return fastnn.functional.dual_batch_norm_add_relu(
             x, z, rm1.clone(), rv1.clone(), rm2.clone(), rv2.clone(), w1, b1, w2, b2, training,
             0.1, 1e-3, relu=relu)
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
-    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+    assert gradcheck(fn, inputs)
+    assert gradgradcheck(fn, inputs)
 
 
 def test_dual_bad_input(backend, device):

@@ -50,10 +50,11 @@ class _DenseBatchNormReLU2d(fnn.BatchNormReLU2d):
                 probe = fF.cat_probe(inputs)
                 _, running_mean, running_var = self._bn_args(probe, None)
                 fF.check_batch_stats(probe, *batch_stats)
-                factor = self._count_batch()
-                return fF.batch_norm_cat_with_stats_unchecked(
+                out = fF.batch_norm_cat_with_stats_unchecked(
                     inputs, batch_stats[0], batch_stats[1], running_mean, running_var,
-                    self.weight, self.bias, factor, self.eps, True)
+                    self.weight, self.bias, self._batch_factor(), self.eps, True)
+                self._count_batch()
+                return out
         return self._bn_forward(input, None, True, batch_stats)
 
 

@@ -59,8 +59,8 @@ def _sharing_state(cls: type, m: torch.nn.Module) -> torch.nn.Module:
 
 class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, counting
-    the batch in num_batches_tracked only once the arguments have passed every check, so a
-    failing call changes nothing. In eager mode with a kernel for the input the op itself checks
+    the batch in num_batches_tracked only once the call has succeeded, so a failing call changes
+    nothing. In eager mode with a kernel for the input the op itself checks
     them (_kernel_forward); elsewhere (torch.compile, fx tracing, the reference) _bn_args does."""
 
     def _bn_args(self, input: Tensor, residual: Optional[Tensor]):
@@ -75,14 +75,23 @@ class _FastBatchNorm:
                      self.eps, residual)
         return bn_training, running_mean, running_var
 
-    def _count_batch(self) -> float:
-        """Counts the batch in num_batches_tracked; returns the running-average factor."""
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+    def _counts_batch(self) -> bool:
+        return (self.training and self.track_running_stats
+                and self.num_batches_tracked is not None)
+
+    def _batch_factor(self) -> float:
+        """The running-average factor of this call, the batch counted (_count_batch, once the
+        call has succeeded)."""
+        if self.momentum is not None:
+            return self.momentum
+        if self._counts_batch():  # cumulative moving average
+            return 1.0 / float(self.num_batches_tracked + 1)
+        return 0.0
+
+    def _count_batch(self) -> None:
+        """Counts the batch in num_batches_tracked."""
+        if self._counts_batch():
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return factor
 
     def _bn_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool,
                     batch_stats: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
@@ -94,13 +103,16 @@ class _FastBatchNorm:
         bn_training, running_mean, running_var = self._bn_args(input, residual)
         if bn_training and batch_stats is not None:
             F.check_batch_stats(input, *batch_stats)
-        factor = self._count_batch()
+        factor = self._batch_factor()
         if bn_training and batch_stats is not None:
-            return F.batch_norm_with_stats_unchecked(
+            out = F.batch_norm_with_stats_unchecked(
                 input, batch_stats[0], batch_stats[1], running_mean, running_var, self.weight,
                 self.bias, factor, self.eps, residual, relu)
-        return F.batch_norm_unchecked(input, running_mean, running_var, self.weight, self.bias,
-                                      bn_training, factor, self.eps, residual, relu)
+        else:
+            out = F.batch_norm_unchecked(input, running_mean, running_var, self.weight,
+                                         self.bias, bn_training, factor, self.eps, residual, relu)
+        self._count_batch()
+        return out
 
     def _kernel_forward(self, input: Tensor, residual: Optional[Tensor], relu: bool) -> Tensor:
         """_bn_forward in eager mode where the input's device has fastnn's kernels. The op
@@ -236,8 +248,9 @@ def dual_bn_add_relu(bn: torch.nn.Module, input: Tensor, bn2: torch.nn.Module,
     if train1 != train2:  # one normalizes with batch statistics, the other with running ones
         y2 = bn2._bn_forward(input2, None, False)
         return bn._bn_forward(input, y2, True)
-    factor1 = bn._count_batch()
-    factor2 = bn2._count_batch()
-    return F.dual_batch_norm_unchecked(input, bn.weight, bn.bias, rm1, rv1, input2, bn2.weight,
-                                       bn2.bias, rm2, rv2, train1, factor1, bn.eps, factor2,
-                                       bn2.eps, True)
+    out = F.dual_batch_norm_unchecked(input, bn.weight, bn.bias, rm1, rv1, input2, bn2.weight,
+                                      bn2.bias, rm2, rv2, train1, bn._batch_factor(), bn.eps,
+                                      bn2._batch_factor(), bn2.eps, True)
+    bn._count_batch()
+    bn2._count_batch()
+    return out

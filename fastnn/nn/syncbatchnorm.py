@@ -252,15 +252,10 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             probe = input
         F.check_args(probe, running_mean, running_var, self.weight, self.bias, True, self.eps,
                      None if residual is None else residual.expand_as(probe))
-        count_batch = track and self.num_batches_tracked is not None
-        factor = 0.0 if self.momentum is None else self.momentum
-        if count_batch and self.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(self.num_batches_tracked + 1)
         out = _sync_op(input, self.weight, self.bias, residual, running_mean, running_var,
-                       float(factor), float(self.eps), relu, self._group_name)[0]
+                       float(self._batch_factor()), float(self.eps), relu, self._group_name)[0]
         # Counted only once the group-wide checks passed, so a failing call changes nothing.
-        if count_batch:
-            self.num_batches_tracked.add_(1)
+        self._count_batch()
         return out
 
     @classmethod
