@@ -9,20 +9,23 @@ fuses the patterns it finds:
 * BN, an add of another tensor, then a ReLU (a residual block's tail) becomes one
   fastnn.nn.BatchNormAddReLU2d taking (input, residual).
 
-Patterns are found with torch.fx when the model traces the same way in training and in eval mode
-(its result is then a torch.fx.GraphModule with the model's submodule names and state_dict
-keys); otherwise the model keeps its own classes and forward, and what a module swap can fuse
-safely is fused: a BN directly followed by an nn.ReLU in an nn.Sequential, and the blocks of
-torchvision's and fastnn's ResNet, DenseNet, GoogLeNet and Inception v3.
+What a module swap fuses safely is fused first: a BN directly followed by an nn.ReLU in an
+nn.Sequential, and the blocks of torchvision's and fastnn's ResNet, DenseNet, GoogLeNet and
+Inception v3 (they become fastnn's blocks, which run a downsampling shortcut's BN in the same
+kernel). The other patterns are found with torch.fx when the model traces the same way in
+training and in eval mode, and each is fused in the module whose forward holds it, which becomes
+a torch.fx.GraphModule named like its class; every other module keeps its class, forward and
+place, so the module tree, state_dict keys and parameter order are the model's.
 
 fuse_for_inference(model) folds each batch norm that directly follows a convolution (or a Linear
 layer) into that layer's weight and bias, on a copy of the model in eval mode.
 """
 import copy
+import inspect
 import operator
 import sys
 from collections import Counter
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +90,54 @@ def _swap_batch_norms(module: nn.Module, memo: Dict[int, nn.Module]) -> None:
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with every batch norm (torch's, fastnn's, a user's) kept as one call."""
+    """torch.fx's tracer, with every batch norm (torch's, fastnn's, a user's) kept as one call.
+
+    With `plain_calls` it records, for each module whose forward it traces, whether every call
+    passed it only traced values (no constant, no default left out): such a module computes the
+    same when traced on its own."""
+
+    def __init__(self, plain_calls: Optional[Dict[str, bool]] = None):
+        super().__init__()
+        self.plain_calls = plain_calls
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, _BatchNorm) or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m, forward, args, kwargs):
+        if self.plain_calls is not None:
+            path = self.path_of_module(m)
+            if not self.is_leaf_module(m, path):
+                plain = _plain_call(m, args, kwargs)
+                self.plain_calls[path] = self.plain_calls.get(path, True) and plain
+        return super().call_module(m, forward, args, kwargs)
 
-def _trace(model: nn.Module, both_modes: bool) -> Optional[fx.Graph]:
+
+def _plain_call(m: nn.Module, args, kwargs) -> bool:
+    """A call of m that gives every parameter of its forward a traced value."""
+    try:
+        params = inspect.signature(m.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    fixed = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    values = list(args) + list(kwargs.values())
+    return (all(p.kind in fixed for p in params) and len(values) == len(params)
+            and all(isinstance(v, fx.Proxy) for v in values))
+
+
+class _LocalTracer(_Tracer):
+    """Traces one module of a model: its submodules are single calls except those named in
+    `inline` (paths relative to the module), whose forward is traced into the graph."""
+
+    def __init__(self, inline: Set[str] = frozenset()):
+        super().__init__()
+        self.inline = inline
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _BatchNorm) or module_qualified_name not in self.inline
+
+
+def _trace(model: nn.Module, both_modes: bool,
+           tracer: Callable[[], fx.Tracer] = _Tracer) -> Optional[fx.Graph]:
     """The model's graph, or None when it does not trace (or, with both_modes, when its graph in
     training differs from its graph in eval, e.g. a branch taken only in training). Every
     module's training flag is left as it was."""
@@ -102,7 +146,7 @@ def _trace(model: nn.Module, both_modes: bool) -> Optional[fx.Graph]:
         graphs = []
         for mode in ((True, False) if both_modes else (model.training,)):
             model.train(mode)
-            graphs.append(_Tracer().trace(model))
+            graphs.append(tracer().trace(model))
     except Exception:  # anything fx cannot trace: data-dependent control flow, odd inputs, ...
         return None
     finally:
@@ -159,14 +203,34 @@ def _only_user(node: fx.Node) -> Optional[fx.Node]:
 # ---------------------------------------------------------------------------------------------
 # convert: fusion on an fx graph
 
-def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
-    """Rewrites graph (and swaps the matching modules inside model) so that BN->ReLU and
-    BN->add->ReLU run as fastnn's fused modules."""
+class _Site:
+    """One fusion found on a graph: `bn` (a call of a fastnn batch norm) followed by `relu`, or
+    by `add` of `other` and then `relu`; `dual` when other is a shortcut's batch norm call that
+    runs in the same kernel."""
+
+    def __init__(self, bn: fx.Node, relu: fx.Node, add: Optional[fx.Node] = None,
+                 other: Optional[fx.Node] = None, dual: bool = False):
+        self.bn, self.relu, self.add, self.other, self.dual = bn, relu, add, other, dual
+
+    def nodes(self) -> List[fx.Node]:
+        """The nodes the fused call replaces."""
+        return [n for n in (self.bn, self.add, self.relu, self.other if self.dual else None)
+                if n is not None]
+
+    def batch_norms(self) -> List[str]:
+        return [self.bn.target] + ([self.other.target] if self.dual else [])
+
+
+def _fusion_sites(model: nn.Module, graph: fx.Graph,
+                  allowed: Optional[Set[str]] = None) -> List[_Site]:
+    """The BN->ReLU and BN->add->ReLU patterns of graph that fastnn's fused modules can run,
+    each node in one site at most; with `allowed`, only sites whose batch norms it names."""
     modules = dict(model.named_modules())
     calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
     occurrences = _occurrences(model)
-    for node in list(graph.nodes):
-        if node.op != "call_module":
+    sites, taken = [], set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node in taken:
             continue
         bn = modules.get(node.target)
         if (type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1
@@ -175,29 +239,81 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph) -> None:
         if len(node.args) != 1 or node.kwargs:
             continue
         user = _only_user(node)
-        if user is None:
+        if user is None or user in taken:
             continue
-        bn_relu, bn_add_relu = _FUSED[type(bn)]
         if _is_relu(user, node, modules):
+            site = _Site(node, user)
+        else:
+            other = _added_to(user, node)
+            relu = _only_user(user) if other is not None else None
+            if relu is None or not _is_relu(relu, user, modules):
+                continue
+            dual = other not in taken and _plain_bn_call(other, modules, calls, occurrences)
+            site = _Site(node, relu, user, other, dual)
+        if allowed is not None:
+            if site.dual and site.other.target not in allowed:
+                site.dual = False
+            if node.target not in allowed:
+                continue
+        sites.append(site)
+        taken.update(site.nodes())
+    return sites
+
+
+def _inside(path: str, containers: Set[str]) -> bool:
+    return any(path.startswith(c + ".") for c in containers)
+
+
+def _fuse_graph(model: nn.Module, graph: fx.Graph, sites: List[_Site],
+                inline: Set[str] = frozenset()) -> None:
+    """Rewrites graph (and swaps the matching modules inside model) so that each site runs as
+    fastnn's fused module or function. A batch norm inside a module in `inline` (traced through,
+    never swapped: called itself it computes what it did) is called by fastnn.nn.bn_add_relu or
+    dual_bn_add_relu instead."""
+    for site in sites:
+        node = site.bn
+        bn = model.get_submodule(node.target)
+        bn_relu, bn_add_relu = _FUSED[type(bn)]
+        swap = not _inside(node.target, inline)
+        if site.add is None:
             _set_submodule(model, node.target, bn_relu.from_module(bn))
-            user.replace_all_uses_with(node)
-            graph.erase_node(user)
+            site.relu.replace_all_uses_with(node)
+            graph.erase_node(site.relu)
             continue
-        other = _added_to(user, node)
-        relu = _only_user(user) if other is not None else None
-        if relu is None or not _is_relu(relu, user, modules):
-            continue
-        _set_submodule(model, node.target, bn_add_relu.from_module(bn))
+        x, other = node.args[0], site.other
         # The residual may be computed after the BN (torchvision computes the shortcut after the
         # main branch): the fused call goes where the add was.
-        user.prepend(node)
-        node.args = (node.args[0], other)
-        relu.replace_all_uses_with(node)
-        graph.erase_node(relu)
-        graph.erase_node(user)
-        if _no_hooks(bn) and _plain_bn_call(other, modules, calls, occurrences):
-            _fuse_dual(graph, node, other)
+        with graph.inserting_before(site.add):
+            if site.dual:
+                # relu(bn(x) + bn2(z)): both batch norms in one kernel, both modules staying
+                # where they are (same state_dict), read by the call.
+                fused = graph.call_function(fnn.dual_bn_add_relu,
+                                            (graph.get_attr(node.target), x,
+                                             graph.get_attr(other.target), other.args[0]))
+            elif swap:
+                fused = graph.call_module(node.target, (x, other))
+            else:
+                fused = graph.call_function(fnn.bn_add_relu,
+                                            (graph.get_attr(node.target), x, other))
+        if swap:
+            _set_submodule(model, node.target, bn_add_relu.from_module(bn))
+        site.relu.replace_all_uses_with(fused)
+        for n in [site.relu, site.add, node] + ([other] if site.dual else []):
+            graph.erase_node(n)
+    _drop_unused_relus(model, graph, sites)
     graph.lint()
+
+
+def _drop_unused_relus(model: nn.Module, graph: fx.Graph, sites: List[_Site]) -> None:
+    """ReLU modules whose every call was fused become identities (as in fastnn's own models)."""
+    called = {n.target for n in graph.nodes if n.op == "call_module"}
+    occurrences = _occurrences(model)
+    for site in sites:
+        target = site.relu.target
+        if site.relu.op == "call_module" and target not in called:
+            relu = model.get_submodule(target)
+            if type(relu) is nn.ReLU and occurrences[id(relu)] == 1:
+                _set_submodule(model, target, nn.Identity())
 
 
 def _plain_bn_call(node: fx.Node, modules: Dict[str, nn.Module], calls: Counter,
@@ -209,20 +325,6 @@ def _plain_bn_call(node: fx.Node, modules: Dict[str, nn.Module], calls: Counter,
     bn = modules.get(node.target)
     return (type(bn) is fnn.BatchNorm2d and calls[node.target] == 1
             and occurrences[id(bn)] == 1 and _no_hooks(bn))
-
-
-def _fuse_dual(graph: fx.Graph, fused: fx.Node, shortcut_bn: fx.Node) -> None:
-    """relu(bn(x) + bn2(z)), fused as BN+add+ReLU with bn2's output as the residual, becomes one
-    fastnn.nn.dual_bn_add_relu(bn, x, bn2, z): both batch norms in one kernel. Both modules stay
-    where they are (same state_dict), read by the call."""
-    with graph.inserting_before(fused):
-        bn1 = graph.get_attr(fused.target)
-        bn2 = graph.get_attr(shortcut_bn.target)
-        dual = graph.call_function(fnn.dual_bn_add_relu,
-                                   (bn1, fused.args[0], bn2, shortcut_bn.args[0]))
-    fused.replace_all_uses_with(dual)
-    graph.erase_node(fused)
-    graph.erase_node(shortcut_bn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +442,7 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
         if _runs_in_order(module):
             items = list(module._modules.items())
             for (bn_name, bn), (relu_name, relu) in zip(items, items[1:]):
-                if (type(bn) in _FUSED and occurrences[id(bn)] == 1
+                if (type(bn) in _FUSED and occurrences[id(bn)] == 1 and _no_hooks(bn)
                         and _is_single_relu(relu, occurrences)):
                     module._modules[bn_name] = _FUSED[type(bn)][0].from_module(bn)
                     module._modules[relu_name] = nn.Identity()
@@ -354,18 +456,157 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
     return visit(model)
 
 
-def _order_like(target: nn.Module, original: nn.Module) -> None:
-    """Puts target's submodules (a GraphModule's tree, which fx fills in the order its graph first
-    uses them) in original's order, so that parameters() and state_dict() list what they list
-    for the model: an optimizer's state saved before converting lines up."""
-    mods = dict(target._modules)
-    target._modules.clear()
-    for name, child in original._modules.items():
-        if name in mods:
-            target._modules[name] = mods.pop(name)
-            if target._modules[name] is not child and child is not None:
-                _order_like(target._modules[name], child)
-    target._modules.update(mods)
+# ---------------------------------------------------------------------------------------------
+# convert: each fusion made in the module whose forward holds it
+
+def _enclosing(node: fx.Node) -> str:
+    """The path of the module whose forward made node ('' for the model's own forward)."""
+    names = [name for name, _ in node.meta.get("nn_module_stack", {}).values()]
+    if node.op == "call_module":
+        names = names[:-1]  # the called module itself
+    return names[-1] if names else ""
+
+
+def _parts(path: str) -> List[str]:
+    return path.split(".") if path else []
+
+
+def _common_ancestor(paths) -> str:
+    parts = [_parts(p) for p in paths]
+    common = []
+    for level in zip(*parts):
+        if any(name != level[0] for name in level):
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _between(owner: str, path: str) -> List[str]:
+    """The modules from owner (excluded) down to path (included)."""
+    base, parts = _parts(owner), _parts(path)
+    return [".".join(parts[:i]) for i in range(len(base) + 1, len(parts) + 1)]
+
+
+def _relative(owner: str, path: str) -> str:
+    return path[len(owner) + 1:] if owner else path
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """module with its forward replaced by graph: a GraphModule named like its class, holding
+    module's own children (the same objects, containers included, in their order), parameters,
+    buffers, plain attributes and hooks."""
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    gm._modules = type(gm._modules)(module._modules)
+    gm._parameters = type(gm._parameters)(module._parameters)
+    gm._buffers = type(gm._buffers)(module._buffers)
+    gm._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+    for source in (vars(type(module)), vars(module)):
+        for name, value in source.items():
+            if (not name.startswith("_") and name not in vars(gm) and not callable(value)
+                    and not isinstance(value, (property, classmethod, staticmethod))):
+                vars(gm)[name] = value
+    for name in _HOOK_DICTS:
+        if hasattr(module, name):
+            setattr(gm, name, copy.copy(getattr(module, name)))
+    gm.training = module.training
+    return gm
+
+
+class _Planned:
+    """A site of the model's graph and where it is fused: in `owner`'s own forward, tracing
+    through the modules in `through`."""
+
+    def __init__(self, site: _Site, owner: str, through: Set[str]):
+        self.site, self.owner, self.through = site, owner, through
+
+
+def _plan(site: _Site, modules: Dict[str, nn.Module]) -> Optional[_Planned]:
+    inside = {_enclosing(n) for n in site.nodes()}
+    owner = _common_ancestor(inside)
+    through = {p for path in inside for p in _between(owner, path)}
+    if through and site.add is None:
+        # A BN->ReLU across modules (a Sequential ending in a batch norm, the ReLU after it):
+        # fusing it would change what the module holding the batch norm returns.
+        return None
+    if not all(_no_hooks(modules[p]) for p in through):
+        return None  # a hook on a module traced through would no longer fire
+    if isinstance(modules.get(owner), _CONTAINERS):
+        return None  # a GraphModule would not index like the container
+    return _Planned(site, owner, through)
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _fuse_by_graph(model: nn.Module, graph: fx.Graph, plain_calls: Dict[str, bool]) -> nn.Module:
+    """Makes the fusions found on the model's graph, each in the module whose forward holds it:
+    the innermost module that computes every node of the fusion (its owner). The owner is traced
+    on its own, with only the modules between it and those nodes traced through (a shortcut's
+    nn.Sequential(conv, bn), say), and becomes a GraphModule named like its class. Every other
+    module keeps its class, its forward and its place in the tree, so hooks on a block still
+    fire, containers still index, and a module traced through still computes, called itself,
+    what it did. An owner whose calls pass constants or leave defaults out (it could trace
+    otherwise on its own) hands its fusions to its parent."""
+    modules = dict(model.named_modules())
+    groups: Dict[str, List[_Planned]] = {}
+    for site in _fusion_sites(model, graph):
+        planned = _plan(site, modules)
+        if planned is not None:
+            groups.setdefault(planned.owner, []).append(planned)
+
+    def through(owner: str) -> Set[str]:
+        return set().union(*(p.through for p in groups[owner]))
+
+    def absorb() -> None:
+        """An owner traced through by another is fused by that other."""
+        merged = True
+        while merged:
+            merged = False
+            for inner in list(groups):
+                outer = next((o for o in groups if o != inner and inner in through(o)), None)
+                if outer is not None:
+                    for p in groups[inner]:
+                        p.through |= set(_between(outer, inner))
+                    groups[outer].extend(groups.pop(inner))
+                    merged = True
+
+    absorb()
+    while groups:
+        owner = max(groups, key=lambda p: len(_parts(p)))  # innermost first
+        planned = groups.pop(owner)
+        module = model.get_submodule(owner) if owner else model
+        inline = {_relative(owner, p) for p in set().union(*(p.through for p in planned))}
+        local = None
+        if owner == "" or plain_calls.get(owner, False):
+            local = _trace(module, both_modes=True, tracer=lambda: _LocalTracer(inline))
+        if local is None or not _uses_all_state(module, local):
+            if not owner:
+                continue
+            # Fused by the parent instead, tracing through this module (BN->add->ReLU only).
+            parent = owner.rpartition(".")[0]
+            for p in planned:
+                if p.site.add is not None and not isinstance(modules.get(parent), _CONTAINERS):
+                    p.owner, p.through = parent, p.through | {owner}
+                    groups.setdefault(parent, []).append(p)
+            absorb()
+            continue
+        allowed = {_relative(owner, t) for p in planned for t in p.site.batch_norms()}
+        local_sites = _fusion_sites(module, local, allowed)
+        if not local_sites:
+            continue
+        _fuse_graph(module, local, local_sites, inline)
+        gm = _graph_module(module, local)
+        if not owner:
+            return gm
+        _set_submodule(model, owner, gm)
+    return model
 
 
 def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -373,18 +614,28 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm (exactly those classes; subclasses may
     have their own forward) becomes fastnn's, sharing its parameters and buffers, and BN->ReLU
-    and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d. On the fx
-    graph, a BN->add->ReLU whose residual is another batch norm's output (a ResNet block's
-    downsampling shortcut) becomes one fastnn.nn.dual_bn_add_relu of both.
+    and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d. A
+    BN->add->ReLU whose residual is another batch norm's output (a ResNet block's downsampling
+    shortcut) becomes one fastnn.nn.dual_bn_add_relu of both.
 
-    When the model traces with torch.fx to the same graph in training and in eval mode, the
-    patterns are found on that graph and the result is a torch.fx.GraphModule named like the
-    model's class, with the same submodule names and state_dict keys (the fused ReLU modules are
-    gone; they hold no state). Otherwise the model keeps its classes and forward, and the module
-    swaps that are safe without a graph are made (see the module docstring). A fused add whose
-    residual has another size or dtype (a per-channel residual; a float32 shortcut under
-    autocast) is computed as torch would. A batch norm or ReLU module with hooks, and an in-place
-    add into a residual that is read again, are left unfused.
+    Known blocks (torchvision's and fastnn's ResNet, DenseNet, GoogLeNet and Inception v3) and
+    nn.Sequential containers are fused by module swaps. When the model traces with torch.fx to
+    the same graph in training and in eval mode, the other patterns are found on that graph and
+    each is fused in the innermost module whose forward computes all of it (a residual block,
+    say), which becomes a torch.fx.GraphModule named like its class with the same children,
+    parameters, buffers, attributes and hooks; every other module keeps its class, forward and
+    place. So the module tree and state_dict keys are the model's, containers index as before,
+    and hooks set on a block after converting fire. When a fusion needs a batch norm inside
+    another module (a shortcut's nn.Sequential(conv, bn), a residual branch ending in a batch
+    norm), that module is traced through: it is no longer called itself (its hooks would not
+    fire, so it has none at conversion), and its batch norm stays as it is, fused by the call
+    (fastnn.nn.bn_add_relu, dual_bn_add_relu), so the module called itself still computes what
+    it did. A BN->ReLU across modules (a Sequential ending in a batch norm, the ReLU after it)
+    is left unfused: fusing it would change what that Sequential returns.
+
+    A fused add whose residual has another size or dtype (a per-channel residual; a float32
+    shortcut under autocast) is computed as torch would. A batch norm or ReLU module with hooks,
+    and an in-place add into a residual that is read again, are left unfused.
 
     Args:
         model: any module.
@@ -397,16 +648,14 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     if type(model) in _SWAP:
         return _SWAP[type(model)].from_module(model)
     _swap_batch_norms(model, {})
-
-    graph = _trace(model, both_modes=True)
+    # Known blocks and nn.Sequential first: module swaps keep every class and forward.
+    model = _fuse_modules(model)
+    plain_calls: Dict[str, bool] = {}
+    graph = _trace(model, both_modes=True, tracer=lambda: _Tracer(plain_calls))
     # A GraphModule keeps only what its graph uses: fx is used only when that is all the state.
     if graph is not None and _uses_all_state(model, graph):
-        _fuse_graph(model, graph)
-        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        gm.training = model.training
-        _order_like(gm, model)
-        return gm
-    return _fuse_modules(model)
+        return _fuse_by_graph(model, graph, plain_calls)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

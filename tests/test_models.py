@@ -221,7 +221,8 @@ def test_builder_arguments(no_random_init):
     model = models.DenseNet(growth_rate=16, block_config=(2, 2, 2, 2), drop_rate=0.1)
     assert model.features.denseblock1.denselayer1.conv2.out_channels == 16
     model = models.resnet18(norm_layer=partial(nn.GroupNorm, 4))
-    assert isinstance(model.layer1[0].bn1, nn.GroupNorm) and isinstance(model.layer1[0].relu, nn.ReLU)
+    assert isinstance(model.layer1[0].bn1, nn.GroupNorm)
+    assert isinstance(model.layer1[0].relu, nn.ReLU)
     with pytest.raises(ValueError, match="IMAGENET1K_V1"):
         models.resnet18(weights="NO_SUCH_WEIGHTS")
 
@@ -348,11 +349,13 @@ def test_small_densenet_matches_torchvision(memory_efficient):
     x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     assert_same_training(ref, model, x, train=True)
     assert_same_training(ref, model, x, train=False)
-    # convert() of torchvision's (checkpointing does not trace: fused by module swap).
+    # convert() of torchvision's: module swaps, in its classes. norm0, two per dense layer, the
+    # transition's; norm5 stays unfused (its ReLU is in DenseNet.forward: fused, model.features
+    # would return what the ReLU returns).
     ref.zero_grad(set_to_none=True)
     converted = convert(ref)
-    assert isinstance(converted, torch.fx.GraphModule) != memory_efficient
-    assert module_kinds(converted)["BatchNormReLU2d"] == 1 + 5 * 2 + 1 + (0 if memory_efficient else 1)
+    assert type(converted) is tv.DenseNet
+    assert module_kinds(converted)["BatchNormReLU2d"] == 1 + 5 * 2 + 1
     assert_same_training(ref, converted, x, train=True)
 
 
@@ -392,17 +395,31 @@ def test_resnet_downsample_blocks_use_the_dual_kernel(monkeypatch):
     assert calls == [256, 512, 2048] and len(seen) == 1
 
 
-def test_convert_fuses_downsampling_shortcuts():
-    """convert() of torchvision's ResNet-18 (fx path): each block with a downsampling shortcut
-    runs fastnn.nn.dual_bn_add_relu; same numbers and state as torchvision, and it still folds
-    for inference."""
+def count_dual_calls(monkeypatch):
+    """The list each fused dual BN+add+ReLU call appends to."""
+    import fastnn.functional as fF
+
+    calls = []
+    original = fF.dual_batch_norm_unchecked
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(fF, "dual_batch_norm_unchecked", counting)
+    return calls
+
+
+def test_convert_fuses_downsampling_shortcuts(monkeypatch):
+    """convert() of torchvision's ResNet-18: each block with a downsampling shortcut runs
+    fastnn.nn.dual_bn_add_relu; same numbers and state as torchvision, and it still folds for
+    inference."""
     ref, _ = torchvision_pair("resnet18", num_classes=10)
     converted = convert(copy.deepcopy(ref))
-    assert isinstance(converted, torch.fx.GraphModule)
-    duals = [n for n in converted.graph.nodes
-             if n.op == "call_function" and n.target is fnn.dual_bn_add_relu]
-    assert len(duals) == 3
     x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    duals = count_dual_calls(monkeypatch)
+    with torch.no_grad():
+        converted.eval()(x)
+    assert len(duals) == 3
     assert_same_training(ref, converted, x, train=True)
     assert_same_training(ref, converted, x, train=False)
     folded = fuse_for_inference(converted)
@@ -539,13 +556,18 @@ def converted_pair(ref):
 def test_convert_torchvision_model(name, shape):
     torch.manual_seed(0)
     ref, model = converted_pair(getattr(tv, name)(num_classes=10))
-    assert isinstance(model, torch.fx.GraphModule)
+    # The model's module tree: same names, containers of the same classes.
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in ref.named_modules()]
+    for (n, a), (_, b) in zip(model.named_modules(), ref.named_modules()):
+        assert isinstance(a, nn.Sequential) == isinstance(b, nn.Sequential), n
     kinds = module_kinds(model)
     assert not any(type(m) in (nn.BatchNorm2d, nn.ReLU) for m in model.modules())
     if name == "resnet18":
         assert kinds["BatchNormAddReLU2d"] == 8 and kinds["BatchNormReLU2d"] == 9
     else:
-        assert kinds["BatchNormReLU2d"] == 121
+        # All but norm5, whose ReLU is in DenseNet.forward: fused, model.features would return
+        # what the ReLU returns.
+        assert kinds["BatchNormReLU2d"] == 120
     # The original is untouched and shares nothing with the result.
     assert type(ref.layer1[0].bn1 if name == "resnet18" else ref.features.norm0) is nn.BatchNorm2d
     x = torch.randn(shape, dtype=torch.float64)
@@ -569,6 +591,127 @@ def test_convert_torchvision_model(name, shape):
     for name, p in model.named_parameters():
         torch.testing.assert_close(opt.state[p]["momentum_buffer"],
                                    opt_ref.state[ref_params[name]]["momentum_buffer"], **F64)
+
+
+class CifarBlock(nn.Module):
+    """The residual block of common CIFAR ResNets: the shortcut an nn.Sequential (empty, or a
+    1x1 conv and a batch norm), the adds and ReLUs in the forward."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.layer1 = nn.Sequential(CifarBlock(8, 8, 1), CifarBlock(8, 16, 2))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))  # the ReLU of the batch norm that ends the stem
+        return self.head(self.layer1(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("name", ["cifar", "regnet_x_400mf"])
+def test_convert_keeps_module_tree(monkeypatch, name):
+    """Each fusion is made in the module whose forward holds it: a block becomes a GraphModule
+    of its class's name, everything around it keeps its class and place. Containers index, and a
+    hook set after converting on a block or a stage fires with the original's values."""
+    torch.manual_seed(0)
+    if name == "cifar":
+        ref, model = converted_pair(CifarNet())
+        blocks, n_duals, shape = ["layer1.0", "layer1.1", "layer1", "stem"], 1, (2, 3, 8, 8)
+        # The stem's batch norm stays unfused: fused with the ReLU after it, the stem itself
+        # would return what the ReLU returns.
+        assert type(model.stem[1]) is fnn.BatchNorm2d and type(model.layer1) is nn.Sequential
+        assert type(model.layer1[1].bn2) is fnn.BatchNormAddReLU2d
+        assert [type(b).__name__ for b in model.layer1] == ["CifarBlock"] * 2
+        assert type(model.layer1[1].shortcut) is nn.Sequential
+    else:
+        ref, model = converted_pair(tv.regnet_x_400mf(num_classes=10))
+        blocks = ["trunk_output.block1.block1-0", "trunk_output.block4", "stem"]
+        # 2x2 maps in the last stage: batch statistics over 2 values per channel would make
+        # twelve blocks in a row amplify rounding beyond any tolerance
+        n_duals, shape = 4, (2, 3, 64, 64)
+        block = model.trunk_output.block1[0]
+        assert type(block).__name__ == "ResBottleneckBlock"
+        # The residual branch's last batch norm and the shortcut's stay inside their
+        # nn.Sequential, unchanged: the block calls them through fastnn.nn.bn_add_relu and
+        # dual_bn_add_relu.
+        assert type(block.f.c[1]) is fnn.BatchNorm2d and type(block.proj[1]) is fnn.BatchNorm2d
+    kinds = module_kinds(model)
+    expected = ({"BatchNormReLU2d": 2, "BatchNormAddReLU2d": 2, "BatchNorm2d": 2} if name == "cifar"
+                else {"BatchNormReLU2d": 45, "BatchNormAddReLU2d": 0, "BatchNorm2d": 26})
+    assert {k: kinds[k] for k in expected} == expected
+    assert [n for n, _ in model.named_modules()] == [n for n, _ in ref.named_modules()]
+    seen = {}
+    for label, net in (("ref", ref), ("fastnn", model)):
+        for path in blocks:
+            net.get_submodule(path).register_forward_hook(
+                lambda m, i, o, key=(label, path): seen.setdefault(key, []).append(o.detach()))
+    x = torch.randn(shape, dtype=torch.float64)
+    duals = count_dual_calls(monkeypatch)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+    assert len(duals) == 2 * n_duals
+    for path in blocks:
+        assert len(seen["fastnn", path]) == len(seen["ref", path]) == 2, path
+        for got, want in zip(seen["fastnn", path], seen["ref", path]):
+            assert_close_to(got, want, path)
+    folded = fuse_for_inference(model)
+    torch.testing.assert_close(folded(x), ref.eval()(x), **F64)
+
+
+class DefaultArgBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, scale=None):
+        y = self.bn(self.conv(x))
+        if scale is not None:
+            y = y * scale
+        return F.relu(y + x)
+
+
+class DefaultArgNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = DefaultArgBlock()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_convert_block_called_with_defaults():
+    """A block whose forward has an argument its caller leaves to its default traces otherwise
+    on its own (the default becomes a traced value): its BN+add+ReLU is fused by its caller,
+    which calls the block's modules itself; the block, called itself, is unchanged."""
+    torch.manual_seed(0)
+    ref, model = converted_pair(DefaultArgNet())
+    assert isinstance(model, torch.fx.GraphModule)
+    assert type(model.block) is DefaultArgBlock and type(model.block.bn) is fnn.BatchNorm2d
+    assert any(n.target is fnn.bn_add_relu for n in model.graph.nodes)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+    torch.testing.assert_close(model.block(x, 2.0), ref.block(x, 2.0), **F64)
 
 
 def test_convert_googlenet_by_module_swap():

@@ -386,3 +386,36 @@ def test_jit_trace_and_export(training):
     for name in ("bn_relu", "bn_add", "bn_ds"):  # the trace updates the running statistics too
         torch.testing.assert_close(getattr(traced_model, name).running_mean,
                                    getattr(twice, name).running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_add_relu_function(backend, device, training):
+    """fastnn.nn.bn_add_relu(bn, x, r): torch's relu(bn(x) + r) (outputs, gradients, running
+    statistics) with bn left a plain batch norm; a hook on bn sees its own call; a module that
+    is not a fastnn batch norm (what folding leaves) is called as it is."""
+    x = make_input((3, 4, 5, 5), torch.float64, device)
+    r = make_input((3, 4, 5, 5), torch.float64, device, shift=0.0)
+    fast = fastnn.nn.BatchNorm2d(4).to(device, torch.float64).train(training)
+    ref = torch.nn.BatchNorm2d(4).to(device, torch.float64).train(training)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 1.5)
+        fast.running_var.uniform_(0.5, 1.5)
+    ref.load_state_dict(fast.state_dict())
+    results = []
+    for fn in (lambda a, b: fastnn.nn.bn_add_relu(fast, a, b),
+               lambda a, b: torch.relu(ref(a) + b)):
+        a, b = x.clone().requires_grad_(), r.clone().requires_grad_()
+        out = fn(a, b)
+        out.backward(torch.cos(out))
+        results.append((out, a.grad, b.grad))
+    for got, want in zip(*results):
+        assert_close(got, want, torch.float64, grad=True)
+    for key, value in ref.state_dict().items():
+        assert_close(fast.state_dict()[key].double(), value.double(), torch.float64, msg=key)
+    seen = []
+    fast.register_forward_hook(lambda m, i, o: seen.append(o))
+    out = fastnn.nn.bn_add_relu(fast, x, r)
+    assert len(seen) == 1 and (seen[0] < 0).any()  # the batch norm's own output, before ReLU
+    assert_close(out, torch.relu(seen[0] + r), torch.float64)
+    assert_close(fastnn.nn.bn_add_relu(torch.nn.Identity(), x, r), torch.relu(x + r),
+                 torch.float64)

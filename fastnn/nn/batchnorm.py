@@ -215,6 +215,19 @@ class BatchNormAddReLU2d(BatchNorm2d):
         return self._bn_forward(input, residual, True)
 
 
+def bn_add_relu(bn: torch.nn.Module, input: Tensor, residual: Tensor) -> Tensor:
+    """relu(bn(input) + residual) in one kernel for a fastnn batch-norm module, which stays what
+    it is (called itself it still returns bn(input)). A module with hooks (each hook sees its
+    module's own call), any other module (what fuse_for_inference leaves: an Identity) and a
+    residual of another size or dtype take ``relu(bn(input) + residual)``."""
+    if (isinstance(input, torch.fx.Proxy) or not isinstance(bn, _FastBatchNorm)
+            or not _no_hooks(bn) or _unlike_input(input, residual)):
+        return torch.relu(bn(input) + residual)
+    if hasattr(bn, "_sync_forward"):  # a SyncBatchNorm
+        return bn._sync_forward(input, residual, True)
+    return bn._bn_forward(input, residual, True)
+
+
 def dual_bn_add_relu(bn: torch.nn.Module, input: Tensor, bn2: torch.nn.Module,
                      input2: Tensor) -> Tensor:
     """relu(bn(input) + bn2(input2)) for two fastnn batch-norm modules, in one kernel where the
