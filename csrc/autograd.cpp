@@ -498,6 +498,31 @@ bool composite_path(bool graph, std::initializer_list<bool> tangents) {
   return false;
 }
 
+// How a call of a single-input op (train, train_with_stats, eval) runs: `graph` when it records
+// one, `composite` when it takes the ATen path.
+struct Route {
+  bool graph, composite;
+};
+Route single_route(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                   const OptTensor& residual) {
+  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
+                                    requires_grad(bias), requires_grad(residual)});
+  return {graph, composite_path(graph, {has_tangent(input), has_tangent(weight),
+                                        has_tangent(bias), has_tangent(residual)})};
+}
+
+// The ATen path of a training op: the op below autograd updates the running statistics and
+// gives the saved ones; `output` is the differentiable output.
+template <typename Call>
+Stats3 with_output(const Tensor& output, Call below) {
+  Tensor mean, invstd;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(std::ignore, mean, invstd) = below();
+  }
+  return {output, mean, invstd};
+}
+
 // The training output from the input's own batch statistics, in the input's dtype unless
 // `acc_out` asks for the accumulation dtype.
 Tensor train_output(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
@@ -528,19 +553,14 @@ Tensor eval_output(const Tensor& input, const OptTensor& weight, const OptTensor
 Stats3 train_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
                       double momentum, double eps, const OptTensor& residual, bool relu) {
-  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
-                                    requires_grad(bias), requires_grad(residual)});
-  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
-                             has_tangent(residual)})) {
-    Tensor mean, invstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(std::ignore, mean, invstd) = train_op().call(
-          input, weight, bias, running_mean, running_var, momentum, eps, residual, relu);
-    }
-    return {train_output(input, weight, bias, eps, residual, relu), mean, invstd};
+  const Route route = single_route(input, weight, bias, residual);
+  if (route.composite) {
+    return with_output(train_output(input, weight, bias, eps, residual, relu), [&] {
+      return train_op().call(input, weight, bias, running_mean, running_var, momentum, eps,
+                             residual, relu);
+    });
   }
-  if (!graph) {
+  if (!route.graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return train_op().call(input, weight, bias, running_mean, running_var, momentum, eps,
                            residual, relu);
@@ -555,21 +575,15 @@ Stats3 train_with_stats_autograd(const Tensor& input, const Tensor& mean, const 
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  double momentum, double eps, const OptTensor& residual,
                                  bool relu) {
-  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
-                                    requires_grad(bias), requires_grad(residual)});
-  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
-                             has_tangent(residual)})) {
+  const Route route = single_route(input, weight, bias, residual);
+  if (route.composite) {
     // The given statistics are the input's own: the output is recomputed from the input.
-    Tensor save_mean, invstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(std::ignore, save_mean, invstd) =
-          train_with_stats_op().call(input, mean, var, weight, bias, running_mean, running_var,
-                                     momentum, eps, residual, relu);
-    }
-    return {train_output(input, weight, bias, eps, residual, relu), save_mean, invstd};
+    return with_output(train_output(input, weight, bias, eps, residual, relu), [&] {
+      return train_with_stats_op().call(input, mean, var, weight, bias, running_mean,
+                                        running_var, momentum, eps, residual, relu);
+    });
   }
-  if (!graph) {
+  if (!route.graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return train_with_stats_op().call(input, mean, var, weight, bias, running_mean, running_var,
                                       momentum, eps, residual, relu);
@@ -591,14 +605,11 @@ Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var
   }
   const bool graph = records_graph({any_input, requires_grad(weight), requires_grad(bias)});
   if (composite_path(graph, {any_tangent, has_tangent(weight), has_tangent(bias)})) {
-    Tensor save_mean, invstd;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(std::ignore, save_mean, invstd) = cat_op().call(
-          inputs, mean, var, weight, bias, running_mean, running_var, momentum, eps, relu);
-    }
-    return {train_output(at::cat(inputs, 1), weight, bias, eps, c10::nullopt, relu), save_mean,
-            invstd};
+    return with_output(train_output(at::cat(inputs, 1), weight, bias, eps, c10::nullopt, relu),
+                       [&] {
+                         return cat_op().call(inputs, mean, var, weight, bias, running_mean,
+                                              running_var, momentum, eps, relu);
+                       });
   }
   if (!graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -614,13 +625,11 @@ Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var
 Tensor eval_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const Tensor& running_mean, const Tensor& running_var, double eps,
                      const OptTensor& residual, bool relu) {
-  const bool graph = records_graph({requires_grad(input), requires_grad(weight),
-                                    requires_grad(bias), requires_grad(residual)});
-  if (composite_path(graph, {has_tangent(input), has_tangent(weight), has_tangent(bias),
-                             has_tangent(residual)})) {
+  const Route route = single_route(input, weight, bias, residual);
+  if (route.composite) {
     return eval_output(input, weight, bias, running_mean, running_var, eps, residual, relu);
   }
-  if (!graph) {
+  if (!route.graph) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return eval_op().call(input, weight, bias, running_mean, running_var, eps, residual, relu);
   }
