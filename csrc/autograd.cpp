@@ -498,6 +498,17 @@ bool composite_path(bool graph, std::initializer_list<bool> tangents) {
   return false;
 }
 
+// As torch's batch norm: with grad mode on, a running statistic that requires grad is refused
+// (they are not differentiable), before anything changes.
+void check_not_differentiable(const Tensor& t, const char* name) {
+  TORCH_CHECK(!(at::GradMode::is_enabled() && requires_grad(t)),
+              "The function 'batch_norm' is not differentiable with respect to argument '", name,
+              "'. This input cannot have requires_grad True.");
+}
+void check_not_differentiable(const OptTensor& t, const char* name) {
+  if (t.has_value()) check_not_differentiable(*t, name);
+}
+
 // How a call of a single-input op (train, train_with_stats, eval) runs: `graph` when it records
 // one, `composite` when it takes the ATen path.
 struct Route {
@@ -553,6 +564,8 @@ Tensor eval_output(const Tensor& input, const OptTensor& weight, const OptTensor
 Stats3 train_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                       const OptTensor& running_mean, const OptTensor& running_var,
                       double momentum, double eps, const OptTensor& residual, bool relu) {
+  check_not_differentiable(running_mean, "running_mean");
+  check_not_differentiable(running_var, "running_var");
   const Route route = single_route(input, weight, bias, residual);
   if (route.composite) {
     return with_output(train_output(input, weight, bias, eps, residual, relu), [&] {
@@ -575,6 +588,8 @@ Stats3 train_with_stats_autograd(const Tensor& input, const Tensor& mean, const 
                                  const OptTensor& running_mean, const OptTensor& running_var,
                                  double momentum, double eps, const OptTensor& residual,
                                  bool relu) {
+  check_not_differentiable(running_mean, "running_mean");
+  check_not_differentiable(running_var, "running_var");
   const Route route = single_route(input, weight, bias, residual);
   if (route.composite) {
     // The given statistics are the input's own: the output is recomputed from the input.
@@ -598,6 +613,8 @@ Stats3 train_with_stats_autograd(const Tensor& input, const Tensor& mean, const 
 Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var,
                     const OptTensor& weight, const OptTensor& bias, const OptTensor& running_mean,
                     const OptTensor& running_var, double momentum, double eps, bool relu) {
+  check_not_differentiable(running_mean, "running_mean");
+  check_not_differentiable(running_var, "running_var");
   bool any_input = false, any_tangent = false;
   for (const Tensor& t : inputs) {
     any_input = any_input || requires_grad(t);
@@ -625,6 +642,8 @@ Stats3 cat_autograd(at::TensorList inputs, const Tensor& mean, const Tensor& var
 Tensor eval_autograd(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                      const Tensor& running_mean, const Tensor& running_var, double eps,
                      const OptTensor& residual, bool relu) {
+  check_not_differentiable(running_mean, "running_mean");
+  check_not_differentiable(running_var, "running_var");
   const Route route = single_route(input, weight, bias, residual);
   if (route.composite) {
     return eval_output(input, weight, bias, running_mean, running_var, eps, residual, relu);
@@ -643,6 +662,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_autograd(
     const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
     const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
     double eps2, bool relu) {
+  check_not_differentiable(running_mean, "running_mean");
+  check_not_differentiable(running_var, "running_var");
+  check_not_differentiable(running_mean2, "running_mean2");
+  check_not_differentiable(running_var2, "running_var2");
   const bool graph =
       records_graph({requires_grad(input), requires_grad(weight), requires_grad(bias),
                      requires_grad(input2), requires_grad(weight2), requires_grad(bias2)});

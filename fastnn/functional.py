@@ -74,6 +74,12 @@ def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
             raise RuntimeError(f"batch_norm: {missing} must be defined in evaluation mode")
         if eps < 0.0:
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if torch.is_grad_enabled():  # torch's rule: the running statistics are not differentiable
+        for arg, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"The function 'batch_norm' is not differentiable with "
+                                   f"respect to argument '{arg}'. This input cannot have "
+                                   f"requires_grad True.")
 
 
 def use_kernel(input: Tensor) -> bool:

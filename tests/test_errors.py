@@ -144,6 +144,29 @@ def test_module_bad_eps(backend, device, cls, training, eps):
     _assert_unchanged(m, before)
 
 
+@pytest.mark.parametrize("arg", ["running_mean", "running_var"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cls", MODULE_CLASSES, ids=CLASS_IDS)
+def test_running_stats_requiring_grad(backend, device, cls, training, arg):
+    """With grad mode on, torch refuses running statistics that require grad (they are not
+    differentiable): so does fastnn, changing nothing; under no_grad both accept them."""
+    x = torch.randn(2, 3, 4, 4, device=device)
+    r = torch.randn_like(x) if cls is fastnn.nn.BatchNormAddReLU2d else None
+    ref = torch.nn.BatchNorm2d(3).to(device).train(training)
+    getattr(ref, arg).requires_grad_(True)
+    with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{arg}'"):
+        ref(x)
+    m = _module(cls, 3, device, training)
+    getattr(m, arg).requires_grad_(True)
+    before = _snapshot(m)
+    with pytest.raises(RuntimeError, match=f"not differentiable with respect to argument '{arg}'"):
+        _call(m, x, r)
+    _assert_unchanged(m, before)
+    with torch.no_grad():
+        _call(m, x, r)
+        ref(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
                                    torch.complex64], ids=str)
 @pytest.mark.parametrize("cls", MODULE_CLASSES, ids=CLASS_IDS)
