@@ -136,13 +136,24 @@ class _LocalTracer(_Tracer):
         return isinstance(m, _BatchNorm) or module_qualified_name not in self.inline
 
 
+_CALL_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks")
+
+
 def _trace(model: nn.Module, both_modes: bool,
            tracer: Callable[[], fx.Tracer] = _Tracer) -> Optional[fx.Graph]:
     """The model's graph, or None when it does not trace (or, with both_modes, when its graph in
     training differs from its graph in eval, e.g. a branch taken only in training). Every
     module's training flag is left as it was."""
     modes = [(m, m.training) for m in model.modules()]
+    # Hooks stay out of the tracing (fx would call them with its proxies); the traced graphs
+    # call every module that has hooks, which run then.
+    hooks = [(m, name, getattr(m, name)) for m in model.modules() for name in _CALL_HOOKS
+             if getattr(m, name, None)]
     try:
+        for m, name, _ in hooks:
+            setattr(m, name, type(getattr(m, name))())
         graphs = []
         for mode in ((True, False) if both_modes else (model.training,)):
             model.train(mode)
@@ -152,6 +163,8 @@ def _trace(model: nn.Module, both_modes: bool,
     finally:
         for m, mode in modes:
             m.training = mode
+        for m, name, value in hooks:
+            setattr(m, name, value)
     if both_modes and graphs[0].python_code("self").src != graphs[1].python_code("self").src:
         return None
     return graphs[0]
@@ -491,11 +504,9 @@ def _relative(owner: str, path: str) -> str:
     return path[len(owner) + 1:] if owner else path
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-               "_backward_pre_hooks", "_is_full_backward_hook", "_state_dict_hooks",
-               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
-               "_load_state_dict_post_hooks")
+_HOOK_DICTS = _CALL_HOOKS + ("_is_full_backward_hook", "_state_dict_hooks",
+                             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+                             "_load_state_dict_post_hooks")
 
 
 def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:

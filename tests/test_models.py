@@ -677,6 +677,24 @@ def test_convert_keeps_module_tree(monkeypatch, name):
     torch.testing.assert_close(folded(x), ref.eval()(x), **F64)
 
 
+def test_convert_keeps_hooks_of_converted_blocks():
+    """Hooks set before converting: convert does not call them (fx would pass them its proxies),
+    and a block that becomes a GraphModule keeps them, so they fire once per call with the
+    original's values."""
+    torch.manual_seed(0)
+    ref = CifarNet().double()
+    seen = []
+    ref.layer1[1].register_forward_pre_hook(lambda m, args: seen.append("pre"))
+    ref.layer1[1].register_forward_hook(lambda m, args, out: seen.append(out.detach()))
+    model = convert(ref)
+    assert seen == [] and isinstance(model.layer1[1], torch.fx.GraphModule)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    ref(x)
+    assert seen[0] == seen[2] == "pre"
+    assert_close_to(seen[1], seen[3], "hooked block output")
+
+
 class DefaultArgBlock(nn.Module):
     def __init__(self):
         super().__init__()
