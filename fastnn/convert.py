@@ -96,8 +96,8 @@ class _Tracer(fx.Tracer):
     passed it only traced values (no constant, no default left out): such a module computes the
     same when traced on its own."""
 
-    def __init__(self, plain_calls: Optional[Dict[str, bool]] = None):
-        super().__init__()
+    def __init__(self, plain_calls: Optional[Dict[str, bool]] = None, **kwargs):
+        super().__init__(**kwargs)
         self.plain_calls = plain_calls
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -126,10 +126,12 @@ def _plain_call(m: nn.Module, args, kwargs) -> bool:
 
 class _LocalTracer(_Tracer):
     """Traces one module of a model: its submodules are single calls except those named in
-    `inline` (paths relative to the module), whose forward is traced into the graph."""
+    `inline` (paths relative to the module), whose forward is traced into the graph. The fused
+    functions stay single calls too, so that a GraphModule made with it keeps them when torch
+    traces it again (torch.load of a saved model)."""
 
     def __init__(self, inline: Set[str] = frozenset()):
-        super().__init__()
+        super().__init__(autowrap_functions=(fnn.bn_add_relu, fnn.dual_bn_add_relu))
         self.inline = inline
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

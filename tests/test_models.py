@@ -695,6 +695,19 @@ def test_convert_keeps_hooks_of_converted_blocks():
     assert_close_to(seen[1], seen[3], "hooked block output")
 
 
+def test_convert_survives_save_and_load(tmp_path):
+    """torch.save of a converted model and torch.load give the same model, fused calls kept
+    (torch traces a GraphModule again when it loads it)."""
+    torch.manual_seed(0)
+    model = convert(CifarNet().double()).eval()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False).eval()
+    calls = [n.target for n in loaded.layer1[1].graph.nodes if n.op == "call_function"]
+    assert fnn.dual_bn_add_relu in calls
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert torch.equal(loaded(x), model(x))
+
+
 class DefaultArgBlock(nn.Module):
     def __init__(self):
         super().__init__()
