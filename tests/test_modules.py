@@ -419,3 +419,36 @@ def test_bn_add_relu_function(backend, device, training):
     assert_close(out, torch.relu(seen[0] + r), torch.float64)
     assert_close(fastnn.nn.bn_add_relu(torch.nn.Identity(), x, r), torch.relu(x + r),
                  torch.float64)
+
+
+class _Exp(torch.nn.Module):
+    def forward(self, w):
+        return w.exp()
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("fast_cls", [fastnn.nn.BatchNorm2d, fastnn.nn.BatchNormReLU2d])
+def test_parametrized_weight(backend, device, fast_cls, training):
+    """torch.nn.utils.parametrize on weight and bias (they become computed attributes): the
+    values torch's batch norm uses, and gradients reach the parametrizations' originals."""
+    from torch.nn.utils import parametrize
+
+    x = make_input((3, 4, 5, 5), torch.float64, device)
+    ref = torch.nn.BatchNorm2d(4).to(device, torch.float64)
+    with torch.no_grad():
+        ref.weight.uniform_(-1, 1)
+        ref.bias.uniform_(-1, 1)
+    fast = fast_cls(4).to(device, torch.float64)
+    fast.load_state_dict(ref.state_dict())
+    results = []
+    for m, post in ((fast, lambda y: y),
+                    (ref, torch.relu if fast_cls is fastnn.nn.BatchNormReLU2d else lambda y: y)):
+        parametrize.register_parametrization(m, "weight", _Exp())
+        parametrize.register_parametrization(m, "bias", _Exp())
+        m.train(training)
+        out = post(m(x))
+        out.backward(torch.cos(out))
+        results.append((out, m.parametrizations.weight.original.grad,
+                        m.parametrizations.bias.original.grad, m.running_mean, m.running_var))
+    for got, want in zip(*results):
+        assert_close(got, want, torch.float64, grad=True)

@@ -122,7 +122,11 @@ class _FastBatchNorm:
         checked path, with a fraction of its Python cost per call."""
         self._check_input_dim(input)
         buffers, params = self._buffers, self._parameters
-        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        # Read from the dicts (the attribute lookup costs more than the kernel on small
+        # inputs), unless a name has left them: torch.nn.utils.parametrize and weight_norm make
+        # it a computed attribute.
+        running_mean = buffers["running_mean"] if "running_mean" in buffers else self.running_mean
+        running_var = buffers["running_var"] if "running_var" in buffers else self.running_var
         num_batches = None
         momentum = self.momentum
         factor = 0.0 if momentum is None else momentum
@@ -136,7 +140,8 @@ class _FastBatchNorm:
                 running_mean = running_var = None
         else:
             bn_training = running_mean is None and running_var is None
-        weight, bias = params.get("weight"), params.get("bias")
+        weight = params["weight"] if "weight" in params else self.weight
+        bias = params["bias"] if "bias" in params else self.bias
         try:
             if bn_training:
                 out = ops.batch_norm_train(input, weight, bias, running_mean, running_var, factor,
