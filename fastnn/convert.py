@@ -282,9 +282,10 @@ def _inside(path: str, containers: Set[str]) -> bool:
 def _fuse_graph(model: nn.Module, graph: fx.Graph, sites: List[_Site],
                 inline: Set[str] = frozenset()) -> None:
     """Rewrites graph (and swaps the matching modules inside model) so that each site runs as
-    fastnn's fused module or function. A batch norm inside a module in `inline` (traced through,
-    never swapped: called itself it computes what it did) is called by fastnn.nn.bn_add_relu or
-    dual_bn_add_relu instead."""
+    fastnn's fused module or function. A module in `inline` (traced through) must compute, called
+    itself, what it did: a BN+add+ReLU whose batch norm it holds is a call of
+    fastnn.nn.bn_add_relu or dual_bn_add_relu instead of a swap, and its ReLU modules stay (a
+    BN->ReLU of its own, fused, then applies its ReLU to values already through one)."""
     for site in sites:
         node = site.bn
         bn = model.get_submodule(node.target)
@@ -315,17 +316,20 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph, sites: List[_Site],
         site.relu.replace_all_uses_with(fused)
         for n in [site.relu, site.add, node] + ([other] if site.dual else []):
             graph.erase_node(n)
-    _drop_unused_relus(model, graph, sites)
+    _drop_unused_relus(model, graph, sites, inline)
     graph.lint()
 
 
-def _drop_unused_relus(model: nn.Module, graph: fx.Graph, sites: List[_Site]) -> None:
-    """ReLU modules whose every call was fused become identities (as in fastnn's own models)."""
+def _drop_unused_relus(model: nn.Module, graph: fx.Graph, sites: List[_Site],
+                       inline: Set[str]) -> None:
+    """ReLU modules whose every call was fused become identities (as in fastnn's own models),
+    but for those of a module traced through, which called itself still applies them."""
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     occurrences = _occurrences(model)
     for site in sites:
         target = site.relu.target
-        if site.relu.op == "call_module" and target not in called:
+        if (site.relu.op == "call_module" and target not in called
+                and not _inside(target, inline)):
             relu = model.get_submodule(target)
             if type(relu) is nn.ReLU and occurrences[id(relu)] == 1:
                 _set_submodule(model, target, nn.Identity())
@@ -525,9 +529,9 @@ def _graph_module(module: nn.Module, graph: fx.Graph) -> fx.GraphModule:
             if (not name.startswith("_") and name not in vars(gm) and not callable(value)
                     and not isinstance(value, (property, classmethod, staticmethod))):
                 vars(gm)[name] = value
-    for name in _HOOK_DICTS:
+    for name in _HOOK_DICTS:  # the same dicts: the handles of hooks set before still work
         if hasattr(module, name):
-            setattr(gm, name, copy.copy(getattr(module, name)))
+            setattr(gm, name, getattr(module, name))
     gm.training = module.training
     return gm
 

@@ -695,6 +695,44 @@ def test_convert_keeps_hooks_of_converted_blocks():
     assert_close_to(seen[1], seen[3], "hooked block output")
 
 
+class InnerBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
+
+class OuterBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch = InnerBranch()
+
+    def forward(self, x):
+        return F.relu(self.branch(x) + x)
+
+
+def test_convert_traces_through_a_branch():
+    """A residual branch ending in a batch norm, the add and ReLU in the block: the block traces
+    through the branch and fuses both of its patterns, and the branch, called itself, still
+    returns its batch norm's output."""
+    torch.manual_seed(0)
+    ref, model = converted_pair(OuterBlock())
+    assert isinstance(model, torch.fx.GraphModule) and type(model.branch) is InnerBranch
+    assert type(model.branch.bn1) is fnn.BatchNormReLU2d
+    assert type(model.branch.bn2) is fnn.BatchNorm2d and type(model.branch.relu) is nn.ReLU
+    assert any(n.target is fnn.bn_add_relu for n in model.graph.nodes)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+    torch.testing.assert_close(model.branch(x), ref.branch(x), **F64)
+
+
 def test_convert_survives_save_and_load(tmp_path):
     """torch.save of a converted model and torch.load give the same model, fused calls kept
     (torch traces a GraphModule again when it loads it)."""

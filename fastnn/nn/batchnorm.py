@@ -60,8 +60,8 @@ def _sharing_state(cls: type, m: torch.nn.Module) -> torch.nn.Module:
 class _FastBatchNorm:
     """The forward shared by every fastnn batch-norm module: torch's _BatchNorm.forward, counting
     the batch in num_batches_tracked only once the call has succeeded, so a failing call changes
-    nothing. In eager mode with a kernel for the input the op itself checks
-    them (_kernel_forward); elsewhere (torch.compile, fx tracing, the reference) _bn_args does."""
+    nothing. In eager mode with a kernel for the input the op itself checks the arguments
+    (_kernel_forward); elsewhere (torch.compile, fx tracing, the reference) _bn_args does."""
 
     def _bn_args(self, input: Tensor, residual: Optional[Tensor]):
         """Checks a call (before anything is counted) and returns (bn_training, running_mean,
