@@ -1,8 +1,8 @@
 """Putting an existing model on fastnn: `convert` (training and inference) and
 `fuse_for_inference` (inference only).
 
-convert(model) swaps every torch batch norm for fastnn's, sharing its parameters and buffers, and
-fuses the patterns it finds:
+convert(model) swaps every torch batch norm (and timm's BatchNormAct2d) for fastnn's, sharing its
+parameters and buffers, and fuses the patterns it finds:
 
 * BN followed by a ReLU (an nn.ReLU module, F.relu, torch.relu or Tensor.relu, in place or not)
   becomes one fastnn.nn.BatchNormReLU2d;
@@ -37,7 +37,7 @@ from fastnn import functional as fastnn_functional
 from fastnn import nn as fnn
 from fastnn.nn.batchnorm import _no_hooks
 
-__all__ = ["convert", "fuse_for_inference", "AddReLU"]
+__all__ = ["convert", "fuse_for_inference", "AddReLU", "BatchNormAct2d"]
 
 # torch module -> the fastnn module that replaces it (exact types: a subclass may have its own
 # forward).
@@ -53,6 +53,41 @@ _FUSED = {
     fnn.BatchNorm2d: (fnn.BatchNormReLU2d, fnn.BatchNormAddReLU2d),
     fnn.SyncBatchNorm: (fnn.SyncBatchNormReLU, fnn.SyncBatchNormAddReLU),
 }
+
+
+class BatchNormAct2d(fnn.BatchNorm2d):
+    """timm's BatchNormAct2d (a BatchNorm2d whose forward then applies its `drop` and `act`
+    modules) on fastnn's kernels, with the same modules and state_dict: what convert swaps in for
+    it. A ReLU `act` (with an identity `drop`) runs in the batch norm's kernel."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        if _bare_act(self):
+            return self._bn_forward(input, None, type(self.act) is nn.ReLU)
+        return self.act(self.drop(self._bn_forward(input, None, False)))
+
+
+def _bare_act(bn: nn.Module, acts=(nn.Identity, nn.ReLU)) -> bool:
+    """bn's drop is an identity and its act one of acts, neither with hooks."""
+    drop, act = bn._modules.get("drop"), bn._modules.get("act")
+    return (type(drop) is nn.Identity and type(act) in acts and _no_hooks(drop)
+            and _no_hooks(act))
+
+
+def _swaps() -> Dict[type, type]:
+    """_SWAP, and timm's BatchNormAct2d when timm is loaded (a model can hold it only then)."""
+    swaps = dict(_SWAP)
+    timm_norm_act = sys.modules.get("timm.layers.norm_act")
+    if timm_norm_act is not None and hasattr(timm_norm_act, "BatchNormAct2d"):
+        swaps[timm_norm_act.BatchNormAct2d] = BatchNormAct2d
+    return swaps
+
+
+def _fused_forms(bn: nn.Module) -> Optional[Tuple[type, type]]:
+    """(BN+ReLU, BN+add+ReLU) modules that can take bn's place, for a fastnn batch norm that
+    computes just the batch norm; else None."""
+    if type(bn) is BatchNormAct2d:
+        return _FUSED[fnn.BatchNorm2d] if _bare_act(bn, (nn.Identity,)) else None
+    return _FUSED.get(type(bn))
 
 
 class AddReLU(nn.Module):
@@ -79,14 +114,15 @@ def _occurrences(model: nn.Module) -> Counter:
     return Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
 
 
-def _swap_batch_norms(module: nn.Module, memo: Dict[int, nn.Module]) -> None:
+def _swap_batch_norms(module: nn.Module, memo: Dict[int, nn.Module],
+                      swaps: Dict[type, type]) -> None:
     for name, child in list(module.named_children()):
-        if type(child) in _SWAP:
+        if type(child) in swaps:
             if id(child) not in memo:
-                memo[id(child)] = _SWAP[type(child)].from_module(child)
+                memo[id(child)] = swaps[type(child)].from_module(child)
             setattr(module, name, memo[id(child)])
         else:
-            _swap_batch_norms(child, memo)
+            _swap_batch_norms(child, memo, swaps)
 
 
 class _Tracer(fx.Tracer):
@@ -236,6 +272,18 @@ class _Site:
         return [self.bn.target] + ([self.other.target] if self.dual else [])
 
 
+def _skip_identities(model: nn.Module, graph: fx.Graph) -> None:
+    """Drops the graph's calls of nn.Identity modules without hooks (a block's identity attention
+    or drop path, between its last batch norm and the add)."""
+    modules = dict(model.named_modules())
+    for node in list(graph.nodes):
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if (type(m) is nn.Identity and _no_hooks(m) and len(node.args) == 1 and not node.kwargs
+                and isinstance(node.args[0], fx.Node)):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
 def _fusion_sites(model: nn.Module, graph: fx.Graph,
                   allowed: Optional[Set[str]] = None) -> List[_Site]:
     """The BN->ReLU and BN->add->ReLU patterns of graph that fastnn's fused modules can run,
@@ -248,7 +296,7 @@ def _fusion_sites(model: nn.Module, graph: fx.Graph,
         if node.op != "call_module" or node in taken:
             continue
         bn = modules.get(node.target)
-        if (type(bn) not in _FUSED or calls[node.target] != 1 or occurrences[id(bn)] != 1
+        if (_fused_forms(bn) is None or calls[node.target] != 1 or occurrences[id(bn)] != 1
                 or not _no_hooks(bn)):  # a hook sees the batch norm's own output
             continue
         if len(node.args) != 1 or node.kwargs:
@@ -289,14 +337,16 @@ def _fuse_graph(model: nn.Module, graph: fx.Graph, sites: List[_Site],
     for site in sites:
         node = site.bn
         bn = model.get_submodule(node.target)
-        bn_relu, bn_add_relu = _FUSED[type(bn)]
+        bn_relu, bn_add_relu = _fused_forms(bn)
         swap = not _inside(node.target, inline)
         if site.add is None:
             _set_submodule(model, node.target, bn_relu.from_module(bn))
             site.relu.replace_all_uses_with(node)
             graph.erase_node(site.relu)
             continue
-        x, other = node.args[0], site.other
+        # The add's other operand as it is now: an earlier fusion may have replaced it.
+        a, b = site.add.args
+        x, other = node.args[0], (b if a is node else a)
         # The residual may be computed after the BN (torchvision computes the shortcut after the
         # main branch): the fused call goes where the add was.
         with graph.inserting_before(site.add):
@@ -342,7 +392,8 @@ def _plain_bn_call(node: fx.Node, modules: Dict[str, nn.Module], calls: Counter,
     if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(node.users) != 1:
         return False
     bn = modules.get(node.target)
-    return (type(bn) is fnn.BatchNorm2d and calls[node.target] == 1
+    return (type(bn) in (fnn.BatchNorm2d, BatchNormAct2d)
+            and _fused_forms(bn) == _FUSED[fnn.BatchNorm2d] and calls[node.target] == 1
             and occurrences[id(bn)] == 1 and _no_hooks(bn))
 
 
@@ -461,9 +512,9 @@ def _fuse_modules(model: nn.Module) -> nn.Module:
         if _runs_in_order(module):
             items = list(module._modules.items())
             for (bn_name, bn), (relu_name, relu) in zip(items, items[1:]):
-                if (type(bn) in _FUSED and occurrences[id(bn)] == 1 and _no_hooks(bn)
-                        and _is_single_relu(relu, occurrences)):
-                    module._modules[bn_name] = _FUSED[type(bn)][0].from_module(bn)
+                if (_fused_forms(bn) is not None and occurrences[id(bn)] == 1
+                        and _no_hooks(bn) and _is_single_relu(relu, occurrences)):
+                    module._modules[bn_name] = _fused_forms(bn)[0].from_module(bn)
                     module._modules[relu_name] = nn.Identity()
         rule = rules.get(type(module))
         if rule is not None:
@@ -573,6 +624,7 @@ def _fuse_by_graph(model: nn.Module, graph: fx.Graph, plain_calls: Dict[str, boo
     otherwise on its own) hands its fusions to its parent."""
     modules = dict(model.named_modules())
     groups: Dict[str, List[_Planned]] = {}
+    _skip_identities(model, graph)
     for site in _fusion_sites(model, graph):
         planned = _plan(site, modules)
         if planned is not None:
@@ -615,6 +667,7 @@ def _fuse_by_graph(model: nn.Module, graph: fx.Graph, plain_calls: Dict[str, boo
             absorb()
             continue
         allowed = {_relative(owner, t) for p in planned for t in p.site.batch_norms()}
+        _skip_identities(module, local)
         local_sites = _fusion_sites(module, local, allowed)
         if not local_sites:
             continue
@@ -630,7 +683,8 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """The model on fastnn: same outputs, gradients and running statistics, faster.
 
     Every torch.nn.BatchNorm1d/2d/3d and SyncBatchNorm (exactly those classes; subclasses may
-    have their own forward) becomes fastnn's, sharing its parameters and buffers, and BN->ReLU
+    have their own forward), and timm's BatchNormAct2d (as fastnn.convert.BatchNormAct2d), becomes
+    fastnn's, sharing its parameters and buffers, and BN->ReLU
     and BN->add->ReLU are fused into fastnn.nn.BatchNormReLU2d / BatchNormAddReLU2d. A
     BN->add->ReLU whose residual is another batch norm's output (a ResNet block's downsampling
     shortcut) becomes one fastnn.nn.dual_bn_add_relu of both.
@@ -650,7 +704,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     it did. A BN->ReLU across modules (a Sequential ending in a batch norm, the ReLU after it)
     is left unfused: fusing it would change what that Sequential returns.
 
-    A fused add whose residual has another size or dtype (a per-channel residual; a float32
+    Calls of nn.Identity modules without hooks between a batch norm and its add or ReLU (an
+    identity drop path or attention) are dropped. A fused add whose residual has another size or
+    dtype (a per-channel residual; a float32
     shortcut under autocast) is computed as torch would. A batch norm or ReLU module with hooks,
     and an in-place add into a residual that is read again, are left unfused.
 
@@ -662,9 +718,10 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     """
     if not inplace:
         model = copy.deepcopy(model)
-    if type(model) in _SWAP:
-        return _SWAP[type(model)].from_module(model)
-    _swap_batch_norms(model, {})
+    swaps = _swaps()
+    if type(model) in swaps:
+        return swaps[type(model)].from_module(model)
+    _swap_batch_norms(model, {}, swaps)
     # Known blocks and nn.Sequential first: module swaps keep every class and forward.
     model = _fuse_modules(model)
     plain_calls: Dict[str, bool] = {}
@@ -702,6 +759,8 @@ def _folded_replacement(bn: nn.Module) -> Optional[nn.Module]:
         return nn.ReLU()
     if type(bn) in _SWAP or type(bn) in _SWAP.values():
         return nn.Identity()
+    if type(bn) is BatchNormAct2d and _bare_act(bn):
+        return nn.ReLU() if type(bn.act) is nn.ReLU else nn.Identity()
     return None  # a subclass with its own forward
 
 

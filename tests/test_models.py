@@ -7,6 +7,7 @@ The textbook networks are checked against the same network on plain torch layers
 import copy
 import importlib.util
 import os
+import sys
 import warnings
 from collections import Counter
 from functools import partial
@@ -20,7 +21,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)
     import fastnn.nn as fnn
     from fastnn import models
-    from fastnn.convert import AddReLU, convert, fuse_for_inference
+    from fastnn.convert import AddReLU, BatchNormAct2d, convert, fuse_for_inference
 
 tv = pytest.importorskip("torchvision.models")
 import torchvision  # noqa: E402  (present: torchvision.models imported)
@@ -731,6 +732,55 @@ def test_convert_traces_through_a_branch():
     for train in (True, False):
         assert_same_training(ref, model, x, train)
     torch.testing.assert_close(model.branch(x), ref.branch(x), **F64)
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d as it computes: BatchNorm2d, then its drop and act modules."""
+
+    def __init__(self, C, act_layer=nn.ReLU):
+        super().__init__(C)
+        self.drop = nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class TimmLikeBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = _BatchNormAct2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn2 = _BatchNormAct2d(4, act_layer=None)
+        self.drop_path = nn.Identity()
+        self.act = nn.ReLU()
+        self.bn3 = _BatchNormAct2d(4, act_layer=nn.SiLU)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.bn3(self.act(self.drop_path(y) + x))
+
+
+def test_convert_timm_batch_norm_act(monkeypatch):
+    """timm's BatchNormAct2d becomes fastnn.convert.BatchNormAct2d (its drop and act kept; a
+    ReLU in the kernel), one with an identity act fuses with an add and ReLU after it (across an
+    identity drop path), and the numbers are the model's."""
+    import types
+
+    fake = types.ModuleType("timm.layers.norm_act")
+    fake.BatchNormAct2d = _BatchNormAct2d
+    monkeypatch.setitem(sys.modules, "timm.layers.norm_act", fake)
+    torch.manual_seed(0)
+    ref, model = converted_pair(TimmLikeBlock())
+    assert type(model.bn1) is BatchNormAct2d and type(model.bn1.act) is nn.ReLU
+    assert type(model.bn2) is fnn.BatchNormAddReLU2d
+    assert type(model.bn3) is BatchNormAct2d and type(model.bn3.act) is nn.SiLU
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+    folded = fuse_for_inference(model)
+    torch.testing.assert_close(folded(x), ref.eval()(x), **F64)
 
 
 def test_convert_survives_save_and_load(tmp_path):
