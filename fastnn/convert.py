@@ -273,14 +273,18 @@ class _Site:
 
 
 def _skip_identities(model: nn.Module, graph: fx.Graph) -> None:
-    """Drops the graph's calls of nn.Identity modules without hooks (a block's identity attention
-    or drop path, between its last batch norm and the add)."""
+    """Drops the graph's calls of nn.Identity modules without hooks that take a batch norm's
+    output (a block's identity attention or drop path, between its last batch norm and the add),
+    so that the patterns around them fuse. Other identities (a head set to nn.Identity, which may
+    be replaced later) stay."""
     modules = dict(model.named_modules())
     for node in list(graph.nodes):
         m = modules.get(node.target) if node.op == "call_module" else None
-        if (type(m) is nn.Identity and _no_hooks(m) and len(node.args) == 1 and not node.kwargs
-                and isinstance(node.args[0], fx.Node)):
-            node.replace_all_uses_with(node.args[0])
+        src = node.args[0] if len(node.args) == 1 else None
+        if (type(m) is nn.Identity and _no_hooks(m) and not node.kwargs
+                and isinstance(src, fx.Node) and src.op == "call_module"
+                and _fused_forms(modules.get(src.target)) is not None):
+            node.replace_all_uses_with(src)
             graph.erase_node(node)
 
 
@@ -704,8 +708,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
     it did. A BN->ReLU across modules (a Sequential ending in a batch norm, the ReLU after it)
     is left unfused: fusing it would change what that Sequential returns.
 
-    Calls of nn.Identity modules without hooks between a batch norm and its add or ReLU (an
-    identity drop path or attention) are dropped. A fused add whose residual has another size or
+    Calls of nn.Identity modules without hooks that take a batch norm's output (an identity drop
+    path or attention before the add) are dropped from the fused modules' graphs; other
+    identities (a head set to nn.Identity, to be replaced) are still called. A fused add whose residual has another size or
     dtype (a per-channel residual; a float32
     shortcut under autocast) is computed as torch would. A batch norm or ReLU module with hooks,
     and an in-place add into a residual that is read again, are left unfused.

@@ -783,6 +783,30 @@ def test_convert_timm_batch_norm_act(monkeypatch):
     torch.testing.assert_close(folded(x), ref.eval()(x), **F64)
 
 
+class HeadNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Identity()  # a placeholder, replaced later
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x)) + x).mean((2, 3)))
+
+
+def test_convert_keeps_placeholder_identities():
+    """An nn.Identity that does not take a batch norm's output is still called: replaced after
+    converting (a new head), the converted model runs the replacement."""
+    torch.manual_seed(0)
+    ref, model = converted_pair(HeadNet())
+    assert isinstance(model, torch.fx.GraphModule)
+    head = nn.Linear(4, 3).double()
+    ref.head, model.head = head, copy.deepcopy(head)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    for train in (True, False):
+        assert_same_training(ref, model, x, train)
+
+
 def test_convert_survives_save_and_load(tmp_path):
     """torch.save of a converted model and torch.load give the same model, fused calls kept
     (torch traces a GraphModule again when it loads it)."""
