@@ -139,11 +139,41 @@ def _small_resnet():
     return models.ResNet(models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=4)
 
 
-@pytest.mark.parametrize("make", [_small_densenet, _small_resnet], ids=["densenet", "resnet"])
+class _ShortcutBlock(torch.nn.Module):
+    """A user's downsampling block: fastnn.convert makes it a GraphModule calling
+    dual_bn_add_relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(16)
+        self.shortcut = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False),
+                                            torch.nn.BatchNorm2d(16))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def _converted_model():
+    from fastnn import convert
+    nn = torch.nn
+    model = convert(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  _ShortcutBlock(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 4)))
+    assert any(n.target is fastnn.nn.dual_bn_add_relu for n in model[3].graph.nodes)
+    return model
+
+
+@pytest.mark.parametrize("make", [_small_densenet, _small_resnet, _converted_model],
+                         ids=["densenet", "resnet", "converted"])
 def test_compile_model_training(make):
     """Models compile with fullgraph=True and give eager's outputs, gradients and running
     statistics: a DenseNet (whose blocks share each feature map's batch statistics between their
-    layers) and a ResNet (whose downsampling blocks run the dual BN+BN+add+ReLU op)."""
+    layers), a ResNet (whose downsampling blocks run the dual BN+BN+add+ReLU op) and a model
+    fastnn.convert made (a user's block turned GraphModule)."""
     torch._dynamo.reset()
     eager = make()
     model = copy.deepcopy(eager)
