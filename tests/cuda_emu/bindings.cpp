@@ -1,0 +1,62 @@
+// Python bindings of csrc/cuda's host functions built for the CPU emulation (see emu.h): each
+// takes CPU tensors and runs the CUDA kernels on emulated threads.
+#include <torch/extension.h>
+
+#include "batch_norm_cuda.h"
+#include "emu.h"
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cat_with_stats(
+    const std::vector<at::Tensor>& inputs, const at::Tensor& mean, const at::Tensor& var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+    const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    double momentum, double eps, bool relu) {
+  return fastnn::cuda::batch_norm_cat_with_stats_cuda(inputs, mean, var, weight, bias,
+                                                      running_mean, running_var, momentum, eps,
+                                                      relu);
+}
+
+void configure(int sm_count, int blocks_per_sm, int schedule, uint64_t seed) {
+  TORCH_CHECK(sm_count >= 1 && blocks_per_sm >= 1 && schedule >= 0 && schedule <= 2,
+              "cuda_emu.configure: bad settings");
+  auto& s = fastnn_emu::settings();
+  s.sm_count = sm_count;
+  s.blocks_per_sm = blocks_per_sm;
+  s.schedule = schedule;
+  s.seed = seed;
+}
+
+std::tuple<int64_t, int64_t> counters() {
+  const auto& s = fastnn_emu::settings();
+  return {s.launches, s.blocks};
+}
+
+}  // namespace
+
+namespace fastnn_emu_check {
+at::Tensor block_sum(const at::Tensor& x, int64_t threads, bool barrier);
+at::Tensor warp_sum(const at::Tensor& x, int64_t bx, int64_t by);
+void divergent_barrier(int64_t threads);
+void launch_config(int64_t gx, int64_t gy, int64_t bx, int64_t by);
+}  // namespace fastnn_emu_check
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  namespace fc = fastnn::cuda;
+  m.def("configure", &configure);
+  m.def("counters", &counters);
+  m.def("check_block_sum", &fastnn_emu_check::block_sum);
+  m.def("check_warp_sum", &fastnn_emu_check::warp_sum);
+  m.def("check_divergent_barrier", &fastnn_emu_check::divergent_barrier);
+  m.def("check_launch_config", &fastnn_emu_check::launch_config);
+  m.def("batch_norm_train", &fc::batch_norm_train_cuda);
+  m.def("batch_norm_eval", &fc::batch_norm_eval_cuda);
+  m.def("batch_norm_backward", &fc::batch_norm_backward_cuda);
+  m.def("batch_norm_dual", &fc::batch_norm_dual_cuda);
+  m.def("batch_norm_dual_backward", &fc::batch_norm_dual_backward_cuda);
+  m.def("batch_norm_stats", &fc::batch_norm_stats_cuda);
+  m.def("batch_norm_train_with_stats", &fc::batch_norm_train_with_stats_cuda);
+  m.def("batch_norm_backward_reduce", &fc::batch_norm_backward_reduce_cuda);
+  m.def("batch_norm_backward_elemt", &fc::batch_norm_backward_elemt_cuda);
+  m.def("batch_norm_cat_with_stats", &cat_with_stats);
+}

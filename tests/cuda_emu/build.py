@@ -1,0 +1,117 @@
+"""Build csrc/cuda as a CPU extension that runs the CUDA kernels on emulated threads (emu.h).
+
+The sources are copied with three mechanical changes and nothing else:
+
+* ``kernel<<<grid, block, shared, stream>>>(args)`` becomes
+  ``::fastnn_emu::launch(kernel, grid, block, shared, stream)(args)``;
+* ``__shared__ T name[n];`` becomes a static array filled with 0xFF at the start of each block;
+* ``.is_cuda()`` becomes ``.is_cpu()`` (the emulated "device" is the CPU).
+
+``load()`` compiles them with torch.utils.cpp_extension (ninja, cached under build/cuda_emu) and
+returns the module of tests/cuda_emu/bindings.cpp.
+"""
+import os
+import re
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+CUDA_SRC = ROOT / "csrc" / "cuda"
+
+_COMMENT = re.compile(r"//[^\n]*|/\*.*?\*/", re.S)
+_SHARED = re.compile(r"__shared__\s+([^;\[]+?)\s+(\w+)\s*\[([^\];]+)\]\s*;")
+
+
+def _strip_comments(text):
+    # The sources have no "//" or "/*" inside string literals that matter to the build; keeping
+    # line breaks keeps compiler line numbers equal to the originals'.
+    return _COMMENT.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+
+
+def _rewrite_launches(text):
+    out = []
+    pos = 0
+    while True:
+        i = text.find("<<<", pos)
+        if i < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        # The kernel expression starts after the previous statement or brace.
+        start = max(text.rfind(ch, pos, i) for ch in ";{}") + 1
+        while text[start].isspace():
+            start += 1
+        j = text.find(">>>(", i)
+        if j < 0:
+            raise ValueError(f"cuda_emu: unterminated launch near {text[i - 40:i + 40]!r}")
+        kernel = text[start:i].strip()
+        config = text[i + 3:j]
+        out.append(text[pos:start])
+        out.append(f"::fastnn_emu::launch({kernel}, {config})(")
+        pos = j + 4
+
+
+def _rewrite_shared(text):
+    return _SHARED.sub(
+        lambda m: f"static {m.group(1)} {m.group(2)}[{m.group(3)}]; "
+                  f"::fastnn_emu::shared_poison({m.group(2)}, sizeof({m.group(2)}));",
+        text)
+
+
+def translate(text):
+    text = _strip_comments(text)
+    text = _rewrite_launches(text)
+    text = _rewrite_shared(text)
+    return text.replace(".is_cuda()", ".is_cpu()")
+
+
+def _write_if_changed(path, text):
+    if path.exists() and path.read_text() == text:
+        return
+    path.write_text(text)
+
+
+def generate(out_dir):
+    """Translated copies of csrc/cuda's sources (and of the emulation's own check kernels) in
+    out_dir; returns the .cpp files to compile."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = []
+    for src in sorted(CUDA_SRC.iterdir()) + [HERE / "selfcheck.cu"]:
+        if src.suffix in (".cuh", ".h"):
+            _write_if_changed(out_dir / src.name, translate(src.read_text()))
+        elif src.suffix == ".cu":
+            dst = out_dir / (src.stem + ".cpp")
+            _write_if_changed(dst, translate(src.read_text()))
+            sources.append(str(dst))
+    return sources
+
+
+def load(verbose=False, sanitize=False):
+    """Compile (or reuse) and import the emulated build."""
+    from torch.utils import cpp_extension
+
+    name = "fastnn_cuda_emu_asan" if sanitize else "fastnn_cuda_emu"
+    build_dir = ROOT / "build" / name
+    gen_dir = build_dir / "src"
+    sources = generate(gen_dir)
+    sources += [str(ROOT / "csrc" / "batch_norm_common.cpp"), str(HERE / "bindings.cpp")]
+    flags = ["-O1"]
+    if sanitize:
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(HERE), str(gen_dir),
+                             str(ROOT / "csrc")],
+        extra_cflags=flags,
+        extra_ldflags=["-fsanitize=address"] if sanitize else [],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
+
+
+if __name__ == "__main__":
+    import sys
+    mod = load(verbose=True, sanitize="--asan" in sys.argv)
+    print(mod.__file__)

@@ -1,0 +1,351 @@
+"""csrc/cuda's kernels and host code, run on the CPU by an emulated CUDA runtime (tests/cuda_emu):
+every op against the CPU kernels on the same inputs, on the layouts, vector widths and grid shapes
+the launch planning picks between, and bitwise equal whichever order the emulated threads run in.
+
+What this checks: indexing, the planning of grids and vectors, the reductions and their fixed
+merge order, barriers and shuffles (a thread order that changes a result is a missing barrier; a
+barrier not every thread reaches is an error), reads of shared memory or scratch no thread
+wrote (both start as NaN here), and launch configurations CUDA would refuse. What it cannot
+check: the device's memory model and speed, and anything of the CUDA toolchain itself; those
+need the GPU run of scripts/gpu_check.sh.
+"""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_close, make_input, make_params
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
+import build as cuda_emu_build  # noqa: E402
+
+# (sm_count, blocks_per_sm) the launch planning sees: one block per channel group, or many
+# partials per channel (and blocks with no rows at all).
+GRIDS = {"narrow": (1, 1), "wide": (16, 2)}
+
+# name: (shape, memory format, storage offset in elements). The shapes reach: planes with a
+# scalar head and tail (odd plane sizes), planes split into segments (S over 1024 vectors),
+# more rows than a block's warps, channels_last rows with a partial and several channel blocks,
+# scalar rows (C not a multiple of the vector), C == 1 and S == 1 (both become another
+# layout), rank 2, 3 and 5, and a misaligned base pointer (no vectors).
+SHAPES = {
+    "nchw_odd": ((5, 3, 7, 9), torch.contiguous_format, 0),
+    "nchw_rows": ((40, 2, 3, 5), torch.contiguous_format, 0),
+    "nchw_segments": ((2, 2, 100, 90), torch.contiguous_format, 0),
+    "nhwc": ((4, 12, 5, 6), torch.channels_last, 0),
+    "nhwc_wide": ((2, 200, 3, 3), torch.channels_last, 0),
+    "nhwc_rows": ((8, 8, 16, 16), torch.channels_last, 0),
+    "nhwc_odd_c": ((3, 10, 3, 5), torch.channels_last, 0),
+    "2d": ((300, 24), torch.contiguous_format, 0),
+    "3d": ((4, 5, 33), torch.contiguous_format, 0),
+    "c1": ((6, 1, 5, 5), torch.contiguous_format, 0),
+    "s1": ((7, 6, 1, 1), torch.contiguous_format, 0),
+    "ndhwc": ((2, 8, 3, 4, 5), torch.channels_last_3d, 0),
+    "misaligned": ((4, 8, 6, 6), torch.contiguous_format, 1),
+}
+DTYPES = {"f32": torch.float32, "f64": torch.float64, "f16": torch.float16,
+          "bf16": torch.bfloat16}
+FUSE = {"plain": (False, False), "relu": (False, True), "add_relu": (True, True)}
+
+
+@pytest.fixture(scope="module")
+def emu():
+    try:
+        mod = cuda_emu_build.load()
+    except Exception as e:  # a build failure is a failure, with the compiler's message
+        pytest.fail(f"building csrc/cuda for the CPU emulation failed: {e}")
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def uninitialized_is_nan():
+    """Memory from at::empty (outputs, scratch partials) starts as NaN, as shared memory does."""
+    was = torch.are_deterministic_algorithms_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(was)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+def _input(name, dtype, shift=0.5):
+    shape, fmt, offset = SHAPES[name]
+    x = make_input(shape, dtype, "cpu", fmt, shift=shift)
+    if offset:
+        base = torch.empty(x.numel() + offset, dtype=dtype)[offset:]
+        x = base.view(shape).copy_(x)
+    return x
+
+
+def _clone(args):
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(a.clone(memory_format=torch.preserve_format))
+        elif isinstance(a, list):
+            out.append([t.clone(memory_format=torch.preserve_format) for t in a])
+        else:
+            out.append(a)
+    return out
+
+
+def _tensors(result, args):
+    """The op's outputs followed by the tensor arguments (running statistics are updated in
+    place), as a flat list."""
+    res = list(result) if isinstance(result, (tuple, list)) else [result]
+    return res + [a for a in args if isinstance(a, torch.Tensor)]
+
+
+def run_both(emu, op, args, grid, dtype, stat_dtype=None):
+    """Runs `op` emulated and on the CPU kernels on copies of `args`; compares every output and
+    every argument afterwards, and reruns the emulation with the threads in reverse and in
+    shuffled order, which must give bitwise the same results."""
+    emu.configure(*GRIDS[grid], 0, 0)
+    a_emu = _clone(args)
+    got = _tensors(getattr(emu, op)(*a_emu), a_emu)
+    a_cpu = _clone(args)
+    want = _tensors(getattr(torch.ops.fastnn, op)(*a_cpu), a_cpu)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, (op, i, g.dtype, w.dtype)
+        if g.dim() >= 2 and g.numel() > 0:
+            assert g.stride() == w.stride(), (op, i, g.stride(), w.stride())
+        # statistics are in the accumulation dtype whatever the input's
+        d = dtype if g.dtype == dtype else (stat_dtype or g.dtype)
+        assert_close(g, w, d, grad="backward" in op, msg=f"{op} output {i}")
+    for schedule, seed in ((1, 0), (2, 7)):
+        emu.configure(*GRIDS[grid], schedule, seed)
+        a_again = _clone(args)
+        again = _tensors(getattr(emu, op)(*a_again), a_again)
+        for i, (g, h) in enumerate(zip(got, again)):
+            assert torch.equal(g.view(-1).view(torch.uint8), h.reshape(-1).view(torch.uint8)) \
+                if g.is_contiguous() and h.is_contiguous() else torch.equal(g, h), \
+                f"{op} output {i} depends on the order of the threads (schedule {schedule})"
+    emu.configure(*GRIDS["narrow"], 0, 0)
+    return got
+
+
+def _grid_for(*names):
+    """One grid per case, alternating over the parameter names, so every shape and dtype meets
+    both grids across the cases without running each case twice."""
+    return "wide" if sum(len(n) for n in names) % 2 else "narrow"
+
+
+def _check_no_nan(tensors, what):
+    for i, t in enumerate(tensors):
+        assert not torch.isnan(t.double()).any(), f"{what}: NaN in output {i}"
+
+
+@pytest.mark.parametrize("fuse", list(FUSE))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_train(emu, shape, dt, fuse):
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    C = x.shape[1]
+    w, b, rm, rv = make_params(C, torch.float32 if dtype != torch.float64 else dtype, "cpu")
+    res, relu = FUSE[fuse]
+    r = _input(shape, dtype, shift=0.0) if res else None
+    got = run_both(emu, "batch_norm_train", [x, w, b, rm, rv, 0.1, 1e-5, r, relu],
+                   _grid_for(shape, dt, fuse), dtype)
+    _check_no_nan(got, "batch_norm_train")
+
+
+@pytest.mark.parametrize("fuse", list(FUSE))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_eval(emu, shape, dt, fuse):
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    # bfloat16 and float16 inputs take parameters of their own dtype here (the other reading
+    # of ChannelParam); the training test covers float32 ones.
+    w, b, rm, rv = make_params(x.shape[1], dtype, "cpu")
+    res, relu = FUSE[fuse]
+    r = _input(shape, dtype, shift=0.0) if res else None
+    got = run_both(emu, "batch_norm_eval", [x, w, b, rm, rv, 1e-5, r, relu],
+                   _grid_for(shape, dt, fuse), dtype)
+    _check_no_nan(got, "batch_norm_eval")
+
+
+def _forward_cpu(x, w, b, relu, residual=None):
+    """Output and saved statistics of the CPU training forward (what a backward receives)."""
+    out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5,
+                                                          residual, relu)
+    return out, mean, invstd
+
+
+BACKWARD = {"plain": (False, False), "relu": (True, False), "relu_residual": (True, True)}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("kind", list(BACKWARD))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_backward(emu, shape, dt, kind, training):
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    w, b, _, _ = make_params(x.shape[1], torch.float32 if dtype != torch.float64 else dtype,
+                             "cpu")
+    relu, residual_grad = BACKWARD[kind]
+    out, mean, invstd = _forward_cpu(x, w, b, relu)
+    g = _input(shape, dtype, shift=0.0)
+    got = run_both(emu, "batch_norm_backward",
+                   [g, x, w, out if relu else None, mean, invstd, training, relu, residual_grad],
+                   _grid_for(shape, dt, kind, str(training)), dtype)
+    _check_no_nan([t for t in got[:4] if t.numel()], "batch_norm_backward")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add_relu"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_dual(emu, shape, dt, relu, training):
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    z = _input(shape, dtype, shift=-0.3)
+    pdt = torch.float32 if dtype != torch.float64 else dtype
+    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
+    w2, b2, rm2, rv2 = make_params(x.shape[1], pdt, "cpu")
+    got = run_both(emu, "batch_norm_dual",
+                   [x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, 0.1, 1e-5, 0.2, 1e-3, relu],
+                   _grid_for(shape, dt, str(relu), str(training)), dtype)
+    _check_no_nan(got, "batch_norm_dual")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [False, True], ids=["add", "add_relu"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_dual_backward(emu, shape, dt, relu, training):
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    z = _input(shape, dtype, shift=-0.3)
+    pdt = torch.float32 if dtype != torch.float64 else dtype
+    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
+    w2, b2, rm2, rv2 = make_params(x.shape[1], pdt, "cpu")
+    out, m1, i1, m2, i2 = torch.ops.fastnn.batch_norm_dual(
+        x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, 0.1, 1e-5, 0.2, 1e-3, relu)
+    g = _input(shape, dtype, shift=0.0)
+    got = run_both(emu, "batch_norm_dual_backward",
+                   [g, x, w, z, w2, out if relu else None, m1, i1, m2, i2, training, relu],
+                   _grid_for(shape, dt, str(relu), str(training)), dtype)
+    _check_no_nan(got[:6], "batch_norm_dual_backward")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_training_in_parts(emu, shape, dt):
+    """batch_norm_stats -> batch_norm_train_with_stats -> batch_norm_backward_reduce ->
+    batch_norm_backward_elemt (SyncBatchNorm's path), each emulated against the CPU kernel."""
+    dtype = DTYPES[dt]
+    grid = _grid_for(shape, dt)
+    x = _input(shape, dtype)
+    pdt = torch.float32 if dtype != torch.float64 else dtype
+    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
+    r = _input(shape, dtype, shift=0.0)
+    mean, var = run_both(emu, "batch_norm_stats", [x], grid, dtype)[:2]
+    out, smean, sinvstd = run_both(
+        emu, "batch_norm_train_with_stats", [x, mean, var, w, b, rm, rv, 0.1, 1e-5, r, True],
+        grid, dtype)[:3]
+    g = _input(shape, dtype, shift=0.0)
+    for relu, residual_grad in ((False, False), (True, False), (True, True)):
+        sum_dy, sum_dy_xhat, gres = run_both(
+            emu, "batch_norm_backward_reduce",
+            [g, x, out if relu else None, smean, sinvstd, relu, residual_grad], grid, dtype)[:3]
+        count = x.numel() // x.shape[1]
+        run_both(emu, "batch_norm_backward_elemt",
+                 [g, x, w, out if relu else None, smean, sinvstd, sum_dy / count,
+                  sum_dy_xhat / count, relu], grid, dtype)
+
+
+CAT = {
+    # per-input (channels, memory format); all of one N, H, W
+    "nchw": [(3, torch.contiguous_format), (5, torch.contiguous_format),
+             (8, torch.contiguous_format)],
+    "nhwc": [(8, torch.channels_last), (16, torch.channels_last), (8, torch.channels_last)],
+    "nhwc_odd": [(3, torch.channels_last), (5, torch.channels_last)],
+    "mixed": [(4, torch.channels_last), (4, torch.contiguous_format)],
+    "many": [(1, torch.contiguous_format)] * 70,  # over one launch's input table
+}
+
+
+@pytest.mark.parametrize("relu", [False, True], ids=["bn", "bn_relu"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("spatial", [(5, 7), (8, 8)], ids=["odd", "even"])
+@pytest.mark.parametrize("cat", list(CAT))
+def test_cat_with_stats(emu, cat, spatial, dt, relu):
+    dtype = DTYPES[dt]
+    N = 3
+    xs = [make_input((N, c) + spatial, dtype, "cpu", fmt) for c, fmt in CAT[cat]]
+    full = torch.cat(xs, 1)
+    C = full.shape[1]
+    mean, var = torch.ops.fastnn.batch_norm_stats(full)
+    pdt = torch.float32 if dtype != torch.float64 else dtype
+    w, b, rm, rv = make_params(C, pdt, "cpu")
+    got = run_both(emu, "batch_norm_cat_with_stats",
+                   [xs, mean, var, w, b, rm, rv, 0.1, 1e-5, relu],
+                   _grid_for(cat, str(spatial), dt, str(relu)), dtype)
+    _check_no_nan(got, "batch_norm_cat_with_stats")
+
+
+def test_large_mean_statistics(emu):
+    """Mean 1e4, std 1 in float32: the emulated statistics match float64 to float32 rounding."""
+    for shape, fmt in (((8, 4, 30, 30), torch.contiguous_format),
+                       ((8, 16, 12, 12), torch.channels_last)):
+        x64 = torch.randn(shape, dtype=torch.float64) + 1e4
+        x = x64.float().contiguous(memory_format=fmt)
+        emu.configure(*GRIDS["wide"], 0, 0)
+        mean, var = emu.batch_norm_stats(x)
+        xd = x.double()
+        dims = [d for d in range(x.dim()) if d != 1]
+        torch.testing.assert_close(mean.double(), xd.mean(dims), rtol=2e-7, atol=0)
+        torch.testing.assert_close(var.double(), xd.var(dims, unbiased=False), rtol=1e-5,
+                                   atol=0)
+    emu.configure(*GRIDS["narrow"], 0, 0)
+
+
+def test_empty_inputs(emu):
+    for shape in ((0, 3, 4, 4), (2, 3, 0, 4)):
+        x = torch.randn(shape)
+        w, b, rm, rv = make_params(3, torch.float32, "cpu")
+        if shape[0] * shape[2] > 1 or shape[0] == 0:
+            out = emu.batch_norm_eval(x, w, b, rm, rv, 1e-5, None, True)
+            assert out.shape == x.shape
+        mean, var = emu.batch_norm_stats(x)
+        assert mean.shape == (3,) and var.shape == (3,)
+
+
+# The emulation itself: what it must catch, so that the tests above can fail.
+
+def test_emulation_shuffle_and_barrier(emu):
+    x = torch.randn(4 * 256)
+    torch.testing.assert_close(emu.check_block_sum(x, 256, True), x.view(4, 256).sum(1))
+    for bx, by in ((32, 4), (8, 16), (2, 64)):
+        x = torch.randn(bx * by)
+        torch.testing.assert_close(emu.check_warp_sum(x, bx, by), x.view(-1, 32).sum(1))
+
+
+def test_emulation_catches_a_missing_barrier(emu):
+    x = torch.randn(2 * 128)
+    sums = []
+    for schedule in (0, 1):
+        emu.configure(1, 1, schedule, 0)
+        sums.append(emu.check_block_sum(x, 128, False))
+    emu.configure(*GRIDS["narrow"], 0, 0)
+    # thread 0 first: the other threads' shared memory is still the NaN fill
+    assert torch.isnan(sums[0]).all()
+    assert not torch.equal(sums[0], sums[1])
+
+
+def test_emulation_catches_a_divergent_barrier(emu):
+    with pytest.raises(RuntimeError, match="exited while others wait at __syncthreads"):
+        emu.check_divergent_barrier(64)
+
+
+@pytest.mark.parametrize("config", [(1, 1, 2048, 1), (1, 1, 0, 1), (0, 1, 32, 1),
+                                    (1, 70000, 32, 1), (1, 1, 32, 33)])
+def test_emulation_refuses_bad_launches(emu, config):
+    with pytest.raises(RuntimeError, match="cuda_emu: invalid"):
+        emu.check_launch_config(*config)
