@@ -9,6 +9,7 @@ wrote (both start as NaN here), and launch configurations CUDA would refuse. Wha
 check: the device's memory model and speed, and anything of the CUDA toolchain itself; those
 need the GPU run of scripts/gpu_check.sh.
 """
+import os
 import sys
 from pathlib import Path
 
@@ -18,11 +19,17 @@ import torch
 from helpers import assert_close, make_input, make_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
-import build as cuda_emu_build  # noqa: E402
+import emu_build  # noqa: E402
+
+pytestmark = pytest.mark.cuda_emu
 
 # (sm_count, blocks_per_sm) the launch planning sees: one block per channel group, or many
 # partials per channel (and blocks with no rows at all).
 GRIDS = {"narrow": (1, 1), "wide": (16, 2)}
+
+# Built with AddressSanitizer (scripts/cuda_emu_asan.sh): every access is checked; the reruns in
+# other thread orders are left out there, since they touch the same memory.
+ASAN = os.environ.get("FASTNN_CUDA_EMU_ASAN") == "1"
 
 # name: (shape, memory format, storage offset in elements). The shapes reach: planes with a
 # scalar head and tail (odd plane sizes), planes split into segments (S over 1024 vectors),
@@ -52,7 +59,7 @@ FUSE = {"plain": (False, False), "relu": (False, True), "add_relu": (True, True)
 @pytest.fixture(scope="module")
 def emu():
     try:
-        mod = cuda_emu_build.load()
+        mod = emu_build.load(sanitize=ASAN)
     except Exception as e:  # a build failure is a failure, with the compiler's message
         pytest.fail(f"building csrc/cuda for the CPU emulation failed: {e}")
     return mod
@@ -91,6 +98,10 @@ def _clone(args):
     return out
 
 
+def _bits(t):
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
 def _tensors(result, args):
     """The op's outputs followed by the tensor arguments (running statistics are updated in
     place), as a flat list."""
@@ -115,13 +126,12 @@ def run_both(emu, op, args, grid, dtype, stat_dtype=None):
         # statistics are in the accumulation dtype whatever the input's
         d = dtype if g.dtype == dtype else (stat_dtype or g.dtype)
         assert_close(g, w, d, grad="backward" in op, msg=f"{op} output {i}")
-    for schedule, seed in ((1, 0), (2, 7)):
+    for schedule, seed in () if ASAN else ((1, 0), (2, 7)):
         emu.configure(*GRIDS[grid], schedule, seed)
         a_again = _clone(args)
         again = _tensors(getattr(emu, op)(*a_again), a_again)
         for i, (g, h) in enumerate(zip(got, again)):
-            assert torch.equal(g.view(-1).view(torch.uint8), h.reshape(-1).view(torch.uint8)) \
-                if g.is_contiguous() and h.is_contiguous() else torch.equal(g, h), \
+            assert torch.equal(_bits(g), _bits(h)), \
                 f"{op} output {i} depends on the order of the threads (schedule {schedule})"
     emu.configure(*GRIDS["narrow"], 0, 0)
     return got

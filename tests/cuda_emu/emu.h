@@ -1,6 +1,6 @@
 // A CPU emulation of the CUDA runtime surface fastnn's kernels use, so that csrc/cuda's device
 // and host code runs, unmodified apart from the launch syntax, on CPU tensors (see
-// tests/cuda_emu/build.py and tests/test_cuda_emulated.py).
+// tests/cuda_emu/emu_build.py and tests/test_cuda_emulated.py).
 //
 // Each block runs as one fiber (ucontext) per CUDA thread on the calling OS thread. A fiber runs
 // until it reaches __syncthreads() or a warp shuffle, so code between two barriers runs for one
