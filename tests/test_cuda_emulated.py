@@ -300,6 +300,98 @@ def test_cat_with_stats(emu, cat, spatial, dt, relu):
     _check_no_nan(got, "batch_norm_cat_with_stats")
 
 
+def test_strided_and_reduced_precision_parameters(emu):
+    """Weight, bias and running statistics as strided views, and of the input's own dtype
+    (bfloat16/float16 running statistics updated in place)."""
+    for dtype, fmt in ((torch.float32, torch.contiguous_format),
+                       (torch.bfloat16, torch.channels_last),
+                       (torch.float16, torch.contiguous_format)):
+        x = make_input((4, 6, 5, 7), dtype, "cpu", fmt)
+        full = [t.repeat_interleave(2) for t in make_params(6, dtype, "cpu")]
+        w, b, rm, rv = (t[::2] for t in full)
+        assert w.stride() == (2,)
+        got = run_both(emu, "batch_norm_train", [x, w, b, rm, rv, 0.1, 1e-5, None, True], "wide",
+                       dtype, stat_dtype=torch.float32)
+        _check_no_nan(got, "batch_norm_train")
+        run_both(emu, "batch_norm_eval", [x, w, b, rm, rv, 1e-5, None, False], "narrow", dtype)
+
+
+def _close_with_nan(got, want, dtype, what):
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g.double(), w.double(), equal_nan=True,
+                                   msg=lambda m: f"{what} output {i}: {m}",
+                                   **{"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
+                                   else {"rtol": 2e-2, "atol": 2e-2})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_nan_and_inf_as_the_cpu_kernels(emu, fmt, dtype):
+    """NaN and Inf at a channel's first value (the statistics shift), at a later plane's first
+    value and inside a plane: the emulated forward and backward agree with the CPU kernels,
+    NaN for NaN and Inf for Inf."""
+    x = make_input((3, 5, 6, 7), torch.float32, "cpu")
+    x[0, 0, 0, 0] = float("inf")
+    x[1, 1, 0, 0] = float("-inf")
+    x[2, 2, 3, 4] = float("nan")
+    x[1, 3, 2, 2] = float("inf")
+    x = x.to(dtype).contiguous(memory_format=fmt)
+    w, b, rm, rv = make_params(5, torch.float32, "cpu")
+    r = make_input((3, 5, 6, 7), dtype, "cpu", fmt, shift=0.0)
+    r[0, 4, 1, 1] = float("nan")
+    for grid in GRIDS:
+        emu.configure(*GRIDS[grid], 0, 0)
+        args = [x, w, b, rm, rv, 0.1, 1e-5, r, True]
+        a1, a2 = _clone(args), _clone(args)
+        got = _tensors(emu.batch_norm_train(*a1), a1)
+        want = _tensors(torch.ops.fastnn.batch_norm_train(*a2), a2)
+        _close_with_nan(got, want, dtype, "batch_norm_train")
+        out, mean, invstd = want[:3]
+        g = make_input(x.shape, dtype, "cpu", fmt, shift=0.0)
+        args = [g, x, w, out, mean, invstd, True, True, True]
+        _close_with_nan(emu.batch_norm_backward(*args),
+                        torch.ops.fastnn.batch_norm_backward(*args), dtype,
+                        "batch_norm_backward")
+    emu.configure(*GRIDS["narrow"], 0, 0)
+
+
+def _random_cases(n, seed=1234):
+    rng = torch.Generator().manual_seed(seed)
+    cases = []
+    for _ in range(n):
+        rank = int(torch.randint(2, 6, (1,), generator=rng))
+        N = int(torch.randint(1, 9, (1,), generator=rng))
+        C = int(torch.randint(1, 70, (1,), generator=rng))
+        spatial = tuple(int(v) for v in torch.randint(1, 12, (rank - 2,), generator=rng))
+        if N * (1 if not spatial else torch.tensor(spatial).prod().item()) < 2:
+            N = 2
+        shape = (N, C) + spatial
+        fmt = torch.contiguous_format
+        if rank in (4, 5) and int(torch.randint(0, 2, (1,), generator=rng)):
+            fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
+        dt = list(DTYPES)[int(torch.randint(0, 4, (1,), generator=rng))]
+        grid = list(GRIDS)[int(torch.randint(0, 2, (1,), generator=rng))]
+        cases.append(pytest.param(shape, fmt, dt, grid,
+                                  id=f"{'x'.join(map(str, shape))}-{str(fmt)[6:]}-{dt}-{grid}"))
+    return cases
+
+
+@pytest.mark.parametrize("shape, fmt, dt, grid", _random_cases(40))
+def test_random_shapes(emu, shape, fmt, dt, grid):
+    """Forward with residual and ReLU, then the training backward, on random shapes."""
+    dtype = DTYPES[dt]
+    x = make_input(shape, dtype, "cpu", fmt)
+    pdt = torch.float32 if dtype != torch.float64 else dtype
+    w, b, rm, rv = make_params(shape[1], pdt, "cpu")
+    r = make_input(shape, dtype, "cpu", fmt, shift=0.0)
+    out, mean, invstd = run_both(emu, "batch_norm_train",
+                                 [x, w, b, rm, rv, 0.1, 1e-5, r, True], grid, dtype)[:3]
+    g = make_input(shape, dtype, "cpu", fmt, shift=0.0)
+    run_both(emu, "batch_norm_backward", [g, x, w, out, mean, invstd, True, True, True], grid,
+             dtype)
+
+
 def test_large_mean_statistics(emu):
     """Mean 1e4, std 1 in float32: the emulated statistics match float64 to float32 rounding."""
     for shape, fmt in (((8, 4, 30, 30), torch.contiguous_format),
