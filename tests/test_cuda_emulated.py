@@ -392,6 +392,66 @@ def test_random_shapes(emu, shape, fmt, dt, grid):
              dtype)
 
 
+LARGE = os.environ.get("FASTNN_CUDA_EMU_LARGE") == "1"
+
+
+@pytest.mark.skipif(not LARGE, reason="about 9 GB of memory and minutes of CPU: set "
+                    "FASTNN_CUDA_EMU_LARGE=1")
+@pytest.mark.parametrize("layout", ["planes", "rows"])
+def test_over_2_31_elements(emu, layout):
+    """A float16 training forward over 2^31 + 2^26 elements (int64 offsets everywhere): ones in
+    the last 4096 elements of memory, twos in the 100 around element 2^31, zeros elsewhere, so
+    every statistic and output value is known. (The first element of each channel is zero: the
+    statistics shift, which keeps float32 exact for data far from zero, is then zero too.)"""
+    if layout == "planes":
+        shape, fmt = (33, 2, 4096, 8192), torch.contiguous_format
+    else:
+        shape, fmt = (33, 64, 1024, 1024), torch.channels_last
+    x = torch.empty(shape, dtype=torch.float16, memory_format=fmt).zero_()
+    assert x.numel() > 2**31
+    C, S = shape[1], shape[2] * shape[3]
+
+    def memory_order(t):  # the elements in memory order, as a view
+        v = t.permute(0, 2, 3, 1).reshape(-1) if fmt == torch.channels_last else t.view(-1)
+        assert v.data_ptr() == t.data_ptr()
+        return v
+
+    def chan(i):  # the channel of memory positions i
+        return i % C if fmt == torch.channels_last else (i // S) % C
+
+    ones = torch.arange(x.numel() - 4096, x.numel())
+    twos = torch.arange(2**31 - 50, 2**31 + 50)
+    x_view = memory_order(x)
+    x_view[ones] = 1.0
+    x_view[twos] = 2.0
+    M = x.numel() // C
+    s1 = torch.zeros(C, dtype=torch.float64)
+    s2 = torch.zeros(C, dtype=torch.float64)
+    s1.index_add_(0, chan(ones), torch.ones(len(ones), dtype=torch.float64))
+    s2.index_add_(0, chan(ones), torch.ones(len(ones), dtype=torch.float64))
+    s1.index_add_(0, chan(twos), torch.full((len(twos),), 2.0, dtype=torch.float64))
+    s2.index_add_(0, chan(twos), torch.full((len(twos),), 4.0, dtype=torch.float64))
+    mean = s1 / M
+    var = s2 / M - mean * mean
+    w, b, rm, rv = make_params(C, torch.float32, "cpu")
+    rm0, rv0 = rm.clone(), rv.clone()
+    emu.configure(132, 2, 0, 0)
+    out, smean, sinvstd = emu.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, False)
+    emu.configure(*GRIDS["narrow"], 0, 0)
+    torch.testing.assert_close(smean.double(), mean, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(sinvstd.double(), (var + 1e-5).rsqrt(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(rm.double(), 0.9 * rm0.double() + 0.1 * mean, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(rv.double(), 0.9 * rv0.double() + 0.1 * var * M / (M - 1),
+                               rtol=1e-4, atol=1e-9)
+    out_view = memory_order(out)
+    scale = (var + 1e-5).rsqrt() * w.double()
+    zeros = torch.arange(x.numel() - 10000, x.numel() - 4096)
+    for idx, value in ((ones, 1.0), (twos, 2.0), (zeros, 0.0)):
+        c = chan(idx)
+        expect = (value - mean[c]) * scale[c] + b.double()[c]
+        torch.testing.assert_close(out_view[idx].double(), expect, rtol=2e-3, atol=2e-3)
+
+
 def test_large_mean_statistics(emu):
     """Mean 1e4, std 1 in float32: the emulated statistics match float64 to float32 rounding."""
     for shape, fmt in (((8, 4, 30, 30), torch.contiguous_format),
