@@ -401,8 +401,7 @@ LARGE = os.environ.get("FASTNN_CUDA_EMU_LARGE") == "1"
 def test_over_2_31_elements(emu, layout):
     """A float16 training forward over 2^31 + 2^26 elements (int64 offsets everywhere): ones in
     the last 4096 elements of memory, twos in the 100 around element 2^31, zeros elsewhere, so
-    every statistic and output value is known. (The first element of each channel is zero: the
-    statistics shift, which keeps float32 exact for data far from zero, is then zero too.)"""
+    every statistic and output value is known."""
     if layout == "planes":
         shape, fmt = (33, 2, 4096, 8192), torch.contiguous_format
     else:
@@ -465,6 +464,25 @@ def test_large_mean_statistics(emu):
         torch.testing.assert_close(mean.double(), xd.mean(dims), rtol=2e-7, atol=0)
         torch.testing.assert_close(var.double(), xd.var(dims, unbiased=False), rtol=1e-5,
                                    atol=0)
+    emu.configure(*GRIDS["narrow"], 0, 0)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_outlier_at_a_channels_first_element(emu, fmt):
+    """A channel whose first element lies 2000 std from its mean: the float32 statistics still
+    match float64 (to 1e-5 std for the mean), as the CPU kernels' do."""
+    x64 = torch.randn(16, 8, 32, 32, dtype=torch.float64) * 1e-3
+    x64[0, :, 0, 0] = 2.0
+    x = x64.float().contiguous(memory_format=fmt)
+    xd = x.double()
+    want_mean, want_var = xd.mean((0, 2, 3)), xd.var((0, 2, 3), unbiased=False)
+    for grid in GRIDS:
+        emu.configure(*GRIDS[grid], 0, 0)
+        for mean, var in (emu.batch_norm_stats(x), torch.ops.fastnn.batch_norm_stats(x)):
+            err = ((mean.double() - want_mean) / want_var.sqrt()).abs().max().item()
+            assert err < 1e-5, f"mean off by {err:.2e} std ({grid})"
+            torch.testing.assert_close(var.double(), want_var, rtol=1e-5, atol=0)
     emu.configure(*GRIDS["narrow"], 0, 0)
 
 

@@ -25,8 +25,25 @@ struct TrainArgs {
   at::TensorOptions stat_options;
 };
 
-// Element offset between the first elements of consecutive channels: the statistics shift.
-inline int64_t shift_stride(const KernelLayout& l) { return l.rows ? 1 : l.S; }
+// Where each channel's statistics shift is sampled (see channel_shift): its first element, one
+// in the middle and its last.
+inline ShiftSamples shift_samples(const KernelLayout& l) {
+  ShiftSamples s{};
+  if (l.rows) {
+    const int64_t R = l.N * l.S;
+    s.cstride = 1;
+    s.off[0] = 0;
+    s.off[1] = (R / 2) * l.C;
+    s.off[2] = (R - 1) * l.C;
+  } else {
+    const int64_t plane = l.C * l.S;  // from one plane of a channel to the next
+    s.cstride = l.S;
+    s.off[0] = 0;
+    s.off[1] = (l.N / 2) * plane + l.S / 2;
+    s.off[2] = (l.N - 1) * plane + l.S - 1;
+  }
+  return s;
+}
 
 // The running-statistics update of a batch of `count` values per channel.
 template <typename acc_t>
@@ -49,7 +66,7 @@ void launch_finalize(const TrainArgs<scalar_t, acc_t>& a, const acc_t* partial, 
                      cudaStream_t stream) {
   const int64_t C = a.layout.C;
   bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-      partial, P, C, a.x, shift_stride(a.layout), a.inv_count, a.eps, a.save_mean, a.save_invstd,
+      partial, P, C, a.x, shift_samples(a.layout), a.inv_count, a.eps, a.save_mean, a.save_invstd,
       a.running);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -74,7 +91,7 @@ void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   const Launch L = plan_rows(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, shift_stride(a.layout), pp);
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, shift_samples(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
@@ -92,7 +109,7 @@ void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
   const Launch L = plan_planes(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, shift_stride(a.layout), pp);
+  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, shift_samples(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
@@ -208,10 +225,10 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
     const scalar_t* inputs[2] = {a.x, a.z};
     for (int k = 0; k < 2; ++k) {
       acc_t* pp = partial.data_ptr<acc_t>() + k * 3 * L.partials * C;
-      stats<<<L.grid, L.block, 0, stream>>>(inputs[k], geom, shift_stride(a.layout), pp);
+      stats<<<L.grid, L.block, 0, stream>>>(inputs[k], geom, shift_samples(a.layout), pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-          pp, L.partials, C, inputs[k], shift_stride(a.layout), a.inv_count, a.eps[k], a.mean[k],
+          pp, L.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k], a.mean[k],
           a.invstd[k], a.running[k]);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -272,20 +289,20 @@ void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count
     static const int bps = blocks_per_sm(stats);
     L = plan_rows(layout, V, sm_count() * bps);
     partial = at::empty({3 * L.partials * layout.C}, stat_options);
-    stats<<<L.grid, L.block, 0, stream>>>(x, L.rows, shift_stride(layout),
+    stats<<<L.grid, L.block, 0, stream>>>(x, L.rows, shift_samples(layout),
                                           partial.data_ptr<acc_t>());
   } else {
     auto stats = bn_stats_planes_kernel<scalar_t, acc_t, V>;
     static const int bps = blocks_per_sm(stats);
     L = plan_planes(layout, V, sm_count() * bps);
     partial = at::empty({3 * L.partials * layout.C}, stat_options);
-    stats<<<L.grid, L.block, 0, stream>>>(x, L.planes, shift_stride(layout),
+    stats<<<L.grid, L.block, 0, stream>>>(x, L.planes, shift_samples(layout),
                                           partial.data_ptr<acc_t>());
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_stats_finalize_kernel<scalar_t, acc_t, true>
       <<<finalize_grid(layout.C), finalize_block(), 0, stream>>>(
-          partial.data_ptr<acc_t>(), L.partials, layout.C, x, shift_stride(layout), inv_count,
+          partial.data_ptr<acc_t>(), L.partials, layout.C, x, shift_samples(layout), inv_count,
           acc_t(0), mean, var, RunningUpdate<acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -52,6 +52,13 @@ struct RowGeom {
   int64_t Cv;
 };
 
+// Where the statistics shift of a channel is sampled: element c * cstride + off[k] of the input,
+// k < 3 (the channel's first element, one in the middle, its last; see channel_shift).
+struct ShiftSamples {
+  int64_t cstride;
+  int64_t off[3];
+};
+
 // A per-channel tensor ([C], any stride) read as the accumulation type. It has either the
 // accumulation dtype (is_acc) or the input's dtype; a null pointer reads as the default value.
 struct ChannelParam {
@@ -544,25 +551,39 @@ __device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f
 
 // ---------------------------------------------------------------------------------------------
 // Training forward, step 1: per-block Welford partials. partial = [3][gridDim.y][C].
-// Statistics are taken of x - shift with shift = the channel's first element (x[c * shift_stride]),
-// so that a large mean (1e4 with std 1, say) costs no float32 precision in the running sums; the
-// finalize kernel adds the shift back.
+// Statistics are taken of x - shift, with shift a value of the channel, so that a large mean (1e4
+// with std 1, say) costs no float32 precision in the running sums; the finalize kernel adds the
+// shift back. The float32 error of the mean grows with |shift - mean| / std: a shift taken from a
+// single element costs 1e-3 std when that element is an outlier 2000 std from the mean (the first
+// element of a channel, say). So the shift is the median of three elements (the channel's first,
+// middle and last), which one outlier cannot move far.
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t finite_or_zero(acc_t v) {
+  // A non-finite shift would make every shifted value NaN (x - Inf), where torch's mean is
+  // +-Inf: such a sample counts as 0.
+  return isfinite(v) ? v : acc_t(0);
+}
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t channel_shift(const scalar_t* __restrict__ x, int64_t c,
-                                               int64_t shift_stride) {
-  // A non-finite first value would make every shifted value NaN (x - Inf), where torch's mean is
-  // +-Inf: such a shift is replaced by 0.
-  const acc_t v = static_cast<acc_t>(x[c * shift_stride]);
-  return isfinite(v) ? v : acc_t(0);
+                                               const ShiftSamples& s) {
+  const scalar_t* p = x + c * s.cstride;
+  const acc_t a = finite_or_zero(static_cast<acc_t>(p[s.off[0]]));
+  const acc_t b = finite_or_zero(static_cast<acc_t>(p[s.off[1]]));
+  const acc_t d = finite_or_zero(static_cast<acc_t>(p[s.off[2]]));
+  const acc_t lo = a < b ? a : b;
+  const acc_t hi = a < b ? b : a;
+  const acc_t m = hi < d ? hi : d;
+  return lo < m ? m : lo;  // median of a, b, d
 }
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    bn_stats_planes_kernel(const scalar_t* __restrict__ x, PlaneGeom g, int64_t shift_stride,
+    bn_stats_planes_kernel(const scalar_t* __restrict__ x, PlaneGeom g, ShiftSamples shift_at,
                            acc_t* __restrict__ partial) {
   const int64_t c = blockIdx.x;
-  const acc_t shift = channel_shift<scalar_t, acc_t>(x, c, shift_stride);
+  const acc_t shift = channel_shift<scalar_t, acc_t>(x, c, shift_at);
   Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
   for_each_plane_row<V, false>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
@@ -586,7 +607,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
 template <typename scalar_t, typename acc_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
-    bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, int64_t shift_stride,
+    bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, ShiftSamples shift_at,
                          acc_t* __restrict__ partial) {
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   acc_t mean[V], m2[V], shift[V];
@@ -596,7 +617,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   if (cv < g.Cv) {
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      shift[i] = channel_shift<scalar_t, acc_t>(x, cv * V + i, shift_stride);
+      shift[i] = channel_shift<scalar_t, acc_t>(x, cv * V + i, shift_at);
     }
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
@@ -648,7 +669,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 template <typename scalar_t, typename acc_t, bool OUT_VAR = false>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
     bn_stats_finalize_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t C,
-                             const scalar_t* __restrict__ x, int64_t shift_stride,
+                             const scalar_t* __restrict__ x, ShiftSamples shift_at,
                              acc_t inv_count, acc_t eps, acc_t* __restrict__ save_mean,
                              acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
   using F = Fields<Welford<acc_t>>;
@@ -667,7 +688,7 @@ __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
   for (int k = 1; k < kFinalizeY; ++k) {
     w = welford_merge(w, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
   }
-  const acc_t mean = channel_shift<scalar_t, acc_t>(x, c, shift_stride) + w.mean;
+  const acc_t mean = channel_shift<scalar_t, acc_t>(x, c, shift_at) + w.mean;
   acc_t var = w.m2 * inv_count;  // biased variance; the exact count comes from the host
   var = var < acc_t(0) ? acc_t(0) : var;
   save_mean[c] = mean;
