@@ -529,3 +529,9 @@ def test_emulation_catches_a_divergent_barrier(emu):
 def test_emulation_refuses_bad_launches(emu, config):
     with pytest.raises(RuntimeError, match="cuda_emu: invalid"):
         emu.check_launch_config(*config)
+
+
+def test_emulation_checks_launch_bounds(emu):
+    assert emu.check_launch_bounds(64).sum().item() == 64
+    with pytest.raises(RuntimeError, match="__launch_bounds__\\(64\\)"):
+        emu.check_launch_bounds(96)

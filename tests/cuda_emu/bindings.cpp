@@ -39,6 +39,7 @@ at::Tensor block_sum(const at::Tensor& x, int64_t threads, bool barrier);
 at::Tensor warp_sum(const at::Tensor& x, int64_t bx, int64_t by);
 void divergent_barrier(int64_t threads);
 void launch_config(int64_t gx, int64_t gy, int64_t bx, int64_t by);
+at::Tensor bounded(int64_t threads);
 }  // namespace fastnn_emu_check
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -49,6 +50,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_warp_sum", &fastnn_emu_check::warp_sum);
   m.def("check_divergent_barrier", &fastnn_emu_check::divergent_barrier);
   m.def("check_launch_config", &fastnn_emu_check::launch_config);
+  m.def("check_launch_bounds", &fastnn_emu_check::bounded);
   m.def("batch_norm_train", &fc::batch_norm_train_cuda);
   m.def("batch_norm_eval", &fc::batch_norm_eval_cuda);
   m.def("batch_norm_backward", &fc::batch_norm_backward_cuda);

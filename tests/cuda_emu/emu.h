@@ -7,7 +7,8 @@
 // thread at a time, in an order the test chooses (threads ascending, descending, or shuffled):
 // a result that depends on that order is a missing barrier. Faults the hardware would report or
 // leave undefined are errors here:
-//   * a launch configuration CUDA rejects (empty or too large block or grid);
+//   * a launch configuration CUDA rejects (empty or too large block or grid, a block over the
+//     kernel's __launch_bounds__);
 //   * __syncthreads() not reached by every thread of the block (a thread exits or waits elsewhere);
 //   * a shuffle whose mask is not the whole warp, or a warp that is not full;
 // Shared memory starts every block filled with 0xFF bytes (NaN for floating-point types), so a read
@@ -24,6 +25,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -106,6 +108,7 @@ struct Block {
   std::vector<uint64_t> warp_gen;
   std::vector<uint64_t> slots;  // [warp][32] shuffle exchange
   uint64_t serial = 0;          // block number, for shared-memory poisoning
+  std::exception_ptr error;     // a check that failed in device code
 #if FASTNN_EMU_ASAN
   void* fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -150,7 +153,13 @@ inline void fiber_entry() {
 #if FASTNN_EMU_ASAN
   __sanitizer_finish_switch_fiber(nullptr, &b.sched_stack_bottom, &b.sched_stack_size);
 #endif
-  (*b.body)();
+  // An exception cannot unwind past a fiber's first frame: it is kept and rethrown by
+  // run_block on the launching thread's own stack.
+  try {
+    (*b.body)();
+  } catch (...) {
+    b.error = std::current_exception();
+  }
   b.current->done = true;
 #if FASTNN_EMU_ASAN
   __sanitizer_start_switch_fiber(nullptr, b.sched_stack_bottom, b.sched_stack_size);
@@ -182,6 +191,7 @@ inline void run_block(Block& b) {
   b.slots.assign(static_cast<size_t>(warps) * 32, 0);
   b.bar_arrived = 0;
   b.bar_gen = 0;
+  b.error = nullptr;
 
   std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
@@ -194,6 +204,9 @@ inline void run_block(Block& b) {
   }
 
   current_block() = &b;
+  struct Leave {
+    ~Leave() { current_block() = nullptr; }
+  } leave;  // also when a check below throws
   int finished = 0;
   while (finished < n) {
     bool progressed = false;
@@ -213,6 +226,10 @@ inline void run_block(Block& b) {
 #endif
       b.current = nullptr;
       progressed = true;
+      if (b.error) {
+        // The block's other threads are abandoned where they wait; their stacks are reused.
+        std::rethrow_exception(b.error);
+      }
       if (f.done) {
         ++finished;
         // A thread that exits while others wait at a barrier leaves them waiting forever.
@@ -228,7 +245,6 @@ inline void run_block(Block& b) {
                 "cuda_emu: deadlock: threads wait at barriers no other thread reaches (block ",
                 b.idx.x, ",", b.idx.y, ",", b.idx.z, ")");
   }
-  current_block() = nullptr;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,6 +296,13 @@ T shfl_down(unsigned mask, T v, unsigned delta, int width) {
   }
   warp_barrier(b, warp);  // nobody overwrites a slot before every lane has read
   return out;
+}
+
+// First statement of a kernel declared with __launch_bounds__(max_threads, ...).
+inline void check_launch_bounds(int64_t max_threads) {
+  Block& b = block();
+  TORCH_CHECK(b.nthreads <= max_threads, "cuda_emu: invalid launch: a block of ", b.nthreads,
+              " threads for a kernel with __launch_bounds__(", max_threads, ")");
 }
 
 // Shared memory of the running block: filled with 0xFF once per block.

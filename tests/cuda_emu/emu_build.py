@@ -1,10 +1,12 @@
 """Build csrc/cuda as a CPU extension that runs the CUDA kernels on emulated threads (emu.h).
 
-The sources are copied with three mechanical changes and nothing else:
+The sources are copied with these mechanical changes and nothing else:
 
 * ``kernel<<<grid, block, shared, stream>>>(args)`` becomes
   ``::fastnn_emu::launch(kernel, grid, block, shared, stream)(args)``;
 * ``__shared__ T name[n];`` becomes a static array filled with 0xFF at the start of each block;
+* ``__launch_bounds__(n, ...)`` is dropped and the kernel's body starts by checking that the
+  block has at most n threads (a larger block fails to launch on the device);
 * ``.is_cuda()`` becomes ``.is_cpu()`` (the emulated "device" is the CPU).
 
 ``load()`` compiles them with torch.utils.cpp_extension (ninja, cached under build/cuda_emu) and
@@ -57,10 +59,46 @@ def _rewrite_shared(text):
         text)
 
 
+def _closing_paren(text, open_at):
+    depth = 0
+    for k in range(open_at, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[k], 0)
+        if depth == 0:
+            return k
+    raise ValueError(f"cuda_emu: unbalanced parentheses near {text[open_at:open_at + 60]!r}")
+
+
+def _rewrite_launch_bounds(text):
+    """`__launch_bounds__(max_threads[, min_blocks]) kernel(...) {` loses the attribute and its
+    body starts by checking the block against max_threads (a larger block fails to launch)."""
+    out = []
+    pos = 0
+    while True:
+        i = text.find("__launch_bounds__(", pos)
+        if i < 0:
+            out.append(text[pos:])
+            return "".join(out)
+        open_at = i + len("__launch_bounds__")
+        close = _closing_paren(text, open_at)
+        args = text[open_at + 1:close]
+        depth, first = 0, args
+        for k, ch in enumerate(args):
+            depth += {"(": 1, ")": -1, "<": 1, ">": -1}.get(ch, 0)
+            if ch == "," and depth == 0:
+                first = args[:k]
+                break
+        body = text.find("{", close)
+        out.append(text[pos:i])
+        out.append(text[close + 1:body + 1])
+        out.append(f" ::fastnn_emu::check_launch_bounds({first.strip()});")
+        pos = body + 1
+
+
 def translate(text):
     text = _strip_comments(text)
     text = _rewrite_launches(text)
     text = _rewrite_shared(text)
+    text = _rewrite_launch_bounds(text)
     return text.replace(".is_cuda()", ".is_cpu()")
 
 

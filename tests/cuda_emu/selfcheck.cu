@@ -29,6 +29,9 @@ __global__ void warp_sum_kernel(const float* x, float* out) {
   if ((t & 31) == 0) out[t >> 5] = v;
 }
 
+// Declared for blocks of at most 64 threads.
+__global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx.x] = 1.f; }
+
 // Threads below `half` wait at a barrier the others never reach.
 __global__ void divergent_barrier_kernel(int half) {
   if (static_cast<int>(threadIdx.x) < half) __syncthreads();
@@ -57,6 +60,12 @@ void divergent_barrier(int64_t threads) {
 void launch_config(int64_t gx, int64_t gy, int64_t bx, int64_t by) {
   divergent_barrier_kernel<<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)),
                              dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by))>>>(0);
+}
+
+at::Tensor bounded(int64_t threads) {
+  at::Tensor out = at::zeros({threads}, at::kFloat);
+  bounded_kernel<<<1, static_cast<unsigned>(threads)>>>(out.data_ptr<float>());
+  return out;
 }
 
 }  // namespace fastnn_emu_check
