@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, make_input, make_params
+from helpers import assert_close, make_input, make_params, param_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import emu_build  # noqa: E402
@@ -155,7 +155,7 @@ def test_train(emu, shape, dt, fuse):
     dtype = DTYPES[dt]
     x = _input(shape, dtype)
     C = x.shape[1]
-    w, b, rm, rv = make_params(C, torch.float32 if dtype != torch.float64 else dtype, "cpu")
+    w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
     res, relu = FUSE[fuse]
     r = _input(shape, dtype, shift=0.0) if res else None
     got = run_both(emu, "batch_norm_train", [x, w, b, rm, rv, 0.1, 1e-5, r, relu],
@@ -179,13 +179,6 @@ def test_eval(emu, shape, dt, fuse):
     _check_no_nan(got, "batch_norm_eval")
 
 
-def _forward_cpu(x, w, b, relu, residual=None):
-    """Output and saved statistics of the CPU training forward (what a backward receives)."""
-    out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5,
-                                                          residual, relu)
-    return out, mean, invstd
-
-
 BACKWARD = {"plain": (False, False), "relu": (True, False), "relu_residual": (True, True)}
 
 
@@ -196,15 +189,25 @@ BACKWARD = {"plain": (False, False), "relu": (True, False), "relu_residual": (Tr
 def test_backward(emu, shape, dt, kind, training):
     dtype = DTYPES[dt]
     x = _input(shape, dtype)
-    w, b, _, _ = make_params(x.shape[1], torch.float32 if dtype != torch.float64 else dtype,
-                             "cpu")
+    w, b, _, _ = make_params(x.shape[1], param_dtype(dtype), "cpu")
     relu, residual_grad = BACKWARD[kind]
-    out, mean, invstd = _forward_cpu(x, w, b, relu)
+    # what the backward receives: the CPU training forward's output and saved statistics
+    out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, None,
+                                                          relu)
     g = _input(shape, dtype, shift=0.0)
     got = run_both(emu, "batch_norm_backward",
                    [g, x, w, out if relu else None, mean, invstd, training, relu, residual_grad],
                    _grid_for(shape, dt, kind, str(training)), dtype)
     _check_no_nan([t for t in got[:4] if t.numel()], "batch_norm_backward")
+
+
+def _dual_args(shape, dtype, training, relu):
+    """The arguments of batch_norm_dual: two inputs, each with its own parameters."""
+    x = _input(shape, dtype)
+    z = _input(shape, dtype, shift=-0.3)
+    w, b, rm, rv = make_params(x.shape[1], param_dtype(dtype), "cpu")
+    w2, b2, rm2, rv2 = make_params(x.shape[1], param_dtype(dtype), "cpu")
+    return [x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, 0.1, 1e-5, 0.2, 1e-3, relu]
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -213,13 +216,7 @@ def test_backward(emu, shape, dt, kind, training):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_dual(emu, shape, dt, relu, training):
     dtype = DTYPES[dt]
-    x = _input(shape, dtype)
-    z = _input(shape, dtype, shift=-0.3)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
-    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
-    w2, b2, rm2, rv2 = make_params(x.shape[1], pdt, "cpu")
-    got = run_both(emu, "batch_norm_dual",
-                   [x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, 0.1, 1e-5, 0.2, 1e-3, relu],
+    got = run_both(emu, "batch_norm_dual", _dual_args(shape, dtype, training, relu),
                    _grid_for(shape, dt, str(relu), str(training)), dtype)
     _check_no_nan(got, "batch_norm_dual")
 
@@ -230,13 +227,9 @@ def test_dual(emu, shape, dt, relu, training):
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_dual_backward(emu, shape, dt, relu, training):
     dtype = DTYPES[dt]
-    x = _input(shape, dtype)
-    z = _input(shape, dtype, shift=-0.3)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
-    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
-    w2, b2, rm2, rv2 = make_params(x.shape[1], pdt, "cpu")
-    out, m1, i1, m2, i2 = torch.ops.fastnn.batch_norm_dual(
-        x, w, b, rm, rv, z, w2, b2, rm2, rv2, training, 0.1, 1e-5, 0.2, 1e-3, relu)
+    args = _dual_args(shape, dtype, training, relu)
+    x, w, z, w2 = args[0], args[1], args[5], args[6]
+    out, m1, i1, m2, i2 = torch.ops.fastnn.batch_norm_dual(*args)
     g = _input(shape, dtype, shift=0.0)
     got = run_both(emu, "batch_norm_dual_backward",
                    [g, x, w, z, w2, out if relu else None, m1, i1, m2, i2, training, relu],
@@ -252,8 +245,7 @@ def test_training_in_parts(emu, shape, dt):
     dtype = DTYPES[dt]
     grid = _grid_for(shape, dt)
     x = _input(shape, dtype)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
-    w, b, rm, rv = make_params(x.shape[1], pdt, "cpu")
+    w, b, rm, rv = make_params(x.shape[1], param_dtype(dtype), "cpu")
     r = _input(shape, dtype, shift=0.0)
     mean, var = run_both(emu, "batch_norm_stats", [x], grid, dtype)[:2]
     out, smean, sinvstd = run_both(
@@ -292,8 +284,7 @@ def test_cat_with_stats(emu, cat, spatial, dt, relu):
     full = torch.cat(xs, 1)
     C = full.shape[1]
     mean, var = torch.ops.fastnn.batch_norm_stats(full)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
-    w, b, rm, rv = make_params(C, pdt, "cpu")
+    w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
     got = run_both(emu, "batch_norm_cat_with_stats",
                    [xs, mean, var, w, b, rm, rv, 0.1, 1e-5, relu],
                    _grid_for(cat, str(spatial), dt, str(relu)), dtype)
@@ -382,8 +373,7 @@ def test_random_shapes(emu, shape, fmt, dt, grid):
     """Forward with residual and ReLU, then the training backward, on random shapes."""
     dtype = DTYPES[dt]
     x = make_input(shape, dtype, "cpu", fmt)
-    pdt = torch.float32 if dtype != torch.float64 else dtype
-    w, b, rm, rv = make_params(shape[1], pdt, "cpu")
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype), "cpu")
     r = make_input(shape, dtype, "cpu", fmt, shift=0.0)
     out, mean, invstd = run_both(emu, "batch_norm_train",
                                  [x, w, b, rm, rv, 0.1, 1e-5, r, True], grid, dtype)[:3]
