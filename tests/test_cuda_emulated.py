@@ -307,6 +307,25 @@ def test_strided_and_reduced_precision_parameters(emu):
         run_both(emu, "batch_norm_eval", [x, w, b, rm, rv, 1e-5, None, False], "narrow", dtype)
 
 
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", ["nchw_odd", "nhwc", "2d"])
+def test_without_affine_or_running_stats(emu, shape, dt):
+    """No weight, bias or running statistics (null ChannelParam and RunningStat pointers): the
+    training forward, its backward, and the dual form with only its first module affine."""
+    dtype = DTYPES[dt]
+    grid = _grid_for(shape, dt)
+    x = _input(shape, dtype)
+    out, mean, invstd = run_both(emu, "batch_norm_train",
+                                 [x, None, None, None, None, 0.1, 1e-5, None, True], grid,
+                                 dtype)[:3]
+    g = _input(shape, dtype, shift=0.0)
+    run_both(emu, "batch_norm_backward", [g, x, None, out, mean, invstd, True, True, False],
+             grid, dtype)
+    args = _dual_args(shape, dtype, True, True)
+    args[6:10] = [None, None, None, None]  # weight2, bias2, running_mean2, running_var2
+    run_both(emu, "batch_norm_dual", args, grid, dtype)
+
+
 def _close_with_nan(got, want, dtype, what):
     for i, (g, w) in enumerate(zip(got, want)):
         torch.testing.assert_close(g.double(), w.double(), equal_nan=True,
