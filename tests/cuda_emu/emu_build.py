@@ -38,8 +38,9 @@ def _rewrite_launches(text):
         if i < 0:
             out.append(text[pos:])
             return "".join(out)
-        # The kernel expression starts after the previous statement or brace.
-        start = max(text.rfind(ch, pos, i) for ch in ";{}") + 1
+        # The kernel expression starts after the previous statement or brace (or where the
+        # previous launch ended).
+        start = max([pos] + [text.rfind(ch, pos, i) + 1 for ch in ";{}"])
         while text[start].isspace():
             start += 1
         j = text.find(">>>(", i)
