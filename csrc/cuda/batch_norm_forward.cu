@@ -45,6 +45,16 @@ inline ShiftSamples shift_samples(const KernelLayout& l) {
   return s;
 }
 
+// The rows statistics kernel for inputs the normalize kernels read V wide: 16-bit inputs in
+// 8-byte vectors, 8 rows per step (see bn_stats_rows_kernel). Where V = 8 is allowed (16-byte
+// aligned, C a multiple of 8) so is 4.
+template <typename scalar_t, typename acc_t, int V>
+struct StatsRows {
+  static constexpr int width = (sizeof(scalar_t) == 2 && V == 8) ? 4 : V;
+  static constexpr int unroll = kUnroll * V / width;
+  static constexpr auto kernel = bn_stats_rows_kernel<scalar_t, acc_t, width, unroll>;
+};
+
 // The running-statistics update of a batch of `count` values per channel.
 template <typename acc_t>
 RunningUpdate<acc_t> running_update(const c10::optional<at::Tensor>& running_mean,
@@ -83,17 +93,20 @@ AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean,
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
 void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto stats = bn_stats_rows_kernel<scalar_t, acc_t, V>;
+  using SR = StatsRows<scalar_t, acc_t, V>;
+  auto stats = SR::kernel;
   auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
-  // Both kernels use the same grid so that normalize, walking backwards, revisits first what
-  // the statistics pass read last.
+  // Both kernels fill the device once with the same number of threads, each walking its rows in
+  // order, so that normalize, walking backwards, revisits first what the statistics pass read
+  // last (the last rows, whichever vector width each kernel reads).
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
+  const Launch Ls = plan_rows(a.layout, SR::width, sm_count() * bps);
   const Launch L = plan_rows(a.layout, V, sm_count() * bps);
-  at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
+  at::Tensor partial = at::empty({3 * Ls.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.rows, shift_samples(a.layout), pp);
+  stats<<<Ls.grid, Ls.block, 0, stream>>>(a.x, Ls.rows, shift_samples(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(a, pp, L.partials, stream);
+  launch_finalize(a, pp, Ls.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
                                        L.rows, AffineParams<acc_t>{});
@@ -197,7 +210,7 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto stats = [] {
     if constexpr (ROWS) {
-      return bn_stats_rows_kernel<scalar_t, acc_t, V>;
+      return StatsRows<scalar_t, acc_t, V>::kernel;
     } else {
       return bn_stats_planes_kernel<scalar_t, acc_t, V>;
     }
@@ -212,29 +225,32 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
   const Launch L = ROWS ? plan_rows(a.layout, V, sm_count() * bps)
                         : plan_planes(a.layout, V, sm_count() * bps);
-  const auto& geom = [&]() -> const auto& {
+  const auto geom = [](const Launch& l) -> const auto& {
     if constexpr (ROWS) {
-      return L.rows;
+      return l.rows;
     } else {
-      return L.planes;
+      return l.planes;
     }
-  }();
+  };
   const int64_t C = a.layout.C;
   if (a.training) {
-    at::Tensor partial = at::empty({2 * 3 * L.partials * C}, a.stat_options);
+    const Launch Ls =
+        ROWS ? plan_rows(a.layout, StatsRows<scalar_t, acc_t, V>::width, sm_count() * bps) : L;
+    at::Tensor partial = at::empty({2 * 3 * Ls.partials * C}, a.stat_options);
     const scalar_t* inputs[2] = {a.x, a.z};
     for (int k = 0; k < 2; ++k) {
-      acc_t* pp = partial.data_ptr<acc_t>() + k * 3 * L.partials * C;
-      stats<<<L.grid, L.block, 0, stream>>>(inputs[k], geom, shift_samples(a.layout), pp);
+      acc_t* pp = partial.data_ptr<acc_t>() + k * 3 * Ls.partials * C;
+      stats<<<Ls.grid, Ls.block, 0, stream>>>(inputs[k], geom(Ls), shift_samples(a.layout), pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-          pp, L.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k], a.mean[k],
-          a.invstd[k], a.running[k]);
+          pp, Ls.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k],
+          a.mean[k], a.invstd[k], a.running[k]);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.z, a.out,
-                                       with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]), geom,
+                                       with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]),
+                                       geom(L),
                                        with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -285,9 +301,10 @@ void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count
   Launch L;
   at::Tensor partial;
   if (layout.rows) {
-    auto stats = bn_stats_rows_kernel<scalar_t, acc_t, V>;
+    using SR = StatsRows<scalar_t, acc_t, V>;
+    auto stats = SR::kernel;
     static const int bps = blocks_per_sm(stats);
-    L = plan_rows(layout, V, sm_count() * bps);
+    L = plan_rows(layout, SR::width, sm_count() * bps);
     partial = at::empty({3 * L.partials * layout.C}, stat_options);
     stats<<<L.grid, L.block, 0, stream>>>(x, L.rows, shift_samples(layout),
                                           partial.data_ptr<acc_t>());

@@ -506,8 +506,9 @@ __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c
 }
 
 // rows layout. for_each_row_to also gives f the output's offset and step when the output has
-// out_C channels per row and the thread's first input channel is the output's out_col.
-template <int V, bool REVERSE, typename F>
+// out_C channels per row and the thread's first input channel is the output's out_col. U rows per
+// step (kUnroll unless the kernel says otherwise).
+template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, int64_t out_C,
                                                 int64_t out_col, F&& f) {
   const int64_t first = static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
@@ -517,21 +518,21 @@ __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, in
   const int64_t col = cv * V;
   const int64_t step = stride * g.C;
   const int64_t ystep = stride * out_C;
-  using Unroll = std::integral_constant<int, kUnroll>;
+  using Unroll = std::integral_constant<int, U>;
   using One = std::integral_constant<int, 1>;
   int64_t k = 0;
   if (!REVERSE) {
     int64_t off = first * g.C + col;
     int64_t yoff = first * out_C + out_col;
-    for (; k + kUnroll <= count; k += kUnroll, off += kUnroll * step, yoff += kUnroll * ystep) {
+    for (; k + U <= count; k += U, off += U * step, yoff += U * ystep) {
       f(Unroll(), off, step, yoff, ystep);
     }
     for (; k < count; ++k, off += step, yoff += ystep) f(One(), off, step, yoff, ystep);
   } else {
     // Last row first; a group of U rows is visited from its lowest row, the groups from the top.
     int64_t remaining = count;
-    for (; remaining >= kUnroll; remaining -= kUnroll) {
-      const int64_t r = first + (remaining - kUnroll) * stride;
+    for (; remaining >= U; remaining -= U) {
+      const int64_t r = first + (remaining - U) * stride;
       f(Unroll(), r * g.C + col, step, r * out_C + out_col, ystep);
     }
     for (; remaining > 0; --remaining) {
@@ -541,12 +542,12 @@ __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, in
   }
 }
 
-template <int V, bool REVERSE, typename F>
+template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_row(const RowGeom& g, int64_t cv, F&& f) {
-  for_each_row_to<V, REVERSE>(g, cv, g.C, cv * V,
-                              [&](auto u, int64_t off, int64_t step, int64_t, int64_t) {
-                                f(u, off, step);
-                              });
+  for_each_row_to<V, REVERSE, U>(g, cv, g.C, cv * V,
+                                 [&](auto u, int64_t off, int64_t step, int64_t, int64_t) {
+                                   f(u, off, step);
+                                 });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -605,7 +606,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-template <typename scalar_t, typename acc_t, int V>
+// Each thread keeps a mean, an M2 and a shift per channel of its vector in registers. 8 wide
+// (16-bit inputs in 16-byte vectors) that state and the loads in flight go past the 64 registers
+// of the 2-block bound and spill on every step, so the host launches 16-bit inputs 4 wide with 8
+// rows per step (StatsRows): the same bytes in flight per thread, half the state.
+template <typename scalar_t, typename acc_t, int V, int UNROLL = kUnroll>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     bn_stats_rows_kernel(const scalar_t* __restrict__ x, RowGeom g, ShiftSamples shift_at,
                          acc_t* __restrict__ partial) {
@@ -619,38 +624,44 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     for (int i = 0; i < V; ++i) {
       shift[i] = channel_shift<scalar_t, acc_t>(x, cv * V + i, shift_at);
     }
-    for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
+    for_each_row<V, false, UNROLL>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
       scalar_t v[U][V];
 #pragma unroll
       for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
-      // The U rows' own mean and M2 per channel, then one Chan merge (one division per step).
-      const acc_t nn = n + acc_t(U);
-      const acc_t inv = acc_t(1) / nn;
-      const acc_t r = acc_t(U) * inv;
-      const acc_t ra = n * inv;
-      const acc_t nr = n * r;
+      // Groups of G rows: their own mean and M2 per channel, then one Chan merge (one division
+      // per group). All U rows' loads are issued first; a group converts only its own values.
+      constexpr int G = U < kUnroll ? U : kUnroll;
+      static_assert(U % G == 0, "rows per step must be whole groups");
 #pragma unroll
-      for (int i = 0; i < V; ++i) {
-        acc_t t[U];
-        acc_t cm = acc_t(0);
+      for (int j0 = 0; j0 < U; j0 += G) {
+        const acc_t nn = n + acc_t(G);
+        const acc_t inv = acc_t(1) / nn;
+        const acc_t r = acc_t(G) * inv;
+        const acc_t ra = n * inv;
+        const acc_t nr = n * r;
 #pragma unroll
-        for (int j = 0; j < U; ++j) {
-          t[j] = static_cast<acc_t>(v[j][i]) - shift[i];
-          cm += t[j];
+        for (int i = 0; i < V; ++i) {
+          acc_t t[G];
+          acc_t cm = acc_t(0);
+#pragma unroll
+          for (int j = 0; j < G; ++j) {
+            t[j] = static_cast<acc_t>(v[j0 + j][i]) - shift[i];
+            cm += t[j];
+          }
+          cm *= acc_t(1) / acc_t(G);
+          acc_t c2 = acc_t(0);
+#pragma unroll
+          for (int j = 0; j < G; ++j) {
+            const acc_t d = t[j] - cm;
+            c2 += d * d;
+          }
+          const acc_t delta = cm - mean[i];
+          mean[i] = mean[i] * ra + cm * r;  // weighted, as in welford_merge
+          m2[i] += c2 + delta * delta * nr;
         }
-        cm *= acc_t(1) / acc_t(U);
-        acc_t c2 = acc_t(0);
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-          const acc_t d = t[j] - cm;
-          c2 += d * d;
-        }
-        const acc_t delta = cm - mean[i];
-        mean[i] = mean[i] * ra + cm * r;  // weighted, as in welford_merge
-        m2[i] += c2 + delta * delta * nr;
+        n = nn;
       }
-      n = nn;
     });
   }
   const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
