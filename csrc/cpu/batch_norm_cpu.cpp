@@ -66,6 +66,17 @@ using at::Tensor;
     }                                        \
   }()
 
+// The input dtypes this build of the file has kernels for. The file is compiled more than once
+// (see the end of it): float32 and float64 in the translation unit that registers the ops,
+// bfloat16 and float16 in others (FASTNN_CPU_REDUCED), so the builds run in parallel and the
+// AVX-512 one compiles only the dtypes it is used for.
+#ifdef FASTNN_CPU_REDUCED
+#define FASTNN_DISPATCH_INPUT(TYPE, NAME, ...) \
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
+#else
+#define FASTNN_DISPATCH_INPUT(TYPE, NAME, ...) AT_DISPATCH_FLOATING_TYPES(TYPE, NAME, __VA_ARGS__)
+#endif
+
 constexpr int64_t kChunkBytes = 16 * 1024;      // a two-pass run of values: stays in L1
 constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per work item
 constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
@@ -1458,22 +1469,21 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     stats_var = channel_values<double>(*given_var, shape.C, 0.0);
   }
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
-        using A = acc_t<scalar_t>;
-        const Plan p = make_plan<scalar_t>(shape);
-        const int64_t C = shape.C;
-        std::vector<double>& mean = stats_mean;
-        std::vector<double>& var = stats_var;
-        if (given_mean == nullptr)
-          batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
-        const std::vector<A> w = channel_values<A>(weight, C, A(1));
-        const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        const ChannelAffine<A> q =
-            channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
-                           save_invstd.mutable_data_ptr<A>());
-        run_normalize<scalar_t>(p, x, res, out, q, relu);
-      });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    const int64_t C = shape.C;
+    std::vector<double>& mean = stats_mean;
+    std::vector<double>& var = stats_var;
+    if (given_mean == nullptr)
+      batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q =
+        channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                       save_invstd.mutable_data_ptr<A>());
+    run_normalize<scalar_t>(p, x, res, out, q, relu);
+  });
   update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
                            shape.N * shape.S);
   return {out, save_mean, save_invstd};
@@ -1539,58 +1549,56 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
   const std::vector<double> mean_d = channel_values<double>(mean, C, 0.0);
   const std::vector<double> var_d = channel_values<double>(var, C, 0.0);
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, probe.scalar_type(), "fastnn.batch_norm_cat_with_stats (CPU)",
-      [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const std::vector<A> w = channel_values<A>(weight, C, A(1));
-        const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        const ChannelAffine<A> q =
-            channel_affine(mean_d, var_d, eps, w, b, save_mean.mutable_data_ptr<A>(),
-                           save_invstd.mutable_data_ptr<A>());
-        using Member = std::vector<A> ChannelAffine<A>::*;
-        std::vector<const T*> xp(K);
-        for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].const_data_ptr<T>();
-        T* y = out.mutable_data_ptr<T>();
-        constexpr int64_t kLine = 64 / int64_t(sizeof(T));
-        const bool stream = !channels_last && S % kLine == 0 &&
-                            out.nbytes() >= std::max(kStreamMinBytes, last_level_cache_bytes() / 4) &&
-                            reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
-        FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-          FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-            if (!channels_last) {
-              FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-                at::parallel_for(
-                    0, N * C, std::max<int64_t>(1, kMinParallelElements / S),
-                    [&](int64_t begin, int64_t end) {
-                      for (int64_t t = begin; t < end; ++t) {
-                        const int64_t n = t / C, c = t % C, i = owner[c];
-                        const T* x = xp[i] + (n * widths[i] + (c - offsets[i])) * S;
-                        forward_span_with<false, kRelu, kStream, kCenter, false>(
-                            x, (const T*)nullptr, y + t * S, S,
-                            [&](Member m) { return Broadcast<A>((q.*m)[c]); });
-                      }
-                      if (kStream) stream_fence();
-                    });
-              });
-              return;
-            }
+  FASTNN_DISPATCH_INPUT(probe.scalar_type(), "fastnn.batch_norm_cat_with_stats (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q =
+        channel_affine(mean_d, var_d, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                       save_invstd.mutable_data_ptr<A>());
+    using Member = std::vector<A> ChannelAffine<A>::*;
+    std::vector<const T*> xp(K);
+    for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].const_data_ptr<T>();
+    T* y = out.mutable_data_ptr<T>();
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+    const bool stream = !channels_last && S % kLine == 0 &&
+                        out.nbytes() >= std::max(kStreamMinBytes, last_level_cache_bytes() / 4) &&
+                        reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+        if (!channels_last) {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
             at::parallel_for(
-                0, N * S, std::max<int64_t>(1, kMinParallelElements / C),
+                0, N * C, std::max<int64_t>(1, kMinParallelElements / S),
                 [&](int64_t begin, int64_t end) {
-                  for (int64_t r = begin; r < end; ++r) {
-                    for (int64_t i = 0; i < K; ++i) {
-                      const int64_t o = offsets[i];
-                      forward_span_with<false, kRelu, false, kCenter, false>(
-                          xp[i] + r * widths[i], (const T*)nullptr, y + r * C + o, widths[i],
-                          [&](Member m) { return PerColumn<A>((q.*m).data() + o); });
-                    }
+                  for (int64_t t = begin; t < end; ++t) {
+                    const int64_t n = t / C, c = t % C, i = owner[c];
+                    const T* x = xp[i] + (n * widths[i] + (c - offsets[i])) * S;
+                    forward_span_with<false, kRelu, kStream, kCenter, false>(
+                        x, (const T*)nullptr, y + t * S, S,
+                        [&](Member m) { return Broadcast<A>((q.*m)[c]); });
                   }
+                  if (kStream) stream_fence();
                 });
           });
-        });
+          return;
+        }
+        at::parallel_for(
+            0, N * S, std::max<int64_t>(1, kMinParallelElements / C),
+            [&](int64_t begin, int64_t end) {
+              for (int64_t r = begin; r < end; ++r) {
+                for (int64_t i = 0; i < K; ++i) {
+                  const int64_t o = offsets[i];
+                  forward_span_with<false, kRelu, false, kCenter, false>(
+                      xp[i] + r * widths[i], (const T*)nullptr, y + r * C + o, widths[i],
+                      [&](Member m) { return PerColumn<A>((q.*m).data() + o); });
+                }
+              }
+            });
       });
+    });
+  });
   update_running_stats_cpu(running_mean, running_var, mean_d, var_d, momentum, N * S);
   return {out, save_mean, save_invstd};
 }
@@ -1605,18 +1613,17 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
   if (input.numel() == 0) return out;
   const Tensor x = input.contiguous(shape.format);
   const Tensor res = defined(residual) ? residual->contiguous(shape.format) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_eval (CPU)", [&] {
-        using A = acc_t<scalar_t>;
-        const Plan p = make_plan<scalar_t>(shape);
-        const int64_t C = shape.C;
-        const std::vector<double> rm = channel_values<double>(running_mean, C, 0.0);
-        const std::vector<double> rv = channel_values<double>(running_var, C, 1.0);
-        const std::vector<A> w = channel_values<A>(weight, C, A(1));
-        const std::vector<A> b = channel_values<A>(bias, C, A(0));
-        const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
-        run_normalize<scalar_t>(p, x, res, out, q, relu);
-      });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_eval (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    const int64_t C = shape.C;
+    const std::vector<double> rm = channel_values<double>(running_mean, C, 0.0);
+    const std::vector<double> rv = channel_values<double>(running_var, C, 1.0);
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
+    run_normalize<scalar_t>(p, x, res, out, q, relu);
+  });
   return out;
 }
 
@@ -1643,58 +1650,57 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);
-        const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
-        const int64_t C = shape.C;
-        const std::vector<A> m = channel_values<A>(mean, C, A(0));
-        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
-        const std::vector<A> w = channel_values<A>(weight, C, A(1));
-        std::vector<A> a(C);
-        for (int64_t c = 0; c < C; ++c) a[c] = is[c] * w[c];
-        const T* gp = g.const_data_ptr<T>();
-        const T* op = relu ? out.const_data_ptr<T>() : nullptr;
-        const T* xp = x.const_data_ptr<T>();
-        T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
-        T* dxp = grad_input.mutable_data_ptr<T>();
-        std::vector<double> sum_g(C), sum_gx(C);
-        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-          FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
-            FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
-              FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-                grad_sums<kMask, kGradResidual, kGradInput, kStream>(
-                    p, gp, op, xp, grp, dxp, m.data(), a.data(), sum_g.data(), sum_gx.data());
-              });
-            });
-          });
-        });
-        A* gw = grad_weight.mutable_data_ptr<A>();
-        A* gb = grad_bias.mutable_data_ptr<A>();
-        for (int64_t c = 0; c < C; ++c) {
-          gb[c] = A(sum_g[c]);
-          gw[c] = A(sum_gx[c] * double(is[c]));
-        }
-        if (!training) return;
-        std::vector<A> k1(C), k2(C);
-        const double n = double(p.count);
-        for (int64_t c = 0; c < C; ++c) {
-          const double inv = double(is[c]);
-          k1[c] = A(sum_g[c] / n);
-          k2[c] = A(sum_gx[c] * inv * inv / n);
-        }
-        // With relu and residual_grad the masked gradient is already in grad_residual: read it
-        // instead of grad_output and output.
-        const bool masked_in_gr = relu && residual_grad;
-        FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);
+    const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
+    const int64_t C = shape.C;
+    const std::vector<A> m = channel_values<A>(mean, C, A(0));
+    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    std::vector<A> a(C);
+    for (int64_t c = 0; c < C; ++c) a[c] = is[c] * w[c];
+    const T* gp = g.const_data_ptr<T>();
+    const T* op = relu ? out.const_data_ptr<T>() : nullptr;
+    const T* xp = x.const_data_ptr<T>();
+    T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+    T* dxp = grad_input.mutable_data_ptr<T>();
+    std::vector<double> sum_g(C), sum_gx(C);
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+        FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, m.data(),
-                                          a.data(), k1.data(), k2.data());
+            grad_sums<kMask, kGradResidual, kGradInput, kStream>(
+                p, gp, op, xp, grp, dxp, m.data(), a.data(), sum_g.data(), sum_gx.data());
           });
         });
       });
+    });
+    A* gw = grad_weight.mutable_data_ptr<A>();
+    A* gb = grad_bias.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = A(sum_g[c]);
+      gw[c] = A(sum_gx[c] * double(is[c]));
+    }
+    if (!training) return;
+    std::vector<A> k1(C), k2(C);
+    const double n = double(p.count);
+    for (int64_t c = 0; c < C; ++c) {
+      const double inv = double(is[c]);
+      k1[c] = A(sum_g[c] / n);
+      k2[c] = A(sum_gx[c] * inv * inv / n);
+    }
+    // With relu and residual_grad the masked gradient is already in grad_residual: read it
+    // instead of grad_output and output.
+    const bool masked_in_gr = relu && residual_grad;
+    FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
+      FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+        input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, m.data(),
+                                      a.data(), k1.data(), k2.data());
+      });
+    });
+  });
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
@@ -1723,37 +1729,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
     m2 = channel_values<double>(running_mean2, C, 0.0);
     v2 = channel_values<double>(running_var2, C, 1.0);
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_dual (CPU)", [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);  // of no items when the input is empty
-        if (training && input.numel() > 0) {
-          batch_stats<T>(p, x.const_data_ptr<T>(), m1.data(), v1.data());
-          batch_stats<T>(p, z.const_data_ptr<T>(), m2.data(), v2.data());
-        }
-        const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
-        const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
-        const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
-        const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
-        ChannelAffine<A> q = channel_affine(m1, v1, eps, w1, b1, mean1.mutable_data_ptr<A>(),
-                                            invstd1.mutable_data_ptr<A>());
-        ChannelAffine<A> q2 = channel_affine(m2, v2, eps2, w2, b2, mean2.mutable_data_ptr<A>(),
-                                             invstd2.mutable_data_ptr<A>());
-        q.rmean = std::move(q2.mean);
-        q.rscale = std::move(q2.scale);
-        fold_means<A, 2>(q, {m1.data(), m2.data()}, {&q.scale, &q.rscale}, {&w1, &w2},
-                         {&b1, &b2});
-        if (input.numel() == 0) return;
-        FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-          FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
-            FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-              normalize<true, kRelu, kStream, kCenter, true>(
-                  p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), q);
-            });
-          });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);  // of no items when the input is empty
+    if (training && input.numel() > 0) {
+      batch_stats<T>(p, x.const_data_ptr<T>(), m1.data(), v1.data());
+      batch_stats<T>(p, z.const_data_ptr<T>(), m2.data(), v2.data());
+    }
+    const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
+    const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
+    const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
+    ChannelAffine<A> q = channel_affine(m1, v1, eps, w1, b1, mean1.mutable_data_ptr<A>(),
+                                        invstd1.mutable_data_ptr<A>());
+    ChannelAffine<A> q2 = channel_affine(m2, v2, eps2, w2, b2, mean2.mutable_data_ptr<A>(),
+                                         invstd2.mutable_data_ptr<A>());
+    q.rmean = std::move(q2.mean);
+    q.rscale = std::move(q2.scale);
+    fold_means<A, 2>(q, {m1.data(), m2.data()}, {&q.scale, &q.rscale}, {&w1, &w2},
+                     {&b1, &b2});
+    if (input.numel() == 0) return;
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+          normalize<true, kRelu, kStream, kCenter, true>(
+              p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), q);
         });
       });
+    });
+  });
   if (training) {
     const int64_t count = shape.N * shape.S;
     update_running_stats_cpu(running_mean, running_var, m1, v1, momentum, count);
@@ -1788,66 +1793,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
   const Tensor z = input2.contiguous(fmt);
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)",
-      [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);
-        const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
-        const int64_t C = shape.C;
-        const std::vector<A> m1 = channel_values<A>(mean, C, A(0));
-        const std::vector<A> is1 = channel_values<A>(invstd, C, A(1));
-        const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
-        const std::vector<A> m2 = channel_values<A>(mean2, C, A(0));
-        const std::vector<A> is2 = channel_values<A>(invstd2, C, A(1));
-        const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
-        std::vector<A> a1(C), a2(C);
-        for (int64_t c = 0; c < C; ++c) {
-          a1[c] = is1[c] * w1[c];
-          a2[c] = is2[c] * w2[c];
-        }
-        const T* gp = g.const_data_ptr<T>();
-        const T* op = relu ? out.const_data_ptr<T>() : nullptr;
-        const T* xp = x.const_data_ptr<T>();
-        const T* zp = z.const_data_ptr<T>();
-        T* dxp = grad_input.mutable_data_ptr<T>();
-        T* dzp = grad_input2.mutable_data_ptr<T>();
-        std::vector<double> sum_g(C), sum_gx(C), sum_gz(C);
-        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-          FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
-            FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-              dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, m1.data(),
-                                                         m2.data(), a1.data(), a2.data(),
-                                                         sum_g.data(), sum_gx.data(),
-                                                         sum_gz.data());
-            });
-          });
-        });
-        A* gw = grad_weight.mutable_data_ptr<A>();
-        A* gb = grad_bias.mutable_data_ptr<A>();
-        A* gw2 = grad_weight2.mutable_data_ptr<A>();
-        for (int64_t c = 0; c < C; ++c) {
-          gb[c] = A(sum_g[c]);
-          gw[c] = A(sum_gx[c] * double(is1[c]));
-          gw2[c] = A(sum_gz[c] * double(is2[c]));
-        }
-        if (!training) return;
-        std::vector<A> k1(C), k2(C), k2b(C);
-        const double n = double(p.count);
-        for (int64_t c = 0; c < C; ++c) {
-          k1[c] = A(sum_g[c] / n);  // the same for both: both see the same g
-          k2[c] = A(sum_gx[c] * double(is1[c]) * double(is1[c]) / n);
-          k2b[c] = A(sum_gz[c] * double(is2[c]) * double(is2[c]) / n);
-        }
-        const std::vector<const A*> k = {m1.data(), a1.data(), k1.data(), k2.data(),
-                                         m2.data(), a2.data(), k1.data(), k2b.data()};
-        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, k);
-          });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);
+    const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
+    const int64_t C = shape.C;
+    const std::vector<A> m1 = channel_values<A>(mean, C, A(0));
+    const std::vector<A> is1 = channel_values<A>(invstd, C, A(1));
+    const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
+    const std::vector<A> m2 = channel_values<A>(mean2, C, A(0));
+    const std::vector<A> is2 = channel_values<A>(invstd2, C, A(1));
+    const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
+    std::vector<A> a1(C), a2(C);
+    for (int64_t c = 0; c < C; ++c) {
+      a1[c] = is1[c] * w1[c];
+      a2[c] = is2[c] * w2[c];
+    }
+    const T* gp = g.const_data_ptr<T>();
+    const T* op = relu ? out.const_data_ptr<T>() : nullptr;
+    const T* xp = x.const_data_ptr<T>();
+    const T* zp = z.const_data_ptr<T>();
+    T* dxp = grad_input.mutable_data_ptr<T>();
+    T* dzp = grad_input2.mutable_data_ptr<T>();
+    std::vector<double> sum_g(C), sum_gx(C), sum_gz(C);
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
+        FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+          dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, m1.data(),
+                                                     m2.data(), a1.data(), a2.data(),
+                                                     sum_g.data(), sum_gx.data(),
+                                                     sum_gz.data());
         });
       });
+    });
+    A* gw = grad_weight.mutable_data_ptr<A>();
+    A* gb = grad_bias.mutable_data_ptr<A>();
+    A* gw2 = grad_weight2.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = A(sum_g[c]);
+      gw[c] = A(sum_gx[c] * double(is1[c]));
+      gw2[c] = A(sum_gz[c] * double(is2[c]));
+    }
+    if (!training) return;
+    std::vector<A> k1(C), k2(C), k2b(C);
+    const double n = double(p.count);
+    for (int64_t c = 0; c < C; ++c) {
+      k1[c] = A(sum_g[c] / n);  // the same for both: both see the same g
+      k2[c] = A(sum_gx[c] * double(is1[c]) * double(is1[c]) / n);
+      k2b[c] = A(sum_gz[c] * double(is2[c]) * double(is2[c]) / n);
+    }
+    const std::vector<const A*> k = {m1.data(), a1.data(), k1.data(), k2.data(),
+                                     m2.data(), a2.data(), k1.data(), k2b.data()};
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+        dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, k);
+      });
+    });
+  });
   // Both batch norms see the same output gradient: the same bias gradient.
   return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
 }
@@ -1860,19 +1863,18 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   Tensor var = at::zeros({shape.C}, stat_options);
   if (input.numel() == 0) return {mean, var};
   const Tensor x = input.contiguous(shape.format);
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_stats (CPU)", [&] {
-        using A = acc_t<scalar_t>;
-        const Plan p = make_plan<scalar_t>(shape);
-        std::vector<double> m(shape.C), v(shape.C);
-        batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), m.data(), v.data());
-        A* mp = mean.mutable_data_ptr<A>();
-        A* vp = var.mutable_data_ptr<A>();
-        for (int64_t c = 0; c < shape.C; ++c) {
-          mp[c] = A(m[c]);
-          vp[c] = A(v[c]);
-        }
-      });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_stats (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    std::vector<double> m(shape.C), v(shape.C);
+    batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), m.data(), v.data());
+    A* mp = mean.mutable_data_ptr<A>();
+    A* vp = var.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < shape.C; ++c) {
+      mp[c] = A(m[c]);
+      vp[c] = A(v[c]);
+    }
+  });
   return {mean, var};
 }
 
@@ -1893,34 +1895,32 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
   const Tensor x = input.contiguous(fmt);
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)",
-      [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);
-        const int64_t C = shape.C;
-        const std::vector<A> m = channel_values<A>(mean, C, A(0));
-        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
-        std::vector<double> sum_g(C), sum_gx(C);
-        T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
-        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-          FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
-            FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
-              grad_sums<kMask, kGradResidual, false, kStream, T>(
-                  p, g.const_data_ptr<T>(), relu ? out.const_data_ptr<T>() : nullptr,
-                  x.const_data_ptr<T>(), grp, nullptr, m.data(), is.data(), sum_g.data(),
-                  sum_gx.data());
-            });
-          });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);
+    const int64_t C = shape.C;
+    const std::vector<A> m = channel_values<A>(mean, C, A(0));
+    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+    std::vector<double> sum_g(C), sum_gx(C);
+    T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+        FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
+          grad_sums<kMask, kGradResidual, false, kStream, T>(
+              p, g.const_data_ptr<T>(), relu ? out.const_data_ptr<T>() : nullptr,
+              x.const_data_ptr<T>(), grp, nullptr, m.data(), is.data(), sum_g.data(),
+              sum_gx.data());
         });
-        A* sd = sum_dy.mutable_data_ptr<A>();
-        A* sdx = sum_dy_xhat.mutable_data_ptr<A>();
-        for (int64_t c = 0; c < C; ++c) {
-          sd[c] = A(sum_g[c]);
-          sdx[c] = A(sum_gx[c] * double(is[c]));
-        }
       });
+    });
+    A* sd = sum_dy.mutable_data_ptr<A>();
+    A* sdx = sum_dy_xhat.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      sd[c] = A(sum_g[c]);
+      sdx[c] = A(sum_gx[c] * double(is[c]));
+    }
+  });
   return {sum_dy, sum_dy_xhat, grad_residual};
 }
 
@@ -1940,41 +1940,41 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   const Tensor x = input.contiguous(fmt);
   const Tensor g = grad_output.contiguous(fmt);
   const Tensor out = relu ? output->contiguous(fmt) : Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)",
-      [&] {
-        using T = scalar_t;
-        using A = acc_t<T>;
-        const Plan p = make_plan<T>(shape);
-        const int64_t C = shape.C;
-        const std::vector<A> m = channel_values<A>(mean, C, A(0));
-        const std::vector<A> is = channel_values<A>(invstd, C, A(1));
-        const std::vector<A> w = channel_values<A>(weight, C, A(1));
-        const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
-        std::vector<A> a(C), k2 = channel_values<A>(mean_dy_xhat, C, A(0));
-        for (int64_t c = 0; c < C; ++c) {
-          a[c] = is[c] * w[c];
-          k2[c] *= is[c];  // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
-        }
-        FASTNN_BOOL_SWITCH(relu, kMask, [&] {
-          FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
-            input_grad<kMask, kStream, T>(p, g.const_data_ptr<T>(),
-                                          relu ? out.const_data_ptr<T>() : nullptr,
-                                          x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
-                                          m.data(), a.data(), k1.data(), k2.data());
-          });
-        });
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);
+    const int64_t C = shape.C;
+    const std::vector<A> m = channel_values<A>(mean, C, A(0));
+    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
+    std::vector<A> a(C), k2 = channel_values<A>(mean_dy_xhat, C, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      a[c] = is[c] * w[c];
+      k2[c] *= is[c];  // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
+    }
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
+        input_grad<kMask, kStream, T>(p, g.const_data_ptr<T>(),
+                                      relu ? out.const_data_ptr<T>() : nullptr,
+                                      x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
+                                      m.data(), a.data(), k1.data(), k2.data());
       });
+    });
+  });
   return grad_input;
 }
 
 // ---------------------------------------------------------------------------------------------
-// This file is built twice: into fastnn._C for the build's instruction set (AVX2 by default),
-// where it registers the CPU kernels, and, where the compiler can, into fastnn._C_avx512 for
-// AVX-512 (FASTNN_CPU_KERNEL_TABLE), which registers nothing and hands fastnn._C a table of its
-// kernels instead. On a CPU with AVX-512, fastnn._C routes bfloat16 and float16 inputs through
-// that table (1.22x faster there in geometric mean, benchmarks/results/cpu-isa-avx512-2026-11-29)
-// and keeps its own kernels for float32 and float64 (which AVX-512 did not speed up).
+// This file is built three times. Into fastnn._C, for the build's instruction set (AVX2 by
+// default): once with the float32 and float64 kernels, registering the ops, and once
+// (batch_norm_cpu_reduced.cpp, FASTNN_CPU_REDUCED) with the bfloat16 and float16 ones, which
+// registers nothing and hands the first a table of its kernels. And, where the compiler can, into
+// fastnn._C_avx512 for AVX-512 (avx512/batch_norm_cpu_avx512.cpp: FASTNN_CPU_REDUCED and
+// FASTNN_CPU_KERNEL_TABLE), whose table, handed over at import on a CPU with AVX-512, replaces the
+// first one: AVX-512 made the bfloat16 and float16 kernels 1.22x faster in geometric mean
+// (benchmarks/results/cpu-isa-avx512-2026-11-29) and did not speed up float32 and float64.
 
 struct KernelTable {
   int version;
@@ -1991,14 +1991,13 @@ struct KernelTable {
 };
 // Bumped whenever KernelTable or an op's signature changes: a table from another build of fastnn
 // is refused.
-constexpr int kKernelTableVersion = 1;
+constexpr int kKernelTableVersion = 2;
 
 }  // namespace
 }  // namespace cpu
 }  // namespace fastnn
 
-#ifdef FASTNN_CPU_KERNEL_TABLE
-#include <Python.h>
+#ifdef FASTNN_CPU_REDUCED
 
 namespace {
 const fastnn::cpu::KernelTable kTable{
@@ -2009,6 +2008,9 @@ const fastnn::cpu::KernelTable kTable{
     &fastnn::cpu::batch_norm_backward_reduce_cpu, &fastnn::cpu::batch_norm_backward_elemt_cpu,
     &fastnn::cpu::batch_norm_cat_with_stats_cpu};
 }  // namespace
+
+#ifdef FASTNN_CPU_KERNEL_TABLE
+#include <Python.h>
 
 // The module's only content: `kernels`, a capsule holding kTable.
 extern "C" PyObject* PyInit__C_avx512(void) {
@@ -2029,26 +2031,40 @@ extern "C" PyObject* PyInit__C_avx512(void) {
 
 namespace fastnn {
 namespace cpu {
+// fastnn._C's own bfloat16/float16 kernels.
+const void* builtin_reduced_cpu_kernels() { return &kTable; }
+}  // namespace cpu
+}  // namespace fastnn
+
+#endif  // FASTNN_CPU_KERNEL_TABLE
+
+#else  // the float32/float64 kernels and the registration
+
+namespace fastnn {
+namespace cpu {
+
+const void* builtin_reduced_cpu_kernels();
+
 namespace {
 
-std::atomic<const KernelTable*> g_reduced_kernels{nullptr};
+std::atomic<const KernelTable*> g_reduced_kernels{
+    static_cast<const KernelTable*>(builtin_reduced_cpu_kernels())};
 
 inline bool reduced(const Tensor& t) {
   return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
 }
 inline bool reduced(at::TensorList ts) { return !ts.empty() && reduced(ts[0]); }
 
-// The registered kernel of an op: the table's for bfloat16/float16 inputs when a table is set,
-// else this build's.
+// The registered kernel of an op: the table's for bfloat16/float16 inputs (the op's first
+// tensor; the ops check that the others have its dtype), this file's for the others.
 template <typename Fn>
 struct Route;
 template <typename R, typename... A>
 struct Route<R (*)(A...)> {
   template <R (*Own)(A...), R (*KernelTable::*Member)(A...)>
   static R call(A... args) {
-    const KernelTable* table = g_reduced_kernels.load(std::memory_order_acquire);
-    if (table != nullptr && reduced(std::get<0>(std::forward_as_tuple(args...)))) {
-      return (table->*Member)(args...);
+    if (reduced(std::get<0>(std::forward_as_tuple(args...)))) {
+      return (g_reduced_kernels.load(std::memory_order_acquire)->*Member)(args...);
     }
     return Own(args...);
   }
@@ -2087,4 +2103,4 @@ TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_cat_with_stats", FASTNN_ROUTE(batch_norm_cat_with_stats_cpu, cat_with_stats));
 }
 
-#endif  // FASTNN_CPU_KERNEL_TABLE
+#endif  // FASTNN_CPU_REDUCED
