@@ -1,4 +1,7 @@
 """fastnn.functional.batch_norm (and the fused forms) against F.batch_norm and fastnn.reference."""
+import math
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -382,6 +385,94 @@ def test_hypothesis(backend, device, case):
     r = make_input(case["shape"], dtype, device, shift=0.0) if case["residual"] else None
     check_against_oracles(x, w, b, rm, rv, case["training"], case["momentum"], eps,
                           residual=r, relu=case["relu"], transform=case["transform"])
+
+
+# The shapes above are small: they never leave the kernels' smallest cases. These span the ways
+# the CPU kernels cut their work (csrc/cpu/batch_norm_cpu.cpp's Plan): channel planes of 64
+# values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
+# of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
+# (grouped several to a row, with a partial last row), of 64-512, and wider than a 512-column
+# block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
+# their vector heads and tails and several blocks per channel. Each regime gets random draws
+# (seeded by its name, so every run sees the same).
+KERNEL_REGIMES = {
+    # name: (memory formats, shape from a random.Random)
+    "planes": (["contiguous"], lambda r: (r.randint(1, 4), r.randint(1, 6), r.randint(8, 40),
+                                          r.randint(8, 40))),
+    "chunked_planes": (["contiguous"], lambda r: (r.randint(1, 3), r.randint(1, 3),
+                                                  r.randint(50, 110), r.randint(50, 110))),
+    "mid_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 80), r.randint(4, 7),
+                                              r.randint(4, 9))),
+    "short_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 120),
+                                                r.randint(1, 3), r.randint(1, 5))),
+    "narrow_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 63),
+                                                  r.randint(1, 30), r.randint(1, 30))),
+    "rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(64, 512), r.randint(1, 16),
+                                           r.randint(1, 16))),
+    "many_rows": (["channels_last"], lambda r: (r.randint(8, 16), r.choice([64, 128, 200]),
+                                                r.randint(20, 28), r.randint(20, 28))),
+    "wide_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(513, 1100),
+                                                r.randint(1, 6), r.randint(1, 6))),
+    "2d": (["contiguous"], lambda r: (r.randint(2, 3000), r.randint(1, 700))),
+    "3d": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 40), r.randint(1, 300))),
+    "5d": (["contiguous", "channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 40),
+                                                       r.randint(1, 6), r.randint(1, 6),
+                                                       r.randint(1, 6))),
+}
+
+
+def _kernel_case(regime, draw):
+    rng = random.Random(f"{regime}-{draw}")
+    formats, make_shape = KERNEL_REGIMES[regime]
+    shape = make_shape(rng)
+    while math.prod(shape) > 400_000:  # keep each case quick: fewer samples
+        shape = (max(2, shape[0] // 2),) + shape[1:]
+    fmt = rng.choice(formats)
+    memory_format = torch.contiguous_format
+    if fmt == "channels_last":
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    return {
+        "shape": shape,
+        "format": memory_format,
+        "dtype": rng.choice([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+        "training": rng.random() < 0.7,
+        "residual": rng.random() < 0.5,
+        "relu": rng.random() < 0.5,
+        "dual": rng.random() < 0.3,
+        "shift": rng.choice([0.0, 3.0, -50.0]),
+    }
+
+
+@pytest.mark.parametrize("draw", range(6))
+@pytest.mark.parametrize("regime", list(KERNEL_REGIMES))
+def test_kernel_regimes(backend, device, regime, draw):
+    """Outputs, running statistics and every gradient against PyTorch and fastnn.reference on
+    random shapes from each of the kernels' ways of cutting the work, random dtype, training or
+    eval, residual and ReLU; in some draws the dual form (two batch norms added) against
+    PyTorch's two batch norms instead."""
+    if backend == "reference":
+        pytest.skip("the kernels' ways of cutting the work: the reference has none")
+    case = _kernel_case(regime, draw)
+    shape, fmt, dtype = case["shape"], case["format"], case["dtype"]
+    x = make_input(shape, dtype, device, fmt, shift=case["shift"])
+    params = make_params(shape[1], param_dtype(dtype), device)
+    if not case["dual"]:
+        r = make_input(shape, dtype, device, fmt, shift=0.0) if case["residual"] else None
+        check_against_oracles(x, *params, case["training"], 0.1, 1e-5, residual=r,
+                              relu=case["relu"])
+        return
+    # Means of a few standard deviations: PyTorch's own float32 error grows with mean / std
+    # (test_float32_output_precision holds fastnn to float64 there).
+    z = make_input(shape, dtype, device, fmt, shift=-case["shift"] / 10)
+    p2 = make_params(shape[1], param_dtype(dtype), device)
+    g = make_input(shape, dtype, device, fmt, shift=0.0, scale=1.0)
+    got = _run_dual("fastnn", x, z, params, p2, case["training"], case["relu"], g)
+    # fastnn's dual kernel adds the two batch norms in float32 and rounds once.
+    upcast = dtype in (torch.float16, torch.bfloat16) and fastnn.ops.has_kernel(
+        device, "batch_norm_dual")
+    exp = _run_dual("torch", x, z, params, p2, case["training"], case["relu"], g, upcast=upcast)
+    for key in got:
+        assert_close(got[key], exp[key], dtype, grad=key.startswith("grad"), msg=key)
 
 
 # ---------------------------------------------------------------------------------------------
