@@ -5,20 +5,22 @@
 # $OUT/summary.txt. A step that would start with too little of the budget left is skipped and
 # says so; run it again by name.
 #
-#   scripts/gpu_check.sh                 # env build smoke sanitize test bench, in that order
+#   scripts/gpu_check.sh                 # env build smoke targets sanitize test bench, in order
 #   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
 # Steps, most telling first: env, build, smoke (every CUDA op against fastnn.reference,
-# determinism, stability, N=0, graph capture, >2^31 elements), sanitize (memcheck and racecheck
-# over small CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked
-# cuda; TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes;
-# not in the default set).
+# determinism, stability, N=0, graph capture, >2^31 elements), targets (fastnn-bench --targets:
+# the exact cases of the speed goals, met or not), sanitize (memcheck and racecheck over small
+# CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked cuda;
+# TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes; not in
+# the default set).
 #
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
 # BENCH_ARGS (default "--quick"; empty runs the full set), PYTEST_ARGS (extra pytest arguments),
 # TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), MAX_JOBS (build
 # parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
-# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT).
+# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
+# PROFILE_TIMEOUT).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,6 +39,7 @@ START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-540}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
+TARGETS_TIMEOUT=${TARGETS_TIMEOUT:-90}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}   # per sanitizer tool
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
@@ -49,7 +52,7 @@ SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
 else
-  STEPS=(env build smoke sanitize test bench)
+  STEPS=(env build smoke targets sanitize test bench)
 fi
 
 {
@@ -589,18 +592,37 @@ step_sanitize() {
   done
 }
 
+# fastnn-bench as installed, else from the checkout; empty when neither runs.
+bench_cmd() {
+  if command -v fastnn-bench > /dev/null; then
+    echo fastnn-bench
+  elif "$PY" -c "import fastnn.bench" > /dev/null 2>&1; then
+    echo "$PY -m fastnn.bench"
+  fi
+}
+
+step_targets() {
+  local cmd
+  cmd=$(bench_cmd)
+  if [ -z "$cmd" ]; then
+    note targets "SKIP (no fastnn-bench)"
+    return 0
+  fi
+  # shellcheck disable=SC2086
+  run_step targets "$TARGETS_TIMEOUT" "$OUT/targets.log" $cmd --targets --no-ops --no-progress \
+    --out "$OUT/targets"
+  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets.log" | sed 's/^ */  /' >> "$SUMMARY" || true
+}
+
 step_bench() {
   local cmd
-  if command -v fastnn-bench > /dev/null; then
-    cmd=(fastnn-bench)
-  elif "$PY" -c "import fastnn.bench" > /dev/null 2>&1; then
-    cmd=("$PY" -m fastnn.bench)
-  else
+  cmd=$(bench_cmd)
+  if [ -z "$cmd" ]; then
     note bench "SKIP (no fastnn-bench)"
     return 0
   fi
   # shellcheck disable=SC2086
-  run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" "${cmd[@]}" $BENCH_ARGS --out "$OUT/bench"
+  run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" $cmd $BENCH_ARGS --out "$OUT/bench"
 }
 
 step_profile() {
@@ -636,11 +658,13 @@ for step in "${STEPS[@]}"; do
     env) step_env ;;
     build) step_build ;;
     smoke) step_smoke ;;
+    targets) step_targets ;;
     sanitize) step_sanitize ;;
     test) step_test ;;
     bench) step_bench ;;
     profile) step_profile ;;
-    *) note "$step" "unknown step (env build smoke test sanitize bench profile)"; FAILED=1 ;;
+    *) note "$step" "unknown step (env build smoke targets sanitize test bench profile)"
+       FAILED=1 ;;
   esac
 done
 

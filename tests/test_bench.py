@@ -1,4 +1,5 @@
-"""fastnn-bench's comparison of runs (--compare), on made-up run records."""
+"""fastnn-bench: the comparison of runs (--compare) and the goal lines on made-up run records,
+and the goals' own cases (--targets) timed on the CPU."""
 import json
 import math
 
@@ -65,3 +66,48 @@ def test_compare_command_line_takes_comma_lists(tmp_path, capsys):
     assert bench.main(["--compare", f"{paths[0]},{paths[1]}", paths[2]]) == 0
     out = capsys.readouterr().out
     assert "speedup vs eager: geometric mean 2.00x (A) -> 2.00x (B)" in out
+
+
+def _timed(case, shape, dtype, layout, fast_ms, **base_ms):
+    impls = {"fastnn": {"median_ms": fast_ms}}
+    impls.update({b: {"median_ms": ms} for b, ms in base_ms.items()})
+    return {"case": case, "shape": list(shape), "dtype": dtype, "layout": layout,
+            "impls": impls, "speedup": {b: ms / fast_ms for b, ms in base_ms.items()}}
+
+
+def test_goal_lines_give_a_verdict_on_the_goals_exact_cases_only():
+    run = {"env": {"device_type": "cuda"}, "ops": [
+        # the goal's (C, H, W) at another batch: numbers, no verdict
+        _timed("bn_train_fwd", (128, 64, 56, 56), "float16", "nchw", 0.1, torch=0.3),
+        _timed("bn_train_fwd", (64, 64, 56, 56), "bfloat16", "nchw", 0.1, torch=0.3),  # no goal
+    ], "targets": [
+        _timed("bn_train_fwd", (256, 64, 56, 56), "float16", "nchw", 0.14, torch=0.60),
+        _timed("bn_train_fwd", (256, 64, 56, 56), "float16", "channels_last", 0.11, torch=0.118),
+        _timed("bn_add_relu_fwd_bwd", (256, 256, 56, 56), "bfloat16", "nchw", 1.55, torch=5.16,
+               compile=2.79),
+        _timed("bn_add_relu_fwd_bwd", (256, 256, 56, 56), "bfloat16", "channels_last", 1.7,
+               torch=3.78),
+    ]}
+    lines = bench.claim_lines(run)
+    assert len(lines) == 5
+    assert lines[0].endswith("= 3.00x")  # batch 128: no verdict
+    assert lines[1].endswith("= 4.29x  (goal >= 4x on an H100: met)")
+    assert lines[2].endswith("= 1.07x  (goal >= 1.15x on an H100: NOT met)")
+    assert "1.55 ms (eager 5.16 ms, compile 2.79 ms)  (goal <= 1.6 ms on an H100: met)" \
+        in lines[3]
+    assert lines[4].endswith("(goal <= 1.6 ms on an H100: NOT met)")
+
+
+def test_targets_times_the_cpu_goals_cases(tmp_path, capsys):
+    assert bench.main(["--device", "cpu", "--targets", "--no-ops", "--reps", "2",
+                       "--no-progress", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    with open(tmp_path / "bench.json") as f:
+        run = json.load(f)
+    want = [(t.case, list(t.shape), t.dtype, t.layout) for t in bench.TARGETS["cpu"]]
+    assert [(r["case"], r["shape"], r["dtype"], r["layout"]) for r in run["targets"]] == want
+    for r in run["targets"]:
+        assert r["impls"]["fastnn"]["median_ms"] > 0 and r["speedup"]["torch"] > 0
+    assert text.count("on a 2-core CPU: ") == len(want)
+    with open(tmp_path / "bench.md") as f:
+        assert "## The goals' own cases (--targets)" in f.read()

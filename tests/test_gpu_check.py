@@ -36,3 +36,22 @@ def test_op_check_passes_on_cpu_kernels(tmp_path):
     assert ", 0 failures" in run.stdout
     checked = int(run.stdout.split("cuda op check: ")[1].split(" comparisons")[0])
     assert checked > 1000
+
+
+def test_targets_step_reports_each_goal(tmp_path):
+    """The script's `targets` step (fastnn-bench --targets) runs on whatever device is present:
+    here the CPU goals, each with its verdict copied into the summary."""
+    if not fastnn.ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C has no CPU kernels")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the step times the CUDA goals (gpu_check.sh runs it)")
+    from fastnn import bench
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(SCRIPT), "targets"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    assert any(line.startswith("targets") and "PASS" in line for line in summary.splitlines())
+    assert summary.count("on a 2-core CPU: ") == len(bench.TARGETS["cpu"])
+    assert (tmp_path / "targets" / "bench.json").exists()
