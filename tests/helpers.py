@@ -1,4 +1,6 @@
 """Inputs, tolerances and the two oracles (PyTorch and fastnn.reference) shared by the tests."""
+import math
+import random
 import warnings
 
 import pytest
@@ -43,6 +45,65 @@ LAYOUTS = {
     "ncdhw": ((2, 5, 3, 4, 5), torch.contiguous_format),
     "ndhwc": ((2, 5, 3, 4, 5), torch.channels_last_3d),
 }
+
+# The shapes above are small: they never leave the kernels' smallest cases. These span the ways
+# the CPU kernels cut their work (csrc/cpu/batch_norm_cpu.cpp's Plan): channel planes of 64
+# values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
+# of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
+# (grouped several to a row, with a partial last row), of 64-512, and wider than a 512-column
+# block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
+# their vector heads and tails and several blocks per channel. Each regime gets random draws
+# (seeded by its name, so every run sees the same).
+KERNEL_REGIMES = {
+    # name: (memory formats, shape from a random.Random)
+    "planes": (["contiguous"], lambda r: (r.randint(1, 4), r.randint(1, 6), r.randint(8, 40),
+                                          r.randint(8, 40))),
+    "chunked_planes": (["contiguous"], lambda r: (r.randint(1, 3), r.randint(1, 3),
+                                                  r.randint(50, 110), r.randint(50, 110))),
+    "mid_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 80), r.randint(4, 7),
+                                              r.randint(4, 9))),
+    "short_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 120),
+                                                r.randint(1, 3), r.randint(1, 5))),
+    "narrow_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 63),
+                                                  r.randint(1, 30), r.randint(1, 30))),
+    "rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(64, 512), r.randint(1, 16),
+                                           r.randint(1, 16))),
+    "many_rows": (["channels_last"], lambda r: (r.randint(8, 16), r.choice([64, 128, 200]),
+                                                r.randint(20, 28), r.randint(20, 28))),
+    "wide_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(513, 1100),
+                                                r.randint(1, 6), r.randint(1, 6))),
+    "2d": (["contiguous"], lambda r: (r.randint(2, 3000), r.randint(1, 700))),
+    "3d": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 40), r.randint(1, 300))),
+    "5d": (["contiguous", "channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 40),
+                                                       r.randint(1, 6), r.randint(1, 6),
+                                                       r.randint(1, 6))),
+}
+
+
+def kernel_case(regime, draw, max_numel=400_000):
+    """Draw number `draw` of `regime`: shape, memory format, dtype and options (the same on
+    every run); at most `max_numel` elements (fewer samples)."""
+    rng = random.Random(f"{regime}-{draw}")
+    formats, make_shape = KERNEL_REGIMES[regime]
+    shape = make_shape(rng)
+    while math.prod(shape) > max_numel:  # halve N, then the largest spatial size (or C)
+        i = 0 if shape[0] > 2 else max(range(2, len(shape)), key=lambda k: shape[k], default=1)
+        shape = shape[:i] + (max(1, shape[i] // 2),) + shape[i + 1:]
+    fmt = rng.choice(formats)
+    memory_format = torch.contiguous_format
+    if fmt == "channels_last":
+        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    return {
+        "shape": shape,
+        "format": memory_format,
+        "dtype": rng.choice([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
+        "training": rng.random() < 0.7,
+        "residual": rng.random() < 0.5,
+        "relu": rng.random() < 0.5,
+        "dual": rng.random() < 0.3,
+        "shift": rng.choice([0.0, 3.0, -50.0]),
+    }
+
 
 # (rtol, atol) for outputs and running statistics, and for gradients, by input dtype.
 _TOL = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_close, make_input, make_params, param_dtype
+from helpers import KERNEL_REGIMES, assert_close, kernel_case, make_input, make_params, param_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "cuda_emu"))
 import emu_build  # noqa: E402
@@ -399,6 +399,32 @@ def test_random_shapes(emu, shape, fmt, dt, grid):
     g = make_input(shape, dtype, "cpu", fmt, shift=0.0)
     run_both(emu, "batch_norm_backward", [g, x, w, out, mean, invstd, True, True, True], grid,
              dtype)
+
+
+@pytest.mark.parametrize("regime", list(KERNEL_REGIMES))
+def test_kernel_regimes(emu, regime):
+    """A random shape of each of helpers.KERNEL_REGIMES (planes cut into several segments, many
+    rows, several channel blocks, ...; at most 60,000 elements), with its dtype, residual and
+    ReLU: the training forward and backward, and the dual form and its backward."""
+    case = kernel_case(regime, 0, max_numel=60_000)
+    shape, fmt, dtype = case["shape"], case["format"], case["dtype"]
+    grid = _grid_for(regime)
+    x = make_input(shape, dtype, "cpu", fmt, shift=case["shift"])
+    w, b, rm, rv = make_params(shape[1], param_dtype(dtype), "cpu")
+    r = make_input(shape, dtype, "cpu", fmt, shift=0.0) if case["residual"] else None
+    relu = case["relu"]
+    out, mean, invstd = run_both(emu, "batch_norm_train",
+                                 [x, w, b, rm, rv, 0.1, 1e-5, r, relu], grid, dtype)[:3]
+    g = make_input(shape, dtype, "cpu", fmt, shift=0.0)
+    run_both(emu, "batch_norm_backward",
+             [g, x, w, out if relu else None, mean, invstd, True, relu, relu and r is not None],
+             grid, dtype)
+    z = make_input(shape, dtype, "cpu", fmt, shift=-case["shift"] / 10)
+    w2, b2, rm2, rv2 = make_params(shape[1], param_dtype(dtype), "cpu")
+    args = [x, w, b, rm, rv, z, w2, b2, rm2, rv2, True, 0.1, 1e-5, 0.2, 1e-3, relu]
+    out, m1, i1, m2, i2 = run_both(emu, "batch_norm_dual", args, grid, dtype)[:5]
+    run_both(emu, "batch_norm_dual_backward",
+             [g, x, w, z, w2, out if relu else None, m1, i1, m2, i2, True, relu], grid, dtype)
 
 
 LARGE = os.environ.get("FASTNN_CUDA_EMU_LARGE") == "1"

@@ -1,7 +1,4 @@
 """fastnn.functional.batch_norm (and the fused forms) against F.batch_norm and fastnn.reference."""
-import math
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,9 +6,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastnn
-from helpers import (DTYPE_CASES, LAYOUTS, assert_close, check_against_oracles, check_results,
-                     gradcheck, gradgradcheck, make_input, make_params, param_dtype, run_bn,
-                     tol)
+from helpers import (DTYPE_CASES, KERNEL_REGIMES, LAYOUTS, assert_close, check_against_oracles,
+                     check_results, gradcheck, gradgradcheck, kernel_case, make_input, make_params,
+                     param_dtype, run_bn, tol)
 
 FUSED = {
     "plain": (False, False),
@@ -387,62 +384,8 @@ def test_hypothesis(backend, device, case):
                           residual=r, relu=case["relu"], transform=case["transform"])
 
 
-# The shapes above are small: they never leave the kernels' smallest cases. These span the ways
-# the CPU kernels cut their work (csrc/cpu/batch_norm_cpu.cpp's Plan): channel planes of 64
-# values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
-# of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
-# (grouped several to a row, with a partial last row), of 64-512, and wider than a 512-column
-# block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
-# their vector heads and tails and several blocks per channel. Each regime gets random draws
-# (seeded by its name, so every run sees the same).
-KERNEL_REGIMES = {
-    # name: (memory formats, shape from a random.Random)
-    "planes": (["contiguous"], lambda r: (r.randint(1, 4), r.randint(1, 6), r.randint(8, 40),
-                                          r.randint(8, 40))),
-    "chunked_planes": (["contiguous"], lambda r: (r.randint(1, 3), r.randint(1, 3),
-                                                  r.randint(50, 110), r.randint(50, 110))),
-    "mid_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 80), r.randint(4, 7),
-                                              r.randint(4, 9))),
-    "short_planes": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 120),
-                                                r.randint(1, 3), r.randint(1, 5))),
-    "narrow_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 63),
-                                                  r.randint(1, 30), r.randint(1, 30))),
-    "rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(64, 512), r.randint(1, 16),
-                                           r.randint(1, 16))),
-    "many_rows": (["channels_last"], lambda r: (r.randint(8, 16), r.choice([64, 128, 200]),
-                                                r.randint(20, 28), r.randint(20, 28))),
-    "wide_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(513, 1100),
-                                                r.randint(1, 6), r.randint(1, 6))),
-    "2d": (["contiguous"], lambda r: (r.randint(2, 3000), r.randint(1, 700))),
-    "3d": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 40), r.randint(1, 300))),
-    "5d": (["contiguous", "channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 40),
-                                                       r.randint(1, 6), r.randint(1, 6),
-                                                       r.randint(1, 6))),
-}
-
-
-def _kernel_case(regime, draw):
-    rng = random.Random(f"{regime}-{draw}")
-    formats, make_shape = KERNEL_REGIMES[regime]
-    shape = make_shape(rng)
-    while math.prod(shape) > 400_000:  # keep each case quick: fewer samples
-        shape = (max(2, shape[0] // 2),) + shape[1:]
-    fmt = rng.choice(formats)
-    memory_format = torch.contiguous_format
-    if fmt == "channels_last":
-        memory_format = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
-    return {
-        "shape": shape,
-        "format": memory_format,
-        "dtype": rng.choice([torch.float64, torch.float32, torch.bfloat16, torch.float16]),
-        "training": rng.random() < 0.7,
-        "residual": rng.random() < 0.5,
-        "relu": rng.random() < 0.5,
-        "dual": rng.random() < 0.3,
-        "shift": rng.choice([0.0, 3.0, -50.0]),
-    }
-
-
+# The shapes above are small: they never leave the kernels' smallest cases. These are random
+# shapes from each of the kernels' ways of cutting the work (helpers.KERNEL_REGIMES).
 @pytest.mark.parametrize("draw", range(6))
 @pytest.mark.parametrize("regime", list(KERNEL_REGIMES))
 def test_kernel_regimes(backend, device, regime, draw):
@@ -452,7 +395,7 @@ def test_kernel_regimes(backend, device, regime, draw):
     PyTorch's two batch norms instead."""
     if backend == "reference":
         pytest.skip("the kernels' ways of cutting the work: the reference has none")
-    case = _kernel_case(regime, draw)
+    case = kernel_case(regime, draw)
     shape, fmt, dtype = case["shape"], case["format"], case["dtype"]
     x = make_input(shape, dtype, device, fmt, shift=case["shift"])
     params = make_params(shape[1], param_dtype(dtype), device)
