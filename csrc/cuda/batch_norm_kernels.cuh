@@ -127,6 +127,37 @@ __device__ __forceinline__ void store_raw(T* __restrict__ p, const T (&in)[V]) {
   *reinterpret_cast<Pack<T, V>*>(p) = pk;
 }
 
+// V consecutive elements loaded with one access (`p` aligned to sizeof(T) * V) and read one at a
+// time in the accumulation type. bfloat16 is held in 32-bit words and widened by a shift or a
+// mask (exactly what the conversion does): as 16-bit values the compiler split each load into
+// halves, which spilled in the rows statistics kernel.
+template <typename T, int V, bool WORDS = std::is_same_v<T, c10::BFloat16> && V % 2 == 0>
+struct Loaded {
+  Pack<T, V> pk;
+  __device__ __forceinline__ void load(const T* __restrict__ p) {
+    pk = *reinterpret_cast<const Pack<T, V>*>(p);
+  }
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t get(int i) const {
+    return static_cast<acc_t>(pk.v[i]);
+  }
+};
+
+template <typename T, int V>
+struct Loaded<T, V, true> {
+  struct alignas(sizeof(T) * V) Words {
+    uint32_t w[V / 2];
+  } words;
+  __device__ __forceinline__ void load(const T* __restrict__ p) {
+    words = *reinterpret_cast<const Words*>(p);
+  }
+  template <typename acc_t>
+  __device__ __forceinline__ acc_t get(int i) const {
+    const uint32_t w = words.w[i / 2];  // element 2k in the low half (little-endian)
+    return static_cast<acc_t>(__uint_as_float(i % 2 == 0 ? w << 16 : w & 0xffff0000u));
+  }
+};
+
 __device__ __forceinline__ float rsqrt_acc(float x) { return rsqrtf(x); }
 __device__ __forceinline__ double rsqrt_acc(double x) { return 1.0 / sqrt(x); }
 
@@ -626,9 +657,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     }
     for_each_row<V, false, UNROLL>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
-      scalar_t v[U][V];
+      Loaded<scalar_t, V> v[U];
 #pragma unroll
-      for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
+      for (int j = 0; j < U; ++j) v[j].load(x + off + j * step);
       // Groups of G rows: their own mean and M2 per channel, then one Chan merge (one division
       // per group). All U rows' loads are issued first; a group converts only its own values.
       constexpr int G = U < kUnroll ? U : kUnroll;
@@ -646,7 +677,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
           acc_t cm = acc_t(0);
 #pragma unroll
           for (int j = 0; j < G; ++j) {
-            t[j] = static_cast<acc_t>(v[j0 + j][i]) - shift[i];
+            t[j] = v[j0 + j].template get<acc_t>(i) - shift[i];
             cm += t[j];
           }
           cm *= acc_t(1) / acc_t(G);

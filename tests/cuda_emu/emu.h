@@ -59,6 +59,11 @@ struct dim3 {
 
 using std::isfinite;
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float __uint_as_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 namespace fastnn_emu {
 
