@@ -592,37 +592,31 @@ step_sanitize() {
   done
 }
 
-# fastnn-bench as installed, else from the checkout; empty when neither runs.
-bench_cmd() {
+# run_bench NAME TIMEOUT ARGS...: fastnn-bench (as installed, else from the checkout) as step NAME,
+# its output in $OUT/NAME.log.
+run_bench() {
+  local name=$1 limit=$2 cmd
+  shift 2
   if command -v fastnn-bench > /dev/null; then
-    echo fastnn-bench
+    cmd=(fastnn-bench)
   elif "$PY" -c "import fastnn.bench" > /dev/null 2>&1; then
-    echo "$PY -m fastnn.bench"
+    cmd=("$PY" -m fastnn.bench)
+  else
+    note "$name" "SKIP (no fastnn-bench)"
+    return 0
   fi
+  run_step "$name" "$limit" "$OUT/$name.log" "${cmd[@]}" "$@"
 }
 
 step_targets() {
-  local cmd
-  cmd=$(bench_cmd)
-  if [ -z "$cmd" ]; then
-    note targets "SKIP (no fastnn-bench)"
-    return 0
-  fi
-  # shellcheck disable=SC2086
-  run_step targets "$TARGETS_TIMEOUT" "$OUT/targets.log" $cmd --targets --no-ops --no-progress \
-    --out "$OUT/targets"
-  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets.log" | sed 's/^ */  /' >> "$SUMMARY" || true
+  run_bench targets "$TARGETS_TIMEOUT" --targets --no-ops --no-progress --out "$OUT/targets"
+  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets.log" 2> /dev/null | sed 's/^ */  /' \
+    >> "$SUMMARY" || true
 }
 
 step_bench() {
-  local cmd
-  cmd=$(bench_cmd)
-  if [ -z "$cmd" ]; then
-    note bench "SKIP (no fastnn-bench)"
-    return 0
-  fi
   # shellcheck disable=SC2086
-  run_step bench "$BENCH_TIMEOUT" "$OUT/bench.log" $cmd $BENCH_ARGS --out "$OUT/bench"
+  run_bench bench "$BENCH_TIMEOUT" $BENCH_ARGS --out "$OUT/bench"
 }
 
 step_profile() {
