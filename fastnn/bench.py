@@ -1734,7 +1734,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         keep_freed_memory()
     batch = args.batch_size or (128 if cuda else 32)
     shape_spec = args.shapes or ("quick" if args.quick else ("all" if cuda else "quick,resnet50"))
-    shapes = _parse_shapes(shape_spec, args.shape, device, batch, args.image_size)
+    # The layer shapes come from torchvision's models: not needed when no op set is timed.
+    shapes = ([] if args.no_ops and not args.list_shapes
+              else _parse_shapes(shape_spec, args.shape, device, batch, args.image_size))
     if args.list_shapes:
         for s in shapes:
             print(f"{_shape_str(s.shape):>20}  eps={s.eps:g}  {s.where()}")
