@@ -38,54 +38,71 @@ void launch_finalize(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* partia
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The dx pass reads the masked gradient back from grad_residual when it was written, else
-// grad_output (masked here when relu).
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING>
-void backward_rows(const BackwardArgs<scalar_t, acc_t>& a) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr bool kMask = RELU && !WRITE_GR;
-  auto reduce = bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING>;
-  auto dx_kernel = bn_backward_dx_rows_kernel<scalar_t, acc_t, V, kMask, true>;
-  static const int bps =
-      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
-  const Launch L = plan_rows(a.layout, V, sm_count() * bps);
-  const int64_t C = a.layout.C;
-  at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
-  acc_t* pp = partial.data_ptr<acc_t>();
-  acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
-  reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                         TRAINING ? nullptr : a.dx, L.rows, pp,
-                                         SecondInput<scalar_t, acc_t>{});
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
-  if constexpr (TRAINING) {
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
-                                              a.dx, L.rows, SecondInput<scalar_t, acc_t>{});
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+// The training backward's ReLU mask (see batch_norm_kernels.cuh): one byte per V-wide vector of
+// the input, written by the reduce pass and read by the dx pass in place of the output. An empty
+// tensor when the dx pass does not need the output's mask (no relu, grad_residual written, eval)
+// or the vectors are scalars.
+template <typename scalar_t, typename acc_t>
+at::Tensor relu_bits(const BackwardArgs<scalar_t, acc_t>& a, bool needed, int V) {
+  if (!needed || V == 1) return at::Tensor();
+  const int64_t numel = a.layout.N * a.layout.C * a.layout.S;
+  return at::empty({ceil_div(numel, V)}, a.stat_options.dtype(at::kByte));
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING>
-void backward_planes(const BackwardArgs<scalar_t, acc_t>& a) {
+inline uint8_t* bits_ptr(const at::Tensor& bits) {
+  return bits.defined() ? bits.data_ptr<uint8_t>() : nullptr;
+}
+
+// The dx pass reads the masked gradient back from grad_residual when it was written, else
+// grad_output masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars).
+// ROWS picks the layout's kernels; the two passes share one plan, so the mask's bytes are the
+// same vectors in both.
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING,
+          bool ROWS>
+void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kMask = RELU && !WRITE_GR;
-  auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING>;
-  auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, kMask, true>;
+  constexpr bool kBits = kMask && TRAINING && V > 1;
+  auto reduce = [] {
+    if constexpr (ROWS) {
+      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false,
+                                            kBits>;
+    } else {
+      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING,
+                                              false, kBits>;
+    }
+  }();
+  auto dx_kernel = [] {
+    if constexpr (ROWS) {
+      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, kMask, true, false, kBits>;
+    } else {
+      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, kMask, true, false, kBits>;
+    }
+  }();
   static const int bps =
       TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
-  const Launch L = plan_planes(a.layout, V, sm_count() * bps);
+  const Launch L = plan(a.layout, V, sm_count() * bps);
+  const auto& geom = [&]() -> const auto& {
+    if constexpr (ROWS) {
+      return L.rows;
+    } else {
+      return L.planes;
+    }
+  }();
   const int64_t C = a.layout.C;
   at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
+  const at::Tensor bits = relu_bits(a, kBits, V);
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                         TRAINING ? nullptr : a.dx, L.planes, pp,
-                                         SecondInput<scalar_t, acc_t>{});
+                                         TRAINING ? nullptr : a.dx, geom, pp,
+                                         SecondInput<scalar_t, acc_t>{}, bits_ptr(bits));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
   if constexpr (TRAINING) {
     dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
-                                              a.dx, L.planes, SecondInput<scalar_t, acc_t>{});
+                                              a.dx, geom, SecondInput<scalar_t, acc_t>{},
+                                              bits_ptr(bits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -105,7 +122,7 @@ void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
     partial = at::empty({2 * L.partials * C}, a.stat_options);
     reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
                                            nullptr, L.rows, partial.data_ptr<acc_t>(),
-                                           SecondInput<scalar_t, acc_t>{});
+                                           SecondInput<scalar_t, acc_t>{}, nullptr);
   } else {
     auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
     static const int bps = blocks_per_sm(reduce);
@@ -113,7 +130,7 @@ void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
     partial = at::empty({2 * L.partials * C}, a.stat_options);
     reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
                                            nullptr, L.planes, partial.data_ptr<acc_t>(),
-                                           SecondInput<scalar_t, acc_t>{});
+                                           SecondInput<scalar_t, acc_t>{}, nullptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, partial.data_ptr<acc_t>(), L.partials, false, static_cast<acc_t*>(nullptr),
@@ -130,13 +147,13 @@ void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
     static const int bps = blocks_per_sm(dx_kernel);
     const Launch L = plan_rows(a.layout, V, sm_count() * bps);
     dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.rows,
-                                              SecondInput<scalar_t, acc_t>{});
+                                              SecondInput<scalar_t, acc_t>{}, nullptr);
   } else {
     auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, MASK, true>;
     static const int bps = blocks_per_sm(dx_kernel);
     const Launch L = plan_planes(a.layout, V, sm_count() * bps);
     dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.planes,
-                                              SecondInput<scalar_t, acc_t>{});
+                                              SecondInput<scalar_t, acc_t>{}, nullptr);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -148,18 +165,23 @@ template <typename scalar_t, typename acc_t, int V, bool RELU, bool TRAINING, bo
 void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
                           SecondInput<scalar_t, acc_t> second) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr bool kBits = RELU && TRAINING && V > 1;
   auto reduce = [] {
     if constexpr (ROWS) {
-      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true>;
+      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true,
+                                            kBits>;
     } else {
-      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true>;
+      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true,
+                                              kBits>;
     }
   }();
+  // Only training launches the dx kernel; eval names the training one (no other instantiation).
+  constexpr bool kDxBits = RELU && V > 1;
   auto dx_kernel = [] {
     if constexpr (ROWS) {
-      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, RELU, true, true>;
+      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, RELU, true, true, kDxBits>;
     } else {
-      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, RELU, true, true>;
+      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, RELU, true, true, kDxBits>;
     }
   }();
   static const int bps =
@@ -178,8 +200,10 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 3 * L.partials * C : nullptr;
   second.coef = TRAINING ? coef + 3 * C : nullptr;
+  const at::Tensor bits = relu_bits(a, kBits, V);
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, nullptr,
-                                         TRAINING ? nullptr : a.dx, geom, pp, second);
+                                         TRAINING ? nullptr : a.dx, geom, pp, second,
+                                         bits_ptr(bits));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_backward_finalize_kernel<scalar_t, acc_t, true>
       <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
@@ -187,7 +211,8 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
                                                          a.grad_bias, coef, second);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (TRAINING) {
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second);
+    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second,
+                                              bits_ptr(bits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -248,9 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
         FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
           FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
             if (layout.rows) {
-              backward_rows<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING>(a);
+              backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, true>(a);
             } else {
-              backward_planes<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING>(a);
+              backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, false>(a);
             }
           });
         });

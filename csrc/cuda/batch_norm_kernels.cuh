@@ -245,18 +245,31 @@ __device__ __forceinline__ scalar_t normalize_one(acc_t x, acc_t mean, acc_t sca
   return static_cast<scalar_t>(y);
 }
 
-// grad_output masked by the ReLU when RELU: zero where output <= 0; a NaN output passes the
-// gradient, as torch's ReLU backward (threshold_backward) does.
+// Whether the ReLU passes the gradient at an output value: not where output <= 0; a NaN output
+// passes it, as torch's ReLU backward (threshold_backward) does.
+template <typename scalar_t>
+__device__ __forceinline__ bool relu_passes(scalar_t out) {
+  // Compare in double for double (a float cast would flush tiny positive values to zero).
+  using cmp_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+  return !(static_cast<cmp_t>(out) <= cmp_t(0));
+}
+
+// grad_output masked by the ReLU when RELU.
 template <bool RELU, typename scalar_t>
 __device__ __forceinline__ scalar_t masked_grad(scalar_t g, scalar_t out) {
   if constexpr (RELU) {
-    // Compare in double for double (a float cast would flush tiny positive values to zero).
-    using cmp_t = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
-    return static_cast<cmp_t>(out) <= cmp_t(0) ? static_cast<scalar_t>(0.0f) : g;
+    return relu_passes(out) ? g : static_cast<scalar_t>(0.0f);
   } else {
     return g;
   }
 }
+
+// The ReLU mask of the training backward (BITS in the kernels below): the reduce pass writes, for
+// each V-wide vector it reads (V > 1) at element offset e (a multiple of V), one byte at e / V
+// whose bit i says whether the gradient passes at element e + i; the dx pass, launched with the
+// same plan, reads that byte instead of V output values. Scalar accesses (the head and tail of
+// a planes row) write nothing and read the output as before. The dx pass then reads N / V bytes
+// of mask in place of N output values: 1/16 of their bytes for every dtype (16 / sizeof = V).
 
 // ---------------------------------------------------------------------------------------------
 // Welford / Chan statistics.
@@ -482,12 +495,12 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // the output has out_C channels and channel c of the input is channel out_c of the output
 // (batch_norm_cat_with_stats); it is constant along a row, and the host makes it a multiple of V
 // whenever V > 1 so that the output's vectors are aligned as the input's are.
-template <int V, bool REVERSE, typename F>
+template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_t c, int64_t out_C,
                                                       int64_t out_c, F&& f) {
   using One = std::integral_constant<int, 1>;
   using Vec = std::integral_constant<int, V>;
-  using Unroll = std::integral_constant<int, kUnroll>;
+  using Unroll = std::integral_constant<int, U>;
   const int lane = threadIdx.x & 31;
   const int64_t first = static_cast<int64_t>(blockIdx.y) * kWarps + (threadIdx.x >> 5);
   const int64_t stride = static_cast<int64_t>(gridDim.y) * kWarps;
@@ -506,7 +519,7 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
     const int64_t yd = (n * out_C + out_c) * g.S + begin - base;
     if constexpr (V == 1) {
       int i = lane;
-      for (; i + 32 * (kUnroll - 1) < len; i += 32 * kUnroll) {
+      for (; i + 32 * (U - 1) < len; i += 32 * U) {
         f(Unroll(), One(), base + i, 32, yd);
       }
       for (; i < len; i += 32) f(One(), One(), base + i, 32, yd);
@@ -519,7 +532,7 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
       const int64_t vbase = base + head;
       constexpr int64_t step = 32 * V;
       int i = lane;
-      for (; i + 32 * (kUnroll - 1) < nvec; i += 32 * kUnroll) {
+      for (; i + 32 * (U - 1) < nvec; i += 32 * U) {
         f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       }
       for (; i < nvec; i += 32) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
@@ -528,9 +541,9 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
   }
 }
 
-template <int V, bool REVERSE, typename F>
+template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c, F&& f) {
-  for_each_plane_row_to<V, REVERSE>(
+  for_each_plane_row_to<V, REVERSE, U>(
       g, c, g.C, c, [&](auto u, auto width, int64_t off, int64_t step, int64_t) {
         f(u, width, off, step);
       });
@@ -820,7 +833,13 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     channel_affine<scalar_t>(p, cv * V + i, mean[i], scale[i], shift[i]);
     if constexpr (DUAL) second_affine<scalar_t>(p2, cv * V + i, term[i], shift[i]);
   }
-  for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
+  // 16-bit residual + ReLU (BN+add+ReLU), 8 channels a thread: two rows per step, the same 64
+  // bytes in flight per thread as four rows of one input. Four spilled inside the loop at the
+  // 2-block bound (40 bytes a thread for bfloat16, 28 for float16); two do not. Without the ReLU,
+  // two rows per step spill more than four do (nvcc 13.0, sm_90), so those keep four.
+  constexpr int kRows =
+      RES && RELU && !DUAL && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
+  for_each_row<V, REVERSE, kRows>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     scalar_t v[U][V];
     scalar_t r[U][V];
@@ -956,13 +975,14 @@ struct SecondInput {
 };
 
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
-          bool DUAL = false>
+          bool DUAL = false, bool BITS = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
     scalar_t* __restrict__ dx, PlaneGeom g, acc_t* __restrict__ partial,
-    SecondInput<scalar_t, acc_t> second) {
+    SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
+  static_assert(!BITS || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
   acc_t k = acc_t(0), m2 = acc_t(0), k2 = acc_t(0);
@@ -974,7 +994,10 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
   const scalar_t* __restrict__ z = second.z;
   scalar_t* __restrict__ dz = second.dz;
   acc_t sa = acc_t(0), sb = acc_t(0), sc = acc_t(0);
-  for_each_plane_row<V, false>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
+  // Writing the ReLU mask, 16-bit 8-wide: two rows per step (four spilled 28 bytes a thread
+  // inside the loop for float16 with nvcc 13.0), 96 bytes in flight per thread.
+  constexpr int kRows = BITS && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
+  for_each_plane_row<V, false, kRows>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
     scalar_t gv[U][W], ov[U][W];
@@ -992,9 +1015,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
       scalar_t gm[W], d[W], d2[W];
       (void)d;   // written only with EVAL_DX
       (void)d2;  // written only with EVAL_DX and DUAL
+      unsigned pass = 0;
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
+        if constexpr (BITS && W == V) pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
         const acc_t ga = static_cast<acc_t>(gm[i]);
         sa += ga;
         sb += ga * (static_cast<acc_t>(xv[j][i]) - m);
@@ -1002,6 +1027,7 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
         if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
         if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2);
       }
+      if constexpr (BITS && W == V) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
       if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
       if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
       if constexpr (EVAL_DX && DUAL) store_raw<W>(dz + off + j * step, d2);
@@ -1018,13 +1044,14 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
-          bool DUAL = false>
+          bool DUAL = false, bool BITS = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
     scalar_t* __restrict__ dx, RowGeom g, acc_t* __restrict__ partial,
-    SecondInput<scalar_t, acc_t> second) {
+    SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
+  static_assert(!BITS || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const scalar_t* __restrict__ z = second.z;
   scalar_t* __restrict__ dz = second.dz;
@@ -1063,9 +1090,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
         scalar_t gm[V], d[V], d2[V];
         (void)d;   // written only with EVAL_DX
         (void)d2;  // written only with EVAL_DX and DUAL
+        unsigned pass = 0;
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
+          if constexpr (BITS) pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
           const acc_t ga = static_cast<acc_t>(gm[i]);
           sa[i] += ga;
           sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
@@ -1073,6 +1102,7 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
           if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
           if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2[i]);
         }
+        if constexpr (BITS) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
         if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
         if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
         if constexpr (EVAL_DX && DUAL) store_raw<V>(dz + off + j * step, d2);
@@ -1170,12 +1200,14 @@ __global__ void bn_elemt_coef_kernel(const acc_t* __restrict__ invstd, ChannelPa
 // Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
 // masked when it is grad_residual) and zeroed here where output <= 0 when MASK. With DUAL also
 // dz = a2 * g - b2 - d2 * (z - mean2) from the same g, with second's coefficients.
-template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false>
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false,
+          bool BITS = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, PlaneGeom g,
-    SecondInput<scalar_t, acc_t> second) {
+    SecondInput<scalar_t, acc_t> second, const uint8_t* __restrict__ bits) {
+  static_assert(!BITS || (MASK && V > 1 && V <= 8), "the ReLU mask is read for vectors");
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
   const acc_t a = coef[c], b = coef[g.C + c], d = coef[2 * g.C + c];
@@ -1191,14 +1223,19 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
   for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
+    constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
+    constexpr bool kOut = MASK && !kBits;
     scalar_t gv[U][W], ov[U][W];
     scalar_t xv[U][W], zv[U][W];
-    (void)zv;  // read only with DUAL
+    unsigned pass[U];
+    (void)zv;    // read only with DUAL
+    (void)pass;  // read only with kBits
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<W>(grad + off + j * step, gv[j]);
       load_raw<W>(x + off + j * step, xv[j]);
-      if constexpr (MASK) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (kBits) pass[j] = bits[(off + j * step) / V];
       if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
     }
 #pragma unroll
@@ -1207,7 +1244,12 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
       (void)o2;  // written only with DUAL
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
+        scalar_t gm;
+        if constexpr (kBits) {
+          gm = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+        } else {
+          gm = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+        }
         const acc_t ga = static_cast<acc_t>(gm);
         o[i] = static_cast<scalar_t>(a * ga - b - d * (static_cast<acc_t>(xv[j][i]) - m));
         if constexpr (DUAL) {
@@ -1220,12 +1262,14 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
   });
 }
 
-template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false>
+template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false,
+          bool BITS = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
     const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ coef, scalar_t* __restrict__ dx, RowGeom g,
-    SecondInput<scalar_t, acc_t> second) {
+    SecondInput<scalar_t, acc_t> second, const uint8_t* __restrict__ bits) {
+  static_assert(!BITS || (MASK && V > 1 && V <= 8), "the ReLU mask is read for vectors");
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
   const scalar_t* __restrict__ z = second.z;
@@ -1248,14 +1292,18 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
   }
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
+    constexpr bool kOut = MASK && !BITS;
     scalar_t gv[U][V], ov[U][V];
     scalar_t xv[U][V], zv[U][V];
-    (void)zv;  // read only with DUAL
+    unsigned pass[U];
+    (void)zv;    // read only with DUAL
+    (void)pass;  // read only with BITS
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<V>(grad + off + j * step, gv[j]);
       load_raw<V>(x + off + j * step, xv[j]);
-      if constexpr (MASK) load_raw<V>(out + off + j * step, ov[j]);
+      if constexpr (kOut) load_raw<V>(out + off + j * step, ov[j]);
+      if constexpr (BITS) pass[j] = bits[(off + j * step) / V];
       if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
     }
 #pragma unroll
@@ -1264,7 +1312,12 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
       (void)o2;  // written only with DUAL
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const scalar_t gm = masked_grad<MASK>(gv[j][i], MASK ? ov[j][i] : gv[j][i]);
+        scalar_t gm;
+        if constexpr (BITS) {
+          gm = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+        } else {
+          gm = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+        }
         const acc_t ga = static_cast<acc_t>(gm);
         const acc_t xc = static_cast<acc_t>(xv[j][i]) - m[i];
         o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * xc);
