@@ -5,7 +5,8 @@
 //
 //   planes (NCHW):       element (n, c, s) at (n * C + c) * S + s. A block works on one channel
 //                        (blockIdx.x); each warp walks "rows" = (plane n, segment of S), the lanes
-//                        reading consecutive 16-byte vectors of that channel (scalar head/tail).
+//                        reading consecutive 16-byte vectors of that channel (scalar head/tail);
+//                        a warp takes 2 or 4 rows at once when the planes are small.
 //   rows (NHWC, 2-D):    element (r, c) at r * C + c with r = n * S + s. A block is (tx, ty)
 //                        threads: tx lanes cover tx * V consecutive channels, ty threads walk rows.
 //
@@ -35,7 +36,8 @@ constexpr int kFinalizeY = 16;           //                   partial lanes per 
 // ---------------------------------------------------------------------------------------------
 // Geometry (plain structs filled on the host, passed by value).
 
-// planes layout: per channel, `rows` = N * segs rows of at most seg_len elements.
+// planes layout: per channel, `rows` = N * segs rows of at most seg_len elements, each walked
+// by `lanes` consecutive lanes of a warp (8, 16 or 32: 32 / lanes rows per warp at once).
 struct PlaneGeom {
   int64_t N;        // planes per channel
   int64_t C;        // channels
@@ -43,6 +45,7 @@ struct PlaneGeom {
   int64_t segs;     // segments per plane
   int64_t seg_len;  // elements per segment (the last one may be shorter)
   int64_t rows;     // N * segs
+  int lanes;        // lanes per row
 };
 
 // rows layout: R rows of C channels, Cv = C / V channel vectors per row.
@@ -487,9 +490,12 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // walks the same elements in the opposite order: a pass right after a reduction over the same
 // data then starts with what is still in L2.
 
-// planes layout: a row is a segment of one plane. With V > 1 (every base pointer 16-byte
-// aligned) a row is read as a scalar head up to the first V-aligned element, whole vectors of V,
-// and a scalar tail, so planes of any size and offset get 16-byte accesses; W says which.
+// planes layout: a row is a segment of one plane, walked by g.lanes lanes (a whole warp, or a
+// quarter or half of one for small planes, so that a 7x7 plane does not leave most of a warp
+// idle). With V > 1 (every base pointer 16-byte aligned) a row is read as a scalar head up to
+// the first V-aligned element, whole vectors of V, and a scalar tail, so planes of any size and
+// offset get 16-byte accesses; W says which. Head and tail have fewer than V <= 8 <= g.lanes
+// elements: one access per lane at most.
 //
 // for_each_plane_row_to also gives f the distance from the input's element to the output's when
 // the output has out_C channels and channel c of the input is channel out_c of the output
@@ -501,9 +507,11 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
   using One = std::integral_constant<int, 1>;
   using Vec = std::integral_constant<int, V>;
   using Unroll = std::integral_constant<int, U>;
-  const int lane = threadIdx.x & 31;
-  const int64_t first = static_cast<int64_t>(blockIdx.y) * kWarps + (threadIdx.x >> 5);
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * kWarps;
+  const int lanes = g.lanes;
+  const int lane = threadIdx.x & (lanes - 1);
+  const int64_t per_block = kThreads / lanes;  // rows a block walks at once
+  const int64_t first = static_cast<int64_t>(blockIdx.y) * per_block + threadIdx.x / lanes;
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * per_block;
   if (first >= g.rows) return;
   const int64_t count = (g.rows - 1 - first) / stride + 1;
   for (int64_t k = 0; k < count; ++k) {
@@ -519,10 +527,10 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
     const int64_t yd = (n * out_C + out_c) * g.S + begin - base;
     if constexpr (V == 1) {
       int i = lane;
-      for (; i + 32 * (U - 1) < len; i += 32 * U) {
-        f(Unroll(), One(), base + i, 32, yd);
+      for (; i + lanes * (U - 1) < len; i += lanes * U) {
+        f(Unroll(), One(), base + i, lanes, yd);
       }
-      for (; i < len; i += 32) f(One(), One(), base + i, 32, yd);
+      for (; i < len; i += lanes) f(One(), One(), base + i, lanes, yd);
     } else {
       const int mis = static_cast<int>(base % V);
       const int head = mis == 0 ? 0 : (V - mis < len ? V - mis : len);
@@ -530,12 +538,12 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
       const int tail = head + nvec * V;
       if (lane < head) f(One(), One(), base + lane, 0, yd);
       const int64_t vbase = base + head;
-      constexpr int64_t step = 32 * V;
+      const int64_t step = static_cast<int64_t>(lanes) * V;
       int i = lane;
-      for (; i + 32 * (U - 1) < nvec; i += 32 * U) {
+      for (; i + lanes * (U - 1) < nvec; i += lanes * U) {
         f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       }
-      for (; i < nvec; i += 32) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
+      for (; i < nvec; i += lanes) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       if (lane < len - tail) f(One(), One(), base + tail + lane, 0, yd);
     }
   }

@@ -134,7 +134,13 @@ inline Launch plan_planes(const KernelLayout& l, int V, int64_t resident) {
     g.segs = ceil_div(g.S, g.seg_len);
   }
   g.rows = g.N * g.segs;
-  const int64_t useful = std::min(ceil_div(g.rows, kWarps), kMaxGridY);
+  // Lanes per row: a whole warp once a row has 32 vectors (or scalars), else the power of two
+  // that covers its vectors, at least 8 (a scalar head or tail has up to 7 elements). A 7x7
+  // float16 plane (49 elements: 7 units of 8) is then a quarter of a warp, not a warp with at
+  // most 7 lanes busy.
+  const int64_t units = ceil_div(g.seg_len, V);
+  g.lanes = static_cast<int>(std::min<int64_t>(32, std::max<int64_t>(8, pow2_ceil(units))));
+  const int64_t useful = std::min(ceil_div(g.rows * g.lanes, kThreads), kMaxGridY);
   const int64_t gy = std::max<int64_t>(1, std::min(resident / l.C, useful));
   L.grid = dim3(static_cast<unsigned>(l.C), static_cast<unsigned>(gy));
   L.block = dim3(kThreads);
