@@ -53,6 +53,37 @@ inline uint8_t* bits_ptr(const at::Tensor& bits) {
   return bits.defined() ? bits.data_ptr<uint8_t>() : nullptr;
 }
 
+// The reduce and dx kernels of the rows (ROWS) or planes layout, and the layout's geometry in a
+// plan.
+template <bool ROWS, typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR,
+          bool EVAL_DX, bool DUAL, bool BITS>
+constexpr auto reduce_kernel() {
+  if constexpr (ROWS) {
+    return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, EVAL_DX, DUAL, BITS>;
+  } else {
+    return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, EVAL_DX, DUAL,
+                                            BITS>;
+  }
+}
+
+template <bool ROWS, typename scalar_t, typename acc_t, int V, bool MASK, bool DUAL, bool BITS>
+constexpr auto dx_kernel() {
+  if constexpr (ROWS) {
+    return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, MASK, true, DUAL, BITS>;
+  } else {
+    return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, MASK, true, DUAL, BITS>;
+  }
+}
+
+template <bool ROWS>
+const auto& geometry(const Launch& L) {
+  if constexpr (ROWS) {
+    return L.rows;
+  } else {
+    return L.planes;
+  }
+}
+
 // The dx pass reads the masked gradient back from grad_residual when it was written, else
 // grad_output masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars).
 // ROWS picks the layout's kernels; the two passes share one plan, so the mask's bytes are the
@@ -63,32 +94,13 @@ void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kMask = RELU && !WRITE_GR;
   constexpr bool kBits = kMask && TRAINING && V > 1;
-  auto reduce = [] {
-    if constexpr (ROWS) {
-      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false,
-                                            kBits>;
-    } else {
-      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING,
-                                              false, kBits>;
-    }
-  }();
-  auto dx_kernel = [] {
-    if constexpr (ROWS) {
-      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, kMask, true, false, kBits>;
-    } else {
-      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, kMask, true, false, kBits>;
-    }
-  }();
+  auto reduce =
+      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false, kBits>();
+  auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, kMask, false, kBits>();
   static const int bps =
-      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
+      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx)) : blocks_per_sm(reduce);
   const Launch L = plan(a.layout, V, sm_count() * bps);
-  const auto& geom = [&]() -> const auto& {
-    if constexpr (ROWS) {
-      return L.rows;
-    } else {
-      return L.planes;
-    }
-  }();
+  const auto& geom = geometry<ROWS>(L);
   const int64_t C = a.layout.C;
   at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
@@ -100,9 +112,8 @@ void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
   if constexpr (TRAINING) {
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef,
-                                              a.dx, geom, SecondInput<scalar_t, acc_t>{},
-                                              bits_ptr(bits));
+    dx<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef, a.dx,
+                                       geom, SecondInput<scalar_t, acc_t>{}, bits_ptr(bits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -113,28 +124,18 @@ template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR>
 void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t C = a.layout.C;
-  Launch L;
-  at::Tensor partial;
-  if (a.layout.rows) {
-    auto reduce = bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
+  FASTNN_BOOL_SWITCH(a.layout.rows, ROWS, [&] {
+    auto reduce = reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, false, false, false>();
     static const int bps = blocks_per_sm(reduce);
-    L = plan_rows(a.layout, V, sm_count() * bps);
-    partial = at::empty({2 * L.partials * C}, a.stat_options);
+    const Launch L = plan(a.layout, V, sm_count() * bps);
+    at::Tensor partial = at::empty({2 * L.partials * C}, a.stat_options);
     reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                           nullptr, L.rows, partial.data_ptr<acc_t>(),
+                                           nullptr, geometry<ROWS>(L), partial.data_ptr<acc_t>(),
                                            SecondInput<scalar_t, acc_t>{}, nullptr);
-  } else {
-    auto reduce = bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, false>;
-    static const int bps = blocks_per_sm(reduce);
-    L = plan_planes(a.layout, V, sm_count() * bps);
-    partial = at::empty({2 * L.partials * C}, a.stat_options);
-    reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                           nullptr, L.planes, partial.data_ptr<acc_t>(),
-                                           SecondInput<scalar_t, acc_t>{}, nullptr);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(a, partial.data_ptr<acc_t>(), L.partials, false, static_cast<acc_t*>(nullptr),
-                  stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_finalize(a, partial.data_ptr<acc_t>(), L.partials, false,
+                    static_cast<acc_t*>(nullptr), stream);
+  });
 }
 
 // batch_norm_backward_elemt: dx = a * g - b - d * (x - mean) with the coefficients in `coef`.
@@ -142,20 +143,14 @@ template <typename scalar_t, typename acc_t, int V, bool MASK>
 void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // REVERSE = true shares the training backward's instantiations; the order does not matter.
-  if (a.layout.rows) {
-    auto dx_kernel = bn_backward_dx_rows_kernel<scalar_t, acc_t, V, MASK, true>;
-    static const int bps = blocks_per_sm(dx_kernel);
-    const Launch L = plan_rows(a.layout, V, sm_count() * bps);
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.rows,
-                                              SecondInput<scalar_t, acc_t>{}, nullptr);
-  } else {
-    auto dx_kernel = bn_backward_dx_planes_kernel<scalar_t, acc_t, V, MASK, true>;
-    static const int bps = blocks_per_sm(dx_kernel);
-    const Launch L = plan_planes(a.layout, V, sm_count() * bps);
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, L.planes,
-                                              SecondInput<scalar_t, acc_t>{}, nullptr);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  FASTNN_BOOL_SWITCH(a.layout.rows, ROWS, [&] {
+    auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, MASK, false, false>();
+    static const int bps = blocks_per_sm(dx);
+    const Launch L = plan(a.layout, V, sm_count() * bps);
+    dx<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geometry<ROWS>(L),
+                                       SecondInput<scalar_t, acc_t>{}, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // batch_norm_dual_backward: one reduction pass over g, x and z (g = grad_output masked by the
@@ -166,35 +161,14 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
                           SecondInput<scalar_t, acc_t> second) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kBits = RELU && TRAINING && V > 1;
-  auto reduce = [] {
-    if constexpr (ROWS) {
-      return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true,
-                                            kBits>;
-    } else {
-      return bn_backward_reduce_planes_kernel<scalar_t, acc_t, V, RELU, false, !TRAINING, true,
-                                              kBits>;
-    }
-  }();
+  auto reduce = reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, false, !TRAINING, true, kBits>();
   // Only training launches the dx kernel; eval names the training one (no other instantiation).
   constexpr bool kDxBits = RELU && V > 1;
-  auto dx_kernel = [] {
-    if constexpr (ROWS) {
-      return bn_backward_dx_rows_kernel<scalar_t, acc_t, V, RELU, true, true, kDxBits>;
-    } else {
-      return bn_backward_dx_planes_kernel<scalar_t, acc_t, V, RELU, true, true, kDxBits>;
-    }
-  }();
+  auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, RELU, true, kDxBits>();
   static const int bps =
-      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx_kernel)) : blocks_per_sm(reduce);
-  const Launch L = ROWS ? plan_rows(a.layout, V, sm_count() * bps)
-                        : plan_planes(a.layout, V, sm_count() * bps);
-  const auto& geom = [&]() -> const auto& {
-    if constexpr (ROWS) {
-      return L.rows;
-    } else {
-      return L.planes;
-    }
-  }();
+      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx)) : blocks_per_sm(reduce);
+  const Launch L = plan(a.layout, V, sm_count() * bps);
+  const auto& geom = geometry<ROWS>(L);
   const int64_t C = a.layout.C;
   at::Tensor partial = at::empty({3 * L.partials * C + (TRAINING ? 6 * C : 0)}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
@@ -211,8 +185,8 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
                                                          a.grad_bias, coef, second);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (TRAINING) {
-    dx_kernel<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second,
-                                              bits_ptr(bits));
+    dx<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second,
+                                       bits_ptr(bits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
