@@ -33,12 +33,13 @@ ASAN = os.environ.get("FASTNN_CUDA_EMU_ASAN") == "1"
 
 # name: (shape, memory format, storage offset in elements). The shapes reach: planes with a
 # scalar head and tail (odd plane sizes), planes split into segments (S over 1024 vectors),
-# more rows than a block's warps, channels_last rows with a partial and several channel blocks,
+# more rows than a block walks at once (a plane of 15 takes 8 or 16 lanes: 64 or 32 rows per
+# block), channels_last rows with a partial and several channel blocks,
 # scalar rows (C not a multiple of the vector), C == 1 and S == 1 (both become another
 # layout), rank 2, 3 and 5, and a misaligned base pointer (no vectors).
 SHAPES = {
     "nchw_odd": ((5, 3, 7, 9), torch.contiguous_format, 0),
-    "nchw_rows": ((40, 2, 3, 5), torch.contiguous_format, 0),
+    "nchw_rows": ((150, 2, 3, 5), torch.contiguous_format, 0),
     "nchw_segments": ((2, 2, 100, 90), torch.contiguous_format, 0),
     "nhwc": ((4, 12, 5, 6), torch.channels_last, 0),
     "nhwc_wide": ((2, 200, 3, 3), torch.channels_last, 0),
