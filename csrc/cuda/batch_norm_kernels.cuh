@@ -525,12 +525,14 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
     const int len = static_cast<int>(g.seg_len < g.S - begin ? g.seg_len : g.S - begin);
     const int64_t base = (n * g.C + c) * g.S + begin;
     const int64_t yd = (n * out_C + out_c) * g.S + begin - base;
+    // Rows of fewer than 32 lanes have at most 16 units, too few for a step of U: the unrolled
+    // steps are a whole warp's, with a constant stride (addresses as immediate offsets).
     if constexpr (V == 1) {
       int i = lane;
-      for (; i + lanes * (U - 1) < len; i += lanes * U) {
-        f(Unroll(), One(), base + i, lanes, yd);
+      if (lanes == 32) {
+        for (; i + 32 * (U - 1) < len; i += 32 * U) f(Unroll(), One(), base + i, 32, yd);
       }
-      for (; i < len; i += lanes) f(One(), One(), base + i, lanes, yd);
+      for (; i < len; i += lanes) f(One(), One(), base + i, 32, yd);
     } else {
       const int mis = static_cast<int>(base % V);
       const int head = mis == 0 ? 0 : (V - mis < len ? V - mis : len);
@@ -538,10 +540,12 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
       const int tail = head + nvec * V;
       if (lane < head) f(One(), One(), base + lane, 0, yd);
       const int64_t vbase = base + head;
-      const int64_t step = static_cast<int64_t>(lanes) * V;
+      constexpr int64_t step = 32 * V;
       int i = lane;
-      for (; i + lanes * (U - 1) < nvec; i += lanes * U) {
-        f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
+      if (lanes == 32) {
+        for (; i + 32 * (U - 1) < nvec; i += 32 * U) {
+          f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
+        }
       }
       for (; i < nvec; i += lanes) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       if (lane < len - tail) f(One(), One(), base + tail + lane, 0, yd);
