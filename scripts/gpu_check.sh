@@ -625,20 +625,26 @@ step_profile() {
     return 0
   fi
   cat > "$OUT/profile_ops.py" <<'PYEOF'
-"""The headline shapes once each, for ncu: training forward and backward, eval, fp16/bf16."""
+"""The headline shapes once each, for ncu: training forward and backward (BN+add+ReLU, and
+BN+ReLU, whose backward passes a ReLU mask from its reduce pass to its dx pass), eval, fp16/bf16;
+and a 7x7 layer (ResNet-50 stage 4), whose NCHW planes take a quarter of a warp each."""
 import torch
 import fastnn  # noqa: F401
 ops = torch.ops.fastnn
 dev = "cuda"
-for shape, dtype in (((256, 64, 56, 56), torch.float16), ((256, 256, 56, 56), torch.bfloat16)):
+for shape, dtype in (((256, 64, 56, 56), torch.float16), ((256, 256, 56, 56), torch.bfloat16),
+                     ((256, 2048, 7, 7), torch.float16)):
     for fmt in (torch.contiguous_format, torch.channels_last):
         C = shape[1]
         x = torch.randn(shape, device=dev, dtype=dtype).contiguous(memory_format=fmt)
         r = torch.randn_like(x)
+        g = torch.randn_like(x)
         w, b = torch.ones(C, device=dev), torch.zeros(C, device=dev)
         rm, rv = torch.zeros(C, device=dev), torch.ones(C, device=dev)
         out, m, i = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, r, True)
-        ops.batch_norm_backward(torch.randn_like(x), x, w, out, m, i, True, True, True)
+        ops.batch_norm_backward(g, x, w, out, m, i, True, True, True)
+        out, m, i = ops.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+        ops.batch_norm_backward(g, x, w, out, m, i, True, True, False)
         ops.batch_norm_eval(x, w, b, rm, rv, 1e-5, None, False)
         torch.cuda.synchronize()
 PYEOF
