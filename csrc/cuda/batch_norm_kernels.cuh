@@ -497,6 +497,18 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // offset get 16-byte accesses; W says which. Head and tail have fewer than V <= 8 <= g.lanes
 // elements: one access per lane at most.
 //
+// g(std::integral_constant<int, rest>()) for 0 < rest <= R (nothing for rest == 0).
+template <int R, typename G>
+__device__ __forceinline__ void with_steps(int rest, G&& g) {
+  if constexpr (R > 0) {
+    if (rest == R) {
+      g(std::integral_constant<int, R>());
+    } else {
+      with_steps<R - 1>(rest, g);
+    }
+  }
+}
+
 // for_each_plane_row_to also gives f the distance from the input's element to the output's when
 // the output has out_C channels and channel c of the input is channel out_c of the output
 // (batch_norm_cat_with_stats); it is constant along a row, and the host makes it a multiple of V
@@ -525,14 +537,20 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
     const int len = static_cast<int>(g.seg_len < g.S - begin ? g.seg_len : g.S - begin);
     const int64_t base = (n * g.C + c) * g.S + begin;
     const int64_t yd = (n * out_C + out_c) * g.S + begin - base;
-    // Rows of fewer than 32 lanes have at most 16 units, too few for a step of U: the unrolled
-    // steps are a whole warp's, with a constant stride (addresses as immediate offsets).
+    // Rows of fewer than 32 lanes have at most 16 units, one per lane at most: the unrolled
+    // steps are a whole warp's, with a constant stride (addresses as immediate offsets). What a
+    // lane has left after them (fewer than U) is one step too, so that its loads are in flight
+    // together: a 28x28 float16 plane (98 vectors) is one step of 3 for most lanes, where it was
+    // three steps of 1, one after the other.
     if constexpr (V == 1) {
       int i = lane;
       if (lanes == 32) {
         for (; i + 32 * (U - 1) < len; i += 32 * U) f(Unroll(), One(), base + i, 32, yd);
+        const int rest = i < len ? (len - 1 - i) / 32 + 1 : 0;
+        with_steps<U - 1>(rest, [&](auto r) { f(r, One(), base + i, 32, yd); });
+      } else {
+        for (; i < len; i += lanes) f(One(), One(), base + i, 32, yd);
       }
-      for (; i < len; i += lanes) f(One(), One(), base + i, 32, yd);
     } else {
       const int mis = static_cast<int>(base % V);
       const int head = mis == 0 ? 0 : (V - mis < len ? V - mis : len);
@@ -546,8 +564,13 @@ __device__ __forceinline__ void for_each_plane_row_to(const PlaneGeom& g, int64_
         for (; i + 32 * (U - 1) < nvec; i += 32 * U) {
           f(Unroll(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
         }
+        const int rest = i < nvec ? (nvec - 1 - i) / 32 + 1 : 0;
+        with_steps<U - 1>(rest, [&](auto r) {
+          f(r, Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
+        });
+      } else {
+        for (; i < nvec; i += lanes) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       }
-      for (; i < nvec; i += lanes) f(One(), Vec(), vbase + static_cast<int64_t>(i) * V, step, yd);
       if (lane < len - tail) f(One(), One(), base + tail + lane, 0, yd);
     }
   }
