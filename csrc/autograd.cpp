@@ -16,6 +16,7 @@
 #include "batch_norm_common.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <initializer_list>
@@ -33,6 +34,9 @@ using OptTensor = c10::optional<Tensor>;
 using Stats3 = std::tuple<Tensor, Tensor, Tensor>;
 using TrainSig = Stats3(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
                         const OptTensor&, double, double, const OptTensor&, bool);
+using TrainMaskedSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, double,
+    double, const OptTensor&, bool);
 using TrainWithStatsSig = Stats3(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                  const OptTensor&, const OptTensor&, const OptTensor&, double,
                                  double, const OptTensor&, bool);
@@ -44,12 +48,17 @@ using DualSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
     double, double, double, double, bool);
+using DualMaskedSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+    double, double, double, double, bool);
 using BackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
-    const Tensor&, bool, bool, bool);
+    const Tensor&, bool, bool, bool, const OptTensor&);
 using DualBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
-    const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool);
+    const OptTensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, bool, bool,
+    const OptTensor&);
 
 // The typed handle of each op, looked up once.
 #define FASTNN_OP(fn, sig, name)                                                        \
@@ -59,10 +68,12 @@ using DualBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
     return handle;                                                                      \
   }
 FASTNN_OP(train_op, TrainSig, "fastnn::batch_norm_train")
+FASTNN_OP(train_masked_op, TrainMaskedSig, "fastnn::batch_norm_train_masked")
 FASTNN_OP(train_with_stats_op, TrainWithStatsSig, "fastnn::batch_norm_train_with_stats")
 FASTNN_OP(cat_op, CatSig, "fastnn::batch_norm_cat_with_stats")
 FASTNN_OP(eval_op, EvalSig, "fastnn::batch_norm_eval")
 FASTNN_OP(dual_op, DualSig, "fastnn::batch_norm_dual")
+FASTNN_OP(dual_masked_op, DualMaskedSig, "fastnn::batch_norm_dual_masked")
 FASTNN_OP(backward_op, BackwardSig, "fastnn::batch_norm_backward")
 FASTNN_OP(dual_backward_op, DualBackwardSig, "fastnn::batch_norm_dual_backward")
 #undef FASTNN_OP
@@ -180,10 +191,12 @@ struct SingleSaved {
   Tensor input, weight, bias, residual, output, mean, invstd;
 };
 
-// Saves what the backward reads. The output is kept only for the ReLU mask.
+// Saves what the backward reads. The output is kept only for the ReLU mask, and with it the
+// mask a masked forward returned (`mask`, undefined when none).
 void save_single(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
                  const OptTensor& bias, const OptTensor& residual, const Tensor& output,
-                 const Tensor& mean, const Tensor& invstd, bool training, bool relu, double eps) {
+                 const Tensor& mean, const Tensor& invstd, bool training, bool relu, double eps,
+                 const Tensor& mask = Tensor()) {
   ctx->saved_data["needs"] = needs_mask({requires_grad(input), requires_grad(weight),
                                          requires_grad(bias), requires_grad(residual)});
   ctx->saved_data["training"] = training;
@@ -191,14 +204,15 @@ void save_single(AutogradContext* ctx, const Tensor& input, const OptTensor& wei
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["has_residual"] = residual.has_value() && residual->defined();
   ctx->save_for_backward({input, value_or_undefined(weight), value_or_undefined(bias),
-                          value_or_undefined(residual), relu ? output : Tensor(), mean, invstd});
+                          value_or_undefined(residual), relu ? output : Tensor(), mean, invstd,
+                          relu ? mask : Tensor()});
 }
 
 // (grad_input, grad_weight, grad_bias, grad_residual), undefined where not needed.
 variable_list single_backward(AutogradContext* ctx, const Tensor& grad_output) {
   const variable_list saved = ctx->get_saved_variables();
   const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2], &residual = saved[3],
-               &output = saved[4], &mean = saved[5], &invstd = saved[6];
+               &output = saved[4], &mean = saved[5], &invstd = saved[6], &mask = saved[7];
   const bool training = ctx->saved_data.at("training").toBool();
   const bool relu = ctx->saved_data.at("relu").toBool();
   if (at::GradMode::is_enabled()) {
@@ -220,7 +234,7 @@ variable_list single_backward(AutogradContext* ctx, const Tensor& grad_output) {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(gi, gw, gb, gr) = backward_op().call(grad_output, input, as_optional(weight),
                                                   as_optional(output), mean, invstd, training,
-                                                  relu, need_residual);
+                                                  relu, need_residual, as_optional(mask));
   }
   return {needs(ctx, 0) ? gi : Tensor(), param_grad(gw, weight, needs(ctx, 1)),
           param_grad(gb, bias, needs(ctx, 2)), need_residual ? gr : Tensor()};
@@ -233,9 +247,17 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                const OptTensor& running_var, double momentum, double eps,
                                const OptTensor& residual, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, invstd] = train_op().call(input, weight, bias, running_mean, running_var,
-                                               momentum, eps, residual, relu);
-    save_single(ctx, input, weight, bias, residual, out, mean, invstd, true, relu, eps);
+    // With relu the forward also writes the output's ReLU mask for the backward (CUDA: 1/16 of
+    // the output's bytes, read in place of the output).
+    Tensor out, mean, invstd, mask;
+    if (relu) {
+      std::tie(out, mean, invstd, mask) = train_masked_op().call(
+          input, weight, bias, running_mean, running_var, momentum, eps, residual, relu);
+    } else {
+      std::tie(out, mean, invstd) = train_op().call(input, weight, bias, running_mean,
+                                                    running_var, momentum, eps, residual, relu);
+    }
+    save_single(ctx, input, weight, bias, residual, out, mean, invstd, true, relu, eps, mask);
     ctx->mark_non_differentiable({mean, invstd});
     return {out, mean, invstd};
   }
@@ -309,10 +331,17 @@ class DualFunction : public torch::autograd::Function<DualFunction> {
                                bool training, double momentum, double eps, double momentum2,
                                double eps2, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, invstd, mean2, invstd2] =
-        dual_op().call(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
-                       running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
-                       relu);
+    Tensor out, mean, invstd, mean2, invstd2, mask;
+    if (relu && training) {  // the output's ReLU mask too, as TrainFunction's
+      std::tie(out, mean, invstd, mean2, invstd2, mask) = dual_masked_op().call(
+          input, weight, bias, running_mean, running_var, input2, weight2, bias2, running_mean2,
+          running_var2, training, momentum, eps, momentum2, eps2, relu);
+    } else {
+      std::tie(out, mean, invstd, mean2, invstd2) =
+          dual_op().call(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                         running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
+                         relu);
+    }
     ctx->saved_data["needs"] =
         needs_mask({requires_grad(input), requires_grad(weight), requires_grad(bias),
                     requires_grad(input2), requires_grad(weight2), requires_grad(bias2)});
@@ -322,7 +351,7 @@ class DualFunction : public torch::autograd::Function<DualFunction> {
     ctx->saved_data["eps2"] = eps2;
     ctx->save_for_backward({input, value_or_undefined(weight), value_or_undefined(bias), input2,
                             value_or_undefined(weight2), value_or_undefined(bias2),
-                            relu ? out : Tensor(), mean, invstd, mean2, invstd2});
+                            relu ? out : Tensor(), mean, invstd, mean2, invstd2, mask});
     ctx->mark_non_differentiable({mean, invstd, mean2, invstd2});
     return {out, mean, invstd, mean2, invstd2};
   }
@@ -341,7 +370,7 @@ class DualFunction : public torch::autograd::Function<DualFunction> {
     const variable_list s = ctx->get_saved_variables();
     const Tensor &input = s[0], &weight = s[1], &bias = s[2], &input2 = s[3], &weight2 = s[4],
                  &bias2 = s[5], &output = s[6], &mean = s[7], &invstd = s[8], &mean2 = s[9],
-                 &invstd2 = s[10];
+                 &invstd2 = s[10], &mask = s[11];
     const bool training = ctx->saved_data.at("training").toBool();
     const bool relu = ctx->saved_data.at("relu").toBool();
     if (at::GradMode::is_enabled()) {  // double backward: differentiate the recomputed forward
@@ -367,17 +396,19 @@ class DualFunction : public torch::autograd::Function<DualFunction> {
         // One reduction pass and one element-wise pass over both inputs.
         std::tie(gx, gw, gb, gz, gw2, gb2) = dual_backward_op().call(
             grad_output, input, as_optional(weight), input2, as_optional(weight2),
-            as_optional(output), mean, invstd, mean2, invstd2, training, relu);
+            as_optional(output), mean, invstd, mean2, invstd2, training, relu,
+            as_optional(mask));
       } else {
         Tensor masked;
         std::tie(gx, gw, gb, masked) =
             backward_op().call(grad_output, input, as_optional(weight), as_optional(output),
-                               mean, invstd, training, relu, need_second && relu);
+                               mean, invstd, training, relu, need_second && relu,
+                               as_optional(mask));
         if (need_second) {
           const Tensor& g2 = relu ? masked : grad_output;
           std::tie(gz, gw2, gb2, std::ignore) =
               backward_op().call(g2, input2, as_optional(weight2), c10::nullopt, mean2,
-                                 invstd2, training, false, false);
+                                 invstd2, training, false, false, c10::nullopt);
         }
       }
     }
@@ -450,7 +481,7 @@ class CatWithStatsFunction : public torch::autograd::Function<CatWithStatsFuncti
         const Tensor x = at::cat(inputs, 1);
         std::tie(gi, gw_acc, gb_acc, std::ignore) =
             backward_op().call(grad_output, x, as_optional(weight), as_optional(output), mean,
-                               invstd, true, relu, false);
+                               invstd, true, relu, false, c10::nullopt);
       }
       const auto widths = ctx->saved_data.at("widths").toIntVector();
       const auto pieces = gi.split_with_sizes(widths, 1);
@@ -825,4 +856,8 @@ TORCH_LIBRARY_IMPL(fastnn, Autograd, m) {
   m.impl("batch_norm_cat_with_stats", &fastnn::cat_autograd);
   m.impl("batch_norm_eval", &fastnn::eval_autograd);
   m.impl("batch_norm_dual", &fastnn::dual_autograd);
+  // The masked forms exist for the Autograd kernels above, which call them below autograd; called
+  // directly their outputs carry no gradient formula (backward raises).
+  m.impl("batch_norm_train_masked", torch::autograd::autogradNotImplementedFallback());
+  m.impl("batch_norm_dual_masked", torch::autograd::autogradNotImplementedFallback());
 }

@@ -41,19 +41,28 @@ TORCH_LIBRARY(fastnn, m) {
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float eps, Tensor? residual, bool relu) "
       "-> (Tensor, Tensor, Tensor)");
+  // batch_norm_train that also returns the ReLU mask of its output, for the backward to read in
+  // place of the output (what the Autograd kernel calls when relu): a uint8 tensor of
+  // ceil(numel / (16 / element size)) bytes on CUDA, empty where the device's backward reads the
+  // output instead (the CPU) or without relu. Its bytes are only meaningful to the backward.
+  m.def(
+      "batch_norm_train_masked(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, "
+      "Tensor? residual, bool relu) -> (Tensor, Tensor, Tensor, Tensor)");
   // Inference with the running statistics: out = [relu](bn(input) [+ residual]).
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
       "Tensor running_var, float eps, Tensor? residual, bool relu) -> Tensor");
   // Backward of both forwards. mean/invstd are the saved batch statistics (training) or the
   // running mean and 1/sqrt(running_var + eps) (eval), in the accumulation dtype. `output` is the
-  // forward's output, needed only for the ReLU mask. Returns (grad_input, grad_weight, grad_bias,
-  // grad_residual): grad_weight/grad_bias are [C] in the accumulation dtype; grad_residual is the
-  // ReLU-masked grad_output when residual_grad is set, else an empty tensor.
+  // forward's output, needed only for the ReLU mask; relu_mask, the mask batch_norm_train_masked
+  // returned (or None, or empty), saves reading most of it. Returns (grad_input, grad_weight,
+  // grad_bias, grad_residual): grad_weight/grad_bias are [C] in the accumulation dtype;
+  // grad_residual is the ReLU-masked grad_output when residual_grad is set, else an empty tensor.
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? output, "
-      "Tensor mean, Tensor invstd, bool training, bool relu, bool residual_grad) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor mean, Tensor invstd, bool training, bool relu, bool residual_grad, "
+      "Tensor? relu_mask=None) -> (Tensor, Tensor, Tensor, Tensor)");
 
   // Two batch norms added, for a ResNet block with a downsampling shortcut:
   // out = [relu](bn(input) + bn2(input2)), input2 of input's size, each batch norm with its own
@@ -67,13 +76,21 @@ TORCH_LIBRARY(fastnn, m) {
       "Tensor(c!)? running_mean2, Tensor(d!)? running_var2, bool training, float momentum, "
       "float eps, float momentum2, float eps2, bool relu) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // batch_norm_dual that also returns its output's ReLU mask (training with relu; as
+  // batch_norm_train_masked's).
+  m.def(
+      "batch_norm_dual_masked(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor input2, Tensor? weight2, "
+      "Tensor? bias2, Tensor(c!)? running_mean2, Tensor(d!)? running_var2, bool training, "
+      "float momentum, float eps, float momentum2, float eps2, bool relu) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Its backward: (grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2),
   // the parameter gradients in the accumulation dtype; the output gradient (zeroed where
-  // output <= 0 when relu) is read once for both inputs.
+  // output <= 0 when relu) is read once for both inputs; relu_mask as batch_norm_backward's.
   m.def(
       "batch_norm_dual_backward(Tensor grad_output, Tensor input, Tensor? weight, "
       "Tensor input2, Tensor? weight2, Tensor? output, Tensor mean, Tensor invstd, "
-      "Tensor mean2, Tensor invstd2, bool training, bool relu) "
+      "Tensor mean2, Tensor invstd2, bool training, bool relu, Tensor? relu_mask=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // The training forward and backward in parts, for statistics computed or reduced elsewhere

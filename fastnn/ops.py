@@ -51,10 +51,11 @@ def batch_norm_eval(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 
 def batch_norm_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
                         output: Optional[Tensor], mean: Tensor, invstd: Tensor, training: bool,
-                        relu: bool, residual_grad: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        relu: bool, residual_grad: bool, relu_mask: Optional[Tensor] = None
+                        ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(grad_input, grad_weight, grad_bias, grad_residual); see csrc/fastnn.cpp."""
     args = (grad_output, input, weight, output, mean, invstd, bool(training), bool(relu),
-            bool(residual_grad))
+            bool(residual_grad), relu_mask)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return torch.ops.fastnn.batch_norm_backward.default(*args)
     with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
@@ -77,10 +78,10 @@ def batch_norm_dual(input: Tensor, weight: Optional[Tensor], bias: Optional[Tens
 def batch_norm_dual_backward(grad_output: Tensor, input: Tensor, weight: Optional[Tensor],
                              input2: Tensor, weight2: Optional[Tensor], output: Optional[Tensor],
                              mean: Tensor, invstd: Tensor, mean2: Tensor, invstd2: Tensor,
-                             training: bool, relu: bool):
+                             training: bool, relu: bool, relu_mask: Optional[Tensor] = None):
     """(grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2)."""
     args = (grad_output, input, weight, input2, weight2, output, mean, invstd, mean2, invstd2,
-            bool(training), bool(relu))
+            bool(training), bool(relu), relu_mask)
     if torch.compiler.is_compiling() or torch.is_grad_enabled():
         return torch.ops.fastnn.batch_norm_dual_backward.default(*args)
     with torch._C._AutoDispatchBelowAutograd():  # no graph to record: skip the Autograd key
@@ -175,6 +176,27 @@ def _fake_train(input, weight, bias, running_mean, running_var, momentum, eps, r
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input)
 
 
+def relu_mask_numel(input: Tensor, relu: bool) -> int:
+    """Bytes of the ReLU mask the masked training forwards return: one per 16-byte vector of
+    the output on CUDA (its backward reads them in place of the output), none elsewhere."""
+    if not relu or input.device.type != "cuda":
+        return 0
+    vec = 16 // input.element_size()
+    return (input.numel() + vec - 1) // vec
+
+
+def _relu_mask(input: Tensor, relu: bool) -> Tensor:
+    return input.new_empty((relu_mask_numel(input, relu),), dtype=torch.uint8)
+
+
+def _fake_train_masked(input, weight, bias, running_mean, running_var, momentum, eps, residual,
+                       relu):
+    _check_devices("fastnn.batch_norm_train_masked", input, weight=weight, bias=bias,
+                   running_mean=running_mean, running_var=running_var, residual=residual)
+    return (_empty_like_input(input), _channel_stat(input), _channel_stat(input),
+            _relu_mask(input, relu))
+
+
 def _fake_eval(input, weight, bias, running_mean, running_var, eps, residual, relu):
     _check_devices("fastnn.batch_norm_eval", input, weight=weight, bias=bias,
                    running_mean=running_mean, running_var=running_var, residual=residual)
@@ -182,9 +204,9 @@ def _fake_eval(input, weight, bias, running_mean, running_var, eps, residual, re
 
 
 def _fake_backward(grad_output, input, weight, output, mean, invstd, training, relu,
-                   residual_grad):
+                   residual_grad, relu_mask=None):
     _check_devices("fastnn.batch_norm_backward", input, grad_output=grad_output, weight=weight,
-                   output=output, mean=mean, invstd=invstd)
+                   output=output, mean=mean, invstd=invstd, relu_mask=relu_mask)
     grad_residual = _empty_like_input(input) if residual_grad else input.new_empty((0,))
     return _empty_like_input(input), _channel_stat(input), _channel_stat(input), grad_residual
 
@@ -220,11 +242,20 @@ def _fake_dual(input, weight, bias, running_mean, running_var, input2, weight2, 
             _channel_stat(input), _channel_stat(input))
 
 
+def _fake_dual_masked(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                      running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
+                      relu):
+    return (*_fake_dual(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                        running_mean2, running_var2, training, momentum, eps, momentum2, eps2,
+                        relu),
+            _relu_mask(input, relu and training))
+
+
 def _fake_dual_backward(grad_output, input, weight, input2, weight2, output, mean, invstd, mean2,
-                        invstd2, training, relu):
+                        invstd2, training, relu, relu_mask=None):
     _check_devices("fastnn.batch_norm_dual_backward", input, grad_output=grad_output,
                    weight=weight, input2=input2, weight2=weight2, output=output, mean=mean,
-                   invstd=invstd, mean2=mean2, invstd2=invstd2)
+                   invstd=invstd, mean2=mean2, invstd2=invstd2, relu_mask=relu_mask)
     return (_empty_like_input(input), _channel_stat(input), _channel_stat(input),
             _empty_like_input(input), _channel_stat(input), _channel_stat(input))
 
@@ -289,10 +320,12 @@ if _ext.loaded():
     _lib = torch.library.Library("fastnn", "FRAGMENT")  # noqa: TOR901
 
     torch.library.register_fake("fastnn::batch_norm_train", _fake_train, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_train_masked", _fake_train_masked, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_eval", _fake_eval, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_backward", _fake_backward, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_stats", _fake_stats, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_dual", _fake_dual, lib=_lib)
+    torch.library.register_fake("fastnn::batch_norm_dual_masked", _fake_dual_masked, lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_dual_backward", _fake_dual_backward,
                                 lib=_lib)
     torch.library.register_fake("fastnn::batch_norm_train_with_stats", _fake_train_with_stats,

@@ -135,8 +135,9 @@ def batch_norm_dual(input, weight, bias, running_mean, running_var, input2, weig
 
 
 def batch_norm_dual_backward(grad_output, input, weight, input2, weight2, output, mean, invstd,
-                             mean2, invstd2, training, relu):
-    """(grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2) like the op."""
+                             mean2, invstd2, training, relu, relu_mask=None):
+    """(grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2) like the op
+    (the ReLU mask is taken from the output; relu_mask is not read)."""
     gx, gw, gb, g = batch_norm_backward(grad_output, input, weight, output, mean, invstd,
                                         training, relu, True)
     gz, gw2, gb2, _ = batch_norm_backward(g, input2, weight2, None, mean2, invstd2, training,
@@ -189,8 +190,9 @@ def batch_norm_backward_elemt(grad_output, input, weight, output, mean, invstd, 
 
 
 def batch_norm_backward(grad_output, input, weight, output, mean, invstd, training, relu,
-                        residual_grad):
-    """Returns (grad_input, grad_weight, grad_bias, grad_residual) like the fastnn op."""
+                        residual_grad, relu_mask=None):
+    """Returns (grad_input, grad_weight, grad_bias, grad_residual) like the fastnn op (the ReLU
+    mask is taken from the output; relu_mask is not read)."""
     acc = accumulate_dtype(input.dtype)
     grad_bias, grad_weight, grad_residual = batch_norm_backward_reduce(
         grad_output, input, output, mean, invstd, relu, residual_grad)

@@ -202,6 +202,68 @@ def test_backward(emu, shape, dt, kind, training):
     _check_no_nan([t for t in got[:4] if t.numel()], "batch_norm_backward")
 
 
+def _reads_vectors(x):
+    """Whether the backward reads x's shape in 16-byte vectors (and so the forward's ReLU mask):
+    an aligned input, and in rows (channels_last, or one value per plane) whole vectors of
+    channels."""
+    vec = 16 // x.element_size()
+    spatial = x.numel() // max(1, x.shape[0] * x.shape[1])
+    rows = spatial == 1 or not x.is_contiguous()
+    aligned = x.data_ptr() % 16 == 0
+    return aligned and (not rows or x.shape[1] % vec == 0)
+
+
+def _mask_numel(x):
+    vec = 16 // x.element_size()
+    return (x.numel() + vec - 1) // vec
+
+
+def _check_backward_with_mask(backward, args, mask, x, dtype, cpu_op, what):
+    """The backward given the forward's ReLU mask: what it gives reading the output and the CPU
+    kernels' result (to rounding: its kernels are other instantiations, whose occupancy may
+    give another grid and so another order of the partial sums); and it does read the mask
+    where it reads vectors (the mask's bits flipped change the gradients)."""
+    from_out = backward(*args)
+    from_mask = backward(*args, mask)
+    want = cpu_op(*args)
+    for i, (a, b, w) in enumerate(zip(from_out, from_mask, want)):
+        if w.numel():
+            d = dtype if w.dtype == dtype else w.dtype
+            assert_close(b, a, d, grad=True, msg=f"{what} output {i}, mask against output")
+            assert_close(b, w, d, grad=True, msg=f"{what} output {i}")
+    flipped = backward(*args, mask ^ 0xFF)
+    changed = not torch.equal(_bits(flipped[0]), _bits(from_out[0]))
+    assert changed == _reads_vectors(x), f"{what}: the mask is read {changed}"
+
+
+@pytest.mark.parametrize("res", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_train_relu_mask(emu, shape, dt, res):
+    """batch_norm_train_masked: batch_norm_train's outputs and running statistics, and a mask
+    the backward reads in place of the output (with and without grad_residual)."""
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    w, b, rm, rv = make_params(x.shape[1], param_dtype(dtype), "cpu")
+    r = _input(shape, dtype, shift=0.0) if res else None
+    emu.configure(*GRIDS[_grid_for(shape, dt, str(res))], 0, 0)
+    rm_e, rv_e = rm.clone(), rv.clone()
+    out, mean, invstd, mask = emu.batch_norm_train_masked(x, w, b, rm_e, rv_e, 0.1, 1e-5, r, True)
+    want = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, r, True)
+    for i, (g, e) in enumerate(zip((out, mean, invstd, rm_e, rv_e), (*want, rm, rv))):
+        assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"output {i}")
+    assert mask.dtype == torch.uint8 and mask.shape == (_mask_numel(x),)
+    g = _input(shape, dtype, shift=0.0)
+    for residual_grad in (False, True):
+        _check_backward_with_mask(emu.batch_norm_backward,
+                                  [g, x, w, out, mean, invstd, True, True, residual_grad], mask,
+                                  x, dtype, torch.ops.fastnn.batch_norm_backward,
+                                  f"backward (grad_residual {residual_grad})")
+    emu.configure(*GRIDS["narrow"], 0, 0)
+    # no mask without relu
+    assert emu.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, r, False)[3].numel() == 0
+
+
 def _dual_args(shape, dtype, training, relu):
     """The arguments of batch_norm_dual: two inputs, each with its own parameters."""
     x = _input(shape, dtype)
@@ -220,6 +282,63 @@ def test_dual(emu, shape, dt, relu, training):
     got = run_both(emu, "batch_norm_dual", _dual_args(shape, dtype, training, relu),
                    _grid_for(shape, dt, str(relu), str(training)), dtype)
     _check_no_nan(got, "batch_norm_dual")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", ["nchw_odd", "nchw_segments", "nhwc_rows", "2d"])
+def test_train_relu_mask_misaligned_residual(emu, shape, dt):
+    """A residual that is not 16-byte aligned makes the normalize run 1 wide; the mask is then
+    written from the output, and the backward (whose own tensors are aligned) reads it."""
+    dtype = DTYPES[dt]
+    x = _input(shape, dtype)
+    w, b, _, _ = make_params(x.shape[1], param_dtype(dtype), "cpu")
+    r0 = _input(shape, dtype, shift=0.0)
+    r = torch.empty(r0.numel() + 1, dtype=dtype)[1:].as_strided(r0.shape, r0.stride()).copy_(r0)
+    out, mean, invstd, mask = emu.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, r, True)
+    want = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, r, True)
+    assert_close(out, want[0], dtype, msg="output")
+    g = _input(shape, dtype, shift=0.0)
+    _check_backward_with_mask(emu.batch_norm_backward,
+                              [g, x, w, out, mean, invstd, True, True, True], mask, x, dtype,
+                              torch.ops.fastnn.batch_norm_backward, "backward")
+
+
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_dual_relu_mask(emu, shape, dt):
+    """batch_norm_dual_masked in training with relu: batch_norm_dual's outputs and a mask the
+    dual backward reads in place of the output; no mask in eval."""
+    dtype = DTYPES[dt]
+    args = _dual_args(shape, dtype, True, True)
+    x, w, z, w2 = args[0], args[1], args[5], args[6]
+    emu.configure(*GRIDS[_grid_for(shape, dt)], 0, 0)
+    out, m1, i1, m2, i2, mask = emu.batch_norm_dual_masked(*_clone(args))
+    want = torch.ops.fastnn.batch_norm_dual(*_clone(args))
+    for i, (g, e) in enumerate(zip((out, m1, i1, m2, i2), want)):
+        assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"output {i}")
+    assert mask.dtype == torch.uint8 and mask.shape == (_mask_numel(x),)
+    g = _input(shape, dtype, shift=0.0)
+    _check_backward_with_mask(emu.batch_norm_dual_backward,
+                              [g, x, w, z, w2, out, m1, i1, m2, i2, True, True], mask, x, dtype,
+                              torch.ops.fastnn.batch_norm_dual_backward, "dual backward")
+    emu.configure(*GRIDS["narrow"], 0, 0)
+    eval_args = _dual_args(shape, dtype, False, True)
+    assert emu.batch_norm_dual_masked(*eval_args)[5].numel() == 0
+
+
+def test_relu_mask_checked(emu):
+    """A relu_mask that is not the masked forward's for this input is refused, by name."""
+    x = _input("nchw_odd", torch.float32)
+    w, b, _, _ = make_params(x.shape[1], torch.float32, "cpu")
+    out, mean, invstd, mask = emu.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, None,
+                                                          True)
+    args = [torch.randn_like(x), x, w, out, mean, invstd, True, True, False]
+    for bad in (mask[:-1], mask.to(torch.int32), torch.stack([mask, mask], 1)):
+        with pytest.raises(RuntimeError, match="relu_mask"):
+            emu.batch_norm_backward(*args, bad)
+    # an empty mask is no mask: the output is read
+    torch.testing.assert_close(emu.batch_norm_backward(*args, mask[:0])[0],
+                               emu.batch_norm_backward(*args)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -248,6 +248,84 @@ def test_fake_kernels_match_real(kernel_only):
             assert (a.shape, a.dtype, a.stride()) == (f.shape, f.dtype, f.stride())
 
 
+def _clone_args(args):
+    return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+
+def _assert_same(got, want, what):
+    for i, (g, w) in enumerate(zip(got, want)):
+        if isinstance(w, torch.Tensor):
+            assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride(), \
+                (what, i)
+            assert torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), \
+                f"{what}: output or argument {i} differs"
+
+
+def test_masked_forms(kernel_only):
+    """batch_norm_train_masked: batch_norm_train's outputs and running statistics, bitwise, and
+    the ReLU mask of the size its fake kernel gives (ops.relu_mask_numel: on CUDA with relu a
+    byte per 16-byte vector, else empty); opcheck'ed."""
+    for args in _sample_train_args(kernel_only, False):
+        plain, masked = _clone_args(args), _clone_args(args)
+        want = torch.ops.fastnn.batch_norm_train(*plain)
+        *got, mask = torch.ops.fastnn.batch_norm_train_masked(*masked)
+        _assert_same(got + masked, list(want) + plain, "batch_norm_train_masked")
+        assert mask.dtype == torch.uint8 and mask.device == args[0].device
+        assert mask.shape == (ops.relu_mask_numel(args[0], args[8]),)
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_train_masked.default, args)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dual_masked_form(dual_kernel, training):
+    for args in _dual_args(dual_kernel, False, training):
+        plain, masked = _clone_args(args), _clone_args(args)
+        want = torch.ops.fastnn.batch_norm_dual(*plain)
+        *got, mask = torch.ops.fastnn.batch_norm_dual_masked(*masked)
+        _assert_same(got + masked, list(want) + plain, "batch_norm_dual_masked")
+        assert mask.shape == (ops.relu_mask_numel(args[0], args[-1] and training),)
+        torch.library.opcheck(torch.ops.fastnn.batch_norm_dual_masked.default, args)
+
+
+def test_fake_relu_mask_on_cuda():
+    """The fake kernels give CUDA inputs the mask the CUDA kernels return: ceil(numel / (16 /
+    element size)) bytes with relu (so torch.compile plans the CUDA ops right on any machine)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C is not built")
+    with FakeTensorMode():
+        for dtype, vec in ((torch.float32, 4), (torch.bfloat16, 8), (torch.float64, 2)):
+            x = torch.empty(3, 5, 7, 3, dtype=dtype, device="cuda")
+            for relu in (False, True):
+                mask = torch.ops.fastnn.batch_norm_train_masked(x, None, None, None, None, 0.1,
+                                                                1e-5, None, relu)[3]
+                assert mask.device.type == "cuda" and mask.dtype == torch.uint8
+                assert mask.shape == ((3 * 5 * 7 * 3 + vec - 1) // vec if relu else 0,)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_backward_from_the_forward_mask(dtype, fmt, residual):
+    """On CUDA the training backward through autograd (which gives it the forward's ReLU mask)
+    is bitwise the backward op reading the output, on shapes with and without scalar heads."""
+    if not (torch.cuda.is_available() and ops.has_kernel("cuda")):
+        pytest.skip("needs fastnn's CUDA kernels and a GPU")
+    for shape in ((8, 16, 14, 14), (5, 24, 7, 9), (3, 32, 33, 1)):
+        x = make_input(shape, dtype, "cuda", fmt).requires_grad_()
+        w, b, _, _ = make_params(shape[1], torch.float32, "cuda")
+        r = make_input(shape, dtype, "cuda", fmt, shift=0.0).requires_grad_() if residual else None
+        out, mean, invstd = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, r,
+                                                              True)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x] + ([r] if residual else []), g)
+        want = torch.ops.fastnn.batch_norm_backward(g, x.detach(), w, out.detach(), mean, invstd,
+                                                    True, True, residual)
+        _assert_same(got, [want[0]] + ([want[3]] if residual else []), f"{shape}")
+
+
 # ---------------------------------------------------------------------------------------------
 # More than 2^31 elements (64-bit indexing)
 

@@ -2088,13 +2088,69 @@ bool set_reduced_cpu_kernels(const void* table) {
   &fastnn::cpu::Route<decltype(&fastnn::cpu::fn)>::template call<&fastnn::cpu::fn,        \
                                                                  &fastnn::cpu::KernelTable::member>
 
+namespace fastnn {
+namespace cpu {
+namespace {
+
+using OptTensor = c10::optional<Tensor>;
+
+// The ops' ReLU-mask forms. The CPU backward reads the output itself (its passes are cache
+// blocked: the output's bytes cost what a mask's would), so the masked forwards return an empty
+// mask and the backwards ignore relu_mask.
+Tensor no_mask(const Tensor& input) { return at::empty({0}, input.options().dtype(at::kByte)); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> train_masked(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
+    const OptTensor& residual, bool relu) {
+  auto [out, mean, invstd] = (*FASTNN_ROUTE(batch_norm_train_cpu, train))(
+      input, weight, bias, running_mean, running_var, momentum, eps, residual, relu);
+  return {out, mean, invstd, no_mask(input)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
+    const OptTensor& output, const Tensor& mean, const Tensor& invstd, bool training, bool relu,
+    bool residual_grad, const OptTensor& /*relu_mask*/) {
+  return (*FASTNN_ROUTE(batch_norm_backward_cpu, backward))(
+      grad_output, input, weight, output, mean, invstd, training, relu, residual_grad);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_masked(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const Tensor& input2,
+    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
+    const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
+    double eps2, bool relu) {
+  auto [out, mean, invstd, mean2, invstd2] = (*FASTNN_ROUTE(batch_norm_dual_cpu, dual))(
+      input, weight, bias, running_mean, running_var, input2, weight2, bias2, running_mean2,
+      running_var2, training, momentum, eps, momentum2, eps2, relu);
+  return {out, mean, invstd, mean2, invstd2, no_mask(input)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_backward(
+    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& input2,
+    const OptTensor& weight2, const OptTensor& output, const Tensor& mean, const Tensor& invstd,
+    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu,
+    const OptTensor& /*relu_mask*/) {
+  return (*FASTNN_ROUTE(batch_norm_dual_backward_cpu, dual_backward))(
+      grad_output, input, weight, input2, weight2, output, mean, invstd, mean2, invstd2, training,
+      relu);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastnn
+
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_train", FASTNN_ROUTE(batch_norm_train_cpu, train));
   m.impl("batch_norm_eval", FASTNN_ROUTE(batch_norm_eval_cpu, eval));
-  m.impl("batch_norm_backward", FASTNN_ROUTE(batch_norm_backward_cpu, backward));
+  m.impl("batch_norm_train_masked", &fastnn::cpu::train_masked);
+  m.impl("batch_norm_backward", &fastnn::cpu::backward);
   m.impl("batch_norm_stats", FASTNN_ROUTE(batch_norm_stats_cpu, stats));
   m.impl("batch_norm_dual", FASTNN_ROUTE(batch_norm_dual_cpu, dual));
-  m.impl("batch_norm_dual_backward", FASTNN_ROUTE(batch_norm_dual_backward_cpu, dual_backward));
+  m.impl("batch_norm_dual_masked", &fastnn::cpu::dual_masked);
+  m.impl("batch_norm_dual_backward", &fastnn::cpu::dual_backward);
   m.impl("batch_norm_train_with_stats",
          FASTNN_ROUTE(batch_norm_train_with_stats_cpu, train_with_stats));
   m.impl("batch_norm_backward_reduce",

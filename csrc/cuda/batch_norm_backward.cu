@@ -26,6 +26,7 @@ struct BackwardArgs {
   acc_t* grad_bias;
   acc_t inv_count;
   at::TensorOptions stat_options;
+  uint8_t* fwd_mask;  // the training forward's ReLU mask (relu_mask), or null
 };
 
 template <typename scalar_t, typename acc_t>
@@ -53,10 +54,27 @@ inline uint8_t* bits_ptr(const at::Tensor& bits) {
   return bits.defined() ? bits.data_ptr<uint8_t>() : nullptr;
 }
 
+// The relu_mask argument: null when absent or empty (the output's values are read), else the
+// mask a masked training forward returned for this input, checked to be one.
+uint8_t* checked_relu_mask(const char* op, const c10::optional<at::Tensor>& relu_mask,
+                           const at::Tensor& input) {
+  if (!relu_mask.has_value() || !relu_mask->defined() || relu_mask->numel() == 0) return nullptr;
+  const at::Tensor& m = *relu_mask;
+  const int64_t want = ceil_div(input.numel(), 16 / input.element_size());
+  TORCH_CHECK(m.scalar_type() == at::kByte && m.dim() == 1 && m.numel() == want &&
+                  m.is_contiguous(),
+              op, ": relu_mask must be the ReLU mask the masked training forward returned for "
+              "this input (", want, " contiguous uint8 values), got ", m.scalar_type(), " of "
+              "shape ", m.sizes());
+  TORCH_CHECK(m.device() == input.device(), op, ": relu_mask is on ", m.device(),
+              " but input is on ", input.device());
+  return m.data_ptr<uint8_t>();
+}
+
 // The reduce and dx kernels of the rows (ROWS) or planes layout, and the layout's geometry in a
 // plan.
 template <bool ROWS, typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR,
-          bool EVAL_DX, bool DUAL, bool BITS>
+          bool EVAL_DX, bool DUAL, int BITS>
 constexpr auto reduce_kernel() {
   if constexpr (ROWS) {
     return bn_backward_reduce_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR, EVAL_DX, DUAL, BITS>;
@@ -87,15 +105,18 @@ const auto& geometry(const Launch& L) {
 // The dx pass reads the masked gradient back from grad_residual when it was written, else
 // grad_output masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars).
 // ROWS picks the layout's kernels; the two passes share one plan, so the mask's bytes are the
-// same vectors in both.
+// same vectors in both. With FWD (training, relu, vectors) the mask is the forward's: both
+// passes read it and the reduce pass no longer reads the output's vectors.
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING,
-          bool ROWS>
+          bool ROWS, bool FWD>
 void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
+  static_assert(!FWD || (RELU && TRAINING && V > 1), "the forward's mask is of vectors");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kMask = RELU && !WRITE_GR;
   constexpr bool kBits = kMask && TRAINING && V > 1;
+  constexpr int kReduceBits = FWD ? kBitsRead : kBits ? kBitsWrite : kBitsNone;
   auto reduce =
-      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false, kBits>();
+      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false, kReduceBits>();
   auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, kMask, false, kBits>();
   static const int bps =
       TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx)) : blocks_per_sm(reduce);
@@ -105,15 +126,16 @@ void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
   at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
-  const at::Tensor bits = relu_bits(a, kBits, V);
+  const at::Tensor scratch = relu_bits(a, kBits && !FWD, V);
+  uint8_t* bits = FWD ? a.fwd_mask : bits_ptr(scratch);
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
                                          TRAINING ? nullptr : a.dx, geom, pp,
-                                         SecondInput<scalar_t, acc_t>{}, bits_ptr(bits));
+                                         SecondInput<scalar_t, acc_t>{}, bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
   if constexpr (TRAINING) {
     dx<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef, a.dx,
-                                       geom, SecondInput<scalar_t, acc_t>{}, bits_ptr(bits));
+                                       geom, SecondInput<scalar_t, acc_t>{}, bits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -125,7 +147,8 @@ void reduce_only(const BackwardArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t C = a.layout.C;
   FASTNN_BOOL_SWITCH(a.layout.rows, ROWS, [&] {
-    auto reduce = reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, false, false, false>();
+    auto reduce =
+        reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, false, false, kBitsNone>();
     static const int bps = blocks_per_sm(reduce);
     const Launch L = plan(a.layout, V, sm_count() * bps);
     at::Tensor partial = at::empty({2 * L.partials * C}, a.stat_options);
@@ -156,12 +179,16 @@ void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
 // batch_norm_dual_backward: one reduction pass over g, x and z (g = grad_output masked by the
 // output when relu; in eval dx and dz written in the same pass), a finalize for both batch
 // norms, and in training one pass writing dx and dz from the same g.
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool TRAINING, bool ROWS>
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool TRAINING, bool ROWS,
+          bool FWD>
 void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
                           SecondInput<scalar_t, acc_t> second) {
+  static_assert(!FWD || (RELU && TRAINING && V > 1), "the forward's mask is of vectors");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kBits = RELU && TRAINING && V > 1;
-  auto reduce = reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, false, !TRAINING, true, kBits>();
+  constexpr int kReduceBits = FWD ? kBitsRead : kBits ? kBitsWrite : kBitsNone;
+  auto reduce =
+      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, false, !TRAINING, true, kReduceBits>();
   // Only training launches the dx kernel; eval names the training one (no other instantiation).
   constexpr bool kDxBits = RELU && V > 1;
   auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, RELU, true, kDxBits>();
@@ -174,10 +201,10 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
   acc_t* pp = partial.data_ptr<acc_t>();
   acc_t* coef = TRAINING ? pp + 3 * L.partials * C : nullptr;
   second.coef = TRAINING ? coef + 3 * C : nullptr;
-  const at::Tensor bits = relu_bits(a, kBits, V);
+  const at::Tensor scratch = relu_bits(a, kBits && !FWD, V);
+  uint8_t* bits = FWD ? a.fwd_mask : bits_ptr(scratch);
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, nullptr,
-                                         TRAINING ? nullptr : a.dx, geom, pp, second,
-                                         bits_ptr(bits));
+                                         TRAINING ? nullptr : a.dx, geom, pp, second, bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_backward_finalize_kernel<scalar_t, acc_t, true>
       <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
@@ -186,7 +213,7 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (TRAINING) {
     dx<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second,
-                                       bits_ptr(bits));
+                                       bits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -196,10 +223,11 @@ void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
-    bool training, bool relu, bool residual_grad) {
+    bool training, bool relu, bool residual_grad, const c10::optional<at::Tensor>& relu_mask) {
   check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
   TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_backward: input must be a CUDA tensor, got ",
               input.device());
+  uint8_t* fwd_mask = checked_relu_mask("fastnn.batch_norm_backward", relu_mask, input);
   const c10::cuda::CUDAGuard guard(input.device());
   const BNShape shape = bn_shape(input);
   const at::TensorOptions fmt_options = input.options().memory_format(shape.format);
@@ -240,17 +268,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     a.grad_bias = grad_bias.data_ptr<acc_t>();
     a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
     a.stat_options = stat_options;
+    a.fwd_mask = fwd_mask;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.gr, a.dx});
     FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
       FASTNN_BOOL_SWITCH(relu, RELU, [&] {
         FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
           FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
-            if (layout.rows) {
-              backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, true>(a);
-            } else {
-              backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, false>(a);
-            }
+            FASTNN_BOOL_SWITCH(fwd_mask != nullptr, GIVEN, [&] {
+              constexpr bool kFwd = GIVEN && RELU && TRAINING && V > 1;
+              if (layout.rows) {
+                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, true, kFwd>(a);
+              } else {
+                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, false, kFwd>(a);
+              }
+            });
           });
         });
       });
@@ -376,9 +408,11 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
                               const c10::optional<at::Tensor>& weight2,
                               const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                               const at::Tensor& invstd, const at::Tensor& mean2,
-                              const at::Tensor& invstd2, bool training, bool relu) {
+                              const at::Tensor& invstd2, bool training, bool relu,
+                              const c10::optional<at::Tensor>& relu_mask) {
   constexpr const char* kOp = "fastnn.batch_norm_dual_backward";
   check_grad_args(kOp, grad_output, input, weight, output, mean, invstd, relu);
+  uint8_t* fwd_mask = checked_relu_mask(kOp, relu_mask, input);
   check_same_shape(kOp, "input2", input, input2);
   check_channel_tensor(kOp, "weight2", input, weight2);
   check_stat_tensor(kOp, "mean2", input, mean2);
@@ -433,16 +467,20 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
     second.dz = grad_input2.data_ptr<scalar_t>();
     second.grad_weight = grad_weight2.data_ptr<acc_t>();
     second.grad_bias = grad_bias2.data_ptr<acc_t>();
+    a.fwd_mask = fwd_mask;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.dx, second.z, second.dz});
     FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
       FASTNN_BOOL_SWITCH(relu, RELU, [&] {
         FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
-          if (layout.rows) {
-            dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, true>(a, second);
-          } else {
-            dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, false>(a, second);
-          }
+          FASTNN_BOOL_SWITCH(fwd_mask != nullptr, GIVEN, [&] {
+            constexpr bool kFwd = GIVEN && RELU && TRAINING && V > 1;
+            if (layout.rows) {
+              dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, true, kFwd>(a, second);
+            } else {
+              dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, false, kFwd>(a, second);
+            }
+          });
         });
       });
     });

@@ -5,9 +5,11 @@
 
 TORCH_LIBRARY_IMPL(fastnn, CUDA, m) {
   m.impl("batch_norm_train", &fastnn::cuda::batch_norm_train_cuda);
+  m.impl("batch_norm_train_masked", &fastnn::cuda::batch_norm_train_masked_cuda);
   m.impl("batch_norm_eval", &fastnn::cuda::batch_norm_eval_cuda);
   m.impl("batch_norm_backward", &fastnn::cuda::batch_norm_backward_cuda);
   m.impl("batch_norm_dual", &fastnn::cuda::batch_norm_dual_cuda);
+  m.impl("batch_norm_dual_masked", &fastnn::cuda::batch_norm_dual_masked_cuda);
   m.impl("batch_norm_dual_backward", &fastnn::cuda::batch_norm_dual_backward_cuda);
   m.impl("batch_norm_stats", &fastnn::cuda::batch_norm_stats_cuda);
   m.impl("batch_norm_train_with_stats", &fastnn::cuda::batch_norm_train_with_stats_cuda);

@@ -16,6 +16,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
     const c10::optional<at::Tensor>& running_var, double momentum, double eps,
     const c10::optional<at::Tensor>& residual, bool relu);
 
+// batch_norm_train with the output's ReLU mask (see batch_norm_kernels.cuh) as a fourth output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_masked_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu);
+
 at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                                 const c10::optional<at::Tensor>& bias,
                                 const at::Tensor& running_mean, const at::Tensor& running_var,
@@ -24,9 +31,20 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at:
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& output, const at::Tensor& mean, const at::Tensor& invstd,
-    bool training, bool relu, bool residual_grad);
+    bool training, bool relu, bool residual_grad,
+    const c10::optional<at::Tensor>& relu_mask = c10::nullopt);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_dual_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
+    bool training, double momentum, double eps, double momentum2, double eps2, bool relu);
+
+// batch_norm_dual with the output's ReLU mask (training with relu) as a sixth output.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+batch_norm_dual_masked_cuda(
     const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
@@ -40,7 +58,8 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
                               const c10::optional<at::Tensor>& weight2,
                               const c10::optional<at::Tensor>& output, const at::Tensor& mean,
                               const at::Tensor& invstd, const at::Tensor& mean2,
-                              const at::Tensor& invstd2, bool training, bool relu);
+                              const at::Tensor& invstd2, bool training, bool relu,
+                              const c10::optional<at::Tensor>& relu_mask = c10::nullopt);
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input);
 

@@ -23,6 +23,7 @@ struct TrainArgs {
   acc_t inv_count;
   acc_t eps;
   at::TensorOptions stat_options;
+  uint8_t* mask;  // the ReLU mask to write (see batch_norm_kernels.cuh), or null
 };
 
 // Where each channel's statistics shift is sampled (see channel_shift): its first element, one
@@ -90,12 +91,12 @@ AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean,
   return p;
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool MASK>
 void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   using SR = StatsRows<scalar_t, acc_t, V>;
   auto stats = SR::kernel;
-  auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+  auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true, false, MASK>;
   // Both kernels fill the device once with the same number of threads, each walking its rows in
   // order, so that normalize, walking backwards, revisits first what the statistics pass read
   // last (the last rows, whichever vector width each kernel reads).
@@ -109,15 +110,15 @@ void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
   launch_finalize(a, pp, Ls.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.rows, AffineParams<acc_t>{});
+                                       L.rows, AffineParams<acc_t>{}, a.mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool MASK>
 void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto stats = bn_stats_planes_kernel<scalar_t, acc_t, V>;
-  auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+  auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true, false, MASK>;
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
   const Launch L = plan_planes(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
@@ -127,7 +128,7 @@ void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
   launch_finalize(a, pp, L.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.planes, AffineParams<acc_t>{});
+                                       L.planes, AffineParams<acc_t>{}, a.mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -140,12 +141,44 @@ void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* 
     auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
     static const int bps = blocks_per_sm(norm);
     const Launch L = plan_rows(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows, AffineParams<acc_t>{});
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows, AffineParams<acc_t>{},
+                                         nullptr);
   } else {
     auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
     static const int bps = blocks_per_sm(norm);
     const Launch L = plan_planes(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes, AffineParams<acc_t>{});
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes, AffineParams<acc_t>{},
+                                         nullptr);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The ReLU mask a masked training forward returns: one byte per 16-byte vector of the output
+// (ceil(numel / (16 / element size)) bytes), written by the normalize kernel (or from the output
+// when the normalize ran V = 1 wide); empty when not asked for. Its bytes are read only by a
+// backward that runs 16-byte vectors, on the vectors the normalize's plan gives at that width.
+inline at::Tensor relu_mask_tensor(const at::Tensor& input, bool wanted) {
+  const int64_t n = wanted ? ceil_div(input.numel(), 16 / input.element_size()) : 0;
+  return at::empty({n}, input.options().dtype(at::kByte));
+}
+
+// The mask of an output the normalize wrote V = 1 wide, at the width the backward reads it;
+// nothing where the backward cannot run vectors (rows with C not a multiple of the width).
+template <typename scalar_t>
+void relu_mask_from_output(const KernelLayout& layout, const scalar_t* out, uint8_t* mask) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  if (!use_vectors(layout, kVec, {out})) return;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (layout.rows) {
+    auto kernel = bn_relu_mask_rows_kernel<scalar_t, kVec>;
+    static const int bps = blocks_per_sm(kernel);
+    const Launch L = plan_rows(layout, kVec, sm_count() * bps);
+    kernel<<<L.grid, L.block, 0, stream>>>(out, L.rows, mask);
+  } else {
+    auto kernel = bn_relu_mask_planes_kernel<scalar_t, kVec>;
+    static const int bps = blocks_per_sm(kernel);
+    const Launch L = plan_planes(layout, kVec, sm_count() * bps);
+    kernel<<<L.grid, L.block, 0, stream>>>(out, L.planes, mask);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -200,12 +233,13 @@ struct DualArgs {
   acc_t inv_count;
   acc_t eps[2];
   at::TensorOptions stat_options;
+  uint8_t* mask;  // the ReLU mask to write (training), or null
 };
 
 // batch_norm_dual: in training the statistics pass of each input and their finalize (running
 // statistics updated), then one pass out = [relu](bn(x) + bn2(z)). In eval mean/invstd are
 // already set from the running statistics.
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool ROWS>
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool ROWS, bool MASK>
 void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   auto stats = [] {
@@ -217,9 +251,9 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   }();
   auto norm = [] {
     if constexpr (ROWS) {
-      return bn_normalize_rows_kernel<scalar_t, acc_t, V, true, RELU, true, true>;
+      return bn_normalize_rows_kernel<scalar_t, acc_t, V, true, RELU, true, true, MASK>;
     } else {
-      return bn_normalize_planes_kernel<scalar_t, acc_t, V, true, RELU, true, true>;
+      return bn_normalize_planes_kernel<scalar_t, acc_t, V, true, RELU, true, true, MASK>;
     }
   }();
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
@@ -251,7 +285,8 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.z, a.out,
                                        with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]),
                                        geom(L),
-                                       with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]));
+                                       with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]),
+                                       a.mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -326,16 +361,23 @@ void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+namespace {
+
+// batch_norm_train, and with `want_mask` and relu also the ReLU mask of the output (else an
+// empty tensor): (output, save_mean, save_invstd, mask).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_impl(
+    const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
     const c10::optional<at::Tensor>& running_var, double momentum, double eps,
-    const c10::optional<at::Tensor>& residual, bool relu) {
+    const c10::optional<at::Tensor>& residual, bool relu, bool want_mask) {
   check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
-  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_train: input must be a CUDA tensor, got ",
-              input.device());
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  if (input.numel() == 0) return empty_batch_train(input);
+  at::Tensor mask = relu_mask_tensor(input, want_mask && relu);
+  if (input.numel() == 0) {
+    auto [out, mean, invstd] = empty_batch_train(input);
+    return {out, mean, invstd, mask};
+  }
 
   const BNShape shape = bn_shape(input);
   const KernelLayout layout = kernel_layout(shape);
@@ -367,21 +409,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
     a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
     a.eps = static_cast<acc_t>(eps);
     a.stat_options = stat_options;
+    a.mask = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = use_vectors(layout, kVec, {a.x, a.res, a.out});
     FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
       FASTNN_BOOL_SWITCH(has_res, RES, [&] {
         FASTNN_BOOL_SWITCH(relu, RELU, [&] {
-          if (layout.rows) {
-            train_rows<scalar_t, acc_t, V, RES, RELU>(a);
-          } else {
-            train_planes<scalar_t, acc_t, V, RES, RELU>(a);
-          }
+          FASTNN_BOOL_SWITCH(a.mask != nullptr, WANT, [&] {
+            constexpr bool kMask = WANT && RELU && V > 1;
+            if (layout.rows) {
+              train_rows<scalar_t, acc_t, V, RES, RELU, kMask>(a);
+            } else {
+              train_planes<scalar_t, acc_t, V, RES, RELU, kMask>(a);
+            }
+          });
         });
       });
     });
+    if (a.mask != nullptr && !vec) relu_mask_from_output(layout, a.out, a.mask);
   });
-  return {out, save_mean, save_invstd};
+  return {out, save_mean, save_invstd, mask};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu) {
+  auto [out, mean, invstd, mask] =
+      train_impl("fastnn.batch_norm_train", input, weight, bias, running_mean, running_var,
+                 momentum, eps, residual, relu, false);
+  return {out, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_train_masked_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, double momentum, double eps,
+    const c10::optional<at::Tensor>& residual, bool relu) {
+  return train_impl("fastnn.batch_norm_train_masked", input, weight, bias, running_mean,
+                    running_var, momentum, eps, residual, relu, true);
 }
 
 at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
@@ -571,26 +640,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_cat_with_stats_cuda(
   return {out, save_mean, save_invstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_dual_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
-    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
-    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
-    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
-    bool training, double momentum, double eps, double momentum2, double eps2, bool relu) {
+namespace {
+
+using Dual6 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// batch_norm_dual, and with `want_mask`, training and relu also the ReLU mask of the output
+// (else an empty tensor): (output, mean, invstd, mean2, invstd2, mask).
+Dual6 dual_impl(const char* op, const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                const c10::optional<at::Tensor>& bias,
+                const c10::optional<at::Tensor>& running_mean,
+                const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+                const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+                const c10::optional<at::Tensor>& running_mean2,
+                const c10::optional<at::Tensor>& running_var2, bool training, double momentum,
+                double eps, double momentum2, double eps2, bool relu, bool want_mask) {
   check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
                   running_mean2, running_var2, training, eps, eps2);
-  TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_dual: input must be a CUDA tensor, got ",
-              input.device());
+  TORCH_CHECK(input.is_cuda(), op, ": input must be a CUDA tensor, got ", input.device());
   const c10::cuda::CUDAGuard guard(input.device());
   const BNShape shape = bn_shape(input);
   const at::ScalarType acc = accumulate_type(input.scalar_type());
   const at::TensorOptions stat_options = input.options().dtype(acc);
   at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  at::Tensor mask = relu_mask_tensor(input, want_mask && training && relu);
   const int64_t C = shape.C;
   if (training && input.numel() == 0) {
-    return {out, at::zeros({C}, stat_options), at::zeros({C}, stat_options),
-            at::zeros({C}, stat_options), at::zeros({C}, stat_options)};
+    return {out,  at::zeros({C}, stat_options), at::zeros({C}, stat_options),
+            at::zeros({C}, stat_options), at::zeros({C}, stat_options), mask};
   }
   at::Tensor mean1 = at::empty({C}, stat_options), invstd1 = at::empty({C}, stat_options);
   at::Tensor mean2 = at::empty({C}, stat_options), invstd2 = at::empty({C}, stat_options);
@@ -635,19 +711,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
                                           a.invstd[1], RunningUpdate<acc_t>{}, stream);
     }
     if (input.numel() == 0) return;
+    a.mask = mask.numel() > 0 ? mask.data_ptr<uint8_t>() : nullptr;
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = use_vectors(layout, kVec, {a.x, a.z, a.out});
     FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
       FASTNN_BOOL_SWITCH(relu, RELU, [&] {
-        if (layout.rows) {
-          dual_launch<scalar_t, acc_t, V, RELU, true>(a);
-        } else {
-          dual_launch<scalar_t, acc_t, V, RELU, false>(a);
-        }
+        FASTNN_BOOL_SWITCH(a.mask != nullptr, WANT, [&] {
+          constexpr bool kMask = WANT && RELU && V > 1;
+          if (layout.rows) {
+            dual_launch<scalar_t, acc_t, V, RELU, true, kMask>(a);
+          } else {
+            dual_launch<scalar_t, acc_t, V, RELU, false, kMask>(a);
+          }
+        });
       });
     });
+    if (a.mask != nullptr && !vec) relu_mask_from_output(layout, a.out, a.mask);
   });
-  return {out, mean1, invstd1, mean2, invstd2};
+  return {out, mean1, invstd1, mean2, invstd2, mask};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_dual_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
+    bool training, double momentum, double eps, double momentum2, double eps2, bool relu) {
+  auto [out, mean, invstd, mean2, invstd2, mask] =
+      dual_impl("fastnn.batch_norm_dual", input, weight, bias, running_mean, running_var, input2,
+                weight2, bias2, running_mean2, running_var2, training, momentum, eps, momentum2,
+                eps2, relu, false);
+  return {out, mean, invstd, mean2, invstd2};
+}
+
+Dual6 batch_norm_dual_masked_cuda(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var, const at::Tensor& input2,
+    const c10::optional<at::Tensor>& weight2, const c10::optional<at::Tensor>& bias2,
+    const c10::optional<at::Tensor>& running_mean2, const c10::optional<at::Tensor>& running_var2,
+    bool training, double momentum, double eps, double momentum2, double eps2, bool relu) {
+  return dual_impl("fastnn.batch_norm_dual_masked", input, weight, bias, running_mean,
+                   running_var, input2, weight2, bias2, running_mean2, running_var2, training,
+                   momentum, eps, momentum2, eps2, relu, true);
 }
 
 }  // namespace cuda

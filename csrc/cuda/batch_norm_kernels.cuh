@@ -257,6 +257,17 @@ __device__ __forceinline__ bool relu_passes(scalar_t out) {
   return !(static_cast<cmp_t>(out) <= cmp_t(0));
 }
 
+// relu_passes of a ReLU's output (never below zero: +-0, positive, +Inf or NaN): any bit but
+// the sign set. For 16-bit values a test of their bits, with no conversion to float.
+template <typename scalar_t>
+__device__ __forceinline__ bool relu_output_passes(scalar_t out) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    return (out.x & 0x7fffu) != 0;
+  } else {
+    return relu_passes(out);
+  }
+}
+
 // grad_output masked by the ReLU when RELU.
 template <bool RELU, typename scalar_t>
 __device__ __forceinline__ scalar_t masked_grad(scalar_t g, scalar_t out) {
@@ -273,6 +284,12 @@ __device__ __forceinline__ scalar_t masked_grad(scalar_t g, scalar_t out) {
 // same plan, reads that byte instead of V output values. Scalar accesses (the head and tail of
 // a planes row) write nothing and read the output as before. The dx pass then reads N / V bytes
 // of mask in place of N output values: 1/16 of their bytes for every dtype (16 / sizeof = V).
+//
+// The training forward can write the same mask (MASK in the normalize kernels below): then the
+// reduce pass reads it too (kBitsRead) instead of the output's vectors, and writes nothing.
+constexpr int kBitsNone = 0;   // no mask: the output's values
+constexpr int kBitsWrite = 1;  // the reduce pass writes the mask from the output
+constexpr int kBitsRead = 2;   // the reduce pass reads the forward's mask
 
 // ---------------------------------------------------------------------------------------------
 // Welford / Chan statistics.
@@ -812,17 +829,23 @@ __global__ void bn_given_stats_kernel(ChannelParam mean, ChannelParam var, int64
 // two 512-thread blocks per multiprocessor (64 registers a thread) the 16-bit rows variants
 // spilled about 400 bytes a thread, so they are bounded to one block (512 threads x 4
 // vectors x 2 inputs in flight per multiprocessor is still enough to cover memory latency).
+//
+// With MASK (a training forward with ReLU whose backward is recorded) the kernels also write the
+// ReLU mask of the output, in the layout of the backward's (see above): for each V-wide vector
+// at element offset e, the byte at e / V with bit i = relu_passes(output at e + i). Scalar
+// accesses (a planes row's head and tail) write nothing: the backward reads the output there.
 template <bool DUAL>
 constexpr int normalize_min_blocks() {
   return DUAL ? 1 : kMinBlocks;
 }
 
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE,
-          bool DUAL = false>
+          bool DUAL = false, bool MASK = false>
 __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     bn_normalize_planes_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                                scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g,
-                               AffineParams<acc_t> p2) {
+                               AffineParams<acc_t> p2, uint8_t* __restrict__ mask) {
+  static_assert(!MASK || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
   constexpr bool kRes = RES || DUAL;
   const int64_t c = blockIdx.x;
   acc_t mean, scale, shift;
@@ -842,22 +865,28 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       scalar_t o[W];
+      unsigned pass = 0;
 #pragma unroll
       for (int i = 0; i < W; ++i) {
         o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean, scale,
                                                    shift, kRes ? term(r[j][i]) : acc_t(0));
+        if constexpr (MASK && W == V) {
+          pass |= static_cast<unsigned>(relu_output_passes(o[i])) << i;
+        }
       }
       store_raw<W>(y + off + j * step, o);
+      if constexpr (MASK && W == V) mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
     }
   });
 }
 
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE,
-          bool DUAL = false>
+          bool DUAL = false, bool MASK = false>
 __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     bn_normalize_rows_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                              scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g,
-                             AffineParams<acc_t> p2) {
+                             AffineParams<acc_t> p2, uint8_t* __restrict__ mask) {
+  static_assert(!MASK || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
   constexpr bool kRes = RES || DUAL;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
@@ -873,7 +902,7 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
   // 2-block bound (40 bytes a thread for bfloat16, 28 for float16); two do not. Without the ReLU,
   // two rows per step spill more than four do (nvcc 13.0, sm_90), so those keep four.
   constexpr int kRows =
-      RES && RELU && !DUAL && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
+      ((RES && RELU && !DUAL) || MASK) && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
   for_each_row<V, REVERSE, kRows>(g, cv, [&](auto u, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     scalar_t v[U][V];
@@ -886,13 +915,63 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       scalar_t o[V];
+      unsigned pass = 0;
+      (void)pass;  // computed only with MASK
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean[i],
                                                    scale[i], shift[i],
                                                    kRes ? term[i](r[j][i]) : acc_t(0));
+        if constexpr (MASK) pass |= static_cast<unsigned>(relu_output_passes(o[i])) << i;
       }
       store_raw<V>(y + off + j * step, o);
+      if constexpr (MASK) mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
+    }
+  });
+}
+
+// The ReLU mask of an output that the normalize kernels wrote V = 1 wide (an input or residual
+// not 16-byte aligned; the output always is): the bytes MASK writes at V, from the output.
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_relu_mask_planes_kernel(const scalar_t* __restrict__ y, PlaneGeom g,
+                               uint8_t* __restrict__ mask) {
+  for_each_plane_row<V, false>(g, blockIdx.x, [&](auto u, auto width, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    if constexpr (decltype(width)::value == V) {
+      scalar_t o[U][V];
+#pragma unroll
+      for (int j = 0; j < U; ++j) load_raw<V>(y + off + j * step, o[j]);
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        unsigned pass = 0;
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          pass |= static_cast<unsigned>(relu_output_passes(o[j][i])) << i;
+        }
+        mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    bn_relu_mask_rows_kernel(const scalar_t* __restrict__ y, RowGeom g,
+                             uint8_t* __restrict__ mask) {
+  const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (cv >= g.Cv) return;
+  for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
+    constexpr int U = decltype(u)::value;
+    scalar_t o[U][V];
+#pragma unroll
+    for (int j = 0; j < U; ++j) load_raw<V>(y + off + j * step, o[j]);
+#pragma unroll
+    for (int j = 0; j < U; ++j) {
+      unsigned pass = 0;
+#pragma unroll
+      for (int i = 0; i < V; ++i) pass |= static_cast<unsigned>(relu_output_passes(o[j][i])) << i;
+      mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
     }
   });
 }
@@ -1010,14 +1089,14 @@ struct SecondInput {
 };
 
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
-          bool DUAL = false, bool BITS = false>
+          bool DUAL = false, int BITS = kBitsNone>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
     scalar_t* __restrict__ dx, PlaneGeom g, acc_t* __restrict__ partial,
     SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
-  static_assert(!BITS || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
+  static_assert(BITS == kBitsNone || (RELU && V > 1 && V <= 8), "the ReLU mask is of vectors");
   const int64_t c = blockIdx.x;
   const acc_t m = mean[c];
   acc_t k = acc_t(0), m2 = acc_t(0), k2 = acc_t(0);
@@ -1031,18 +1110,24 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
   acc_t sa = acc_t(0), sb = acc_t(0), sc = acc_t(0);
   // Writing the ReLU mask, 16-bit 8-wide: two rows per step (four spilled 28 bytes a thread
   // inside the loop for float16 with nvcc 13.0), 96 bytes in flight per thread.
-  constexpr int kRows = BITS && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
+  constexpr int kRows =
+      BITS == kBitsWrite && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
   for_each_plane_row<V, false, kRows>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
     constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
+    constexpr bool kRead = BITS == kBitsRead && W == V;  // vectors: the forward's mask
+    constexpr bool kOut = RELU && !kRead;
     scalar_t gv[U][W], ov[U][W];
     scalar_t xv[U][W], zv[U][W];
+    unsigned rp[U];
     (void)zv;  // read only with DUAL
+    (void)rp;  // read only with kRead
 #pragma unroll
     for (int j = 0; j < U; ++j) {
       load_raw<W>(go + off + j * step, gv[j]);
       load_raw<W>(x + off + j * step, xv[j]);
-      if constexpr (RELU) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
+      if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
       if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
     }
 #pragma unroll
@@ -1053,8 +1138,14 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
       unsigned pass = 0;
 #pragma unroll
       for (int i = 0; i < W; ++i) {
-        gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
-        if constexpr (BITS && W == V) pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
+        if constexpr (kRead) {
+          gm[i] = (rp[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+        } else {
+          gm[i] = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+        }
+        if constexpr (BITS == kBitsWrite && W == V) {
+          pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
+        }
         const acc_t ga = static_cast<acc_t>(gm[i]);
         sa += ga;
         sb += ga * (static_cast<acc_t>(xv[j][i]) - m);
@@ -1062,7 +1153,9 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
         if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
         if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2);
       }
-      if constexpr (BITS && W == V) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
+      if constexpr (BITS == kBitsWrite && W == V) {
+        bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
+      }
       if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
       if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
       if constexpr (EVAL_DX && DUAL) store_raw<W>(dz + off + j * step, d2);
@@ -1079,14 +1172,14 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
 }
 
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
-          bool DUAL = false, bool BITS = false>
+          bool DUAL = false, int BITS = kBitsNone>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
     const scalar_t* __restrict__ out, const acc_t* __restrict__ mean,
     const acc_t* __restrict__ invstd, ChannelParam weight, scalar_t* __restrict__ gr,
     scalar_t* __restrict__ dx, RowGeom g, acc_t* __restrict__ partial,
     SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
-  static_assert(!BITS || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
+  static_assert(BITS == kBitsNone || (RELU && V > 1 && V <= 8), "the ReLU mask is of vectors");
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const scalar_t* __restrict__ z = second.z;
   scalar_t* __restrict__ dz = second.dz;
@@ -1110,14 +1203,20 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     }
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
       constexpr int U = decltype(u)::value;
+      constexpr bool kRead = BITS == kBitsRead;
+      constexpr bool kOut = RELU && !kRead;
       scalar_t gv[U][V], ov[U][V];
+      (void)ov;  // read only where the ReLU mask is the output
       scalar_t xv[U][V], zv[U][V];
+      unsigned rp[U];
       (void)zv;  // read only with DUAL
+      (void)rp;  // read only with kRead
 #pragma unroll
       for (int j = 0; j < U; ++j) {
         load_raw<V>(go + off + j * step, gv[j]);
         load_raw<V>(x + off + j * step, xv[j]);
-        if constexpr (RELU) load_raw<V>(out + off + j * step, ov[j]);
+        if constexpr (kOut) load_raw<V>(out + off + j * step, ov[j]);
+        if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
         if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
       }
 #pragma unroll
@@ -1126,10 +1225,17 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
         (void)d;   // written only with EVAL_DX
         (void)d2;  // written only with EVAL_DX and DUAL
         unsigned pass = 0;
+        (void)pass;  // computed only with kBitsWrite
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          gm[i] = masked_grad<RELU>(gv[j][i], RELU ? ov[j][i] : gv[j][i]);
-          if constexpr (BITS) pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
+          if constexpr (kRead) {
+            gm[i] = (rp[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+          } else {
+            gm[i] = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+          }
+          if constexpr (BITS == kBitsWrite) {
+            pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
+          }
           const acc_t ga = static_cast<acc_t>(gm[i]);
           sa[i] += ga;
           sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
@@ -1137,7 +1243,7 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
           if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
           if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2[i]);
         }
-        if constexpr (BITS) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
+        if constexpr (BITS == kBitsWrite) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
         if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
         if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
         if constexpr (EVAL_DX && DUAL) store_raw<V>(dz + off + j * step, d2);
@@ -1329,6 +1435,7 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
     constexpr int U = decltype(u)::value;
     constexpr bool kOut = MASK && !BITS;
     scalar_t gv[U][V], ov[U][V];
+    (void)ov;  // read only where the ReLU mask is the output
     scalar_t xv[U][V], zv[U][V];
     unsigned pass[U];
     (void)zv;    // read only with DUAL

@@ -17,6 +17,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cat_with_stats(
                                                       relu);
 }
 
+using OptTensor = c10::optional<at::Tensor>;
+
+// The backwards with relu_mask optional, as in the op schemas.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const OptTensor& weight,
+    const OptTensor& output, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    bool relu, bool residual_grad, const OptTensor& relu_mask) {
+  return fastnn::cuda::batch_norm_backward_cuda(grad_output, input, weight, output, mean, invstd,
+                                                training, relu, residual_grad, relu_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> dual_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const OptTensor& weight,
+    const at::Tensor& input2, const OptTensor& weight2, const OptTensor& output,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& mean2,
+    const at::Tensor& invstd2, bool training, bool relu, const OptTensor& relu_mask) {
+  return fastnn::cuda::batch_norm_dual_backward_cuda(grad_output, input, weight, input2, weight2,
+                                                     output, mean, invstd, mean2, invstd2,
+                                                     training, relu, relu_mask);
+}
+
 void configure(int sm_count, int blocks_per_sm, int schedule, uint64_t seed) {
   TORCH_CHECK(sm_count >= 1 && blocks_per_sm >= 1 && schedule >= 0 && schedule <= 2,
               "cuda_emu.configure: bad settings");
@@ -51,11 +72,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_divergent_barrier", &fastnn_emu_check::divergent_barrier);
   m.def("check_launch_config", &fastnn_emu_check::launch_config);
   m.def("check_launch_bounds", &fastnn_emu_check::bounded);
+  namespace py = pybind11;
   m.def("batch_norm_train", &fc::batch_norm_train_cuda);
+  m.def("batch_norm_train_masked", &fc::batch_norm_train_masked_cuda);
   m.def("batch_norm_eval", &fc::batch_norm_eval_cuda);
-  m.def("batch_norm_backward", &fc::batch_norm_backward_cuda);
+  m.def("batch_norm_backward", &backward, py::arg("grad_output"), py::arg("input"),
+        py::arg("weight"), py::arg("output"), py::arg("mean"), py::arg("invstd"),
+        py::arg("training"), py::arg("relu"), py::arg("residual_grad"),
+        py::arg("relu_mask") = py::none());
   m.def("batch_norm_dual", &fc::batch_norm_dual_cuda);
-  m.def("batch_norm_dual_backward", &fc::batch_norm_dual_backward_cuda);
+  m.def("batch_norm_dual_masked", &fc::batch_norm_dual_masked_cuda);
+  m.def("batch_norm_dual_backward", &dual_backward, py::arg("grad_output"), py::arg("input"),
+        py::arg("weight"), py::arg("input2"), py::arg("weight2"), py::arg("output"),
+        py::arg("mean"), py::arg("invstd"), py::arg("mean2"), py::arg("invstd2"),
+        py::arg("training"), py::arg("relu"), py::arg("relu_mask") = py::none());
   m.def("batch_norm_stats", &fc::batch_norm_stats_cuda);
   m.def("batch_norm_train_with_stats", &fc::batch_norm_train_with_stats_cuda);
   m.def("batch_norm_backward_reduce", &fc::batch_norm_backward_reduce_cuda);
