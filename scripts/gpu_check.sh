@@ -247,9 +247,37 @@ def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
             again = ops.batch_norm_backward(go, x, w, o_ if relu else None, m_, i_, training, relu, rg)
             if not all(torch.equal(a, b_) for a, b_ in zip(got, again)):
                 failures.append(f"{tag}: backward not bitwise reproducible")
+    if relu:
+        check_masked(name, x, w, b, r, go, out, mean, invstd)
     check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd)
     check_dual(name, x, w, b, rm, rv, go, relu, pkind)
     check_cat(name, x, w, b, rm, rv, relu)
+
+
+def check_masked(name, x, w, b, r, go, out, mean, invstd):
+    """batch_norm_train_masked (what autograd runs with relu): batch_norm_train's results and a
+    ReLU mask of a byte per 16-byte vector (CUDA); the backward given that mask against the
+    backward reading the output, with and without the residual gradient."""
+    dtype = x.dtype
+    tol, gtol = TOL[dtype], GTOL[dtype]
+    mo, mm, mi, mask = ops.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, r, True)
+    close(name + " masked train out", mo, out, tol)
+    close(name + " masked save_mean", mm, mean, TOL[mean.dtype])
+    if mask.dtype != torch.uint8 or mask.numel() != fastnn.ops.relu_mask_numel(x, True):
+        failures.append(f"{name}: ReLU mask {mask.dtype} of {mask.numel()} bytes")
+        return
+    for rg in ((False, True) if r is not None else (False,)):
+        tag = f"{name} backward with the forward's mask, residual_grad={rg}"
+        want = ops.batch_norm_backward(go, x, w, out, mean, invstd, True, True, rg)
+        got = ops.batch_norm_backward(go, x, w, out, mean, invstd, True, True, rg, mask)
+        close(tag + " grad_input", got[0], want[0], gtol)
+        scale = max(1.0, want[1].abs().max().item(), want[2].abs().max().item())
+        close(tag + " grad_weight", got[1] / scale, want[1] / scale, gtol)
+        close(tag + " grad_bias", got[2] / scale, want[2] / scale, gtol)
+        close(tag + " grad_residual", got[3], want[3], (0, 0))
+        again = ops.batch_norm_backward(go, x, w, out, mean, invstd, True, True, rg, mask)
+        if not all(torch.equal(a, b_) for a, b_ in zip(got, again)):
+            failures.append(f"{tag}: not bitwise reproducible")
 
 
 def check_cat(name, x, w, b, rm, rv, relu):
@@ -322,6 +350,15 @@ def check_dual(name, x, w, b, rm, rv, go, relu, pkind):
         again = ops.batch_norm_dual_backward(*args)
         if not all(torch.equal(a, b_) for a, b_ in zip(gg, again)):
             failures.append(f"{tag}: dual backward not bitwise reproducible")
+        if training and relu:  # the masked form and the backward given its mask
+            masked = ops.batch_norm_dual_masked(
+                x, w, b, None, None, z, w2, b2, None, None, True, 0.1, 1e-5, 0.2, 1e-3, True)
+            close(tag + " masked out", masked[0], got[0], tol)
+            gm = ops.batch_norm_dual_backward(*args[:5], got[0], *masked[1:5], True, True,
+                                              masked[5])
+            gref = ops.batch_norm_dual_backward(*args[:5], got[0], *masked[1:5], True, True)
+            for k in (0, 3):
+                close(f"{tag} backward with the forward's mask {k}", gm[k], gref[k], gtol)
 
 
 def check_parts(name, x, w, b, rm, rv, r, go, relu, eout, emean, einvstd):

@@ -252,24 +252,30 @@ def _clone_args(args):
     return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
 
 
-def _assert_same(got, want, what):
+def _assert_same(got, want, what, exact):
+    """Same dtypes, shapes and strides, and values bitwise (exact) or to rounding (the CUDA
+    masked forms are other kernel instantiations, whose grids may differ)."""
     for i, (g, w) in enumerate(zip(got, want)):
         if isinstance(w, torch.Tensor):
             assert g.dtype == w.dtype and g.shape == w.shape and g.stride() == w.stride(), \
                 (what, i)
-            assert torch.equal(g.reshape(-1).view(torch.uint8), w.reshape(-1).view(torch.uint8)), \
-                f"{what}: output or argument {i} differs"
+            if exact:
+                assert torch.equal(g.reshape(-1).view(torch.uint8),
+                                   w.reshape(-1).view(torch.uint8)), f"{what}: {i} differs"
+            else:
+                assert_close(g, w, g.dtype, msg=f"{what}: {i}")
 
 
 def test_masked_forms(kernel_only):
-    """batch_norm_train_masked: batch_norm_train's outputs and running statistics, bitwise, and
+    """batch_norm_train_masked: batch_norm_train's outputs and running statistics, and
     the ReLU mask of the size its fake kernel gives (ops.relu_mask_numel: on CUDA with relu a
     byte per 16-byte vector, else empty); opcheck'ed."""
     for args in _sample_train_args(kernel_only, False):
         plain, masked = _clone_args(args), _clone_args(args)
         want = torch.ops.fastnn.batch_norm_train(*plain)
         *got, mask = torch.ops.fastnn.batch_norm_train_masked(*masked)
-        _assert_same(got + masked, list(want) + plain, "batch_norm_train_masked")
+        _assert_same(got + masked, list(want) + plain, "batch_norm_train_masked",
+                     kernel_only == "cpu")
         assert mask.dtype == torch.uint8 and mask.device == args[0].device
         assert mask.shape == (ops.relu_mask_numel(args[0], args[8]),)
         torch.library.opcheck(torch.ops.fastnn.batch_norm_train_masked.default, args)
@@ -281,7 +287,8 @@ def test_dual_masked_form(dual_kernel, training):
         plain, masked = _clone_args(args), _clone_args(args)
         want = torch.ops.fastnn.batch_norm_dual(*plain)
         *got, mask = torch.ops.fastnn.batch_norm_dual_masked(*masked)
-        _assert_same(got + masked, list(want) + plain, "batch_norm_dual_masked")
+        _assert_same(got + masked, list(want) + plain, "batch_norm_dual_masked",
+                     dual_kernel == "cpu")
         assert mask.shape == (ops.relu_mask_numel(args[0], args[-1] and training),)
         torch.library.opcheck(torch.ops.fastnn.batch_norm_dual_masked.default, args)
 
@@ -310,7 +317,8 @@ def test_fake_relu_mask_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_backward_from_the_forward_mask(dtype, fmt, residual):
     """On CUDA the training backward through autograd (which gives it the forward's ReLU mask)
-    is bitwise the backward op reading the output, on shapes with and without scalar heads."""
+    is the backward op reading the output (to rounding: other kernel instantiations may take
+    another grid), on shapes with and without scalar heads."""
     if not (torch.cuda.is_available() and ops.has_kernel("cuda")):
         pytest.skip("needs fastnn's CUDA kernels and a GPU")
     for shape in ((8, 16, 14, 14), (5, 24, 7, 9), (3, 32, 33, 1)):
@@ -323,7 +331,9 @@ def test_backward_from_the_forward_mask(dtype, fmt, residual):
         got = torch.autograd.grad(out, [x] + ([r] if residual else []), g)
         want = torch.ops.fastnn.batch_norm_backward(g, x.detach(), w, out.detach(), mean, invstd,
                                                     True, True, residual)
-        _assert_same(got, [want[0]] + ([want[3]] if residual else []), f"{shape}")
+        assert_close(got[0], want[0], dtype, grad=True, msg=f"{shape} grad_input")
+        if residual:
+            assert_close(got[1], want[3], dtype, grad=True, msg=f"{shape} grad_residual")
 
 
 # ---------------------------------------------------------------------------------------------
