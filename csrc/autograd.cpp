@@ -19,6 +19,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <cstdlib>
 #include <initializer_list>
 #include <string>
 #include <vector>
@@ -77,6 +78,18 @@ FASTNN_OP(dual_masked_op, DualMaskedSig, "fastnn::batch_norm_dual_masked")
 FASTNN_OP(backward_op, BackwardSig, "fastnn::batch_norm_backward")
 FASTNN_OP(dual_backward_op, DualBackwardSig, "fastnn::batch_norm_dual_backward")
 #undef FASTNN_OP
+
+// Whether a recorded forward with relu asks for its output's ReLU mask (batch_norm_train_masked,
+// batch_norm_dual_masked), so that the CUDA backward reads 1/16 of the output's bytes instead of
+// the output. The mask is kept until the backward: FASTNN_RELU_MASK=0 (read once) keeps only
+// what PyTorch's own batch norm and ReLU keep, and the backward reads the output.
+bool relu_mask_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("FASTNN_RELU_MASK");
+    return v == nullptr || std::string(v) != "0";
+  }();
+  return enabled;
+}
 
 bool requires_grad(const OptTensor& t) { return t.has_value() && t->defined() && t->requires_grad(); }
 bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
@@ -250,7 +263,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
     // With relu the forward also writes the output's ReLU mask for the backward (CUDA: 1/16 of
     // the output's bytes, read in place of the output).
     Tensor out, mean, invstd, mask;
-    if (relu) {
+    if (relu && relu_mask_enabled()) {
       std::tie(out, mean, invstd, mask) = train_masked_op().call(
           input, weight, bias, running_mean, running_var, momentum, eps, residual, relu);
     } else {
@@ -332,7 +345,7 @@ class DualFunction : public torch::autograd::Function<DualFunction> {
                                double eps2, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
     Tensor out, mean, invstd, mean2, invstd2, mask;
-    if (relu && training) {  // the output's ReLU mask too, as TrainFunction's
+    if (relu && training && relu_mask_enabled()) {  // the output's ReLU mask, as TrainFunction's
       std::tie(out, mean, invstd, mean2, invstd2, mask) = dual_masked_op().call(
           input, weight, bias, running_mean, running_var, input2, weight2, bias2, running_mean2,
           running_var2, training, momentum, eps, momentum2, eps2, relu);

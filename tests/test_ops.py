@@ -1,5 +1,10 @@
 """The registered ops (torch.ops.fastnn.*) against fastnn.reference, their fake kernels, opcheck,
 and fastnn.reference's own backward against autograd."""
+import ast
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,6 +296,46 @@ def test_dual_masked_form(dual_kernel, training):
                      dual_kernel == "cpu")
         assert mask.shape == (ops.relu_mask_numel(args[0], args[-1] and training),)
         torch.library.opcheck(torch.ops.fastnn.batch_norm_dual_masked.default, args)
+
+
+_MASK_PROBE = """
+import torch, fastnn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+class Calls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+x = torch.randn(2, 4, 3, 3, requires_grad=True)
+r = torch.randn(2, 4, 3, 3)
+with Calls() as calls:
+    fastnn.nn.BatchNormReLU2d(4)(x).sum().backward()
+    fastnn.nn.BatchNormAddReLU2d(4)(x, r).sum().backward()
+    fastnn.nn.BatchNorm2d(4)(x).sum().backward()
+print(sorted(n for n in calls.names if n.startswith("fastnn")))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "0"], ids=["default", "off"])
+def test_relu_mask_setting(setting):
+    """A recorded forward with relu runs the masked op unless FASTNN_RELU_MASK=0; without relu
+    it never does."""
+    if not ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C is not built")
+    env = {k: v for k, v in os.environ.items() if k != "FASTNN_RELU_MASK"}
+    if setting is not None:
+        env["FASTNN_RELU_MASK"] = setting
+    run = subprocess.run([sys.executable, "-c", _MASK_PROBE], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = set(ast.literal_eval(run.stdout.strip().splitlines()[-1]))
+    assert ("fastnn.batch_norm_train_masked" in names) == (setting is None), names
+    assert {"fastnn.batch_norm_train", "fastnn.batch_norm_backward"} <= names, names
 
 
 def test_fake_relu_mask_on_cuda():
