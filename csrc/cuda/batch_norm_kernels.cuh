@@ -932,25 +932,28 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
 
 // The ReLU mask of an output that the normalize kernels wrote V = 1 wide (an input or residual
 // not 16-byte aligned; the output always is): the bytes MASK writes at V, from the output.
+template <int U, int V, typename scalar_t>
+__device__ __forceinline__ void relu_mask_of(const scalar_t* __restrict__ y, int64_t off,
+                                             int64_t step, uint8_t* __restrict__ mask) {
+  scalar_t o[U][V];
+#pragma unroll
+  for (int j = 0; j < U; ++j) load_raw<V>(y + off + j * step, o[j]);
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    unsigned pass = 0;
+#pragma unroll
+    for (int i = 0; i < V; ++i) pass |= static_cast<unsigned>(relu_output_passes(o[j][i])) << i;
+    mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
+  }
+}
+
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     bn_relu_mask_planes_kernel(const scalar_t* __restrict__ y, PlaneGeom g,
                                uint8_t* __restrict__ mask) {
   for_each_plane_row<V, false>(g, blockIdx.x, [&](auto u, auto width, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
     if constexpr (decltype(width)::value == V) {
-      scalar_t o[U][V];
-#pragma unroll
-      for (int j = 0; j < U; ++j) load_raw<V>(y + off + j * step, o[j]);
-#pragma unroll
-      for (int j = 0; j < U; ++j) {
-        unsigned pass = 0;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          pass |= static_cast<unsigned>(relu_output_passes(o[j][i])) << i;
-        }
-        mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
-      }
+      relu_mask_of<decltype(u)::value, V>(y, off, step, mask);
     }
   });
 }
@@ -962,17 +965,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
   for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
-    scalar_t o[U][V];
-#pragma unroll
-    for (int j = 0; j < U; ++j) load_raw<V>(y + off + j * step, o[j]);
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      unsigned pass = 0;
-#pragma unroll
-      for (int i = 0; i < V; ++i) pass |= static_cast<unsigned>(relu_output_passes(o[j][i])) << i;
-      mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
-    }
+    relu_mask_of<decltype(u)::value, V>(y, off, step, mask);
   });
 }
 
