@@ -1,4 +1,6 @@
 """fastnn: fast batch normalization and fused BN+ReLU / BN+add+ReLU for PyTorch CNNs."""
+import os
+
 import torch
 
 from fastnn import _ext, ops, reference  # noqa: F401  (_ext loads the kernels first)
@@ -18,7 +20,9 @@ def backend_info() -> dict:
     ``built_against_torch``, ``cpu_isa`` (the instruction set of the CPU kernels: 'avx2',
     'avx512' or 'default'), ``cpu_isa_bf16_fp16`` (that of the kernels bfloat16/float16 CPU
     inputs run on: 'avx512' on CPUs with AVX-512 when fastnn._C_avx512 was built, else the same
-    as ``cpu_isa``) and ``cuda_available``.
+    as ``cpu_isa``), ``cuda_available`` and ``relu_mask`` (whether training forwards with ReLU
+    keep the output's ReLU mask for the CUDA backward; ``FASTNN_RELU_MASK=0`` turns it off, read
+    once, when the first such forward runs).
     """
     try:
         from fastnn import _build_info
@@ -34,4 +38,5 @@ def backend_info() -> dict:
         "cpu_isa": _ext.cpu_isa(),
         "cpu_isa_bf16_fp16": _ext.cpu_reduced_isa() or _ext.cpu_isa(),
         "cuda_available": torch.cuda.is_available(),
+        "relu_mask": os.environ.get("FASTNN_RELU_MASK", "1") != "0",
     }

@@ -279,6 +279,7 @@ def collect_env(device: torch.device) -> dict:
         "fastnn_backend": ("compiled" if fastnn.ops.has_kernel(device.type) else "reference"),
         "fastnn_cpu_isa": info.get("cpu_isa"),
         "fastnn_cpu_isa_bf16_fp16": info.get("cpu_isa_bf16_fp16"),
+        "fastnn_relu_mask": info.get("relu_mask"),
         "git_commit": commit,
         "git_dirty": dirty,
         "cache_bytes": cache_bytes(device),
@@ -306,6 +307,9 @@ def backend_line(env: dict) -> str:
         if env["device_type"] == "cpu" and isa:
             what = (f" ({isa} CPU kernels" + (f"; {reduced} for bfloat16/float16" if reduced and
                                               reduced != isa else "") + ")")
+        if env["device_type"] == "cuda" and env.get("fastnn_relu_mask") is not None:
+            what = " (ReLU mask " + ("on" if env["fastnn_relu_mask"] else
+                                     "off: FASTNN_RELU_MASK=0") + ")"
         return f"fastnn backend: compiled kernels on {env['device_type']}{what}"
     return (f"fastnn backend: REFERENCE (pure PyTorch) on {env['device_type']}: "
             f"{env['fastnn_reason'] or 'fastnn._C has no kernel for this device'}")

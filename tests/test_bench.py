@@ -111,3 +111,16 @@ def test_targets_times_the_cpu_goals_cases(tmp_path, capsys):
     assert text.count("on a 2-core CPU: ") == len(want)
     with open(tmp_path / "bench.md") as f:
         assert "## The goals' own cases (--targets)" in f.read()
+
+
+def test_backend_line_says_whether_the_relu_mask_is_on(monkeypatch):
+    """CUDA runs name the ReLU-mask setting (it changes what the ReLU cases move and keep)."""
+    env = {"fastnn_backend": "compiled", "device_type": "cuda", "fastnn_relu_mask": True}
+    assert bench.backend_line(env).endswith("(ReLU mask on)")
+    env["fastnn_relu_mask"] = False
+    assert "ReLU mask off: FASTNN_RELU_MASK=0" in bench.backend_line(env)
+    import fastnn
+    monkeypatch.setenv("FASTNN_RELU_MASK", "0")
+    assert fastnn.backend_info()["relu_mask"] is False
+    monkeypatch.delenv("FASTNN_RELU_MASK")
+    assert fastnn.backend_info()["relu_mask"] is True

@@ -665,7 +665,7 @@ Dual6 dual_impl(const char* op, const at::Tensor& input, const c10::optional<at:
   at::Tensor mask = relu_mask_tensor(input, want_mask && training && relu);
   const int64_t C = shape.C;
   if (training && input.numel() == 0) {
-    return {out,  at::zeros({C}, stat_options), at::zeros({C}, stat_options),
+    return {out, at::zeros({C}, stat_options), at::zeros({C}, stat_options),
             at::zeros({C}, stat_options), at::zeros({C}, stat_options), mask};
   }
   at::Tensor mean1 = at::empty({C}, stat_options), invstd1 = at::empty({C}, stat_options);
