@@ -60,7 +60,7 @@ uint8_t* checked_relu_mask(const char* op, const c10::optional<at::Tensor>& relu
                            const at::Tensor& input) {
   if (!relu_mask.has_value() || !relu_mask->defined() || relu_mask->numel() == 0) return nullptr;
   const at::Tensor& m = *relu_mask;
-  const int64_t want = ceil_div(input.numel(), 16 / input.element_size());
+  const int64_t want = relu_mask_numel(input);
   TORCH_CHECK(m.scalar_type() == at::kByte && m.dim() == 1 && m.numel() == want &&
                   m.is_contiguous(),
               op, ": relu_mask must be the ReLU mask the masked training forward returned for "

@@ -158,8 +158,7 @@ void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* 
 // when the normalize ran V = 1 wide); empty when not asked for. Its bytes are read only by a
 // backward that runs 16-byte vectors, on the vectors the normalize's plan gives at that width.
 inline at::Tensor relu_mask_tensor(const at::Tensor& input, bool wanted) {
-  const int64_t n = wanted ? ceil_div(input.numel(), 16 / input.element_size()) : 0;
-  return at::empty({n}, input.options().dtype(at::kByte));
+  return at::empty({wanted ? relu_mask_numel(input) : 0}, input.options().dtype(at::kByte));
 }
 
 // The mask of an output the normalize wrote V = 1 wide, at the width the backward reads it;

@@ -85,6 +85,11 @@ inline bool use_vectors(const KernelLayout& l, int64_t vmax,
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Bytes of the ReLU mask of a tensor like `t` (see batch_norm_kernels.cuh): one per 16-byte vector.
+inline int64_t relu_mask_numel(const at::Tensor& t) {
+  return ceil_div(t.numel(), 16 / t.element_size());
+}
+
 inline int64_t pow2_ceil(int64_t v) {
   int64_t p = 1;
   while (p < v) p <<= 1;
