@@ -8,7 +8,9 @@
 #   scripts/gpu_check.sh                 # env build smoke targets sanitize test bench, in order
 #   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
-# Steps, most telling first: env, build, smoke (every CUDA op against fastnn.reference,
+# Steps, most telling first: env, build (loads the fastnn._C that scripts/device_prebuild.sh left
+# in .device-build/ when its stamp matches these sources, Python and torch; else compiles here),
+# smoke (every CUDA op against fastnn.reference,
 # determinism, stability, N=0, graph capture, >2^31 elements), targets (fastnn-bench --targets:
 # the exact cases of the speed goals, met or not), sanitize (memcheck and racecheck over small
 # CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked cuda;
@@ -583,8 +585,48 @@ step_env() {
   note torch "$(grep -m1 '^torch' "$log" || echo '?')"
 }
 
+# stamp_field FILE KEY: the value of "KEY: value" in a stamp file.
+stamp_field() { sed -n "s/^$2: //p" "$1" | head -1; }
+
+# use_prebuilt LOG: loads fastnn._C from .device-build/ (scripts/device_prebuild.sh, run on another
+# machine and carried here) when its stamp says it was built from these sources for this Python
+# and torch, and it then has CUDA kernels; else leaves fastnn/ as it was and returns 1.
+use_prebuilt() {
+  local log=$1 dir="$ROOT/.device-build" key want have
+  [ -f "$dir/STAMP" ] || return 1
+  for key in sources torch ext_suffix; do
+    want=$(stamp_field "$dir/STAMP" "$key")
+    case $key in
+      sources) have=$(bash "$ROOT/scripts/source_hash.sh") ;;
+      torch) have=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null) ;;
+      ext_suffix) have=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') ;;
+    esac
+    if [ "$want" != "$have" ]; then
+      echo "prebuilt fastnn._C not used: $key is '$have' here, '$want' in .device-build/STAMP" | tee -a "$log"
+      return 1
+    fi
+  done
+  local copied=()
+  for f in "$dir"/_C*.so "$dir/_build_info.py"; do
+    cp "$f" "$ROOT/fastnn/" && copied+=("$ROOT/fastnn/$(basename "$f")")
+  done
+  if "$PY" -c "import fastnn, sys; print(fastnn.backend_info()); sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
+    echo "prebuilt fastnn._C loaded: $(tr '\n' ' ' < "$dir/STAMP")" | tee -a "$log"
+    return 0
+  fi
+  echo "prebuilt fastnn._C has no CUDA kernels here (see above); compiling" | tee -a "$log"
+  rm -f ${copied[@]+"${copied[@]}"}
+  return 1
+}
+
 step_build() {
-  local log="$OUT/build.log"
+  local log="$OUT/build.log" start
+  start=$(date +%s)
+  if use_prebuilt "$log"; then
+    printf '%-22s %-16s %5ss  %s\n' build "PASS(prebuilt)" "$(($(date +%s) - start))" "${log#$OUT/}" >> "$SUMMARY"
+    note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
+    return 0
+  fi
   # --no-deps: the machine has no network; everything the package needs is installed already.
   run_step build "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
   if ! "$PY" -c "import fastnn, sys; sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then

@@ -2,8 +2,10 @@
 (--device cpu) it must run and find nothing, so that on a GPU machine its failures are the CUDA
 kernels' and not its own."""
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,95 @@ def test_targets_step_reports_each_goal(tmp_path):
     assert any(line.startswith("targets") and "PASS" in line for line in summary.splitlines())
     assert summary.count("on a 2-core CPU: ") == len(bench.TARGETS["cpu"])
     assert (tmp_path / "targets" / "bench.json").exists()
+
+
+# The build step's use of a fastnn._C compiled elsewhere (scripts/device_prebuild.sh): only the
+# functions, run in a copy of the sources with this machine's build standing in for it.
+def _tree(tmp_path):
+    root = tmp_path / "tree"
+    shutil.copytree(ROOT / "csrc", root / "csrc")
+    shutil.copy(ROOT / "setup.py", root)
+    (root / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "source_hash.sh", root / "scripts")
+    shutil.copytree(ROOT / "fastnn", root / "fastnn",
+                    ignore=shutil.ignore_patterns("*.so", "_build_info.py", "__pycache__"))
+    return root
+
+
+def _source_hash(root):
+    return subprocess.run(["bash", str(root / "scripts" / "source_hash.sh")], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def _prebuilt(root, built, **stamp):
+    """.device-build/ in root holding `built` (paths of files), with a stamp that matches this
+    machine except for the fields given."""
+    import torch
+    dest = root / ".device-build"
+    dest.mkdir()
+    for path in built:
+        os.symlink(path, dest / Path(path).name)
+    fields = {"sources": _source_hash(root), "torch": torch.__version__,
+              "ext_suffix": sysconfig.get_config_var("EXT_SUFFIX"), **stamp}
+    (dest / "STAMP").write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
+
+
+def _use_prebuilt(root, out):
+    out.mkdir(exist_ok=True)
+    env = {**os.environ, "ROOT": str(root), "PY": sys.executable, "OUT": str(out),
+           "PYTHONPATH": str(root), "FASTNN_BACKEND": "auto"}
+    return subprocess.run(
+        ["bash", "-c", 'source <(sed -n "/^stamp_field() {/,/^}/p" "$0"); '
+         'use_prebuilt "$OUT/build.log"', str(SCRIPT)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _this_build():
+    import importlib
+    lib = Path(importlib.import_module("fastnn._C").__file__).parent
+    return sorted(lib.glob("_C*.so")) + [lib / "_build_info.py"]
+
+
+def test_prebuilt_build_is_loaded_when_its_stamp_matches(tmp_path):
+    if not fastnn.ops.has_kernel("cuda"):
+        pytest.skip("this build of fastnn._C has no CUDA kernels to stand in for one")
+    root = _tree(tmp_path)
+    assert _source_hash(root) == _source_hash(ROOT)
+    _prebuilt(root, _this_build())
+    run = _use_prebuilt(root, tmp_path / "out")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "prebuilt fastnn._C loaded" in run.stdout
+    where = subprocess.run(
+        [sys.executable, "-c", "import fastnn._C as c, fastnn; print(c.__file__); "
+         "print(fastnn.ops.has_kernel('cuda'))"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True,
+        check=True).stdout.split()
+    assert where == [str(root / "fastnn" / Path(_this_build()[0]).name), "True"]
+
+
+@pytest.mark.parametrize("stale", ["sources", "torch", "ext_suffix"])
+def test_prebuilt_build_is_refused_when_its_stamp_differs(tmp_path, stale):
+    root = _tree(tmp_path)
+    if stale == "sources":
+        _prebuilt(root, _this_build())
+        with open(root / "csrc" / "batch_norm_common.h", "a") as f:
+            f.write("// edited after the build\n")
+    else:
+        _prebuilt(root, _this_build(), **{stale: "other"})
+    run = _use_prebuilt(root, tmp_path / "out")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert f"not used: {stale} is" in run.stdout
+    assert not list((root / "fastnn").glob("_C*")), "nothing is copied from a stale build"
+    assert not (root / "fastnn" / "_build_info.py").exists()
+
+
+def test_prebuilt_build_that_does_not_load_is_removed(tmp_path):
+    root = _tree(tmp_path)
+    junk = tmp_path / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    junk.write_bytes(b"not a shared library")
+    _prebuilt(root, [junk, _this_build()[-1]])
+    run = _use_prebuilt(root, tmp_path / "out")
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "compiling" in run.stdout
+    assert not list((root / "fastnn").glob("_C*"))
+    assert not (root / "fastnn" / "_build_info.py").exists()
