@@ -164,8 +164,20 @@ def _check_one_value_over_group(rank, results=None):
     assert torch.equal(sync.running_var, torch.ones(3))
 
 
-def _worker(rank, init_file, cases, result_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+def _backend(device):
+    """NCCL where every rank has a GPU of its own; else gloo, which also gathers CUDA tensors, so
+    two ranks can share one GPU."""
+    if device == "cuda" and torch.cuda.device_count() >= WORLD and dist.is_nccl_available():
+        return "nccl"
+    return "gloo"
+
+
+def _worker(rank, init_file, cases, result_dir, device="cpu"):
+    if device == "cuda":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        # The checks make their tensors and modules with the default device.
+        torch.set_default_device("cuda")
+    dist.init_process_group(_backend(device), init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         for i, (check, args) in enumerate(cases):
@@ -198,11 +210,10 @@ CASES = [
 ]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sync_batchnorm_matches_full_batch(tmp_path):
+def _run_cases(tmp_path, device):
     init_file = tmp_path / "init"
-    ctx = mp.start_processes(_worker, args=(str(init_file), CASES, str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(_worker, args=(str(init_file), CASES, str(tmp_path), device),
+                             nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.time() + 240
     while not ctx.join(timeout=5):
         if time.time() > deadline:
@@ -215,8 +226,23 @@ def test_sync_batchnorm_matches_full_batch(tmp_path):
             path = tmp_path / f"{i}.{rank}"
             msg = path.read_text() if path.exists() else "no result"
             if msg != "ok":
-                failures.append(f"case {case[0].__name__}{case[1]} rank {rank}:\n{msg}")
+                failures.append(f"case {case[0].__name__}{case[1]} rank {rank} "
+                                f"({device}, {_backend(device)}):\n{msg}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_sync_batchnorm_matches_full_batch(tmp_path):
+    _run_cases(tmp_path, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sync_batchnorm_matches_full_batch_cuda(tmp_path):
+    """The same cases on CUDA tensors: fastnn's CUDA kernels for the local statistics, normalize
+    and backward, the collectives over NCCL (a GPU per rank) or gloo (ranks sharing a GPU)."""
+    _run_cases(tmp_path, "cuda")
 
 
 def test_sync_batchnorm_single_process_is_batchnorm():
