@@ -169,16 +169,22 @@ def _converted_model():
 
 @pytest.mark.parametrize("make", [_small_densenet, _small_resnet, _converted_model],
                          ids=["densenet", "resnet", "converted"])
-def test_compile_model_training(make):
+def test_compile_model_training(make, device, monkeypatch):
     """Models compile with fullgraph=True and give eager's outputs, gradients and running
     statistics: a DenseNet (whose blocks share each feature map's batch statistics between their
     layers), a ResNet (whose downsampling blocks run the dual BN+BN+add+ReLU op) and a model
-    fastnn.convert made (a user's block turned GraphModule)."""
+    fastnn.convert made (a user's block turned GraphModule). On the CPU through aot_eager (the
+    tracing, in a fraction of inductor's compile time on two cores); on CUDA through inductor."""
+    # Full float32 convolutions: TF32 would round eager's and inductor's (maybe other) algorithms
+    # differently.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch._dynamo.reset()
-    eager = make()
+    eager = make().to(device)
     model = copy.deepcopy(eager)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    x = torch.randn(3, 3, 32, 32)
+    compiled = torch.compile(model, fullgraph=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
+    x = torch.randn(3, 3, 32, 32, device=device)
     for training in (True, False):
         eager.train(training)
         model.train(training)

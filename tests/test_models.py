@@ -25,6 +25,7 @@ with warnings.catch_warnings():
 
 tv = pytest.importorskip("torchvision.models")
 import torchvision  # noqa: E402  (present: torchvision.models imported)
+from helpers import DEVICES  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 REL64 = 1e-8  # float64 results agree to this, relative to the largest value of the tensor
@@ -79,7 +80,8 @@ def run(model, x, train, seed=1):
     torch.manual_seed(seed)  # the same dropout masks in both models
     outs = outputs_of(model(x))
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
+               for o in outs)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return [o.detach() for o in outs], x.grad, grads
@@ -286,6 +288,25 @@ def test_matches_torchvision(name, fused, shape, train):
     assert_same_training(ref, model, x, train)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name,shape", [("resnet50", (2, 3, 48, 48)),
+                                        ("densenet121", (4, 3, 32, 32)),
+                                        ("googlenet", (2, 3, 48, 48))])
+def test_matches_torchvision_cuda(name, shape, train):
+    """On a GPU: fastnn's models on its CUDA kernels (BN+ReLU, BN+add+ReLU, the downsampling
+    blocks' dual op, DenseNet's shared statistics) against torchvision's, float64."""
+    kwargs = {"num_classes": 10}
+    if name == "googlenet":
+        kwargs.update(aux_logits=True, init_weights=True)
+    ref, model = torchvision_pair(name, **kwargs)
+    if name == "googlenet" and _TV_GOOGLENET_AUX_SWAPPED:
+        ref.forward = partial(_aux_in_current_order, ref.forward)
+    x = torch.randn(shape, dtype=torch.float64, device="cuda")
+    assert_same_training(ref.cuda(), model.cuda(), x, train)
+
+
 # torchvision before 0.21 returned GoogLeNet's auxiliary logits in each other's fields
 # (aux_logits2 held the first classifier's); fastnn's GoogLeNet returns them as torchvision does
 # since: (logits, aux_logits2, aux_logits1) = (fc, aux2, aux1).
@@ -298,14 +319,19 @@ def _aux_in_current_order(forward, x):
     return type(out)(out[0], out[2], out[1]) if isinstance(out, tuple) else out
 
 
-def test_channels_last_float32():
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_float32(device, monkeypatch):
     """The layout fast GPU training uses: channels_last float32 stays channels_last through the
     fused modules and gives torchvision's numbers to float32 rounding."""
+    # Full float32 convolutions on the GPU (TF32 would round both models' inputs to 10 bits).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
-    ref = randomize_batch_norms(tv.resnet18(num_classes=10)).to(memory_format=torch.channels_last)
-    model = models.resnet18(num_classes=10).to(memory_format=torch.channels_last)
+    ref = randomize_batch_norms(tv.resnet18(num_classes=10)).to(
+        device, memory_format=torch.channels_last)
+    model = models.resnet18(num_classes=10).to(device, memory_format=torch.channels_last)
     model.load_state_dict(ref.state_dict(), strict=True)
-    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     layouts = []
     model.layer1.register_forward_hook(
         lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
