@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) over fastnn modules: no graph break, same results as eager
 (outputs, gradients, running statistics, num_batches_tracked), in training and in eval."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -199,3 +200,43 @@ def test_compile_model_training(make, device, monkeypatch):
     s1, s2 = _state(eager), _state(model)
     for k in s1:
         assert_close(s2[k], s1[k], torch.float32, msg=k)
+
+
+@pytest.mark.cuda
+def test_reduce_overhead_training_step(monkeypatch):
+    """torch.compile(mode="reduce-overhead"): a small ResNet's training steps (forward and
+    backward compiled, SGD with momentum) run as CUDA graphs, none skipped, and follow eager
+    PyTorch over several steps: losses, parameters, running statistics."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    close = functools.partial(torch.testing.assert_close, rtol=1e-3, atol=1e-4)
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    eager = _small_resnet().cuda().to(memory_format=torch.channels_last)
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    optims = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, model)]
+    for step in range(5):
+        x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+        target = torch.randint(0, 4, (8,), device="cuda")
+        losses = []
+        for net, opt in zip((eager, compiled), optims):
+            if net is compiled:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = torch.nn.functional.cross_entropy(net(x), target)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach().clone())
+        close(losses[1], losses[0], msg=f"loss, step {step}")
+    # Five steps of float32 training apart (inductor fuses and sums in its own order).
+    for (name, p1), (_, p2) in zip(eager.named_parameters(), model.named_parameters()):
+        close(p2, p1, msg=name)
+    s1, s2 = _state(eager), _state(model)
+    for k in s1:
+        close(s2[k], s1[k], msg=k)
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
