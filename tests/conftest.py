@@ -85,3 +85,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "large" in item.keywords and not large_ok:
             item.add_marker(skip_large)
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 convolutions and matrix products on CUDA (TF32 rounds their inputs to 10 bits,
+    differently wherever two paths pick different algorithms)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

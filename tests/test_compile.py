@@ -170,16 +170,12 @@ def _converted_model():
 
 @pytest.mark.parametrize("make", [_small_densenet, _small_resnet, _converted_model],
                          ids=["densenet", "resnet", "converted"])
-def test_compile_model_training(make, device, monkeypatch):
+def test_compile_model_training(make, device, no_tf32):
     """Models compile with fullgraph=True and give eager's outputs, gradients and running
     statistics: a DenseNet (whose blocks share each feature map's batch statistics between their
     layers), a ResNet (whose downsampling blocks run the dual BN+BN+add+ReLU op) and a model
     fastnn.convert made (a user's block turned GraphModule). On the CPU through aot_eager (the
     tracing, in a fraction of inductor's compile time on two cores); on CUDA through inductor."""
-    # Full float32 convolutions: TF32 would round eager's and inductor's (maybe other) algorithms
-    # differently.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch._dynamo.reset()
     eager = make().to(device)
     model = copy.deepcopy(eager)
@@ -203,15 +199,13 @@ def test_compile_model_training(make, device, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_reduce_overhead_training_step(monkeypatch):
+def test_reduce_overhead_training_step(no_tf32):
     """torch.compile(mode="reduce-overhead"): a small ResNet's training steps (forward and
     backward compiled, SGD with momentum) run as CUDA graphs, none skipped, and follow eager
     PyTorch over several steps: losses, parameters, running statistics."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a CUDA device")
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     close = functools.partial(torch.testing.assert_close, rtol=1e-3, atol=1e-4)
     torch._dynamo.reset()
     counters.clear()

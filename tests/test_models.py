@@ -320,12 +320,9 @@ def _aux_in_current_order(forward, x):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_channels_last_float32(device, monkeypatch):
+def test_channels_last_float32(device, no_tf32):
     """The layout fast GPU training uses: channels_last float32 stays channels_last through the
     fused modules and gives torchvision's numbers to float32 rounding."""
-    # Full float32 convolutions on the GPU (TF32 would round both models' inputs to 10 bits).
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     ref = randomize_batch_norms(tv.resnet18(num_classes=10)).to(
         device, memory_format=torch.channels_last)
