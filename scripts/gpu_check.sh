@@ -599,10 +599,12 @@ use_prebuilt() {
     case $key in
       sources) have=$(bash "$ROOT/scripts/source_hash.sh") ;;
       torch) have=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null) ;;
-      ext_suffix) have=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') ;;
+      ext_suffix)
+        have=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))') ;;
     esac
     if [ "$want" != "$have" ]; then
-      echo "prebuilt fastnn._C not used: $key is '$have' here, '$want' in .device-build/STAMP" | tee -a "$log"
+      echo "prebuilt fastnn._C not used: $key is '$have' here, '$want' in .device-build/STAMP" |
+        tee -a "$log"
       return 1
     fi
   done
@@ -610,7 +612,8 @@ use_prebuilt() {
   for f in "$dir"/_C*.so "$dir/_build_info.py"; do
     cp "$f" "$ROOT/fastnn/" && copied+=("$ROOT/fastnn/$(basename "$f")")
   done
-  if "$PY" -c "import fastnn, sys; print(fastnn.backend_info()); sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
+  if "$PY" -c "import fastnn, sys; print(fastnn.backend_info())
+sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
     echo "prebuilt fastnn._C loaded: $(tr '\n' ' ' < "$dir/STAMP")" | tee -a "$log"
     return 0
   fi
@@ -623,7 +626,8 @@ step_build() {
   local log="$OUT/build.log" start
   start=$(date +%s)
   if use_prebuilt "$log"; then
-    printf '%-22s %-16s %5ss  %s\n' build "PASS(prebuilt)" "$(($(date +%s) - start))" "${log#$OUT/}" >> "$SUMMARY"
+    printf '%-22s %-16s %5ss  %s\n' build "PASS(prebuilt)" "$(($(date +%s) - start))" \
+      "${log#$OUT/}" >> "$SUMMARY"
     note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
     return 0
   fi
