@@ -135,8 +135,13 @@ def load(verbose=False, sanitize=False):
     sources = generate(gen_dir)
     sources += [str(ROOT / "csrc" / "batch_norm_common.cpp"), str(HERE / "bindings.cpp")]
     flags = ["-O1"]
+    # With sanitize: AddressSanitizer (out-of-bounds accesses) and UBSan's alignment check, for
+    # what a GPU faults on ("misaligned address") and x86 performs silently: a vector load or
+    # store at an address its width does not divide. The check traps (SIGILL) rather than
+    # reporting: UBSan's runtime crashes reporting from a fiber's stack.
+    sanitizers = "-fsanitize=address,alignment"
     if sanitize:
-        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        flags += [sanitizers, "-fsanitize-undefined-trap-on-error", "-fno-omit-frame-pointer"]
     build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
@@ -144,7 +149,7 @@ def load(verbose=False, sanitize=False):
         extra_include_paths=[str(HERE / "include"), str(HERE), str(gen_dir),
                              str(ROOT / "csrc")],
         extra_cflags=flags,
-        extra_ldflags=["-fsanitize=address"] if sanitize else [],
+        extra_ldflags=[sanitizers] if sanitize else [],
         build_directory=str(build_dir),
         verbose=verbose,
     )
