@@ -23,11 +23,19 @@ PY=${DEVICE_PYTHON:-}
 if [ -z "$PY" ]; then
   VENV=${DEVICE_VENV:-$HOME/.cache/fastnn/device-py$PYVER-torch$TORCH_VERSION}
   if [ ! -x "$VENV/bin/python" ]; then
-    command -v "python$PYVER" > /dev/null || {
+    # python3.12 on PATH, else one that pyenv has installed but not activated.
+    base=""
+    for cand in "python$PYVER" "$(pyenv root 2>/dev/null)"/versions/"$PYVER"*/bin/"python$PYVER"; do
+      if "$cand" --version > /dev/null 2>&1; then
+        base=$cand
+        break
+      fi
+    done
+    if [ -z "$base" ]; then
       echo "device_prebuild: no python$PYVER here; set DEVICE_PYTHON" >&2
       exit 1
-    }
-    "python$PYVER" -m venv "$VENV"
+    fi
+    "$base" -m venv "$VENV"
     # torch pins setuptools below 82 for its C++ extension builds.
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "setuptools<82" ninja
   fi
