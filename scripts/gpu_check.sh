@@ -628,16 +628,15 @@ step_build() {
   if use_prebuilt "$log"; then
     printf '%-22s %-16s %5ss  %s\n' build "PASS(prebuilt)" "$(($(date +%s) - start))" \
       "${log#$OUT/}" >> "$SUMMARY"
-    note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
-    return 0
+  else
+    # --no-deps: the machine has no network; everything the package needs is installed already.
+    run_step build "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
+    if ! "$PY" -c "import fastnn, sys; sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
+      echo "pip install did not give CUDA kernels; trying build_ext --inplace" | tee -a "$log"
+      run_step build_ext_inplace "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" setup.py build_ext --inplace
+    fi
+    "$PY" -c "import fastnn; print(fastnn.backend_info())" >> "$log" 2>&1 || true
   fi
-  # --no-deps: the machine has no network; everything the package needs is installed already.
-  run_step build "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" -m pip install -v --no-build-isolation --no-deps -e .
-  if ! "$PY" -c "import fastnn, sys; sys.exit(0 if fastnn.ops.has_kernel('cuda') else 1)" >> "$log" 2>&1; then
-    echo "pip install did not give CUDA kernels; trying build_ext --inplace" | tee -a "$log"
-    run_step build_ext_inplace "$BUILD_TIMEOUT" "$log" env FASTNN_CUDA=1 "$PY" setup.py build_ext --inplace
-  fi
-  "$PY" -c "import fastnn; print(fastnn.backend_info())" >> "$log" 2>&1 || true
   note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
 }
 
