@@ -48,7 +48,9 @@ case "$torch_version" in
   *) echo "device_prebuild: $PY has torch $torch_version, not $TORCH_VERSION" >&2; exit 1 ;;
 esac
 
-# A copy of the sources, so that the checkout's own build (for this machine's torch) stays.
+# A copy of the sources, so that the checkout's own build (for this machine's torch) stays; the
+# stamp's hash is of what was copied.
+sources=$(bash "$ROOT/scripts/source_hash.sh")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cp -r setup.py pyproject.toml csrc fastnn "$work/"
@@ -65,7 +67,7 @@ for so in "$work"/fastnn/_C*"$ext_suffix"; do
 done
 cp "$work/fastnn/_build_info.py" "$DEST/"
 {
-  echo "sources: $(bash "$ROOT/scripts/source_hash.sh")"
+  echo "sources: $sources"
   echo "torch: $torch_version"
   echo "ext_suffix: $ext_suffix"
   echo "cuda_arch: $ARCH"
