@@ -291,6 +291,14 @@ constexpr int kBitsNone = 0;   // no mask: the output's values
 constexpr int kBitsWrite = 1;  // the reduce pass writes the mask from the output
 constexpr int kBitsRead = 2;   // the reduce pass reads the forward's mask
 
+// Element i's value of a thread's per-channel array: a planes kernel works on one channel (NC ==
+// 1, the channel of every element of its vectors), a rows kernel on V (NC == V, element i of a
+// vector is the thread's channel i).
+template <typename T, int NC>
+__device__ __forceinline__ T& lane(T (&a)[NC], int i) {
+  return a[NC == 1 ? 0 : i];
+}
+
 // ---------------------------------------------------------------------------------------------
 // Welford / Chan statistics.
 
@@ -839,6 +847,42 @@ constexpr int normalize_min_blocks() {
   return DUAL ? 1 : kMinBlocks;
 }
 
+// One step of a normalize kernel: U vectors of W elements of x (and, with RES, of res) at off +
+// u * step, written to y at yoff + u * ystep; with MASK also the output vectors' ReLU mask bytes
+// (at yoff / V: the output's offsets are the input's where the mask is written).
+template <int U, int W, int V, bool RES, bool RELU, bool MASK, typename scalar_t, typename acc_t,
+          int NC, typename Term>
+__device__ __forceinline__ void normalize_step(const scalar_t* __restrict__ x,
+                                               const scalar_t* __restrict__ res,
+                                               scalar_t* __restrict__ y,
+                                               uint8_t* __restrict__ mask, int64_t off,
+                                               int64_t step, int64_t yoff, int64_t ystep,
+                                               const acc_t (&mean)[NC], const acc_t (&scale)[NC],
+                                               const acc_t (&shift)[NC], const Term (&term)[NC]) {
+  scalar_t v[U][W];
+  scalar_t r[U][W];
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    load_raw<W>(x + off + j * step, v[j]);
+    if constexpr (RES) load_raw<W>(res + off + j * step, r[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    scalar_t o[W];
+    unsigned pass = 0;
+    (void)pass;  // computed only with MASK
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      o[i] = normalize_one<RES, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), lane(mean, i),
+                                                lane(scale, i), lane(shift, i),
+                                                RES ? lane(term, i)(r[j][i]) : acc_t(0));
+      if constexpr (MASK) pass |= static_cast<unsigned>(relu_output_passes(o[i])) << i;
+    }
+    store_raw<W>(y + yoff + j * ystep, o);
+    if constexpr (MASK) mask[(yoff + j * ystep) / V] = static_cast<uint8_t>(pass);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool REVERSE,
           bool DUAL = false, bool MASK = false>
 __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
@@ -846,37 +890,15 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
                                scalar_t* __restrict__ y, AffineParams<acc_t> p, PlaneGeom g,
                                AffineParams<acc_t> p2, uint8_t* __restrict__ mask) {
   static_assert(!MASK || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
-  constexpr bool kRes = RES || DUAL;
   const int64_t c = blockIdx.x;
-  acc_t mean, scale, shift;
-  channel_affine<scalar_t>(p, c, mean, scale, shift);
-  ResidualTerm<acc_t, DUAL> term;
-  if constexpr (DUAL) second_affine<scalar_t>(p2, c, term, shift);
+  acc_t mean[1], scale[1], shift[1];
+  ResidualTerm<acc_t, DUAL> term[1];
+  channel_affine<scalar_t>(p, c, mean[0], scale[0], shift[0]);
+  if constexpr (DUAL) second_affine<scalar_t>(p2, c, term[0], shift[0]);
   for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
     constexpr int W = decltype(width)::value;
-    scalar_t v[U][W];
-    scalar_t r[U][W];
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      load_raw<W>(x + off + j * step, v[j]);
-      if constexpr (kRes) load_raw<W>(res + off + j * step, r[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      scalar_t o[W];
-      unsigned pass = 0;
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean, scale,
-                                                   shift, kRes ? term(r[j][i]) : acc_t(0));
-        if constexpr (MASK && W == V) {
-          pass |= static_cast<unsigned>(relu_output_passes(o[i])) << i;
-        }
-      }
-      store_raw<W>(y + off + j * step, o);
-      if constexpr (MASK && W == V) mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
-    }
+    normalize_step<decltype(u)::value, W, V, RES || DUAL, RELU, MASK && W == V>(
+        x, res, y, mask, off, step, off, step, mean, scale, shift, term);
   });
 }
 
@@ -887,7 +909,6 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
                              scalar_t* __restrict__ y, AffineParams<acc_t> p, RowGeom g,
                              AffineParams<acc_t> p2, uint8_t* __restrict__ mask) {
   static_assert(!MASK || (RELU && V > 1 && V <= 8), "the ReLU mask is written for vectors");
-  constexpr bool kRes = RES || DUAL;
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
   acc_t mean[V], scale[V], shift[V];
@@ -904,29 +925,8 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
   constexpr int kRows =
       ((RES && RELU && !DUAL) || MASK) && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
   for_each_row<V, REVERSE, kRows>(g, cv, [&](auto u, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
-    scalar_t v[U][V];
-    scalar_t r[U][V];
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      load_raw<V>(x + off + j * step, v[j]);
-      if constexpr (kRes) load_raw<V>(res + off + j * step, r[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      scalar_t o[V];
-      unsigned pass = 0;
-      (void)pass;  // computed only with MASK
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        o[i] = normalize_one<kRes, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean[i],
-                                                   scale[i], shift[i],
-                                                   kRes ? term[i](r[j][i]) : acc_t(0));
-        if constexpr (MASK) pass |= static_cast<unsigned>(relu_output_passes(o[i])) << i;
-      }
-      store_raw<V>(y + off + j * step, o);
-      if constexpr (MASK) mask[(off + j * step) / V] = static_cast<uint8_t>(pass);
-    }
+    normalize_step<decltype(u)::value, V, V, RES || DUAL, RELU, MASK>(
+        x, res, y, mask, off, step, off, step, mean, scale, shift, term);
   });
 }
 
@@ -999,26 +999,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(in.ptr[k]);
   PlaneGeom gi = g;  // the input's geometry: its own channel count
   gi.C = in.c0[k + 1] - in.c0[k];
-  acc_t mean, scale, shift;
-  channel_affine<scalar_t>(p, c, mean, scale, shift);
+  acc_t mean[1], scale[1], shift[1];
+  const ResidualTerm<acc_t, false> none[1];
+  channel_affine<scalar_t>(p, c, mean[0], scale[0], shift[0]);
   for_each_plane_row_to<V, false>(
       gi, c - in.c0[k], g.C, c,
       [&](auto u, auto width, int64_t off, int64_t step, int64_t yd) {
-        constexpr int U = decltype(u)::value;
-        constexpr int W = decltype(width)::value;
-        scalar_t v[U][W];
-#pragma unroll
-        for (int j = 0; j < U; ++j) load_raw<W>(x + off + j * step, v[j]);
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-          scalar_t o[W];
-#pragma unroll
-          for (int i = 0; i < W; ++i) {
-            o[i] = normalize_one<false, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean, scale,
-                                                        shift, acc_t(0));
-          }
-          store_raw<W>(y + off + yd + j * step, o);
-        }
+        normalize_step<decltype(u)::value, decltype(width)::value, V, false, RELU, false>(
+            x, static_cast<const scalar_t*>(nullptr), y, nullptr, off, step, off + yd, step, mean,
+            scale, shift, none);
       });
 }
 
@@ -1036,25 +1025,15 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   const int64_t ck = in.c0[k + 1] - in.c0[k];
   const RowGeom gi{g.R, ck, ck / V};
   acc_t mean[V], scale[V], shift[V];
+  const ResidualTerm<acc_t, false> none[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, c + i, mean[i], scale[i], shift[i]);
   for_each_row_to<V, false>(
       gi, (c - in.c0[k]) / V, g.C, c,
       [&](auto u, int64_t off, int64_t step, int64_t yoff, int64_t ystep) {
-        constexpr int U = decltype(u)::value;
-        scalar_t v[U][V];
-#pragma unroll
-        for (int j = 0; j < U; ++j) load_raw<V>(x + off + j * step, v[j]);
-#pragma unroll
-        for (int j = 0; j < U; ++j) {
-          scalar_t o[V];
-#pragma unroll
-          for (int i = 0; i < V; ++i) {
-            o[i] = normalize_one<false, RELU, scalar_t>(static_cast<acc_t>(v[j][i]), mean[i],
-                                                        scale[i], shift[i], acc_t(0));
-          }
-          store_raw<V>(y + yoff + j * ystep, o);
-        }
+        normalize_step<decltype(u)::value, V, V, false, RELU, false>(
+            x, static_cast<const scalar_t*>(nullptr), y, nullptr, off, step, yoff, ystep, mean,
+            scale, shift, none);
       });
 }
 
@@ -1081,6 +1060,87 @@ struct SecondInput {
   acc_t* coef = nullptr;          // its dx coefficients, [3][C] (training)
 };
 
+// A channel's values for the reduce pass: its mean and, in eval (EVAL_DX), the factor of dx =
+// g * weight * invstd; with DUAL the second input's too.
+template <bool EVAL_DX, bool DUAL, typename scalar_t, typename acc_t, int NC>
+__device__ __forceinline__ void load_reduce_channels(const acc_t* __restrict__ mean,
+                                                     const acc_t* __restrict__ invstd,
+                                                     const ChannelParam& weight,
+                                                     const SecondInput<scalar_t, acc_t>& second,
+                                                     int64_t c0, acc_t (&m)[NC], acc_t (&k)[NC],
+                                                     acc_t (&m2)[NC], acc_t (&k2)[NC]) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    const int64_t c = c0 + i;
+    m[i] = mean[c];
+    k[i] = m2[i] = k2[i] = acc_t(0);
+    if constexpr (EVAL_DX) k[i] = invstd[c] * load_param<scalar_t>(weight, c, acc_t(1));
+    if constexpr (DUAL) {
+      m2[i] = second.mean[c];
+      if constexpr (EVAL_DX) {
+        k2[i] = second.invstd[c] * load_param<scalar_t>(second.weight, c, acc_t(1));
+      }
+    }
+  }
+}
+
+// One step of the reduce pass: U vectors of W elements at off + u * step, added to the sums sa
+// (g), sb (g * (x - mean)) and with DUAL sc (g * (z - mean2)). A vector's ReLU mask byte is
+// read (kBitsRead) or written (kBitsWrite) when W == V; scalars read the output.
+template <int U, int W, int V, bool RELU, bool WRITE_GR, bool EVAL_DX, bool DUAL, int BITS,
+          typename scalar_t, typename acc_t, int NC>
+__device__ __forceinline__ void reduce_step(
+    const scalar_t* __restrict__ go, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const scalar_t* __restrict__ z, uint8_t* __restrict__ bits,
+    scalar_t* __restrict__ gr, scalar_t* __restrict__ dx, scalar_t* __restrict__ dz, int64_t off,
+    int64_t step, const acc_t (&m)[NC], const acc_t (&k)[NC], const acc_t (&m2)[NC],
+    const acc_t (&k2)[NC], acc_t (&sa)[NC], acc_t (&sb)[NC], acc_t (&sc)[NC]) {
+  constexpr bool kRead = BITS == kBitsRead && W == V;  // vectors: the forward's mask
+  constexpr bool kWrite = BITS == kBitsWrite && W == V;
+  constexpr bool kOut = RELU && !kRead;
+  scalar_t gv[U][W], ov[U][W];
+  scalar_t xv[U][W], zv[U][W];
+  unsigned rp[U];
+  (void)ov;  // read only where the ReLU mask is the output
+  (void)zv;  // read only with DUAL
+  (void)rp;  // read only with kRead
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    load_raw<W>(go + off + j * step, gv[j]);
+    load_raw<W>(x + off + j * step, xv[j]);
+    if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
+    if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
+    if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    scalar_t gm[W], d[W], d2[W];
+    (void)d;   // written only with EVAL_DX
+    (void)d2;  // written only with EVAL_DX and DUAL
+    unsigned pass = 0;
+    (void)pass;  // computed only with kWrite
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      if constexpr (kRead) {
+        gm[i] = (rp[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+      } else {
+        gm[i] = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+      }
+      if constexpr (kWrite) pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
+      const acc_t ga = static_cast<acc_t>(gm[i]);
+      lane(sa, i) += ga;
+      lane(sb, i) += ga * (static_cast<acc_t>(xv[j][i]) - lane(m, i));
+      if constexpr (DUAL) lane(sc, i) += ga * (static_cast<acc_t>(zv[j][i]) - lane(m2, i));
+      if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * lane(k, i));
+      if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * lane(k2, i));
+    }
+    if constexpr (kWrite) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
+    if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
+    if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
+    if constexpr (EVAL_DX && DUAL) store_raw<W>(dz + off + j * step, d2);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool EVAL_DX,
           bool DUAL = false, int BITS = kBitsNone>
 __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
@@ -1091,75 +1151,24 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_planes_kernel(
     SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
   static_assert(BITS == kBitsNone || (RELU && V > 1 && V <= 8), "the ReLU mask is of vectors");
   const int64_t c = blockIdx.x;
-  const acc_t m = mean[c];
-  acc_t k = acc_t(0), m2 = acc_t(0), k2 = acc_t(0);
-  if constexpr (EVAL_DX) k = invstd[c] * load_param<scalar_t>(weight, c, acc_t(1));
-  if constexpr (DUAL) {
-    m2 = second.mean[c];
-    if constexpr (EVAL_DX) k2 = second.invstd[c] * load_param<scalar_t>(second.weight, c, acc_t(1));
-  }
-  const scalar_t* __restrict__ z = second.z;
-  scalar_t* __restrict__ dz = second.dz;
-  acc_t sa = acc_t(0), sb = acc_t(0), sc = acc_t(0);
+  acc_t m[1], k[1], m2[1], k2[1];
+  load_reduce_channels<EVAL_DX, DUAL>(mean, invstd, weight, second, c, m, k, m2, k2);
+  acc_t sa[1] = {acc_t(0)}, sb[1] = {acc_t(0)}, sc[1] = {acc_t(0)};
   // Writing the ReLU mask, 16-bit 8-wide: two rows per step (four spilled 28 bytes a thread
   // inside the loop for float16 with nvcc 13.0), 96 bytes in flight per thread.
   constexpr int kRows =
       BITS == kBitsWrite && sizeof(scalar_t) == 2 && V == 8 ? kUnroll / 2 : kUnroll;
   for_each_plane_row<V, false, kRows>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
-    constexpr int W = decltype(width)::value;
-    constexpr bool kRead = BITS == kBitsRead && W == V;  // vectors: the forward's mask
-    constexpr bool kOut = RELU && !kRead;
-    scalar_t gv[U][W], ov[U][W];
-    scalar_t xv[U][W], zv[U][W];
-    unsigned rp[U];
-    (void)zv;  // read only with DUAL
-    (void)rp;  // read only with kRead
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      load_raw<W>(go + off + j * step, gv[j]);
-      load_raw<W>(x + off + j * step, xv[j]);
-      if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
-      if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
-      if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      scalar_t gm[W], d[W], d2[W];
-      (void)d;   // written only with EVAL_DX
-      (void)d2;  // written only with EVAL_DX and DUAL
-      unsigned pass = 0;
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        if constexpr (kRead) {
-          gm[i] = (rp[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
-        } else {
-          gm[i] = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
-        }
-        if constexpr (BITS == kBitsWrite && W == V) {
-          pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
-        }
-        const acc_t ga = static_cast<acc_t>(gm[i]);
-        sa += ga;
-        sb += ga * (static_cast<acc_t>(xv[j][i]) - m);
-        if constexpr (DUAL) sc += ga * (static_cast<acc_t>(zv[j][i]) - m2);
-        if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k);
-        if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2);
-      }
-      if constexpr (BITS == kBitsWrite && W == V) {
-        bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
-      }
-      if constexpr (WRITE_GR) store_raw<W>(gr + off + j * step, gm);
-      if constexpr (EVAL_DX) store_raw<W>(dx + off + j * step, d);
-      if constexpr (EVAL_DX && DUAL) store_raw<W>(dz + off + j * step, d2);
-    }
+    reduce_step<decltype(u)::value, decltype(width)::value, V, RELU, WRITE_GR, EVAL_DX, DUAL,
+                BITS>(go, x, out, second.z, bits, gr, dx, second.dz, off, step, m, k, m2, k2, sa,
+                      sb, sc);
   });
   const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
   if constexpr (DUAL) {
-    const Sum3<acc_t> s = block_reduce_all(Sum3<acc_t>{sa, sb, sc});
+    const Sum3<acc_t> s = block_reduce_all(Sum3<acc_t>{sa[0], sb[0], sc[0]});
     if (threadIdx.x == 0) Fields<Sum3<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
   } else {
-    const Sum2<acc_t> s = block_reduce_all(Sum2<acc_t>{sa, sb});
+    const Sum2<acc_t> s = block_reduce_all(Sum2<acc_t>{sa[0], sb[0]});
     if (threadIdx.x == 0) Fields<Sum2<acc_t>>::put(partial + blockIdx.y * g.C + c, plane, s);
   }
 }
@@ -1174,73 +1183,15 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
     SecondInput<scalar_t, acc_t> second, uint8_t* __restrict__ bits) {
   static_assert(BITS == kBitsNone || (RELU && V > 1 && V <= 8), "the ReLU mask is of vectors");
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const scalar_t* __restrict__ z = second.z;
-  scalar_t* __restrict__ dz = second.dz;
   acc_t sa[V], sb[V], sc[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) sa[i] = sb[i] = sc[i] = acc_t(0);
   if (cv < g.Cv) {
     acc_t m[V], k[V], m2[V], k2[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      const int64_t ch = cv * V + i;
-      m[i] = mean[ch];
-      k[i] = m2[i] = k2[i] = acc_t(0);
-      if constexpr (EVAL_DX) k[i] = invstd[ch] * load_param<scalar_t>(weight, ch, acc_t(1));
-      if constexpr (DUAL) {
-        m2[i] = second.mean[ch];
-        if constexpr (EVAL_DX) {
-          k2[i] = second.invstd[ch] * load_param<scalar_t>(second.weight, ch, acc_t(1));
-        }
-      }
-    }
+    load_reduce_channels<EVAL_DX, DUAL>(mean, invstd, weight, second, cv * V, m, k, m2, k2);
     for_each_row<V, false>(g, cv, [&](auto u, int64_t off, int64_t step) {
-      constexpr int U = decltype(u)::value;
-      constexpr bool kRead = BITS == kBitsRead;
-      constexpr bool kOut = RELU && !kRead;
-      scalar_t gv[U][V], ov[U][V];
-      (void)ov;  // read only where the ReLU mask is the output
-      scalar_t xv[U][V], zv[U][V];
-      unsigned rp[U];
-      (void)zv;  // read only with DUAL
-      (void)rp;  // read only with kRead
-#pragma unroll
-      for (int j = 0; j < U; ++j) {
-        load_raw<V>(go + off + j * step, gv[j]);
-        load_raw<V>(x + off + j * step, xv[j]);
-        if constexpr (kOut) load_raw<V>(out + off + j * step, ov[j]);
-        if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
-        if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
-      }
-#pragma unroll
-      for (int j = 0; j < U; ++j) {
-        scalar_t gm[V], d[V], d2[V];
-        (void)d;   // written only with EVAL_DX
-        (void)d2;  // written only with EVAL_DX and DUAL
-        unsigned pass = 0;
-        (void)pass;  // computed only with kBitsWrite
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          if constexpr (kRead) {
-            gm[i] = (rp[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
-          } else {
-            gm[i] = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
-          }
-          if constexpr (BITS == kBitsWrite) {
-            pass |= static_cast<unsigned>(relu_passes(ov[j][i])) << i;
-          }
-          const acc_t ga = static_cast<acc_t>(gm[i]);
-          sa[i] += ga;
-          sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
-          if constexpr (DUAL) sc[i] += ga * (static_cast<acc_t>(zv[j][i]) - m2[i]);
-          if constexpr (EVAL_DX) d[i] = static_cast<scalar_t>(ga * k[i]);
-          if constexpr (EVAL_DX && DUAL) d2[i] = static_cast<scalar_t>(ga * k2[i]);
-        }
-        if constexpr (BITS == kBitsWrite) bits[(off + j * step) / V] = static_cast<uint8_t>(pass);
-        if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gm);
-        if constexpr (EVAL_DX) store_raw<V>(dx + off + j * step, d);
-        if constexpr (EVAL_DX && DUAL) store_raw<V>(dz + off + j * step, d2);
-      }
+      reduce_step<decltype(u)::value, V, V, RELU, WRITE_GR, EVAL_DX, DUAL, BITS>(
+          go, x, out, second.z, bits, gr, dx, second.dz, off, step, m, k, m2, k2, sa, sb, sc);
     });
   }
   const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
@@ -1334,6 +1285,87 @@ __global__ void bn_elemt_coef_kernel(const acc_t* __restrict__ invstd, ChannelPa
 // Backward, step 3 (training): dx = a * g - b - d * (x - mean). g is read from `grad` (already
 // masked when it is grad_residual) and zeroed here where output <= 0 when MASK. With DUAL also
 // dz = a2 * g - b2 - d2 * (z - mean2) from the same g, with second's coefficients.
+
+// A channel's dx coefficients: mean, then a, b, d of coef = [3][C].
+template <typename acc_t, int NC>
+struct DxCoef {
+  acc_t m[NC], a[NC], b[NC], d[NC];
+  __device__ __forceinline__ void load(int i, const acc_t* __restrict__ mean,
+                                       const acc_t* __restrict__ coef, int64_t C, int64_t c) {
+    m[i] = mean[c];
+    a[i] = coef[c];
+    b[i] = coef[C + c];
+    d[i] = coef[2 * C + c];
+  }
+};
+
+// The coefficients of channels c0 + i, i < NC, and with DUAL the second input's.
+template <bool DUAL, typename scalar_t, typename acc_t, int NC>
+__device__ __forceinline__ void load_dx_coef(const acc_t* __restrict__ mean,
+                                             const acc_t* __restrict__ coef,
+                                             const SecondInput<scalar_t, acc_t>& second, int64_t C,
+                                             int64_t c0, DxCoef<acc_t, NC>& k1,
+                                             DxCoef<acc_t, NC>& k2) {
+#pragma unroll
+  for (int i = 0; i < NC; ++i) {
+    k1.load(i, mean, coef, C, c0 + i);
+    k2.m[i] = k2.a[i] = k2.b[i] = k2.d[i] = acc_t(0);
+    if constexpr (DUAL) k2.load(i, second.mean, second.coef, C, c0 + i);
+  }
+}
+
+// One step of the dx pass: U vectors of W elements at off + u * step. With BITS a vector's g is
+// masked by the ReLU mask's byte; scalars and !BITS read the output (when MASK).
+template <int U, int W, int V, bool MASK, bool DUAL, bool BITS, typename scalar_t, typename acc_t,
+          int NC>
+__device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
+                                        const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ out,
+                                        const scalar_t* __restrict__ z,
+                                        const uint8_t* __restrict__ bits, scalar_t* __restrict__ dx,
+                                        scalar_t* __restrict__ dz, int64_t off, int64_t step,
+                                        const DxCoef<acc_t, NC>& k1, const DxCoef<acc_t, NC>& k2) {
+  constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
+  constexpr bool kOut = MASK && !kBits;
+  scalar_t gv[U][W], ov[U][W];
+  scalar_t xv[U][W], zv[U][W];
+  unsigned pass[U];
+  (void)ov;    // read only where the ReLU mask is the output
+  (void)zv;    // read only with DUAL
+  (void)pass;  // read only with kBits
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    load_raw<W>(grad + off + j * step, gv[j]);
+    load_raw<W>(x + off + j * step, xv[j]);
+    if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
+    if constexpr (kBits) pass[j] = bits[(off + j * step) / V];
+    if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    scalar_t o[W], o2[W];
+    (void)o2;  // written only with DUAL
+#pragma unroll
+    for (int i = 0; i < W; ++i) {
+      scalar_t gm;
+      if constexpr (kBits) {
+        gm = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+      } else {
+        gm = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
+      }
+      const acc_t ga = static_cast<acc_t>(gm);
+      o[i] = static_cast<scalar_t>(lane(k1.a, i) * ga - lane(k1.b, i) -
+                                   lane(k1.d, i) * (static_cast<acc_t>(xv[j][i]) - lane(k1.m, i)));
+      if constexpr (DUAL) {
+        o2[i] = static_cast<scalar_t>(lane(k2.a, i) * ga - lane(k2.b, i) -
+                                      lane(k2.d, i) * (static_cast<acc_t>(zv[j][i]) - lane(k2.m, i)));
+      }
+    }
+    store_raw<W>(dx + off + j * step, o);
+    if constexpr (DUAL) store_raw<W>(dz + off + j * step, o2);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false,
           bool BITS = false>
 __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
@@ -1343,56 +1375,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_planes_kernel(
     SecondInput<scalar_t, acc_t> second, const uint8_t* __restrict__ bits) {
   static_assert(!BITS || (MASK && V > 1 && V <= 8), "the ReLU mask is read for vectors");
   const int64_t c = blockIdx.x;
-  const acc_t m = mean[c];
-  const acc_t a = coef[c], b = coef[g.C + c], d = coef[2 * g.C + c];
-  acc_t m2 = acc_t(0), a2 = acc_t(0), b2 = acc_t(0), d2 = acc_t(0);
-  if constexpr (DUAL) {
-    m2 = second.mean[c];
-    a2 = second.coef[c];
-    b2 = second.coef[g.C + c];
-    d2 = second.coef[2 * g.C + c];
-  }
-  const scalar_t* __restrict__ z = second.z;
-  scalar_t* __restrict__ dz = second.dz;
+  DxCoef<acc_t, 1> k1, k2;
+  load_dx_coef<DUAL>(mean, coef, second, g.C, c, k1, k2);
   for_each_plane_row<V, REVERSE>(g, c, [&](auto u, auto width, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
-    constexpr int W = decltype(width)::value;
-    constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
-    constexpr bool kOut = MASK && !kBits;
-    scalar_t gv[U][W], ov[U][W];
-    scalar_t xv[U][W], zv[U][W];
-    unsigned pass[U];
-    (void)zv;    // read only with DUAL
-    (void)pass;  // read only with kBits
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      load_raw<W>(grad + off + j * step, gv[j]);
-      load_raw<W>(x + off + j * step, xv[j]);
-      if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
-      if constexpr (kBits) pass[j] = bits[(off + j * step) / V];
-      if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      scalar_t o[W], o2[W];
-      (void)o2;  // written only with DUAL
-#pragma unroll
-      for (int i = 0; i < W; ++i) {
-        scalar_t gm;
-        if constexpr (kBits) {
-          gm = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
-        } else {
-          gm = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
-        }
-        const acc_t ga = static_cast<acc_t>(gm);
-        o[i] = static_cast<scalar_t>(a * ga - b - d * (static_cast<acc_t>(xv[j][i]) - m));
-        if constexpr (DUAL) {
-          o2[i] = static_cast<scalar_t>(a2 * ga - b2 - d2 * (static_cast<acc_t>(zv[j][i]) - m2));
-        }
-      }
-      store_raw<W>(dx + off + j * step, o);
-      if constexpr (DUAL) store_raw<W>(dz + off + j * step, o2);
-    }
+    dx_step<decltype(u)::value, decltype(width)::value, V, MASK, DUAL, BITS>(
+        grad, x, out, second.z, bits, dx, second.dz, off, step, k1, k2);
   });
 }
 
@@ -1406,64 +1393,11 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
   static_assert(!BITS || (MASK && V > 1 && V <= 8), "the ReLU mask is read for vectors");
   const int64_t cv = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (cv >= g.Cv) return;
-  const scalar_t* __restrict__ z = second.z;
-  scalar_t* __restrict__ dz = second.dz;
-  acc_t m[V], a[V], b[V], d[V], m2[V], a2[V], b2[V], d2[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const int64_t c = cv * V + i;
-    m[i] = mean[c];
-    a[i] = coef[c];
-    b[i] = coef[g.C + c];
-    d[i] = coef[2 * g.C + c];
-    m2[i] = a2[i] = b2[i] = d2[i] = acc_t(0);
-    if constexpr (DUAL) {
-      m2[i] = second.mean[c];
-      a2[i] = second.coef[c];
-      b2[i] = second.coef[g.C + c];
-      d2[i] = second.coef[2 * g.C + c];
-    }
-  }
+  DxCoef<acc_t, V> k1, k2;
+  load_dx_coef<DUAL>(mean, coef, second, g.C, cv * V, k1, k2);
   for_each_row<V, REVERSE>(g, cv, [&](auto u, int64_t off, int64_t step) {
-    constexpr int U = decltype(u)::value;
-    constexpr bool kOut = MASK && !BITS;
-    scalar_t gv[U][V], ov[U][V];
-    (void)ov;  // read only where the ReLU mask is the output
-    scalar_t xv[U][V], zv[U][V];
-    unsigned pass[U];
-    (void)zv;    // read only with DUAL
-    (void)pass;  // read only with BITS
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      load_raw<V>(grad + off + j * step, gv[j]);
-      load_raw<V>(x + off + j * step, xv[j]);
-      if constexpr (kOut) load_raw<V>(out + off + j * step, ov[j]);
-      if constexpr (BITS) pass[j] = bits[(off + j * step) / V];
-      if constexpr (DUAL) load_raw<V>(z + off + j * step, zv[j]);
-    }
-#pragma unroll
-    for (int j = 0; j < U; ++j) {
-      scalar_t o[V], o2[V];
-      (void)o2;  // written only with DUAL
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        scalar_t gm;
-        if constexpr (BITS) {
-          gm = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
-        } else {
-          gm = masked_grad<kOut>(gv[j][i], kOut ? ov[j][i] : gv[j][i]);
-        }
-        const acc_t ga = static_cast<acc_t>(gm);
-        const acc_t xc = static_cast<acc_t>(xv[j][i]) - m[i];
-        o[i] = static_cast<scalar_t>(a[i] * ga - b[i] - d[i] * xc);
-        if constexpr (DUAL) {
-          const acc_t zc = static_cast<acc_t>(zv[j][i]) - m2[i];
-          o2[i] = static_cast<scalar_t>(a2[i] * ga - b2[i] - d2[i] * zc);
-        }
-      }
-      store_raw<V>(dx + off + j * step, o);
-      if constexpr (DUAL) store_raw<V>(dz + off + j * step, o2);
-    }
+    dx_step<decltype(u)::value, V, V, MASK, DUAL, BITS>(grad, x, out, second.z, bits, dx,
+                                                        second.dz, off, step, k1, k2);
   });
 }
 
