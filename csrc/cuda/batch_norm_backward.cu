@@ -29,6 +29,36 @@ struct BackwardArgs {
   uint8_t* fwd_mask;  // the training forward's ReLU mask (relu_mask), or null
 };
 
+// What every backward pass reads: grad_output, the input and (with relu) the output, contiguous in
+// the input's memory format, and the saved statistics; args() gives their pointers.
+struct BackwardInputs {
+  BNShape shape;
+  KernelLayout layout;
+  at::Tensor go, x, out, mean, invstd;
+  BackwardInputs(const at::Tensor& grad_output, const at::Tensor& input,
+                 const c10::optional<at::Tensor>& output, bool relu, const at::Tensor& mean_,
+                 const at::Tensor& invstd_)
+      : shape(bn_shape(input)),
+        layout(kernel_layout(shape)),
+        go(grad_output.contiguous(shape.format)),
+        x(input.contiguous(shape.format)),
+        out(relu ? output->contiguous(shape.format) : at::Tensor()),
+        mean(mean_.contiguous()),
+        invstd(invstd_.contiguous()) {}
+
+  template <typename scalar_t, typename acc_t>
+  BackwardArgs<scalar_t, acc_t> args() const {
+    BackwardArgs<scalar_t, acc_t> a{};
+    a.layout = layout;
+    a.go = go.data_ptr<scalar_t>();
+    a.x = x.data_ptr<scalar_t>();
+    a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+    a.mean = mean.data_ptr<acc_t>();
+    a.invstd = invstd.data_ptr<acc_t>();
+    return a;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 void launch_finalize(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
                      bool training, acc_t* coef, cudaStream_t stream) {
@@ -71,8 +101,7 @@ uint8_t* checked_relu_mask(const char* op, const c10::optional<at::Tensor>& relu
   return m.data_ptr<uint8_t>();
 }
 
-// The reduce and dx kernels of the rows (ROWS) or planes layout, and the layout's geometry in a
-// plan.
+// The reduce and dx kernels of the rows (ROWS) or planes layout.
 template <bool ROWS, typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR,
           bool EVAL_DX, bool DUAL, int BITS>
 constexpr auto reduce_kernel() {
@@ -93,51 +122,88 @@ constexpr auto dx_kernel() {
   }
 }
 
-template <bool ROWS>
-const auto& geometry(const Launch& L) {
-  if constexpr (ROWS) {
-    return L.rows;
-  } else {
-    return L.planes;
-  }
-}
-
-// The dx pass reads the masked gradient back from grad_residual when it was written, else
-// grad_output masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars).
-// ROWS picks the layout's kernels; the two passes share one plan, so the mask's bytes are the
-// same vectors in both. With FWD (training, relu, vectors) the mask is the forward's: both
-// passes read it and the reduce pass no longer reads the output's vectors.
+// The training or eval backward: a reduction pass, a finalize and in training a dx pass. The dx
+// pass reads the masked gradient back from grad_residual when it was written, else grad_output
+// masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars). ROWS picks
+// the layout's kernels; the two passes share one plan, so the mask's bytes are the same vectors
+// in both. With FWD (training, relu, vectors) the mask is the forward's: both passes read it and
+// the reduce pass no longer reads the output's vectors.
+//
+// With DUAL (batch_norm_dual_backward: out = [relu](bn(x) + bn2(z))) the reduction also reads z
+// and sums g * (z - mean2), the finalize does both batch norms, and the dx pass writes dx and dz
+// from the same g (in eval both in the reduction pass).
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bool TRAINING,
-          bool ROWS, bool FWD>
-void backward_launch(const BackwardArgs<scalar_t, acc_t>& a) {
+          bool ROWS, bool FWD, bool DUAL>
+void backward_launch(const BackwardArgs<scalar_t, acc_t>& a, SecondInput<scalar_t, acc_t> second) {
   static_assert(!FWD || (RELU && TRAINING && V > 1), "the forward's mask is of vectors");
+  static_assert(!(DUAL && WRITE_GR), "the dual backward writes no grad_residual");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kMask = RELU && !WRITE_GR;
   constexpr bool kBits = kMask && TRAINING && V > 1;
   constexpr int kReduceBits = FWD ? kBitsRead : kBits ? kBitsWrite : kBitsNone;
+  constexpr int kSums = DUAL ? 3 : 2;  // per channel and block: sum g, g * (x - mean)[, z]
   auto reduce =
-      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, false, kReduceBits>();
-  auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, kMask, false, kBits>();
+      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, WRITE_GR, !TRAINING, DUAL, kReduceBits>();
+  // Only training launches the dx kernel; the dual eval names the training one (no other
+  // instantiation).
+  constexpr bool kDxBits = DUAL ? RELU && V > 1 : kBits;
+  auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, kMask, DUAL, kDxBits>();
   static const int bps =
       TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx)) : blocks_per_sm(reduce);
   const Launch L = plan(a.layout, V, sm_count() * bps);
   const auto& geom = geometry<ROWS>(L);
   const int64_t C = a.layout.C;
-  at::Tensor partial = at::empty({2 * L.partials * C + (TRAINING ? 3 * C : 0)}, a.stat_options);
+  at::Tensor partial = at::empty({kSums * L.partials * C + (TRAINING ? 3 * (kSums - 1) * C : 0)},
+                                 a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  acc_t* coef = TRAINING ? pp + 2 * L.partials * C : nullptr;
+  acc_t* coef = TRAINING ? pp + kSums * L.partials * C : nullptr;
+  if constexpr (DUAL) second.coef = TRAINING ? coef + 3 * C : nullptr;
   const at::Tensor scratch = relu_bits(a, kBits && !FWD, V);
   uint8_t* bits = FWD ? a.fwd_mask : bits_ptr(scratch);
   reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, a.gr,
-                                         TRAINING ? nullptr : a.dx, geom, pp,
-                                         SecondInput<scalar_t, acc_t>{}, bits);
+                                         TRAINING ? nullptr : a.dx, geom, pp, second, bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(a, pp, L.partials, TRAINING, coef, stream);
+  bn_backward_finalize_kernel<scalar_t, acc_t, DUAL>
+      <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
+                                                         a.inv_count, TRAINING, a.grad_weight,
+                                                         a.grad_bias, coef, second);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (TRAINING) {
     dx<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef, a.dx,
-                                       geom, SecondInput<scalar_t, acc_t>{}, bits);
+                                       geom, second, bits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+}
+
+// backward_launch for the runtime flags: the vector width, relu, grad_residual written, training,
+// the forward's mask given, the layout.
+template <bool DUAL, typename scalar_t, typename acc_t>
+void backward_dispatch(const BackwardArgs<scalar_t, acc_t>& a,
+                       const SecondInput<scalar_t, acc_t>& second, bool relu, bool residual_grad,
+                       bool training) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const bool vec =
+      use_vectors(a.layout, kVec, {a.go, a.x, a.out, a.gr, a.dx, second.z, second.dz});
+  FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
+    FASTNN_BOOL_SWITCH(relu, RELU, [&] {
+      FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
+        FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
+          FASTNN_BOOL_SWITCH(a.fwd_mask != nullptr, GIVEN, [&] {
+            constexpr bool kFwd = GIVEN && RELU && TRAINING && V > 1;
+            if constexpr (!(DUAL && WRITE_GR)) {
+              if (a.layout.rows) {
+                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, true, kFwd, DUAL>(
+                    a, second);
+              } else {
+                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, false, kFwd, DUAL>(
+                    a, second);
+              }
+            }
+          });
+        });
+      });
+    });
+  });
 }
 
 // batch_norm_backward_reduce: the reduction and a finalize that writes sum(g) into grad_bias
@@ -176,48 +242,6 @@ void dx_only(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* coef) {
   });
 }
 
-// batch_norm_dual_backward: one reduction pass over g, x and z (g = grad_output masked by the
-// output when relu; in eval dx and dz written in the same pass), a finalize for both batch
-// norms, and in training one pass writing dx and dz from the same g.
-template <typename scalar_t, typename acc_t, int V, bool RELU, bool TRAINING, bool ROWS,
-          bool FWD>
-void dual_backward_launch(const BackwardArgs<scalar_t, acc_t>& a,
-                          SecondInput<scalar_t, acc_t> second) {
-  static_assert(!FWD || (RELU && TRAINING && V > 1), "the forward's mask is of vectors");
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr bool kBits = RELU && TRAINING && V > 1;
-  constexpr int kReduceBits = FWD ? kBitsRead : kBits ? kBitsWrite : kBitsNone;
-  auto reduce =
-      reduce_kernel<ROWS, scalar_t, acc_t, V, RELU, false, !TRAINING, true, kReduceBits>();
-  // Only training launches the dx kernel; eval names the training one (no other instantiation).
-  constexpr bool kDxBits = RELU && V > 1;
-  auto dx = dx_kernel<ROWS, scalar_t, acc_t, V, RELU, true, kDxBits>();
-  static const int bps =
-      TRAINING ? std::min(blocks_per_sm(reduce), blocks_per_sm(dx)) : blocks_per_sm(reduce);
-  const Launch L = plan(a.layout, V, sm_count() * bps);
-  const auto& geom = geometry<ROWS>(L);
-  const int64_t C = a.layout.C;
-  at::Tensor partial = at::empty({3 * L.partials * C + (TRAINING ? 6 * C : 0)}, a.stat_options);
-  acc_t* pp = partial.data_ptr<acc_t>();
-  acc_t* coef = TRAINING ? pp + 3 * L.partials * C : nullptr;
-  second.coef = TRAINING ? coef + 3 * C : nullptr;
-  const at::Tensor scratch = relu_bits(a, kBits && !FWD, V);
-  uint8_t* bits = FWD ? a.fwd_mask : bits_ptr(scratch);
-  reduce<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, a.invstd, a.weight, nullptr,
-                                         TRAINING ? nullptr : a.dx, geom, pp, second, bits);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  bn_backward_finalize_kernel<scalar_t, acc_t, true>
-      <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
-                                                         a.inv_count, TRAINING, a.grad_weight,
-                                                         a.grad_bias, coef, second);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if constexpr (TRAINING) {
-    dx<<<L.grid, L.block, 0, stream>>>(a.go, a.x, a.out, a.mean, coef, a.dx, geom, second,
-                                       bits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
@@ -243,24 +267,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   at::Tensor grad_weight = at::empty({shape.C}, stat_options);
   at::Tensor grad_bias = at::empty({shape.C}, stat_options);
 
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor go = grad_output.contiguous(shape.format);
-  const at::Tensor x = input.contiguous(shape.format);
-  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
+  const BackwardInputs in(grad_output, input, output, relu, mean, invstd);
   const int64_t count = shape.reduce_size();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fastnn_batch_norm_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    BackwardArgs<scalar_t, acc_t> a{};
-    a.layout = layout;
-    a.go = go.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
-    a.mean = mean_c.data_ptr<acc_t>();
-    a.invstd = invstd_c.data_ptr<acc_t>();
+    BackwardArgs<scalar_t, acc_t> a = in.args<scalar_t, acc_t>();
     a.weight = channel_param(weight, acc);
     a.gr = residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr;
     a.dx = grad_input.data_ptr<scalar_t>();
@@ -269,24 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     a.inv_count = static_cast<acc_t>(1.0 / static_cast<double>(count));
     a.stat_options = stat_options;
     a.fwd_mask = fwd_mask;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.gr, a.dx});
-    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
-      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
-        FASTNN_BOOL_SWITCH(residual_grad, WRITE_GR, [&] {
-          FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
-            FASTNN_BOOL_SWITCH(fwd_mask != nullptr, GIVEN, [&] {
-              constexpr bool kFwd = GIVEN && RELU && TRAINING && V > 1;
-              if (layout.rows) {
-                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, true, kFwd>(a);
-              } else {
-                backward_launch<scalar_t, acc_t, V, RELU, WRITE_GR, TRAINING, false, kFwd>(a);
-              }
-            });
-          });
-        });
-      });
-    });
+    backward_dispatch<false>(a, SecondInput<scalar_t, acc_t>{}, relu, residual_grad, training);
   });
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
@@ -312,23 +308,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(
   at::Tensor sum_dy = at::empty({shape.C}, stat_options);
   at::Tensor sum_dy_xhat = at::empty({shape.C}, stat_options);
 
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor go = grad_output.contiguous(shape.format);
-  const at::Tensor x = input.contiguous(shape.format);
-  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
+  const BackwardInputs in(grad_output, input, output, relu, mean, invstd);
+  const KernelLayout& layout = in.layout;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fastnn_batch_norm_backward_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    BackwardArgs<scalar_t, acc_t> a{};
-    a.layout = layout;
-    a.go = go.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
-    a.mean = mean_c.data_ptr<acc_t>();
-    a.invstd = invstd_c.data_ptr<acc_t>();
+    BackwardArgs<scalar_t, acc_t> a = in.args<scalar_t, acc_t>();
     a.gr = residual_grad ? grad_residual.data_ptr<scalar_t>() : nullptr;
     a.grad_weight = sum_dy_xhat.data_ptr<acc_t>();
     a.grad_bias = sum_dy.data_ptr<acc_t>();
@@ -363,17 +349,13 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const a
   if (input.numel() == 0) return grad_input;
 
   const at::ScalarType acc = accumulate_type(input.scalar_type());
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor go = grad_output.contiguous(shape.format);
-  const at::Tensor x = input.contiguous(shape.format);
-  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
-  const at::Tensor mean_c = mean.contiguous();
-  const at::Tensor invstd_c = invstd.contiguous();
+  const BackwardInputs in(grad_output, input, output, relu, mean, invstd);
+  const KernelLayout& layout = in.layout;
   const at::Tensor mean_dy_c = mean_dy.contiguous();
   const at::Tensor mean_dy_xhat_c = mean_dy_xhat.contiguous();
   at::Tensor coef = at::empty({3 * shape.C}, input.options().dtype(acc));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fastnn_batch_norm_backward_elemt_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -381,15 +363,10 @@ at::Tensor batch_norm_backward_elemt_cuda(const at::Tensor& grad_output, const a
     bn_elemt_coef_kernel<scalar_t, acc_t>
         <<<static_cast<unsigned>(ceil_div(shape.C, kThreadsPerChannelBlock)),
            kThreadsPerChannelBlock, 0, stream>>>(
-            invstd_c.data_ptr<acc_t>(), channel_param(weight, acc), mean_dy_c.data_ptr<acc_t>(),
+            in.invstd.data_ptr<acc_t>(), channel_param(weight, acc), mean_dy_c.data_ptr<acc_t>(),
             mean_dy_xhat_c.data_ptr<acc_t>(), shape.C, coef.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    BackwardArgs<scalar_t, acc_t> a{};
-    a.layout = layout;
-    a.go = go.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
-    a.mean = mean_c.data_ptr<acc_t>();
+    BackwardArgs<scalar_t, acc_t> a = in.args<scalar_t, acc_t>();
     a.dx = grad_input.data_ptr<scalar_t>();
     constexpr int kVec = 16 / sizeof(scalar_t);
     const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.dx});
@@ -434,25 +411,15 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
   at::Tensor grad_weight2 = at::empty({C}, stat_options);
   at::Tensor grad_bias2 = at::empty({C}, stat_options);
 
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor go = grad_output.contiguous(shape.format);
-  const at::Tensor x = input.contiguous(shape.format);
+  const BackwardInputs in(grad_output, input, output, relu, mean, invstd);
   const at::Tensor z = input2.contiguous(shape.format);
-  const at::Tensor out = relu ? output->contiguous(shape.format) : at::Tensor();
-  const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
   const at::Tensor mean2_c = mean2.contiguous(), invstd2_c = invstd2.contiguous();
   const int64_t count = shape.reduce_size();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fastnn_batch_norm_dual_backward_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    BackwardArgs<scalar_t, acc_t> a{};
-    a.layout = layout;
-    a.go = go.data_ptr<scalar_t>();
-    a.x = x.data_ptr<scalar_t>();
-    a.out = relu ? out.data_ptr<scalar_t>() : nullptr;
-    a.mean = mean_c.data_ptr<acc_t>();
-    a.invstd = invstd_c.data_ptr<acc_t>();
+    BackwardArgs<scalar_t, acc_t> a = in.args<scalar_t, acc_t>();
     a.weight = channel_param(weight, acc);
     a.dx = grad_input.data_ptr<scalar_t>();
     a.grad_weight = grad_weight.data_ptr<acc_t>();
@@ -468,22 +435,7 @@ batch_norm_dual_backward_cuda(const at::Tensor& grad_output, const at::Tensor& i
     second.grad_weight = grad_weight2.data_ptr<acc_t>();
     second.grad_bias = grad_bias2.data_ptr<acc_t>();
     a.fwd_mask = fwd_mask;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vec = use_vectors(layout, kVec, {a.go, a.x, a.out, a.dx, second.z, second.dz});
-    FASTNN_VEC_SWITCH(vec, kVec, V, [&] {
-      FASTNN_BOOL_SWITCH(relu, RELU, [&] {
-        FASTNN_BOOL_SWITCH(training, TRAINING, [&] {
-          FASTNN_BOOL_SWITCH(fwd_mask != nullptr, GIVEN, [&] {
-            constexpr bool kFwd = GIVEN && RELU && TRAINING && V > 1;
-            if (layout.rows) {
-              dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, true, kFwd>(a, second);
-            } else {
-              dual_backward_launch<scalar_t, acc_t, V, RELU, TRAINING, false, kFwd>(a, second);
-            }
-          });
-        });
-      });
-    });
+    backward_dispatch<true>(a, second, relu, false, training);
   });
   return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias2};
 }

@@ -91,44 +91,56 @@ AffineParams<acc_t> with_saved_stats(AffineParams<acc_t> p, const acc_t* mean,
   return p;
 }
 
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool MASK>
-void train_rows(const TrainArgs<scalar_t, acc_t>& a) {
+// The statistics kernel of the rows (ROWS) or planes layout for inputs the normalize reads V
+// wide, and the vector width it reads.
+template <bool ROWS, typename scalar_t, typename acc_t, int V>
+constexpr auto stats_kernel() {
+  if constexpr (ROWS) {
+    return StatsRows<scalar_t, acc_t, V>::kernel;
+  } else {
+    return bn_stats_planes_kernel<scalar_t, acc_t, V>;
+  }
+}
+
+template <bool ROWS, typename scalar_t, typename acc_t, int V>
+constexpr int stats_width() {
+  return ROWS ? StatsRows<scalar_t, acc_t, V>::width : V;
+}
+
+// The normalize kernel of the layout. REVERSE is always true: the training forward walks back
+// over what its statistics pass read last, and elsewhere the order does not matter (one
+// instantiation serves both).
+template <bool ROWS, typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool DUAL,
+          bool MASK>
+constexpr auto normalize_kernel() {
+  if constexpr (ROWS) {
+    return bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true, DUAL, MASK>;
+  } else {
+    return bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true, DUAL, MASK>;
+  }
+}
+
+// batch_norm_train: the statistics pass, its finalize (saved statistics, running update) and the
+// normalize. Both passes fill the device once with the same number of threads, each walking its
+// rows in order, so that normalize, walking backwards, revisits first what the statistics pass
+// read last (the last rows, whichever vector width each kernel reads).
+template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool MASK, bool ROWS>
+void train_launch(const TrainArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  using SR = StatsRows<scalar_t, acc_t, V>;
-  auto stats = SR::kernel;
-  auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true, false, MASK>;
-  // Both kernels fill the device once with the same number of threads, each walking its rows in
-  // order, so that normalize, walking backwards, revisits first what the statistics pass read
-  // last (the last rows, whichever vector width each kernel reads).
+  auto stats = stats_kernel<ROWS, scalar_t, acc_t, V>();
+  auto norm = normalize_kernel<ROWS, scalar_t, acc_t, V, RES, RELU, false, MASK>();
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
-  const Launch Ls = plan_rows(a.layout, SR::width, sm_count() * bps);
-  const Launch L = plan_rows(a.layout, V, sm_count() * bps);
+  const Launch Ls =
+      plan(a.layout, stats_width<ROWS, scalar_t, acc_t, V>(), sm_count() * bps);
+  const Launch L = plan(a.layout, V, sm_count() * bps);
   at::Tensor partial = at::empty({3 * Ls.partials * a.layout.C}, a.stat_options);
   acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<Ls.grid, Ls.block, 0, stream>>>(a.x, Ls.rows, shift_samples(a.layout), pp);
+  stats<<<Ls.grid, Ls.block, 0, stream>>>(a.x, geometry<ROWS>(Ls), shift_samples(a.layout), pp);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_finalize(a, pp, Ls.partials, stream);
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
                                        with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.rows, AffineParams<acc_t>{}, a.mask);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU, bool MASK>
-void train_planes(const TrainArgs<scalar_t, acc_t>& a) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto stats = bn_stats_planes_kernel<scalar_t, acc_t, V>;
-  auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true, false, MASK>;
-  static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
-  const Launch L = plan_planes(a.layout, V, sm_count() * bps);
-  at::Tensor partial = at::empty({3 * L.partials * a.layout.C}, a.stat_options);
-  acc_t* pp = partial.data_ptr<acc_t>();
-  stats<<<L.grid, L.block, 0, stream>>>(a.x, L.planes, shift_samples(a.layout), pp);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_finalize(a, pp, L.partials, stream);
-  norm<<<L.grid, L.block, 0, stream>>>(a.x, a.res, a.out,
-                                       with_saved_stats(a.affine, a.save_mean, a.save_invstd),
-                                       L.planes, AffineParams<acc_t>{}, a.mask);
+                                       geometry<ROWS>(L), AffineParams<acc_t>{}, a.mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -136,21 +148,14 @@ template <typename scalar_t, typename acc_t, int V, bool RES, bool RELU>
 void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* res, scalar_t* out,
                  const AffineParams<acc_t>& affine) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // The walking order does not matter here; REVERSE = true shares the training instantiations.
-  if (layout.rows) {
-    auto norm = bn_normalize_rows_kernel<scalar_t, acc_t, V, RES, RELU, true>;
+  FASTNN_BOOL_SWITCH(layout.rows, ROWS, [&] {
+    auto norm = normalize_kernel<ROWS, scalar_t, acc_t, V, RES, RELU, false, false>();
     static const int bps = blocks_per_sm(norm);
-    const Launch L = plan_rows(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.rows, AffineParams<acc_t>{},
-                                         nullptr);
-  } else {
-    auto norm = bn_normalize_planes_kernel<scalar_t, acc_t, V, RES, RELU, true>;
-    static const int bps = blocks_per_sm(norm);
-    const Launch L = plan_planes(layout, V, sm_count() * bps);
-    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, L.planes, AffineParams<acc_t>{},
-                                         nullptr);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const Launch L = plan(layout, V, sm_count() * bps);
+    norm<<<L.grid, L.block, 0, stream>>>(x, res, out, affine, geometry<ROWS>(L),
+                                         AffineParams<acc_t>{}, nullptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 // The ReLU mask a masked training forward returns: one byte per 16-byte vector of the output
@@ -241,39 +246,19 @@ struct DualArgs {
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool ROWS, bool MASK>
 void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  auto stats = [] {
-    if constexpr (ROWS) {
-      return StatsRows<scalar_t, acc_t, V>::kernel;
-    } else {
-      return bn_stats_planes_kernel<scalar_t, acc_t, V>;
-    }
-  }();
-  auto norm = [] {
-    if constexpr (ROWS) {
-      return bn_normalize_rows_kernel<scalar_t, acc_t, V, true, RELU, true, true, MASK>;
-    } else {
-      return bn_normalize_planes_kernel<scalar_t, acc_t, V, true, RELU, true, true, MASK>;
-    }
-  }();
+  auto stats = stats_kernel<ROWS, scalar_t, acc_t, V>();
+  auto norm = normalize_kernel<ROWS, scalar_t, acc_t, V, true, RELU, true, MASK>();
   static const int bps = std::min(blocks_per_sm(stats), blocks_per_sm(norm));
-  const Launch L = ROWS ? plan_rows(a.layout, V, sm_count() * bps)
-                        : plan_planes(a.layout, V, sm_count() * bps);
-  const auto geom = [](const Launch& l) -> const auto& {
-    if constexpr (ROWS) {
-      return l.rows;
-    } else {
-      return l.planes;
-    }
-  };
+  const Launch L = plan(a.layout, V, sm_count() * bps);
   const int64_t C = a.layout.C;
   if (a.training) {
-    const Launch Ls =
-        ROWS ? plan_rows(a.layout, StatsRows<scalar_t, acc_t, V>::width, sm_count() * bps) : L;
+    const Launch Ls = plan(a.layout, stats_width<ROWS, scalar_t, acc_t, V>(), sm_count() * bps);
     at::Tensor partial = at::empty({2 * 3 * Ls.partials * C}, a.stat_options);
     const scalar_t* inputs[2] = {a.x, a.z};
     for (int k = 0; k < 2; ++k) {
       acc_t* pp = partial.data_ptr<acc_t>() + k * 3 * Ls.partials * C;
-      stats<<<Ls.grid, Ls.block, 0, stream>>>(inputs[k], geom(Ls), shift_samples(a.layout), pp);
+      stats<<<Ls.grid, Ls.block, 0, stream>>>(inputs[k], geometry<ROWS>(Ls),
+                                              shift_samples(a.layout), pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
           pp, Ls.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k],
@@ -283,7 +268,7 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
   }
   norm<<<L.grid, L.block, 0, stream>>>(a.x, a.z, a.out,
                                        with_saved_stats(a.affine[0], a.mean[0], a.invstd[0]),
-                                       geom(L),
+                                       geometry<ROWS>(L),
                                        with_saved_stats(a.affine[1], a.mean[1], a.invstd[1]),
                                        a.mask);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -362,6 +347,20 @@ void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count
 
 namespace {
 
+// What a normalizing forward reads and writes: the input and the residual (if any) contiguous in
+// the input's memory format, and the output allocated in it.
+struct NormalizeIO {
+  BNShape shape;
+  KernelLayout layout;
+  at::Tensor x, res, out;
+  NormalizeIO(const at::Tensor& input, const c10::optional<at::Tensor>& residual)
+      : shape(bn_shape(input)),
+        layout(kernel_layout(shape)),
+        x(input.contiguous(shape.format)),
+        res(defined(residual) ? residual->contiguous(shape.format) : at::Tensor()),
+        out(at::empty(input.sizes(), input.options().memory_format(shape.format))) {}
+};
+
 // batch_norm_train, and with `want_mask` and relu also the ReLU mask of the output (else an
 // empty tensor): (output, save_mean, save_invstd, mask).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_impl(
@@ -378,17 +377,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_impl(
     return {out, mean, invstd, mask};
   }
 
-  const BNShape shape = bn_shape(input);
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor x = input.contiguous(shape.format);
-  const bool has_res = defined(residual);
-  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const NormalizeIO io(input, residual);
+  const KernelLayout& layout = io.layout;
+  const at::Tensor &x = io.x, &res = io.res, &out = io.out;
+  const bool has_res = res.defined();
   const at::ScalarType acc = accumulate_type(input.scalar_type());
   const at::TensorOptions stat_options = input.options().dtype(acc);
-  at::Tensor save_mean = at::empty({shape.C}, stat_options);
-  at::Tensor save_invstd = at::empty({shape.C}, stat_options);
-  const int64_t count = shape.reduce_size();  // > 1, checked above
+  at::Tensor save_mean = at::empty({io.shape.C}, stat_options);
+  at::Tensor save_invstd = at::empty({io.shape.C}, stat_options);
+  const int64_t count = io.shape.reduce_size();  // > 1, checked above
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fastnn_batch_norm_train_cuda", [&] {
@@ -417,9 +414,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> train_impl(
           FASTNN_BOOL_SWITCH(a.mask != nullptr, WANT, [&] {
             constexpr bool kMask = WANT && RELU && V > 1;
             if (layout.rows) {
-              train_rows<scalar_t, acc_t, V, RES, RELU, kMask>(a);
+              train_launch<scalar_t, acc_t, V, RES, RELU, kMask, true>(a);
             } else {
-              train_planes<scalar_t, acc_t, V, RES, RELU, kMask>(a);
+              train_launch<scalar_t, acc_t, V, RES, RELU, kMask, false>(a);
             }
           });
         });
@@ -460,14 +457,13 @@ at::Tensor batch_norm_eval_cuda(const at::Tensor& input, const c10::optional<at:
   TORCH_CHECK(input.is_cuda(), "fastnn.batch_norm_eval: input must be a CUDA tensor, got ",
               input.device());
   const c10::cuda::CUDAGuard guard(input.device());
-  const BNShape shape = bn_shape(input);
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
-  if (input.numel() == 0) return out;
-
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor x = input.contiguous(shape.format);
-  const bool has_res = defined(residual);
-  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
+  if (input.numel() == 0) {
+    return at::empty(input.sizes(), input.options().memory_format(bn_shape(input).format));
+  }
+  const NormalizeIO io(input, residual);
+  const KernelLayout& layout = io.layout;
+  const at::Tensor &x = io.x, &res = io.res, &out = io.out;
+  const bool has_res = res.defined();
   const at::ScalarType acc = accumulate_type(input.scalar_type());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -541,17 +537,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_train_with_stats_cuda(
   const c10::cuda::CUDAGuard guard(input.device());
   if (input.numel() == 0) return empty_batch_train(input);
 
-  const BNShape shape = bn_shape(input);
-  const KernelLayout layout = kernel_layout(shape);
-  const at::Tensor x = input.contiguous(shape.format);
-  const bool has_res = defined(residual);
-  const at::Tensor res = has_res ? residual->contiguous(shape.format) : at::Tensor();
-  at::Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const NormalizeIO io(input, residual);
+  const KernelLayout& layout = io.layout;
+  const at::Tensor &x = io.x, &res = io.res, &out = io.out;
+  const bool has_res = res.defined();
   const at::ScalarType acc = accumulate_type(input.scalar_type());
   const at::TensorOptions stat_options = input.options().dtype(acc);
-  at::Tensor save_mean = at::empty({shape.C}, stat_options);
-  at::Tensor save_invstd = at::empty({shape.C}, stat_options);
-  const int64_t count = shape.reduce_size();  // > 1, checked above
+  at::Tensor save_mean = at::empty({io.shape.C}, stat_options);
+  at::Tensor save_invstd = at::empty({io.shape.C}, stat_options);
+  const int64_t count = io.shape.reduce_size();  // > 1, checked above
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "fastnn_batch_norm_train_with_stats_cuda", [&] {

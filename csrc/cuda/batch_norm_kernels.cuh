@@ -1060,6 +1060,25 @@ struct SecondInput {
   acc_t* coef = nullptr;          // its dx coefficients, [3][C] (training)
 };
 
+// The loads of one backward step, all issued before any arithmetic: U vectors of W elements of
+// the gradient and x at off + u * step, with OUT of the output (where the ReLU mask is read from
+// its values), with BITS the ReLU mask's byte of each vector, with DUAL of z.
+template <int U, int W, int V, bool OUT, bool BITS, bool DUAL, typename scalar_t>
+__device__ __forceinline__ void load_backward_step(
+    const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+    const scalar_t* __restrict__ out, const scalar_t* __restrict__ z,
+    const uint8_t* __restrict__ bits, int64_t off, int64_t step, scalar_t (&gv)[U][W],
+    scalar_t (&xv)[U][W], scalar_t (&ov)[U][W], scalar_t (&zv)[U][W], unsigned (&pass)[U]) {
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    load_raw<W>(grad + off + j * step, gv[j]);
+    load_raw<W>(x + off + j * step, xv[j]);
+    if constexpr (OUT) load_raw<W>(out + off + j * step, ov[j]);
+    if constexpr (BITS) pass[j] = bits[(off + j * step) / V];
+    if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
+  }
+}
+
 // A channel's values for the reduce pass: its mean and, in eval (EVAL_DX), the factor of dx =
 // g * weight * invstd; with DUAL the second input's too.
 template <bool EVAL_DX, bool DUAL, typename scalar_t, typename acc_t, int NC>
@@ -1101,17 +1120,8 @@ __device__ __forceinline__ void reduce_step(
   scalar_t gv[U][W], ov[U][W];
   scalar_t xv[U][W], zv[U][W];
   unsigned rp[U];
-  (void)ov;  // read only where the ReLU mask is the output
-  (void)zv;  // read only with DUAL
-  (void)rp;  // read only with kRead
-#pragma unroll
-  for (int j = 0; j < U; ++j) {
-    load_raw<W>(go + off + j * step, gv[j]);
-    load_raw<W>(x + off + j * step, xv[j]);
-    if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
-    if constexpr (kRead) rp[j] = bits[(off + j * step) / V];
-    if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
-  }
+  load_backward_step<U, W, V, kOut, kRead, DUAL>(go, x, out, z, bits, off, step, gv, xv, ov, zv,
+                                                 rp);
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     scalar_t gm[W], d[W], d2[W];
@@ -1330,17 +1340,8 @@ __device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
   scalar_t gv[U][W], ov[U][W];
   scalar_t xv[U][W], zv[U][W];
   unsigned pass[U];
-  (void)ov;    // read only where the ReLU mask is the output
-  (void)zv;    // read only with DUAL
-  (void)pass;  // read only with kBits
-#pragma unroll
-  for (int j = 0; j < U; ++j) {
-    load_raw<W>(grad + off + j * step, gv[j]);
-    load_raw<W>(x + off + j * step, xv[j]);
-    if constexpr (kOut) load_raw<W>(out + off + j * step, ov[j]);
-    if constexpr (kBits) pass[j] = bits[(off + j * step) / V];
-    if constexpr (DUAL) load_raw<W>(z + off + j * step, zv[j]);
-  }
+  load_backward_step<U, W, V, kOut, kBits, DUAL>(grad, x, out, z, bits, off, step, gv, xv, ov,
+                                                 zv, pass);
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     scalar_t o[W], o2[W];
@@ -1357,8 +1358,9 @@ __device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
       o[i] = static_cast<scalar_t>(lane(k1.a, i) * ga - lane(k1.b, i) -
                                    lane(k1.d, i) * (static_cast<acc_t>(xv[j][i]) - lane(k1.m, i)));
       if constexpr (DUAL) {
-        o2[i] = static_cast<scalar_t>(lane(k2.a, i) * ga - lane(k2.b, i) -
-                                      lane(k2.d, i) * (static_cast<acc_t>(zv[j][i]) - lane(k2.m, i)));
+        o2[i] = static_cast<scalar_t>(
+            lane(k2.a, i) * ga - lane(k2.b, i) -
+            lane(k2.d, i) * (static_cast<acc_t>(zv[j][i]) - lane(k2.m, i)));
       }
     }
     store_raw<W>(dx + off + j * step, o);

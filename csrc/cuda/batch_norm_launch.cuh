@@ -175,6 +175,16 @@ inline Launch plan(const KernelLayout& l, int V, int64_t resident) {
   return l.rows ? plan_rows(l, V, resident) : plan_planes(l, V, resident);
 }
 
+// The geometry a rows (ROWS) or planes kernel takes from its plan.
+template <bool ROWS>
+const auto& geometry(const Launch& L) {
+  if constexpr (ROWS) {
+    return L.rows;
+  } else {
+    return L.planes;
+  }
+}
+
 // Finalize kernels: kFinalizeX channels per block.
 inline dim3 finalize_grid(int64_t C) {
   return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeX)));

@@ -69,6 +69,20 @@ def _dual_shortcut(downsample: Optional[nn.Module], last_bn: nn.Module) -> bool:
             and _no_hooks(downsample) and _no_hooks(downsample[1]) and _no_hooks(last_bn))
 
 
+def _add_shortcut(block: nn.Module, last_bn: nn.Module, out: Tensor, x: Tensor) -> Tensor:
+    """A block's end, relu(last_bn(out) + shortcut(x)): with fused modules one kernel (both batch
+    norms, the add and the ReLU, when the shortcut is a fastnn conv1x1 + BatchNorm2d), else
+    torchvision's three steps."""
+    if block.fused and _dual_shortcut(block.downsample, last_bn):
+        return fnn.dual_bn_add_relu(last_bn, out, block.downsample[1], block.downsample[0](x))
+    identity = x if block.downsample is None else block.downsample(x)
+    if block.fused:
+        return last_bn(out, identity)  # relu(last_bn(out) + identity) in one kernel
+    out = last_bn(out)
+    out += identity
+    return block.relu(out)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions and a shortcut: relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))."""
 
@@ -94,28 +108,12 @@ class BasicBlock(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x
-
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)  # an identity when bn1 applies the ReLU itself
 
         out = self.conv2(out)
-
-        if self.fused and _dual_shortcut(self.downsample, self.bn2):
-            # relu(bn2(out) + bn(conv(x))): both batch norms, the add and the ReLU in one kernel
-            return fnn.dual_bn_add_relu(self.bn2, out, self.downsample[1], self.downsample[0](x))
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        if self.fused:
-            return self.bn2(out, identity)  # relu(bn2(out) + identity) in one kernel
-
-        out = self.bn2(out)
-        out += identity
-        out = self.relu(out)
-        return out
+        return _add_shortcut(self, self.bn2, out, x)
 
 
 class Bottleneck(nn.Module):
@@ -142,8 +140,6 @@ class Bottleneck(nn.Module):
         self.stride = stride
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x
-
         out = self.conv1(x)
         out = self.bn1(out)
         out = self.relu(out)  # an identity when the batch norms apply the ReLU themselves
@@ -153,21 +149,7 @@ class Bottleneck(nn.Module):
         out = self.relu(out)
 
         out = self.conv3(out)
-
-        if self.fused and _dual_shortcut(self.downsample, self.bn3):
-            # relu(bn3(out) + bn(conv(x))): both batch norms, the add and the ReLU in one kernel
-            return fnn.dual_bn_add_relu(self.bn3, out, self.downsample[1], self.downsample[0](x))
-
-        if self.downsample is not None:
-            identity = self.downsample(x)
-
-        if self.fused:
-            return self.bn3(out, identity)  # relu(bn3(out) + identity) in one kernel
-
-        out = self.bn3(out)
-        out += identity
-        out = self.relu(out)
-        return out
+        return _add_shortcut(self, self.bn3, out, x)
 
 
 class ResNet(nn.Module):
