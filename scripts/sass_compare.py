@@ -68,7 +68,10 @@ def find_cuobjdump(cuda_home):
 def include_dirs(cuda_home):
     os.environ["CUDA_HOME"] = cuda_home  # before torch's cpp_extension reads it
     from torch.utils import cpp_extension
-    dirs = list(cpp_extension.include_paths(device_type="cuda"))
+    try:
+        dirs = list(cpp_extension.include_paths(device_type="cuda"))
+    except TypeError:  # torch before 2.6
+        dirs = list(cpp_extension.include_paths(cuda=True))
     for base in sys.path:  # the nvidia-* pip packages' headers, as setup.py adds them
         nv = os.path.join(base, "nvidia")
         if os.path.isdir(nv):
