@@ -1,11 +1,9 @@
 """Build fastnn._C: the C++ CPU kernels always, the CUDA kernels when a toolkit and a CUDA build of
 torch are present (FASTNN_CUDA=0/1 forces them off/on)."""
 import glob
+import importlib.util
 import os
 import platform
-import re
-import shutil
-import subprocess
 import sys
 
 from setuptools import setup
@@ -17,45 +15,18 @@ def _log(msg):
     print(f"fastnn setup: {msg}", file=sys.stderr, flush=True)
 
 
-def _find_cuda_home():
-    """CUDA_HOME if set, else the toolkit that the `nvcc` on PATH really runs (it may be a wrapper
-    script), else torch's own guess."""
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "x.cu"], capture_output=True, text=True, timeout=60)
-            m = re.search(r"^#\$ TOP=(.*)$", out.stdout + out.stderr, re.M)
-            if m:
-                top = os.path.realpath(m.group(1).strip())
-                if os.path.exists(os.path.join(top, "bin", "nvcc")):
-                    return top
-        except (OSError, subprocess.SubprocessError):
-            pass
-        real = os.path.realpath(nvcc)
-        return os.path.dirname(os.path.dirname(real))
-    for cand in ("/usr/local/cuda",):
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
-    return None
+def _load_build_env():
+    """build_env.py beside this file (the toolkit, header and nvcc-flag logic that
+    scripts/sass_compare.py shares), loaded by path: a PEP 517 build does not put this folder on
+    sys.path."""
+    spec = importlib.util.spec_from_file_location("fastnn_build_env",
+                                                  os.path.join(ROOT, "build_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _nvidia_pip_includes():
-    """Include folders of the pip-installed nvidia-* packages (cusparse.h, cublas, cudnn, ...) that
-    torch's CUDA headers need and a bare toolkit may lack."""
-    dirs = []
-    for base in sys.path:
-        nv = os.path.join(base, "nvidia")
-        if os.path.isdir(nv):
-            dirs += sorted(glob.glob(os.path.join(nv, "*", "include")))
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen:
-            seen.add(d)
-            out.append(d)
-    return out
+build_env = _load_build_env()
 
 
 # CPU instruction sets the kernels can be built for: the flags, and the /proc/cpuinfo flags a CPU
@@ -120,7 +91,7 @@ def _extensions():
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
 
     want = os.environ.get("FASTNN_CUDA", "auto").lower()
-    cuda_home = _find_cuda_home()
+    cuda_home = build_env.find_cuda_home()
     torch_cuda = torch.version.cuda is not None
     if want in ("0", "false", "off", "no"):
         use_cuda, why = False, "FASTNN_CUDA=0"
@@ -156,13 +127,12 @@ def _extensions():
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         kwargs["sources"] = sources + cu_sources
-        extra_inc = _nvidia_pip_includes()
+        extra_inc = build_env.nvidia_pip_includes()
         kwargs["include_dirs"] = kwargs["include_dirs"] + extra_inc
         kwargs["define_macros"] = define_macros + [("FASTNN_WITH_CUDA", "1")]
         kwargs["extra_compile_args"] = {
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-lineinfo",
-                     "--expt-relaxed-constexpr"],
+            "nvcc": list(build_env.NVCC_FLAGS),
         }
         ext = cpp_extension.CUDAExtension(**kwargs)
         _log(f"building CPU ({isa} vectors) and CUDA kernels "

@@ -36,8 +36,8 @@ if [ -z "$PY" ]; then
       exit 1
     fi
     "$base" -m venv "$VENV"
-    # torch pins setuptools below 82 for its C++ extension builds.
-    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "setuptools<82" ninja
+    # torch pins setuptools below 82 for its C++ extension builds; fastnn needs 77 or newer.
+    "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "setuptools>=77,<82" ninja
   fi
   PY="$VENV/bin/python"
 fi
@@ -53,7 +53,7 @@ esac
 sources=$(bash "$ROOT/scripts/source_hash.sh")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-cp -r setup.py pyproject.toml csrc fastnn "$work/"
+cp -r setup.py build_env.py pyproject.toml LICENSE csrc fastnn "$work/"
 rm -f "$work"/fastnn/*.so "$work/fastnn/_build_info.py"
 # AVX2 CPU kernels (and the AVX-512 ones, used where that CPU has it): any x86-64 server.
 (cd "$work" && env TORCH_CUDA_ARCH_LIST="$ARCH" FASTNN_CUDA=1 FASTNN_CPU_ARCH=avx2 \
@@ -71,7 +71,7 @@ cp "$work/fastnn/_build_info.py" "$DEST/"
   echo "torch: $torch_version"
   echo "ext_suffix: $ext_suffix"
   echo "cuda_arch: $ARCH"
-  changed=$(git status --short -- csrc setup.py 2>/dev/null | wc -l)
+  changed=$(git status --short -- csrc setup.py build_env.py 2>/dev/null | wc -l)
   echo "commit: $(git rev-parse HEAD 2>/dev/null || echo n/a) ($changed changed source files)"
   echo "built: $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
 } > "$DEST/STAMP"

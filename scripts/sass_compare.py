@@ -27,6 +27,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import build_env  # noqa: E402  setup.py's toolkit, header and nvcc-flag logic
 
 # Floating-point instructions: a change in their counts is a change in what a kernel computes.
 # HFMA2.MMA with zero operands is how ptxas often zeroes or moves a register, so it is left out.
@@ -36,19 +38,10 @@ NOT_COUNTED = {"NOP", "HFMA2.MMA"}
 
 
 def find_cuda_home():
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-        return home
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        # The nvcc on PATH may be a wrapper script: --dryrun names the toolkit it runs.
-        out = subprocess.run([nvcc, "--dryrun", "x.cu"], capture_output=True, text=True)
-        for line in (out.stdout + out.stderr).splitlines():
-            m = re.match(r"#\$ TOP=(.*)", line.strip())
-            if m and os.path.exists(os.path.join(m.group(1), "bin", "nvcc")):
-                return os.path.normpath(m.group(1))
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    sys.exit("sass_compare: no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
+    home = build_env.find_cuda_home()
+    if home is None:
+        sys.exit("sass_compare: no CUDA toolkit (set CUDA_HOME or put nvcc on PATH)")
+    return home
 
 
 def find_cuobjdump(cuda_home):
@@ -72,16 +65,13 @@ def include_dirs(cuda_home):
         dirs = list(cpp_extension.include_paths(device_type="cuda"))
     except TypeError:  # torch before 2.6
         dirs = list(cpp_extension.include_paths(cuda=True))
-    for base in sys.path:  # the nvidia-* pip packages' headers, as setup.py adds them
-        nv = os.path.join(base, "nvidia")
-        if os.path.isdir(nv):
-            dirs += sorted(os.path.join(nv, d, "include") for d in os.listdir(nv)
-                           if os.path.isdir(os.path.join(nv, d, "include")))
+    dirs += build_env.nvidia_pip_includes()  # as setup.py adds them
     return list(dict.fromkeys(dirs))
 
 
 def compile_cubin(nvcc, src, out, incs, arch, tree):
-    cmd = [nvcc, "-cubin", f"-arch={arch}", "-O3", "-lineinfo", "--expt-relaxed-constexpr",
+    # setup.py's nvcc flags, and the standard and defines torch's cpp_extension adds to them.
+    cmd = [nvcc, "-cubin", f"-arch={arch}"] + build_env.NVCC_FLAGS + [
            "-std=c++20", "-DTORCH_EXTENSION_NAME=_C", "-DFASTNN_WITH_CUDA=1",
            "-DTORCH_API_INCLUDE_EXTENSION_H", "-D__CUDA_NO_HALF_OPERATORS__",
            "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",

@@ -65,6 +65,7 @@ def _tree(tmp_path):
     root = tmp_path / "tree"
     shutil.copytree(ROOT / "csrc", root / "csrc")
     shutil.copy(ROOT / "setup.py", root)
+    shutil.copy(ROOT / "build_env.py", root)
     (root / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "source_hash.sh", root / "scripts")
     shutil.copytree(ROOT / "fastnn", root / "fastnn",
