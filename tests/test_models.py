@@ -617,6 +617,36 @@ def test_convert_torchvision_model(name, shape):
                                    opt_ref.state[ref_params[name]]["momentum_buffer"], **F64)
 
 
+# torchvision families beyond ResNet/DenseNet/GoogLeNet: batch norms before ReLU6, SiLU or
+# Hardswish (left unfused), before ReLU inside squeeze-excitation-free blocks, channel shuffles,
+# stochastic depth (random in training: the same seed gives both models the same draws) and
+# BN momenta other than 0.1. name: (input size, fused BN+ReLU modules).
+OTHER_FAMILIES = {
+    "mobilenet_v2": (64, 0),
+    "mobilenet_v3_small": (32, 5),
+    "efficientnet_b0": (64, 0),
+    "shufflenet_v2_x0_5": (64, 37),
+    "mnasnet0_5": (64, 35),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHER_FAMILIES))
+def test_convert_other_torchvision_families(name):
+    size, n_fused = OTHER_FAMILIES[name]
+    torch.manual_seed(0)
+    ref, model = converted_pair(getattr(tv, name)(num_classes=10))
+    assert not any(type(m) is nn.BatchNorm2d for m in model.modules())
+    assert module_kinds(model)["BatchNormReLU2d"] == n_fused
+    # Every batch norm keeps its momentum and eps (MNASNet: 0.0003, 1e-5; EfficientNet: eps 1e-3).
+    ref_bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert len(bns) == len(ref_bns)
+    assert [(m.momentum, m.eps) for m in bns] == [(m.momentum, m.eps) for m in ref_bns]
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    for train in (True, False, True):
+        assert_same_training(ref, model, x, train)
+
+
 class CifarBlock(nn.Module):
     """The residual block of common CIFAR ResNets: the shortcut an nn.Sequential (empty, or a
     1x1 conv and a batch norm), the adds and ReLUs in the forward."""
