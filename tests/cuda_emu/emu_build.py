@@ -12,6 +12,7 @@ The sources are copied with these mechanical changes and nothing else:
 ``load()`` compiles them with torch.utils.cpp_extension (ninja, cached under build/cuda_emu) and
 returns the module of tests/cuda_emu/bindings.cpp.
 """
+import fcntl
 import os
 import re
 from pathlib import Path
@@ -132,6 +133,15 @@ def load(verbose=False, sanitize=False):
     name = "fastnn_cuda_emu_asan" if sanitize else "fastnn_cuda_emu"
     build_dir = ROOT / "build" / name
     gen_dir = build_dir / "src"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # Test processes started together (pytest-xdist workers) take turns: the first translates
+    # and compiles, the others then find nothing changed and load what it built.
+    with open(build_dir / "load.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load(cpp_extension, name, build_dir, gen_dir, verbose, sanitize)
+
+
+def _load(cpp_extension, name, build_dir, gen_dir, verbose, sanitize):
     sources = generate(gen_dir)
     sources += [str(ROOT / "csrc" / "batch_norm_common.cpp"), str(HERE / "bindings.cpp")]
     flags = ["-O1"]
@@ -142,7 +152,6 @@ def load(verbose=False, sanitize=False):
     sanitizers = "-fsanitize=address,alignment"
     if sanitize:
         flags += [sanitizers, "-fsanitize-undefined-trap-on-error", "-fno-omit-frame-pointer"]
-    build_dir.mkdir(parents=True, exist_ok=True)
     return cpp_extension.load(
         name=name,
         sources=sources,
