@@ -1627,43 +1627,89 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
   return out;
 }
 
+// What the backward ops read, in the input's memory format: the input, grad_output and, for
+// the ReLU forms, the forward's output.
+struct GradTensors {
+  BNShape shape;
+  Tensor x, g, out;
+
+  GradTensors(const Tensor& grad_output, const Tensor& input,
+              const c10::optional<Tensor>& output, bool relu)
+      : shape(bn_shape(input)),
+        x(input.contiguous(shape.format)),
+        g(grad_output.contiguous(shape.format)),
+        out(relu ? output->contiguous(shape.format) : Tensor()) {}
+
+  // A tensor of the input's sizes in its memory format.
+  Tensor empty_like_input() const {
+    return at::empty(x.sizes(), x.options().memory_format(shape.format));
+  }
+  template <typename T>
+  const T* out_ptr() const {
+    return out.defined() ? out.const_data_ptr<T>() : nullptr;
+  }
+};
+
+// A batch norm's saved mean and invstd per channel, and invstd * weight: the factor of
+// grad_output in d(input).
+template <typename A>
+struct GradChannels {
+  std::vector<A> mean, invstd, scale;
+
+  GradChannels(const Tensor& mean_t, const Tensor& invstd_t,
+               const c10::optional<Tensor>& weight, int64_t C)
+      : mean(channel_values<A>(mean_t, C, A(0))),
+        invstd(channel_values<A>(invstd_t, C, A(1))),
+        scale(channel_values<A>(weight, C, A(1))) {
+    for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
+  }
+};
+
+// The coefficients of d(input) in training from the reduction's per-channel sums over `count`
+// values: mean(grad_output) = sum_g / count, and mean(grad_output * xhat) * invstd =
+// sum_gx * invstd^2 / count (sum_gx: the sum of grad_output * (x - mean)).
+template <typename A>
+std::vector<A> mean_dy(const std::vector<double>& sum_g, int64_t count) {
+  std::vector<A> k(sum_g.size());
+  for (size_t c = 0; c < k.size(); ++c) k[c] = A(sum_g[c] / double(count));
+  return k;
+}
+
+template <typename A>
+std::vector<A> mean_dy_xhat_invstd(const std::vector<double>& sum_gx, const std::vector<A>& invstd,
+                                   int64_t count) {
+  std::vector<A> k(sum_gx.size());
+  for (size_t c = 0; c < k.size(); ++c) {
+    const double inv = double(invstd[c]);
+    k[c] = A(sum_gx[c] * inv * inv / double(count));
+  }
+  return k;
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd, bool training,
     bool relu, bool residual_grad) {
   check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
-  const BNShape shape = bn_shape(input);
-  const auto fmt = shape.format;
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
-  Tensor grad_residual = residual_grad
-                             ? at::empty(input.sizes(), input.options().memory_format(fmt))
-                             : at::empty({0}, input.options());
-  Tensor grad_weight = at::empty({shape.C}, stat_options);
-  Tensor grad_bias = at::empty({shape.C}, stat_options);
-  if (input.numel() == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_input, grad_weight, grad_bias, grad_residual};
-  }
-  const Tensor x = input.contiguous(fmt);
-  const Tensor g = grad_output.contiguous(fmt);
-  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  Tensor grad_input = in.empty_like_input();
+  Tensor grad_residual =
+      residual_grad ? in.empty_like_input() : at::empty({0}, input.options());
+  Tensor grad_weight = at::zeros({C}, stat_options);
+  Tensor grad_bias = at::zeros({C}, stat_options);
+  if (input.numel() == 0) return {grad_input, grad_weight, grad_bias, grad_residual};
 
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(shape);
+    const Plan p = make_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
-    const int64_t C = shape.C;
-    const std::vector<A> m = channel_values<A>(mean, C, A(0));
-    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
-    const std::vector<A> w = channel_values<A>(weight, C, A(1));
-    std::vector<A> a(C);
-    for (int64_t c = 0; c < C; ++c) a[c] = is[c] * w[c];
-    const T* gp = g.const_data_ptr<T>();
-    const T* op = relu ? out.const_data_ptr<T>() : nullptr;
-    const T* xp = x.const_data_ptr<T>();
+    const GradChannels<A> k(mean, invstd, weight, C);
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* op = in.out_ptr<T>();
+    const T* xp = in.x.const_data_ptr<T>();
     T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
     T* dxp = grad_input.mutable_data_ptr<T>();
     std::vector<double> sum_g(C), sum_gx(C);
@@ -1672,7 +1718,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
         FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
             grad_sums<kMask, kGradResidual, kGradInput, kStream>(
-                p, gp, op, xp, grp, dxp, m.data(), a.data(), sum_g.data(), sum_gx.data());
+                p, gp, op, xp, grp, dxp, k.mean.data(), k.scale.data(), sum_g.data(),
+                sum_gx.data());
           });
         });
       });
@@ -1681,23 +1728,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     A* gb = grad_bias.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       gb[c] = A(sum_g[c]);
-      gw[c] = A(sum_gx[c] * double(is[c]));
+      gw[c] = A(sum_gx[c] * double(k.invstd[c]));
     }
     if (!training) return;
-    std::vector<A> k1(C), k2(C);
-    const double n = double(p.count);
-    for (int64_t c = 0; c < C; ++c) {
-      const double inv = double(is[c]);
-      k1[c] = A(sum_g[c] / n);
-      k2[c] = A(sum_gx[c] * inv * inv / n);
-    }
+    const std::vector<A> k1 = mean_dy<A>(sum_g, p.count);
+    const std::vector<A> k2 = mean_dy_xhat_invstd<A>(sum_gx, k.invstd, p.count);
     // With relu and residual_grad the masked gradient is already in grad_residual: read it
     // instead of grad_output and output.
     const bool masked_in_gr = relu && residual_grad;
     FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, m.data(),
-                                      a.data(), k1.data(), k2.data());
+        input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, k.mean.data(),
+                                      k.scale.data(), k1.data(), k2.data());
       });
     });
   });
@@ -1778,41 +1820,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
   check_channel_tensor(op, "weight2", input, weight2);
   check_stat_tensor(op, "mean2", input, mean2);
   check_stat_tensor(op, "invstd2", input, invstd2);
-  const BNShape shape = bn_shape(input);
-  const auto fmt = shape.format;
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
-  Tensor grad_input2 = at::empty(input.sizes(), input.options().memory_format(fmt));
-  Tensor grad_weight = at::zeros({shape.C}, stat_options);
-  Tensor grad_bias = at::zeros({shape.C}, stat_options);
-  Tensor grad_weight2 = at::zeros({shape.C}, stat_options);
+  Tensor grad_input = in.empty_like_input();
+  Tensor grad_input2 = in.empty_like_input();
+  Tensor grad_weight = at::zeros({C}, stat_options);
+  Tensor grad_bias = at::zeros({C}, stat_options);
+  Tensor grad_weight2 = at::zeros({C}, stat_options);
   if (input.numel() == 0) {
     return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
   }
-  const Tensor x = input.contiguous(fmt);
-  const Tensor z = input2.contiguous(fmt);
-  const Tensor g = grad_output.contiguous(fmt);
-  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
+  const Tensor z = input2.contiguous(in.shape.format);
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(shape);
+    const Plan p = make_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
-    const int64_t C = shape.C;
-    const std::vector<A> m1 = channel_values<A>(mean, C, A(0));
-    const std::vector<A> is1 = channel_values<A>(invstd, C, A(1));
-    const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
-    const std::vector<A> m2 = channel_values<A>(mean2, C, A(0));
-    const std::vector<A> is2 = channel_values<A>(invstd2, C, A(1));
-    const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
-    std::vector<A> a1(C), a2(C);
-    for (int64_t c = 0; c < C; ++c) {
-      a1[c] = is1[c] * w1[c];
-      a2[c] = is2[c] * w2[c];
-    }
-    const T* gp = g.const_data_ptr<T>();
-    const T* op = relu ? out.const_data_ptr<T>() : nullptr;
-    const T* xp = x.const_data_ptr<T>();
+    const GradChannels<A> k1(mean, invstd, weight, C), k2(mean2, invstd2, weight2, C);
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* op = in.out_ptr<T>();
+    const T* xp = in.x.const_data_ptr<T>();
     const T* zp = z.const_data_ptr<T>();
     T* dxp = grad_input.mutable_data_ptr<T>();
     T* dzp = grad_input2.mutable_data_ptr<T>();
@@ -1820,10 +1848,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-          dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, m1.data(),
-                                                     m2.data(), a1.data(), a2.data(),
-                                                     sum_g.data(), sum_gx.data(),
-                                                     sum_gz.data());
+          dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, k1.mean.data(),
+                                                     k2.mean.data(), k1.scale.data(),
+                                                     k2.scale.data(), sum_g.data(),
+                                                     sum_gx.data(), sum_gz.data());
         });
       });
     });
@@ -1832,22 +1860,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     A* gw2 = grad_weight2.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       gb[c] = A(sum_g[c]);
-      gw[c] = A(sum_gx[c] * double(is1[c]));
-      gw2[c] = A(sum_gz[c] * double(is2[c]));
+      gw[c] = A(sum_gx[c] * double(k1.invstd[c]));
+      gw2[c] = A(sum_gz[c] * double(k2.invstd[c]));
     }
     if (!training) return;
-    std::vector<A> k1(C), k2(C), k2b(C);
-    const double n = double(p.count);
-    for (int64_t c = 0; c < C; ++c) {
-      k1[c] = A(sum_g[c] / n);  // the same for both: both see the same g
-      k2[c] = A(sum_gx[c] * double(is1[c]) * double(is1[c]) / n);
-      k2b[c] = A(sum_gz[c] * double(is2[c]) * double(is2[c]) / n);
-    }
-    const std::vector<const A*> k = {m1.data(), a1.data(), k1.data(), k2.data(),
-                                     m2.data(), a2.data(), k1.data(), k2b.data()};
+    const std::vector<A> g_mean = mean_dy<A>(sum_g, p.count);  // both see the same g
+    const std::vector<A> gx = mean_dy_xhat_invstd<A>(sum_gx, k1.invstd, p.count);
+    const std::vector<A> gz = mean_dy_xhat_invstd<A>(sum_gz, k2.invstd, p.count);
+    const std::vector<const A*> coef = {k1.mean.data(), k1.scale.data(), g_mean.data(), gx.data(),
+                                        k2.mean.data(), k2.scale.data(), g_mean.data(), gz.data()};
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, k);
+        dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, coef);
       });
     });
   });
@@ -1883,34 +1907,28 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
     const Tensor& mean, const Tensor& invstd, bool relu, bool residual_grad) {
   check_grad_args("fastnn.batch_norm_backward_reduce", grad_output, input, c10::nullopt, output,
                   mean, invstd, relu);
-  const BNShape shape = bn_shape(input);
-  const auto fmt = shape.format;
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
-  Tensor sum_dy = at::zeros({shape.C}, stat_options);
-  Tensor sum_dy_xhat = at::zeros({shape.C}, stat_options);
-  Tensor grad_residual = residual_grad
-                             ? at::empty(input.sizes(), input.options().memory_format(fmt))
-                             : at::empty({0}, input.options());
+  Tensor sum_dy = at::zeros({C}, stat_options);
+  Tensor sum_dy_xhat = at::zeros({C}, stat_options);
+  Tensor grad_residual =
+      residual_grad ? in.empty_like_input() : at::empty({0}, input.options());
   if (input.numel() == 0) return {sum_dy, sum_dy_xhat, grad_residual};
-  const Tensor x = input.contiguous(fmt);
-  const Tensor g = grad_output.contiguous(fmt);
-  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(shape);
-    const int64_t C = shape.C;
-    const std::vector<A> m = channel_values<A>(mean, C, A(0));
-    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
+    const Plan p = make_plan<T>(in.shape);
+    // Only the sums: the factor of d(input) (here invstd, no weight given) goes unused.
+    const GradChannels<A> k(mean, invstd, c10::nullopt, C);
     std::vector<double> sum_g(C), sum_gx(C);
     T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
         FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
           grad_sums<kMask, kGradResidual, false, kStream, T>(
-              p, g.const_data_ptr<T>(), relu ? out.const_data_ptr<T>() : nullptr,
-              x.const_data_ptr<T>(), grp, nullptr, m.data(), is.data(), sum_g.data(),
-              sum_gx.data());
+              p, in.g.const_data_ptr<T>(), in.out_ptr<T>(), in.x.const_data_ptr<T>(), grp,
+              nullptr, k.mean.data(), k.scale.data(), sum_g.data(), sum_gx.data());
         });
       });
     });
@@ -1918,7 +1936,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
     A* sdx = sum_dy_xhat.mutable_data_ptr<A>();
     for (int64_t c = 0; c < C; ++c) {
       sd[c] = A(sum_g[c]);
-      sdx[c] = A(sum_gx[c] * double(is[c]));
+      sdx[c] = A(sum_gx[c] * double(k.invstd[c]));
     }
   });
   return {sum_dy, sum_dy_xhat, grad_residual};
@@ -1933,33 +1951,24 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
   check_stat_tensor(op, "mean_dy", input, mean_dy);
   check_stat_tensor(op, "mean_dy_xhat", input, mean_dy_xhat);
-  const BNShape shape = bn_shape(input);
-  const auto fmt = shape.format;
-  Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(fmt));
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
+  Tensor grad_input = in.empty_like_input();
   if (input.numel() == 0) return grad_input;
-  const Tensor x = input.contiguous(fmt);
-  const Tensor g = grad_output.contiguous(fmt);
-  const Tensor out = relu ? output->contiguous(fmt) : Tensor();
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(shape);
-    const int64_t C = shape.C;
-    const std::vector<A> m = channel_values<A>(mean, C, A(0));
-    const std::vector<A> is = channel_values<A>(invstd, C, A(1));
-    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const Plan p = make_plan<T>(in.shape);
+    const GradChannels<A> k(mean, invstd, weight, C);
     const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
-    std::vector<A> a(C), k2 = channel_values<A>(mean_dy_xhat, C, A(0));
-    for (int64_t c = 0; c < C; ++c) {
-      a[c] = is[c] * w[c];
-      k2[c] *= is[c];  // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
-    }
+    std::vector<A> k2 = channel_values<A>(mean_dy_xhat, C, A(0));
+    // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
+    for (int64_t c = 0; c < C; ++c) k2[c] *= k.invstd[c];
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
-        input_grad<kMask, kStream, T>(p, g.const_data_ptr<T>(),
-                                      relu ? out.const_data_ptr<T>() : nullptr,
-                                      x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
-                                      m.data(), a.data(), k1.data(), k2.data());
+        input_grad<kMask, kStream, T>(p, in.g.const_data_ptr<T>(), in.out_ptr<T>(),
+                                      in.x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
+                                      k.mean.data(), k.scale.data(), k1.data(), k2.data());
       });
     });
   });
