@@ -1355,6 +1355,9 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// The least output written with non-temporal stores (see use_stream).
+int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_bytes() / 4); }
+
 // Non-temporal stores pay off once the output, with the input read alongside it, would push the
 // data a following op reads out of the last-level cache; below that the output is better left in
 // the cache, where its lines often still are from the previous call. They are used only when
@@ -1365,7 +1368,7 @@ bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   for (const Tensor* t : outs) {
     if (!t->defined() || t->numel() == 0) continue;
-    if (t->nbytes() < std::max(kStreamMinBytes, last_level_cache_bytes() / 4)) return false;
+    if (int64_t(t->nbytes()) < stream_min_bytes()) return false;
     if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 64 != 0) return false;
   }
   if (p.blocks) return p.S % kLine == 0 && p.chunk % kLine == 0;
@@ -1563,7 +1566,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
     T* y = out.mutable_data_ptr<T>();
     constexpr int64_t kLine = 64 / int64_t(sizeof(T));
     const bool stream = !channels_last && S % kLine == 0 &&
-                        out.nbytes() >= std::max(kStreamMinBytes, last_level_cache_bytes() / 4) &&
+                        int64_t(out.nbytes()) >= stream_min_bytes() &&
                         reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
       FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
