@@ -26,7 +26,8 @@ fi
 set +e
 FASTNN_CUDA_EMU_ASAN=1 LD_PRELOAD="$asan $stdcxx" \
   ASAN_OPTIONS="detect_leaks=0:log_path=$logdir/asan" \
-  python -m pytest tests/test_cuda_emulated.py -q -p no:cacheprovider -p no:benchmark ${workers[@]+"${workers[@]}"} "$@" 2>&1 |
+  python -m pytest tests/test_cuda_emulated.py -q -p no:cacheprovider -p no:benchmark \
+    ${workers[@]+"${workers[@]}"} "$@" 2>&1 |
   tee "$logdir/pytest.log"
 rc=${PIPESTATUS[0]}
 set -e

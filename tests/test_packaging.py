@@ -33,7 +33,8 @@ def sdist(tmp_path_factory):
         (tree / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, tree / rel)
     dist = tree / "dist"
-    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    code = ("import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))")
     proc = subprocess.run([sys.executable, "-c", code, str(dist)], cwd=tree, capture_output=True,
                           text=True, env={**os.environ, "FASTNN_CUDA": "0"}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
