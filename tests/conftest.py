@@ -7,6 +7,7 @@ Every numerical test runs on each available (backend, device) pair:
   fastnn.functional.use_kernel return False;
 * device "cpu" and "cuda" (CUDA cases carry the ``cuda`` mark and skip without a GPU).
 """
+import os
 import random
 import warnings
 
@@ -20,6 +21,15 @@ with warnings.catch_warnings():
 
 import helpers  # noqa: E402
 from helpers import BACKENDS, DEVICES, HAS_CUDA  # noqa: E402
+
+
+def pytest_configure(config):
+    # Under pytest-xdist (the README's test command runs `-n auto`) each worker takes its share of
+    # the cores for torch's intra-op threads, and at least two, so that the CPU kernels' parallel
+    # splits still run: N workers of N threads each would oversubscribe the machine N times.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(2, torch.get_num_threads() // workers))
 
 
 @pytest.fixture(autouse=True)
