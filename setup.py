@@ -104,11 +104,22 @@ def _cpu_flags(isa):
     return flags
 
 
+def _longest_first(sources):
+    """The sources in the order ninja is to start them: on a first build (no .ninja_log to go by)
+    it starts ready compiles in the order given, so the longest go first and the jobs end
+    together: the CUDA units, then the CPU kernels (one unit per dtype), then the rest."""
+    def rank(path):
+        if path.endswith(".cu"):
+            return 0
+        return 1 if os.path.basename(path).startswith("batch_norm_cpu_") else 2
+    return sorted(sources, key=lambda p: (rank(p), p))
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = _longest_first(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     isa = _cpu_isa()
     cxx_flags = _cpu_flags(isa)
     define_macros = [("TORCH_EXTENSION_NAME", "_C")]
@@ -149,7 +160,7 @@ def _extensions():
             if not visible:
                 os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        kwargs["sources"] = sources + cu_sources
+        kwargs["sources"] = _longest_first(sources + cu_sources)
         extra_inc = build_env.nvidia_pip_includes()
         kwargs["include_dirs"] = kwargs["include_dirs"] + extra_inc
         kwargs["define_macros"] = define_macros + [("FASTNN_WITH_CUDA", "1")]
@@ -170,9 +181,9 @@ def _extensions():
     if reduced:
         exts.append(cpp_extension.CppExtension(
             name="fastnn._C_avx512",
-            sources=sorted(glob.glob("csrc/cpu/avx512/*.cpp")),
+            sources=_longest_first(glob.glob("csrc/cpu/avx512/*.cpp")),
             include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("TORCH_EXTENSION_NAME", "_C_avx512"), ("FASTNN_CPU_KERNEL_TABLE", "1")],
+            define_macros=[("TORCH_EXTENSION_NAME", "_C_avx512")],
             extra_compile_args={"cxx": _cpu_flags(reduced)},
             py_limited_api=False,
         ))

@@ -1,5 +1,7 @@
 #include "batch_norm_common.h"
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace fastnn {

@@ -1,7 +1,7 @@
 // Host-side pieces shared by the CPU and CUDA kernels: argument checks that name the argument,
 // the layout rule, and the running-statistics update.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 namespace fastnn {

@@ -6,16 +6,16 @@
 namespace fastnn {
 namespace cpu {
 // csrc/cpu/batch_norm_cpu.cpp: route bfloat16/float16 CPU inputs through another build's kernels.
-bool set_reduced_cpu_kernels(const void* table);
+bool set_reduced_cpu_kernels(const void* tables);
 }  // namespace cpu
 }  // namespace fastnn
 
 namespace {
-// _use_reduced_cpu_kernels(capsule) -> bool: the kernel table of fastnn._C_avx512.
+// _use_reduced_cpu_kernels(capsule) -> bool: the kernel tables of fastnn._C_avx512.
 PyObject* use_reduced_cpu_kernels(PyObject*, PyObject* capsule) {
-  void* table = PyCapsule_GetPointer(capsule, "fastnn.cpu_kernel_table");
-  if (table == nullptr) return nullptr;
-  return PyBool_FromLong(fastnn::cpu::set_reduced_cpu_kernels(table) ? 1 : 0);
+  void* tables = PyCapsule_GetPointer(capsule, "fastnn.cpu_kernel_table");
+  if (tables == nullptr) return nullptr;
+  return PyBool_FromLong(fastnn::cpu::set_reduced_cpu_kernels(tables) ? 1 : 0);
 }
 
 PyMethodDef kMethods[] = {

@@ -47,7 +47,7 @@ LAYOUTS = {
 }
 
 # The shapes above are small: they never leave the kernels' smallest cases. These span the ways
-# the CPU kernels cut their work (csrc/cpu/batch_norm_cpu.cpp's Plan): channel planes of 64
+# the CPU kernels cut their work (csrc/cpu/batch_norm_cpu_kernels.h's Plan): channel planes of 64
 # values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
 # of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
 # (grouped several to a row, with a partial last row), of 64-512, and wider than a 512-column

@@ -314,3 +314,31 @@ def test_reduced_kernel_table_must_be_a_fastnn_capsule():
     import fastnn._C as C
     with pytest.raises((ValueError, TypeError)):
         C._use_reduced_cpu_kernels(object())
+
+
+@pytest.mark.skipif(not fastnn.ops.has_kernel("cpu"), reason="fastnn._C is not loaded")
+@pytest.mark.parametrize("version", [0, 2])
+def test_reduced_kernel_tables_of_another_build_are_refused(version):
+    # A capsule with the right name whose tables carry another version (2: the layout before
+    # the per-dtype tables) is refused, and bfloat16 inputs keep running on a table of this
+    # build. Run in a subprocess: the process's routing must not change if the check fails.
+    code = f"""
+import ctypes, json, torch, fastnn, fastnn._C as C
+new = ctypes.pythonapi.PyCapsule_New
+new.restype = ctypes.py_object
+new.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+name = ctypes.create_string_buffer(b"fastnn.cpu_kernel_table")
+tables = (ctypes.c_int64 * 4)({version}, 0, 0, 0)
+accepted = C._use_reduced_cpu_kernels(new(ctypes.addressof(tables), ctypes.addressof(name), None))
+torch.manual_seed(0)
+x = torch.randn(4, 6, 5, 5).bfloat16()
+ours = torch.ops.fastnn.batch_norm_train(x, None, None, None, None, 0.1, 1e-5, None, True)[0]
+ref = torch.nn.functional.batch_norm(x.float(), None, None, training=True).relu()
+print(json.dumps({{"accepted": accepted, "err": (ours.float() - ref).abs().max().item()}}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    assert out["accepted"] is False
+    assert out["err"] < 0.05

@@ -2,7 +2,7 @@
 // batch_norm_cuda.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
 #include <tuple>

@@ -3,6 +3,8 @@
 // (statistics -> finalize), batch_norm_train_with_stats (given statistics -> normalize) and
 // batch_norm_cat_with_stats (the same over a list of feature maps), and batch_norm_dual. Host
 // code only; the kernels are in batch_norm_kernels.cuh.
+#include <ATen/ops/cat.h>
+
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
 

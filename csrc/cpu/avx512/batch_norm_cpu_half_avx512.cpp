@@ -1,0 +1,3 @@
+// fastnn._C_avx512's float16 CPU kernels: the same source as fastnn._C's, built for AVX-512.
+#define FASTNN_CPU_DTYPE Half
+#include "../batch_norm_cpu_kernels.h"

@@ -1,0 +1,1998 @@
+// CPU kernels of the fastnn batch-norm ops (schemas in csrc/fastnn.cpp), for one input dtype:
+// FASTNN_CPU_DTYPE, a c10::ScalarType name (Float, Double, BFloat16, Half). Each
+// batch_norm_cpu_<dtype>.cpp compiles this file for its dtype and hands out its entry points as
+// a KernelTable (batch_norm_cpu_table.h); batch_norm_cpu.cpp registers the ops.
+//
+// Every kernel works on the input viewed in one of two layouts:
+//  - blocks: channels-first memory with a spatial size S of at least kMinBlockSpatial; each (n, c)
+//    pair is a contiguous block of S values, cut into chunks that fit in L1.
+//  - rows:   channels-last memory (and rank-2 input), or channels-first with a small S. The tensor
+//    is a matrix of rows of W values, each column belonging to one channel: W = C (channels-last)
+//    or C * S (channels-first), times a small k when that is narrower than a few vectors. A
+//    partial last row ("tail") holds what does not fill a whole row.
+//
+// Work is cut into items whose size depends only on the shape, never on the number of threads;
+// each item writes its own partial sums and the partials are merged in item order, so results
+// are the same run to run and for any thread count.
+//
+// Statistics: each L1-sized run of values gets its mean (summing deviations from the run's first
+// value) and then its sum of squared deviations from that mean, on a second pass that hits L1.
+// Blocks: runs are combined with the parallel-variance formula (Chan et al.) in double. Rows:
+// an item's first run gives each column a pivot (its float mean), the item's other runs sum
+// deviations from the pivots and their squares, and a column whose pivot was too far off for
+// that is redone in double (see batch_stats); items are then combined by Chan's formula. No
+// E[x^2] - E[x]^2 anywhere, so a mean far larger than the spread costs no precision. The rows
+// layout's runs are walked column block by column block, so each run prefetches the next.
+//
+// Outputs larger than a quarter of the last-level cache are written with non-temporal stores: no
+// read-for-ownership of the output lines and no eviction of the input the next pass reads.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <initializer_list>
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
+#include "batch_norm_common.h"
+#include "batch_norm_cpu_table.h"
+#include "batch_norm_cpu_vec.h"
+
+#ifndef FASTNN_CPU_DTYPE
+#error "batch_norm_cpu_kernels.h is compiled through batch_norm_cpu_<dtype>.cpp (FASTNN_CPU_DTYPE)"
+#endif
+
+namespace fastnn {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+// Runtime flags to template parameters, so residual/relu/mask cost nothing when off.
+#define FASTNN_BOOL_SWITCH(COND, NAME, ...) \
+  [&] {                                      \
+    if (COND) {                              \
+      constexpr static bool NAME = true;     \
+      return __VA_ARGS__();                  \
+    } else {                                 \
+      constexpr static bool NAME = false;    \
+      return __VA_ARGS__();                  \
+    }                                        \
+  }()
+
+// The input dtype this build of the file has kernels for (see batch_norm_cpu_table.h): each entry
+// point dispatches on that dtype alone; the ops route other dtypes to other builds.
+#define FASTNN_DISPATCH_INPUT(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::FASTNN_CPU_DTYPE, __VA_ARGS__))
+
+constexpr int64_t kChunkBytes = 16 * 1024;      // a two-pass run of values: stays in L1
+constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per work item
+constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
+constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
+constexpr int64_t kMaxColumnBlock = 512;        // columns per item (a multiple of every unit)
+constexpr int64_t kSpanElements = 1024;         // rows layout: element-wise span of whole rows
+constexpr int64_t kGroupMultiple = 4;           // rows layout: groups of rows, when several
+constexpr int64_t kMinParallelElements = 32 * 1024;
+constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // the least output that bypasses the cache
+
+inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Plan {
+  int64_t N = 0, C = 0, S = 0;
+  int64_t count = 0;  // values per channel: N * S
+  bool blocks = false;
+  // blocks layout
+  int64_t chunk = 0;             // elements per chunk (the last chunk of a block may be shorter)
+  int64_t chunks_per_block = 0;
+  // rows layout: column j belongs to channel (j % P) / Sin
+  int64_t P = 0, Sin = 1;        // period of the channel pattern along a row, values per channel
+  int64_t W = 0, k = 1;          // row width W = k * P
+  int64_t rows = 0, tail = 0;    // full rows, then `tail` values in a partial last row
+  int64_t col_block = 0, col_blocks = 0;
+  int64_t sub_rows = 0, group_rows = 0, groups = 0;
+  // both
+  int64_t items = 0, grain = 1;
+
+  int64_t total_rows() const { return rows + (tail > 0 ? 1 : 0); }
+  int64_t row_width(int64_t r) const { return r < rows ? W : tail; }
+  int64_t chunk_length(int64_t kc) const { return std::min(chunk, S - kc * chunk); }
+  // Full rows (the partial tail row excluded) of group g: statistics count only these.
+  int64_t full_rows_in_group(int64_t g) const {
+    return std::max<int64_t>(0, std::min(rows, (g + 1) * group_rows) - g * group_rows);
+  }
+};
+
+template <typename T>
+Plan make_plan(const BNShape& s) {
+  constexpr int64_t unit = Unit<T>::kSize;
+  const int64_t chunk_elements = std::max<int64_t>(unit, kChunkBytes / int64_t(sizeof(T)));
+  Plan p;
+  p.N = s.N;
+  p.C = s.C;
+  p.S = s.S;
+  p.count = s.N * s.S;
+  if (s.N == 0 || s.C == 0 || s.S == 0) return p;  // empty: no work items (and no row width)
+  p.blocks = !s.channels_last && s.S >= kMinBlockSpatial;
+  int64_t item_elements;
+  if (p.blocks) {
+    const int64_t max_chunk = chunk_elements / unit * unit;
+    p.chunks_per_block = divup(p.S, max_chunk);
+    p.chunk = divup(divup(p.S, p.chunks_per_block), unit) * unit;
+    p.chunks_per_block = divup(p.S, p.chunk);
+    p.items = p.N * p.C * p.chunks_per_block;
+    item_elements = p.chunk;
+  } else {
+    p.Sin = s.channels_last ? 1 : s.S;
+    p.P = p.C * p.Sin;
+    const int64_t natural_rows = s.channels_last ? s.N * s.S : s.N;
+    if (p.P < kMinRowWidth) {
+      p.k = std::lcm(p.P, unit) / p.P;
+      while (p.P * p.k < kMinRowWidth) p.k *= 2;
+    }
+    p.W = p.P * p.k;
+    p.rows = natural_rows / p.k;
+    p.tail = (natural_rows % p.k) * p.P;
+    p.col_block = std::min(p.W, kMaxColumnBlock);
+    p.col_blocks = divup(p.W, p.col_block);
+    p.sub_rows = std::max<int64_t>(1, chunk_elements / p.col_block);
+    // Groups of (nearly) equal size, as many as a multiple of kGroupMultiple when there are
+    // several: a smaller last group, or one group more than the threads can share evenly, had
+    // left a thread idle for up to an eighth of the statistics pass (13 groups of at most 128
+    // rows for channels-last 32x512x7x7 on two threads).
+    const int64_t max_group_rows =
+        std::max<int64_t>(1, kItemElements / p.col_block / p.sub_rows) * p.sub_rows;
+    const int64_t total_rows = p.total_rows();
+    int64_t groups = divup(total_rows, max_group_rows);
+    if (groups > 1) groups = std::min(total_rows, divup(groups, kGroupMultiple) * kGroupMultiple);
+    p.group_rows = groups > 0 ? divup(total_rows, groups) : max_group_rows;
+    p.groups = divup(total_rows, p.group_rows);
+    p.items = p.groups * p.col_blocks;
+    item_elements = p.group_rows * p.col_block;
+  }
+  p.grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, item_elements));
+  return p;
+}
+
+// Columns of the rows layout in channel order: f(column, channel) for every column of the first
+// `width` columns (a multiple of P), of channels [c0, c1) (all by default).
+template <typename F>
+inline void for_each_column(const Plan& p, int64_t width, const F& f, int64_t c0 = 0,
+                            int64_t c1 = -1) {
+  if (c1 < 0) c1 = p.C;
+  for (int64_t i = 0; i * p.P < width; ++i)
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t s = 0; s < p.Sin; ++s) f((i * p.C + c) * p.Sin + s, c);
+}
+
+// Reductions of the rows layout's per-(group, column) partial results, in parallel: over
+// ranges of columns (f(j0, j1)), then over ranges of channels (f(c0, c1)). Done on one thread,
+// they took a sixth to a quarter of the statistics pass over NCHW input with 7x7 maps, whose rows
+// are C * 49 columns wide.
+template <typename F>
+inline void parallel_columns(const Plan& p, const F& f) {
+  at::parallel_for(0, p.W, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.groups)), f);
+}
+template <typename F>
+inline void parallel_channels(const Plan& p, const F& f) {
+  at::parallel_for(0, p.C, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.k * p.Sin)), f);
+}
+
+// out[i][c] = the sum over groups and over channel c's columns of parts[i] (groups x W partial
+// sums), in double.
+template <typename S, size_t kN>
+void sum_columns_to_channels(const Plan& p, const std::array<const S*, kN>& parts,
+                             const std::array<double*, kN>& out) {
+  // A single group's partial sums are the columns' (the same values: 0 + s is s).
+  std::vector<double> col;
+  if (p.groups != 1) {
+    col.assign(kN * p.W, 0.0);
+    parallel_columns(p, [&](int64_t j0, int64_t j1) {
+      for (size_t i = 0; i < kN; ++i) {
+        double* ci = col.data() + i * p.W;
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const S* pg = parts[i] + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) ci[j] += double(pg[j]);
+        }
+      }
+    });
+  }
+  parallel_channels(p, [&](int64_t c0, int64_t c1) {
+    for (size_t i = 0; i < kN; ++i) {
+      std::fill(out[i] + c0, out[i] + c1, 0.0);
+      if (p.groups != 1) {
+        const double* ci = col.data() + i * p.W;
+        for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += ci[j]; }, c0, c1);
+      } else {
+        const S* ci = parts[i];
+        for_each_column(p, p.W, [&](int64_t j, int64_t c) { out[i][c] += double(ci[j]); }, c0,
+                        c1);
+      }
+    }
+  });
+}
+
+// The first `width` columns (a multiple of P) of per-channel values: one period of P columns
+// (each channel's value over its Sin columns), then copies of it.
+template <typename A>
+std::vector<A> columns_of(const Plan& p, const A* per_channel, int64_t width) {
+  std::vector<A> out(width);
+  if (p.Sin == 1) {
+    std::copy_n(per_channel, p.C, out.data());
+  } else {
+    for (int64_t c = 0; c < p.C; ++c) std::fill_n(out.data() + c * p.Sin, p.Sin, per_channel[c]);
+  }
+  for (int64_t j = p.P; j < width; j += p.P) std::copy_n(out.data(), p.P, out.data() + j);
+  return out;
+}
+
+template <typename A>
+std::vector<A> expand_columns(const Plan& p, const A* per_channel) {
+  return columns_of(p, per_channel, p.W);
+}
+
+// Items of the blocks layout: f(offset, length, channel).
+template <typename F>
+inline void for_block_items(const Plan& p, int64_t begin, int64_t end, const F& f) {
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t block = t / p.chunks_per_block;
+    const int64_t kc = t % p.chunks_per_block;
+    f(t, block * p.S + kc * p.chunk, p.chunk_length(kc), block % p.C);
+  }
+}
+
+// Rows of one item of the rows layout (the partial tail row included): f(offset, length).
+template <typename F>
+inline void for_item_rows(const Plan& p, int64_t t, const F& f) {
+  const int64_t g = t / p.col_blocks;
+  const int64_t c0 = (t % p.col_blocks) * p.col_block;
+  const int64_t r_end = std::min(p.total_rows(), (g + 1) * p.group_rows);
+  for (int64_t row = g * p.group_rows; row < r_end; ++row) {
+    const int64_t n = std::min(p.col_block, p.row_width(row) - c0);
+    if (n > 0) f(row * p.W + c0, n);
+  }
+}
+
+// Element-wise passes over channels-first memory go plane by plane ((n, c) runs of S values of
+// one channel, its parameters held in registers) whenever a plane holds at least one unit: the
+// blocks layout, and the rows layout of channels-first input with 16 <= S < kMinBlockSpatial
+// (such as 7x7), where the per-column parameter loads would cost more than the data.
+template <typename T>
+inline bool elementwise_by_planes(const Plan& p) {
+  return p.blocks || (p.Sin > 1 && p.Sin >= Unit<T>::kSize);
+}
+
+// f(offset, length, channel) over every plane (or chunk of one), in parallel; each thread
+// fences its non-temporal stores (kStream) before it leaves.
+template <bool kStream, typename F>
+void parallel_planes(const Plan& p, const F& f) {
+  if (p.blocks) {
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end,
+                      [&](int64_t, int64_t o, int64_t n, int64_t c) { f(o, n, c); });
+      if (kStream) stream_fence();
+    });
+    return;
+  }
+  const int64_t S = p.Sin;
+  at::parallel_for(0, p.N * p.C, std::max<int64_t>(1, kMinParallelElements / S),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t t = begin; t < end; ++t) f(t * S, S, t % p.C);
+                     if (kStream) stream_fence();
+                   });
+}
+
+// Element-wise passes over the rows layout. With rows of at most kMaxColumnBlock values the
+// tensor is periodic with period W from its start, so spans of `reps` whole rows (parameters
+// expanded to reps * W columns) replace row-long ones: fewer spans, no per-row overhead on
+// narrow channels-last rows. Wider rows go one row per span.
+struct RowSpans {
+  int64_t reps = 1;   // rows per span
+  int64_t width = 0;  // parameter columns: reps * W
+};
+
+inline RowSpans row_spans(const Plan& p) {
+  RowSpans rs;
+  if (p.col_blocks == 1) rs.reps = std::max<int64_t>(1, kSpanElements / p.W);
+  rs.width = rs.reps * p.W;
+  return rs;
+}
+
+template <typename A>
+std::vector<A> expand_span_columns(const Plan& p, const RowSpans& rs, const A* per_channel) {
+  return columns_of(p, per_channel, rs.width);
+}
+
+// f(offset, length) over every span, in parallel, each span starting at column 0 of the
+// expanded parameters; each thread fences its non-temporal stores (kStream) before it leaves.
+template <bool kStream, typename F>
+void parallel_row_spans(const Plan& p, const RowSpans& rs, const F& f) {
+  if (p.col_blocks == 1) {
+    const int64_t total = p.rows * p.W + p.tail;
+    const int64_t spans = divup(total, rs.width);
+    at::parallel_for(0, spans, std::max<int64_t>(1, kMinParallelElements / rs.width),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t t = begin; t < end; ++t) {
+                         const int64_t o = t * rs.width;
+                         f(o, std::min(rs.width, total - o));
+                       }
+                       if (kStream) stream_fence();
+                     });
+    return;
+  }
+  // Wide rows: each row one span (the parameters cover a whole row). Column blocks, which the
+  // statistics passes use, would walk memory in row-strided runs of a few hundred values that
+  // the hardware prefetchers follow poorly: whole rows made channels-last inference of
+  // (32, 2048, 7, 7) bfloat16 2.1x faster (benchmarks/results/cpu-wide-rows-2026-11-29).
+  const int64_t n_rows = p.total_rows();
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, kMinParallelElements / p.W),
+                   [&](int64_t begin, int64_t end) {
+                     for (int64_t r = begin; r < end; ++r) f(r * p.W, p.row_width(r));
+                     if (kStream) stream_fence();
+                   });
+}
+
+// Stores a unit, non-temporally when kStream (the caller has aligned the address).
+template <bool kStream, typename T, typename V>
+C10_ALWAYS_INLINE void put(T* p, const V& lo, const V& hi) {
+  if constexpr (kStream) {
+    Unit<T>::stream(p, lo, hi);
+  } else {
+    Unit<T>::store(p, lo, hi);
+  }
+}
+
+// Number of leading elements to handle one by one so that `p` becomes stream-aligned (0 when not
+// streaming).
+template <bool kStream, typename T>
+C10_ALWAYS_INLINE int64_t stream_head(const T* p, int64_t n) {
+  if constexpr (!kStream) return 0;
+  const auto misalign = reinterpret_cast<std::uintptr_t>(p) % Unit<T>::kStreamAlign;
+  if (misalign == 0) return 0;
+  const int64_t head = int64_t((Unit<T>::kStreamAlign - misalign) / sizeof(T));
+  return std::min(head, n);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
+
+// y = relu?((x - mean) * scale + shift + r?), where `M` (mean) is Zero when the mean is folded
+// into shift (see ChannelAffine). `R` is PlainResidual (r is added as it is) or ResidualAffine:
+// r is the input of a second batch norm, added as (r - rmean) * rscale (rmean Zero when folded).
+struct PlainResidual {};
+template <typename M, typename P>
+struct ResidualAffine {
+  M mean;
+  P scale;
+};
+template <typename R>
+constexpr bool kCentersResidual = false;
+template <typename M, typename P>
+constexpr bool kCentersResidual<ResidualAffine<M, P>> = !std::is_same_v<M, Zero>;
+
+template <bool kResidual, bool kRelu, bool kStream, typename T, typename M, typename P,
+          typename R = PlainResidual>
+inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean, const P& scale,
+                         const P& shift, const R& ra = R{}) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr bool kCenter = !std::is_same_v<M, Zero>;
+  constexpr bool kAffine = !std::is_same_v<R, PlainResidual>;
+  constexpr bool kResidualCenter = kCentersResidual<R>;
+  auto one = [&](int64_t i) {
+    A d = A(x[i]);
+    if constexpr (kCenter) d -= mean.scalar(i);
+    A v = std::fma(d, scale.scalar(i), shift.scalar(i));
+    if constexpr (kResidual && kAffine) {
+      A rd = A(r[i]);
+      if constexpr (kResidualCenter) rd -= ra.mean.scalar(i);
+      v = std::fma(rd, ra.scale.scalar(i), v);
+    } else if constexpr (kResidual) {
+      v += A(r[i]);
+    }
+    if constexpr (kRelu) v = relu(v);
+    y[i] = T(v);
+  };
+  int64_t i = 0;
+  for (const int64_t head = stream_head<kStream>(y, n); i < head; ++i) one(i);
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V lo, hi;
+    U::load(x + i, lo, hi);
+    if constexpr (kCenter) {
+      lo = lo - mean.vec(i);
+      hi = hi - mean.vec(j);
+    }
+    lo = at::vec::fmadd(lo, scale.vec(i), shift.vec(i));
+    hi = at::vec::fmadd(hi, scale.vec(j), shift.vec(j));
+    if constexpr (kResidual) {
+      V rlo, rhi;
+      U::load(r + i, rlo, rhi);
+      if constexpr (kAffine) {
+        if constexpr (kResidualCenter) {
+          rlo = rlo - ra.mean.vec(i);
+          rhi = rhi - ra.mean.vec(j);
+        }
+        lo = at::vec::fmadd(rlo, ra.scale.vec(i), lo);
+        hi = at::vec::fmadd(rhi, ra.scale.vec(j), hi);
+      } else {
+        lo = lo + rlo;
+        hi = hi + rhi;
+      }
+    }
+    if constexpr (kRelu) {
+      lo = relu(lo);
+      hi = relu(hi);
+    }
+    put<kStream>(y + i, lo, hi);
+  }
+  for (; i < n; ++i) one(i);
+}
+
+// A unit of the output gradient, zero where out <= 0 (kMask: the ReLU's mask; NaN passes).
+template <bool kMask, typename T, typename V>
+C10_ALWAYS_INLINE void load_grad(const T* g, const T* out, V& lo, V& hi) {
+  Unit<T>::load(g, lo, hi);
+  if constexpr (kMask) {
+    V olo, ohi;
+    Unit<T>::load(out, olo, ohi);
+    lo = mask_positive(lo, olo);
+    hi = mask_positive(hi, ohi);
+  }
+}
+
+// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g zeroed where out <= 0 (kMask).
+template <bool kMask, bool kStream, typename T, typename P>
+inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
+                            const P& a, const P& k1, const P& k2) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
+    dx[i] = T(d * a.scalar(i));
+  };
+  int64_t i = 0;
+  for (const int64_t head = stream_head<kStream>(dx, n); i < head; ++i) one(i);
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    U::load(x + i, xlo, xhi);
+    const V dlo = vec_fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
+    const V dhi = vec_fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
+    put<kStream>(dx + i, dlo, dhi);
+  }
+  for (; i < n; ++i) one(i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reductions.
+
+// Mean (in double) and sum of squared deviations of n >= 1 contiguous values; the second pass
+// hits L1.
+template <typename T>
+inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  // An infinite or NaN pivot would turn the sum of an Inf-holding chunk into NaN, where torch's
+  // mean is +-Inf: such a pivot is replaced by 0.
+  const A first = A(x[0]);
+  const A pivot = std::isfinite(first) ? first : A(0);
+  const V vp(pivot);
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  int64_t i = 0;
+  for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    V a, b, c, d;
+    U::load(x + i, a, b);
+    U::load(x + i + U::kSize, c, d);
+    s0 = s0 + (a - vp);
+    s1 = s1 + (b - vp);
+    s2 = s2 + (c - vp);
+    s3 = s3 + (d - vp);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V a, b;
+    U::load(x + i, a, b);
+    s0 = s0 + (a - vp);
+    s1 = s1 + (b - vp);
+  }
+  A sum = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) sum += A(x[i]) - pivot;
+  // The mean is kept in double: rounded to float, a mean of 1e4 would be off by up to 5e-4.
+  const double mean_d = double(pivot) + double(sum) / double(n);
+  const A mean = A(mean_d);
+
+  const V vm(mean);
+  s0 = s1 = s2 = s3 = V(A(0));
+  i = 0;
+  for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    V a, b, c, d;
+    U::load(x + i, a, b);
+    U::load(x + i + U::kSize, c, d);
+    a = a - vm;
+    b = b - vm;
+    c = c - vm;
+    d = d - vm;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+    s2 = at::vec::fmadd(c, c, s2);
+    s3 = at::vec::fmadd(d, d, s3);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V a, b;
+    U::load(x + i, a, b);
+    a = a - vm;
+    b = b - vm;
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  }
+  A m2 = horizontal_sum((s0 + s1) + (s2 + s3));
+  for (; i < n; ++i) {
+    const A d = A(x[i]) - mean;
+    m2 += d * d;
+  }
+  // The squares were taken around the rounded mean: move them to the exact one.
+  const double shift = mean_d - double(mean);
+  mean_out = mean_d;
+  m2_out = std::max(0.0, double(m2) - double(n) * shift * shift);
+}
+
+// Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
+// (row stride W). First pass: sum[j] = sum over rows of x[r][j] - pivot[j]. The sums live in
+// registers; the pivots are re-read from L1, which leaves room for four units: 256 bytes of each
+// float row, whole lines, read in order. With `ahead` != 0 the same lines `ahead` elements on
+// (the next run's) are prefetched: the hardware prefetchers follow this column-block walk poorly,
+// and with it the channels-last statistics of 32x512x7x7 float32 from memory took 0.16 ms
+// instead of 0.12.
+template <int kU, typename T>
+inline void tile_offset_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* pivot,
+                             acc_t<T>* sum, int64_t ahead) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  V s[2 * kU];
+  for (int v = 0; v < 2 * kU; ++v) s[v] = V(A(0));
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* row = x + r * W;
+    if (ahead != 0)
+      for (int u = 0; u < kU; ++u) prefetch(row + u * U::kSize, ahead);
+    for (int u = 0; u < kU; ++u) {
+      V lo, hi;
+      U::load(row + u * U::kSize, lo, hi);
+      s[2 * u] = s[2 * u] + (lo - V::loadu(pivot + u * U::kSize));
+      s[2 * u + 1] = s[2 * u + 1] + (hi - V::loadu(pivot + u * U::kSize + U::kHalf));
+    }
+  }
+  for (int v = 0; v < 2 * kU; ++v) s[v].store(sum + v * V::size());
+}
+
+// Second pass: m2[j] = sum over rows of (x[r][j] - mean[j])^2.
+template <int kU, typename T>
+inline void tile_square_sums(const T* x, int64_t W, int64_t nr, const acc_t<T>* mean,
+                             acc_t<T>* m2) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  V m[2 * kU], q[2 * kU];
+  for (int v = 0; v < 2 * kU; ++v) {
+    m[v] = V::loadu(mean + v * V::size());
+    q[v] = V(A(0));
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    const T* row = x + r * W;
+    for (int u = 0; u < kU; ++u) {
+      V lo, hi;
+      U::load(row + u * U::kSize, lo, hi);
+      lo = lo - m[2 * u];
+      hi = hi - m[2 * u + 1];
+      q[2 * u] = at::vec::fmadd(lo, lo, q[2 * u]);
+      q[2 * u + 1] = at::vec::fmadd(hi, hi, q[2 * u + 1]);
+    }
+  }
+  for (int v = 0; v < 2 * kU; ++v) q[v].store(m2 + v * V::size());
+}
+
+// tile_offset_sums over cw columns.
+template <typename T>
+inline void rows_offset_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
+                             const acc_t<T>* pivot, acc_t<T>* sum, int64_t ahead = 0) {
+  using A = acc_t<T>;
+  constexpr int64_t kUnit = Unit<T>::kSize;
+  int64_t j = 0;
+  for (; j + 4 * kUnit <= cw; j += 4 * kUnit)
+    tile_offset_sums<4>(x + j, W, nr, pivot + j, sum + j, ahead);
+  for (; j + 2 * kUnit <= cw; j += 2 * kUnit)
+    tile_offset_sums<2>(x + j, W, nr, pivot + j, sum + j, ahead);
+  for (; j + kUnit <= cw; j += kUnit) tile_offset_sums<1>(x + j, W, nr, pivot + j, sum + j, ahead);
+  for (; j < cw; ++j) {
+    A a = A(0);
+    for (int64_t r = 0; r < nr; ++r) a += A(x[r * W + j]) - pivot[j];
+    sum[j] = a;
+  }
+}
+
+// tile_square_sums over cw columns.
+template <typename T>
+inline void rows_square_sums(const T* x, int64_t W, int64_t nr, int64_t cw, const acc_t<T>* mean,
+                             acc_t<T>* m2) {
+  using A = acc_t<T>;
+  constexpr int64_t kUnit = Unit<T>::kSize;
+  int64_t j = 0;
+  for (; j + 2 * kUnit <= cw; j += 2 * kUnit) tile_square_sums<2>(x + j, W, nr, mean + j, m2 + j);
+  for (; j + kUnit <= cw; j += kUnit) tile_square_sums<1>(x + j, W, nr, mean + j, m2 + j);
+  for (; j < cw; ++j) {
+    A q = A(0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const A d = A(x[r * W + j]) - mean[j];
+      q += d * d;
+    }
+    m2[j] = q;
+  }
+}
+
+// Both passes over cw columns of nr rows: the first around pivot[j] = x[0][j], then the squares
+// around the float mean; mean_d (double) and m2 (around the float mean) per column. `pivot` and
+// `mean` are scratch of cw values.
+template <typename T>
+inline void rows_stats(const T* x, int64_t W, int64_t nr, int64_t cw, acc_t<T>* pivot,
+                       acc_t<T>* mean, double* mean_d, acc_t<T>* m2, int64_t ahead = 0) {
+  using A = acc_t<T>;
+  for (int64_t j = 0; j < cw; ++j) pivot[j] = A(x[j]);
+  if (ahead != 0)
+    for (int64_t j = 0; j < cw; j += 64 / int64_t(sizeof(T))) prefetch(x + j, ahead);
+  if (nr > 1) {
+    rows_offset_sums(x + W, W, nr - 1, cw, pivot, mean, ahead);
+  } else {
+    std::fill(mean, mean + cw, A(0));
+  }
+  const double inv_n = 1.0 / double(nr);
+  for (int64_t j = 0; j < cw; ++j) {
+    mean_d[j] = double(pivot[j]) + double(mean[j]) * inv_n;
+    mean[j] = A(mean_d[j]);
+  }
+  rows_square_sums(x, W, nr, cw, mean, m2);
+}
+
+// Mean and sum of squared deviations of one column (stride W) of n rows, both passes in double.
+template <typename T>
+inline void column_stats_double(const T* x, int64_t W, int64_t n, double& mean_out,
+                                double& m2_out) {
+  double sum = 0;
+  for (int64_t r = 0; r < n; ++r) sum += double(x[r * W]);
+  const double mean = sum / double(n);
+  double m2 = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const double d = double(x[r * W]) - mean;
+    m2 += d * d;
+  }
+  mean_out = mean;
+  m2_out = m2;
+}
+
+// How much the pivot-centred column statistics may amplify float rounding (S2 / m2) before a
+// column is done again in double: see batch_stats.
+constexpr double kMaxPivotGain = 3.0;
+
+// The sums over nr rows of d = x[r][j] - pivot[j] and of d^2 over cw columns, added to s1[j] and
+// s2[j] in double (`sum` and `sq` are scratch of cw values). Two passes, as in rows_stats: the
+// first walks memory in tiles of four units (256 bytes of each float row, which the hardware
+// prefetchers follow; one pass of both sums fits only two units in registers and ran 1.1-1.5x
+// slower on input that is not in cache), the second reads the run again from L1.
+template <typename T>
+inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
+                            const acc_t<T>* pivot, acc_t<T>* sum, acc_t<T>* sq, double* s1,
+                            double* s2, int64_t ahead = 0) {
+  rows_offset_sums(x, W, nr, cw, pivot, sum, ahead);
+  rows_square_sums(x, W, nr, cw, pivot, sq);
+  for (int64_t j = 0; j < cw; ++j) {
+    s1[j] += double(sum[j]);
+    s2[j] += double(sq[j]);
+  }
+}
+
+// Sums of g and g * (x - mean) over n values, g zeroed where out <= 0 (kMask); on the way the
+// masked g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is
+// Broadcast (one channel, sums in registers) or PerColumn (sums added to the per-column arrays
+// sum_g and sum_gx).
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P>
+inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
+                           const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr bool kColumns = std::is_same_v<P, PerColumn<A>>;
+  constexpr bool kWrites = kGradResidual || kGradInput;
+  A s = A(0), sx = A(0);
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kGradResidual) gr[i] = T(gv);
+    if constexpr (kGradInput) dx[i] = T(gv * a.scalar(i));
+    const A gx = gv * (A(x[i]) - mean.scalar(i));
+    if constexpr (kColumns) {
+      sum_g[i] += gv;
+      sum_gx[i] += gx;
+    } else {
+      s += gv;
+      sx += gx;
+    }
+  };
+  int64_t i = 0;
+  if constexpr (kStream && kWrites) {
+    // gr and dx are allocated alike and so share their alignment; stream only when they do.
+    if (kGradResidual && kGradInput && stream_head<true>(gr, n) != stream_head<true>(dx, n)) {
+      return grad_sums_span<kMask, kGradResidual, kGradInput, false>(g, out, x, gr, dx, n, mean,
+                                                                     a, sum_g, sum_gx);
+    }
+    for (const int64_t head = stream_head<true>(kGradResidual ? gr : dx, n); i < head; ++i) one(i);
+  }
+  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0));
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    if constexpr (kGradResidual) put<kStream>(gr + i, glo, ghi);
+    if constexpr (kGradInput) put<kStream>(dx + i, glo * a.vec(i), ghi * a.vec(j));
+    U::load(x + i, xlo, xhi);
+    if constexpr (kColumns) {
+      (V::loadu(sum_g + i) + glo).store(sum_g + i);
+      (V::loadu(sum_g + j) + ghi).store(sum_g + j);
+      at::vec::fmadd(glo, xlo - mean.vec(i), V::loadu(sum_gx + i)).store(sum_gx + i);
+      at::vec::fmadd(ghi, xhi - mean.vec(j), V::loadu(sum_gx + j)).store(sum_gx + j);
+    } else {
+      sg0 = sg0 + glo;
+      sg1 = sg1 + ghi;
+      sx0 = at::vec::fmadd(glo, xlo - mean.vec(i), sx0);
+      sx1 = at::vec::fmadd(ghi, xhi - mean.vec(j), sx1);
+    }
+  }
+  for (; i < n; ++i) one(i);
+  if constexpr (!kColumns) {
+    *sum_g = s + horizontal_sum(sg0 + sg1);
+    *sum_gx = sx + horizontal_sum(sx0 + sx1);
+  }
+}
+
+// The backward of batch_norm_dual, relu(bn1(x) + bn2(z)): both batch norms see the same masked
+// output gradient g. Reduction: sums of g, g * (x - m1) and g * (z - m2) over n values; in eval
+// (kGradInput) dx = g * a1 and dz = g * a2 are written on the way. P as in grad_sums_span.
+template <bool kMask, bool kGradInput, bool kStream, typename T, typename P>
+inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                                int64_t n, const P& m1, const P& m2, const P& a1, const P& a2,
+                                acc_t<T>* sum_g, acc_t<T>* sum_gx, acc_t<T>* sum_gz) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  constexpr bool kColumns = std::is_same_v<P, PerColumn<A>>;
+  A s = A(0), sx = A(0), sz = A(0);
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kGradInput) {
+      dx[i] = T(gv * a1.scalar(i));
+      dz[i] = T(gv * a2.scalar(i));
+    }
+    const A gx = gv * (A(x[i]) - m1.scalar(i));
+    const A gz = gv * (A(z[i]) - m2.scalar(i));
+    if constexpr (kColumns) {
+      sum_g[i] += gv;
+      sum_gx[i] += gx;
+      sum_gz[i] += gz;
+    } else {
+      s += gv;
+      sx += gx;
+      sz += gz;
+    }
+  };
+  int64_t i = 0;
+  if constexpr (kStream && kGradInput) {
+    if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
+      return dual_grad_sums_span<kMask, kGradInput, false>(g, out, x, z, dx, dz, n, m1, m2, a1,
+                                                           a2, sum_g, sum_gx, sum_gz);
+    }
+    for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
+  }
+  V sg0(A(0)), sg1(A(0)), sx0(A(0)), sx1(A(0)), sz0(A(0)), sz1(A(0));
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi, zlo, zhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    if constexpr (kGradInput) {
+      put<kStream>(dx + i, glo * a1.vec(i), ghi * a1.vec(j));
+      put<kStream>(dz + i, glo * a2.vec(i), ghi * a2.vec(j));
+    }
+    U::load(x + i, xlo, xhi);
+    U::load(z + i, zlo, zhi);
+    if constexpr (kColumns) {
+      (V::loadu(sum_g + i) + glo).store(sum_g + i);
+      (V::loadu(sum_g + j) + ghi).store(sum_g + j);
+      at::vec::fmadd(glo, xlo - m1.vec(i), V::loadu(sum_gx + i)).store(sum_gx + i);
+      at::vec::fmadd(ghi, xhi - m1.vec(j), V::loadu(sum_gx + j)).store(sum_gx + j);
+      at::vec::fmadd(glo, zlo - m2.vec(i), V::loadu(sum_gz + i)).store(sum_gz + i);
+      at::vec::fmadd(ghi, zhi - m2.vec(j), V::loadu(sum_gz + j)).store(sum_gz + j);
+    } else {
+      sg0 = sg0 + glo;
+      sg1 = sg1 + ghi;
+      sx0 = at::vec::fmadd(glo, xlo - m1.vec(i), sx0);
+      sx1 = at::vec::fmadd(ghi, xhi - m1.vec(j), sx1);
+      sz0 = at::vec::fmadd(glo, zlo - m2.vec(i), sz0);
+      sz1 = at::vec::fmadd(ghi, zhi - m2.vec(j), sz1);
+    }
+  }
+  for (; i < n; ++i) one(i);
+  if constexpr (!kColumns) {
+    *sum_g = s + horizontal_sum(sg0 + sg1);
+    *sum_gx = sx + horizontal_sum(sx0 + sx1);
+    *sum_gz = sz + horizontal_sum(sz0 + sz1);
+  }
+}
+
+// Training gradients of batch_norm_dual: dx = a1 * (g - k1 - (x - m1) * k2) and
+// dz = a2 * (g - k1b - (z - m2) * k2b), g zeroed where out <= 0 (kMask) and read once.
+template <bool kMask, bool kStream, typename T, typename P>
+inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                                 int64_t n, const P& m1, const P& a1, const P& k1, const P& k2,
+                                 const P& m2, const P& a2, const P& k1b, const P& k2b) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  auto one = [&](int64_t i) {
+    A gv = A(g[i]);
+    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    dx[i] = T(std::fma(-(A(x[i]) - m1.scalar(i)), k2.scalar(i), gv - k1.scalar(i)) *
+              a1.scalar(i));
+    dz[i] = T(std::fma(-(A(z[i]) - m2.scalar(i)), k2b.scalar(i), gv - k1b.scalar(i)) *
+              a2.scalar(i));
+  };
+  int64_t i = 0;
+  if constexpr (kStream) {
+    if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
+      return dual_grad_input_span<kMask, false>(g, out, x, z, dx, dz, n, m1, a1, k1, k2, m2, a2,
+                                                k1b, k2b);
+    }
+    for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    const int64_t j = i + U::kHalf;
+    V glo, ghi, xlo, xhi, zlo, zhi;
+    load_grad<kMask>(g + i, kMask ? out + i : nullptr, glo, ghi);
+    U::load(x + i, xlo, xhi);
+    U::load(z + i, zlo, zhi);
+    put<kStream>(dx + i, vec_fnmadd(xlo - m1.vec(i), k2.vec(i), glo - k1.vec(i)) * a1.vec(i),
+                 vec_fnmadd(xhi - m1.vec(j), k2.vec(j), ghi - k1.vec(j)) * a1.vec(j));
+    put<kStream>(dz + i,
+                 vec_fnmadd(zlo - m2.vec(i), k2b.vec(i), glo - k1b.vec(i)) * a2.vec(i),
+                 vec_fnmadd(zhi - m2.vec(j), k2b.vec(j), ghi - k1b.vec(j)) * a2.vec(j));
+  }
+  for (; i < n; ++i) one(i);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Drivers.
+
+// Batch mean and biased variance per channel, in double.
+template <typename T>
+void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<double> pmean(p.items), pm2(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t) {
+        chunk_stats(x + o, n, pmean[t], pm2[t]);
+      });
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double sum = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc)
+            sum += double(p.chunk_length(kc)) * pmean[(n * p.C + c) * p.chunks_per_block + kc];
+        const double mean = sum / double(p.count);
+        double m2 = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            const double d = pmean[t] - mean;
+            m2 += pm2[t] + double(p.chunk_length(kc)) * d * d;
+          }
+        mean_c[c] = mean;
+        var_c[c] = m2 / double(p.count);
+      }
+    });
+    return;
+  }
+
+  // Rows layout: per item (a group of rows by a block of columns), the statistics of each column.
+  // The item's first run of sub_rows rows takes both passes (rows_stats); its means, rounded to
+  // float, are the pivots of the item's other runs: sums of d = x - pivot and of d^2, per run in
+  // float, across runs in double. The variance m2 = S2 - S1^2 / n then carries
+  // the float rounding of S2 amplified by S2 / m2 = 1 + n (mean - pivot)^2 / m2, which is near 1
+  // as the first run's mean is near the item's; a column where it exceeds kMaxPivotGain (a few in
+  // a hundred thousand on Gaussian data) is done again in double. Two additions per column and
+  // run instead of a mean and a Chan merge in double: on channels-last 7x7 input with 512-2048
+  // channels those had taken as long as the passes over the data.
+  std::vector<double> pmean(p.groups * p.W, 0.0), pm2(p.groups * p.W, 0.0);
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    alignas(64) A pivot[kMaxColumnBlock];
+    alignas(64) A mean[kMaxColumnBlock];
+    alignas(64) A m2[kMaxColumnBlock];
+    alignas(64) double mean_d[kMaxColumnBlock];
+    alignas(64) double s1[kMaxColumnBlock];
+    alignas(64) double s2[kMaxColumnBlock];
+    // Where item t starts, and the distance from `at` (run r0 of item t) to the run after it
+    // (the next item's first when r0 is the item's last; none after the range's last run): what
+    // the passes over a run prefetch.
+    auto item_start = [&](int64_t t) {
+      return x + (t / p.col_blocks) * p.group_rows * p.W + (t % p.col_blocks) * p.col_block;
+    };
+    auto ahead = [&](int64_t t, int64_t r0, int64_t n_rows, const T* at) -> int64_t {
+      if (r0 + p.sub_rows < n_rows) return p.sub_rows * p.W;
+      return t + 1 < end ? item_start(t + 1) - at : 0;
+    };
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / p.col_blocks;
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t cw = std::min(p.col_block, p.W - c0);
+      const int64_t n_rows = p.full_rows_in_group(g);
+      if (n_rows == 0) continue;
+      const T* xi = item_start(t);
+      const int64_t first = std::min(p.sub_rows, n_rows);
+      rows_stats(xi, p.W, first, cw, pivot, mean, mean_d, m2, ahead(t, 0, n_rows, xi));
+      for (int64_t j = 0; j < cw; ++j) {
+        s1[j] = double(first) * (mean_d[j] - double(mean[j]));
+        s2[j] = double(m2[j]);  // around mean[j], the pivot
+      }
+      for (int64_t r0 = first; r0 < n_rows; r0 += p.sub_rows) {
+        const T* run = xi + r0 * p.W;
+        rows_pivot_sums(run, p.W, std::min(p.sub_rows, n_rows - r0), cw, mean, pivot, m2, s1, s2,
+                        ahead(t, r0, n_rows, run));
+      }
+      double* out_mean = pmean.data() + g * p.W + c0;
+      double* out_m2 = pm2.data() + g * p.W + c0;
+      const double n = double(n_rows);
+      for (int64_t j = 0; j < cw; ++j) {
+        const double d = s1[j] / n;
+        const double m2_j = s2[j] - s1[j] * d;
+        if (s2[j] <= kMaxPivotGain * m2_j) {
+          out_mean[j] = double(mean[j]) + d;
+          out_m2[j] = m2_j;
+        } else {
+          column_stats_double(xi + j, p.W, n_rows, out_mean[j], out_m2[j]);
+        }
+      }
+    }
+  });
+
+  // Columns over groups, then channels over their columns and the tail values. A single group
+  // (channels-first 7x7 maps up to batch 128) already holds the columns' statistics.
+  std::vector<double> merged;
+  const double* col_mean = pmean.data();
+  const double* col_m2 = pm2.data();
+  if (p.groups != 1) {
+    merged.assign(2 * p.W, 0.0);
+    double* mean_w = merged.data();
+    double* m2_w = merged.data() + p.W;
+    col_mean = mean_w;
+    col_m2 = m2_w;
+    if (p.rows > 0) {
+      parallel_columns(p, [&](int64_t j0, int64_t j1) {
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const double ng = double(p.full_rows_in_group(g));
+          const double* pm = pmean.data() + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) mean_w[j] += ng * pm[j];
+        }
+        for (int64_t j = j0; j < j1; ++j) mean_w[j] /= double(p.rows);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const double ng = double(p.full_rows_in_group(g));
+          const double* pm = pmean.data() + g * p.W;
+          const double* pv = pm2.data() + g * p.W;
+          for (int64_t j = j0; j < j1; ++j) {
+            const double d = pm[j] - mean_w[j];
+            m2_w[j] += pv[j] + ng * d * d;
+          }
+        }
+      });
+    }
+  }
+  const T* tail = x + p.rows * p.W;
+  const double rows = double(p.rows);
+  parallel_channels(p, [&](int64_t c0, int64_t c1) {
+    std::fill(mean_c + c0, mean_c + c1, 0.0);
+    std::fill(var_c + c0, var_c + c1, 0.0);
+    for_each_column(p, p.W, [&](int64_t j, int64_t c) { mean_c[c] += rows * col_mean[j]; }, c0,
+                    c1);
+    for_each_column(p, p.tail, [&](int64_t j, int64_t c) { mean_c[c] += double(tail[j]); }, c0,
+                    c1);
+    for (int64_t c = c0; c < c1; ++c) mean_c[c] /= double(p.count);
+    for_each_column(
+        p, p.W,
+        [&](int64_t j, int64_t c) {
+          const double d = col_mean[j] - mean_c[c];
+          var_c[c] += col_m2[j] + rows * d * d;
+        },
+        c0, c1);
+    for_each_column(
+        p, p.tail,
+        [&](int64_t j, int64_t c) {
+          const double d = double(tail[j]) - mean_c[c];
+          var_c[c] += d * d;
+        },
+        c0, c1);
+    for (int64_t c = c0; c < c1; ++c) var_c[c] /= double(p.count);
+  });
+}
+
+// The per-channel parameters of the element-wise forward pass,
+//   y = relu?((x - mean) * scale + shift + residual?),
+// where a dual batch norm's residual is its input r, added as (r - rmean) * rscale. The means are
+// float; what rounding a mean (in double) to float leaves out, mean_lo, is taken into the shift,
+// shift = bias - mean_lo * scale, so that x - mean stays exact for x near the mean even when the
+// mean is large against the spread (mean 1e4, std 1).
+//
+// Folded (y = x * scale + shift' + r * rscale, shift' = bias - mean * scale - rmean * rscale):
+// used when that loses nothing that matters for any channel (see fold_means); it reads two
+// parameters per value instead of three.
+template <typename A>
+struct ChannelAffine {
+  std::vector<A> mean, scale, shift, rmean, rscale;
+  bool folded = false;
+};
+
+// How far a mean may be from zero, against the spread of the output, and still be folded into
+// the shift: see fold_means.
+constexpr double kFoldLimit = 4.0;
+
+// The shift of ChannelAffine, in double and rounded once: bias minus, per batch norm k, its
+// mean's part (mean_k - float(mean_k) when centered, all of mean_k when folded) times its scale.
+// Folding moves the error of x - mean (exact for x near the mean) to the rounding of the shift:
+// half a unit in the last place of |bias| + |mean * scale|. The output's own scale is |bias| +
+// |weight| (weight = scale times the standard deviation that scale divides by), so a mean with
+// |mean * scale| within kFoldLimit of that costs at most a few units of the output's rounding;
+// larger means keep the centered form. Returns whether it folded.
+template <typename A, size_t kK>
+bool fold_means(ChannelAffine<A>& q, const std::array<const double*, kK>& means,
+                const std::array<const std::vector<A>*, kK>& scales,
+                const std::array<const std::vector<A>*, kK>& weights,
+                const std::array<const std::vector<A>*, kK>& biases) {
+  const int64_t C = int64_t(q.scale.size());
+  bool fold = true;
+  for (int64_t c = 0; c < C && fold; ++c) {
+    double moved = 0, bound = 0, bias = 0;
+    for (size_t k = 0; k < kK; ++k) {
+      moved += std::abs(means[k][c] * double((*scales[k])[c]));
+      bound += std::abs(double((*weights[k])[c]));
+      bias += double((*biases[k])[c]);
+    }
+    fold = moved <= kFoldLimit * (std::abs(bias) + bound);  // false for NaN and infinity
+  }
+  q.shift.assign(C, A(0));
+  for (int64_t c = 0; c < C; ++c) {
+    double shift = 0;
+    for (size_t k = 0; k < kK; ++k) {
+      const double mean = means[k][c];
+      const double part = fold ? mean : mean - double(A(mean));
+      shift += double((*biases[k])[c]);
+      if (part != 0) shift -= part * double((*scales[k])[c]);  // not 0 * inf
+    }
+    q.shift[c] = A(shift);
+  }
+  q.folded = fold;
+  return fold;
+}
+
+// forward_span over one span with the parameters `at(&ChannelAffine::member)` gives (Broadcast of
+// one channel, or PerColumn over expanded columns); kCenter: not folded.
+template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine, typename T,
+          typename F>
+C10_ALWAYS_INLINE void forward_span_with(const T* x, const T* r, T* y, int64_t n, const F& at) {
+  using Q = ChannelAffine<acc_t<T>>;
+  const auto center = [&](auto member) {
+    if constexpr (kCenter) {
+      return at(member);
+    } else {
+      return Zero{};
+    }
+  };
+  const auto ra = [&] {
+    if constexpr (kAffine) {
+      return ResidualAffine<decltype(center(&Q::rmean)), decltype(at(&Q::rscale))>{
+          center(&Q::rmean), at(&Q::rscale)};
+    } else {
+      return PlainResidual{};
+    }
+  }();
+  forward_span<kResidual, kRelu, kStream>(x, r, y, n, center(&Q::mean), at(&Q::scale),
+                                          at(&Q::shift), ra);
+}
+
+// The element-wise forward pass with the parameters `q` (kCenter: !q.folded); kAffine: the
+// residual is a second batch norm's input (q.rmean, q.rscale).
+template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine = false, typename T>
+void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<acc_t<T>>& q) {
+  using A = acc_t<T>;
+  using Q = ChannelAffine<A>;
+  using Member = std::vector<A> Q::*;
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
+          x + o, kResidual ? r + o : nullptr, y + o, n,
+          [&](Member m) { return Broadcast<A>((q.*m)[c]); });
+    });
+    return;
+  }
+  // Rows: the parameters that this form reads, expanded to the span's columns.
+  const RowSpans rs = row_spans(p);
+  const std::array<std::pair<Member, bool>, 5> used = {{{&Q::mean, kCenter},
+                                                        {&Q::scale, true},
+                                                        {&Q::shift, true},
+                                                        {&Q::rmean, kAffine && kCenter},
+                                                        {&Q::rscale, kAffine}}};
+  Q wide;
+  for (const auto& [m, use] : used)
+    if (use) wide.*m = expand_span_columns(p, rs, (q.*m).data());
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
+        x + o, kResidual ? r + o : nullptr, y + o, n,
+        [&](Member m) { return PerColumn<A>((wide.*m).data()); });
+  });
+}
+
+// Per-channel sums of g and g * (x - mean) (g masked when kMask), in double; writes the masked
+// g to gr (kGradResidual) and dx = g * a (kGradInput) on the way.
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T>
+void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx,
+               const acc_t<T>* mean, const acc_t<T>* a, double* sum_g_c, double* sum_gx_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<A> psg(p.items), psgx(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
+        grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            kGradInput ? dx + o : nullptr, n, Broadcast<A>(mean[c]), Broadcast<A>(a[c]), &psg[t],
+            &psgx[t]);
+      });
+      if (kStream) stream_fence();
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double s = 0, sx = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            s += double(psg[t]);
+            sx += double(psgx[t]);
+          }
+        sum_g_c[c] = s;
+        sum_gx_c[c] = sx;
+      }
+    });
+    return;
+  }
+
+  const std::vector<A> mean_w = expand_columns(p, mean);
+  const std::vector<A> a_w = expand_columns(p, a);
+  std::vector<A> psg(p.groups * p.W, A(0)), psgx(p.groups * p.W, A(0));
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t slot = (t / p.col_blocks) * p.W + c0;
+      const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0);
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            kGradInput ? dx + o : nullptr, n, m, av, psg.data() + slot, psgx.data() + slot);
+      });
+    }
+    if (kStream) stream_fence();
+  });
+  sum_columns_to_channels<A, 2>(p, {psg.data(), psgx.data()}, {sum_g_c, sum_gx_c});
+}
+
+// Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked when kMask.
+template <bool kMask, bool kStream, typename T>
+void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, const acc_t<T>* mean,
+                const acc_t<T>* a, const acc_t<T>* k1, const acc_t<T>* k2) {
+  using A = acc_t<T>;
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n,
+                                      Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
+                                      Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
+    });
+    return;
+  }
+  const RowSpans rs = row_spans(p);
+  const std::vector<A> mean_w = expand_span_columns(p, rs, mean);
+  const std::vector<A> a_w = expand_span_columns(p, rs, a);
+  const std::vector<A> k1_w = expand_span_columns(p, rs, k1);
+  const std::vector<A> k2_w = expand_span_columns(p, rs, k2);
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    const PerColumn<A> m(mean_w.data()), av(a_w.data()), b1(k1_w.data()),
+        b2(k2_w.data());
+    grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av,
+                                    b1, b2);
+  });
+}
+
+// The reduction pass of batch_norm_dual's backward: per-channel sums of g, g * (x - m1) and
+// g * (z - m2) in double (g masked when kMask); dx = g * a1, dz = g * a2 written on the way in
+// eval (kGradInput). The same items and merge order as grad_sums.
+template <bool kMask, bool kGradInput, bool kStream, typename T>
+void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+                    const acc_t<T>* m1, const acc_t<T>* m2, const acc_t<T>* a1,
+                    const acc_t<T>* a2, double* sum_g_c, double* sum_gx_c, double* sum_gz_c) {
+  using A = acc_t<T>;
+  if (p.blocks) {
+    std::vector<A> psg(p.items), psgx(p.items), psgz(p.items);
+    at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+      for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
+        dual_grad_sums_span<kMask, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            kGradInput ? dz + o : nullptr, n, Broadcast<A>(m1[c]), Broadcast<A>(m2[c]),
+            Broadcast<A>(a1[c]), Broadcast<A>(a2[c]), &psg[t], &psgx[t], &psgz[t]);
+      });
+      if (kStream) stream_fence();
+    });
+    const int64_t per_channel = p.N * p.chunks_per_block;
+    at::parallel_for(0, p.C, std::max<int64_t>(1, 4096 / per_channel), [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c) {
+        double sg = 0, sx = 0, sz = 0;
+        for (int64_t n = 0; n < p.N; ++n)
+          for (int64_t kc = 0; kc < p.chunks_per_block; ++kc) {
+            const int64_t t = (n * p.C + c) * p.chunks_per_block + kc;
+            sg += double(psg[t]);
+            sx += double(psgx[t]);
+            sz += double(psgz[t]);
+          }
+        sum_g_c[c] = sg;
+        sum_gx_c[c] = sx;
+        sum_gz_c[c] = sz;
+      }
+    });
+    return;
+  }
+
+  const std::vector<A> m1_w = expand_columns(p, m1), m2_w = expand_columns(p, m2);
+  const std::vector<A> a1_w = expand_columns(p, a1), a2_w = expand_columns(p, a2);
+  std::vector<A> psg(p.groups * p.W, A(0)), psgx(p.groups * p.W, A(0)),
+      psgz(p.groups * p.W, A(0));
+  at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c0 = (t % p.col_blocks) * p.col_block;
+      const int64_t slot = (t / p.col_blocks) * p.W + c0;
+      const PerColumn<A> pm1(m1_w.data() + c0), pm2(m2_w.data() + c0), pa1(a1_w.data() + c0),
+          pa2(a2_w.data() + c0);
+      for_item_rows(p, t, [&](int64_t o, int64_t n) {
+        dual_grad_sums_span<kMask, kGradInput, kStream>(
+            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            kGradInput ? dz + o : nullptr, n, pm1, pm2, pa1, pa2, psg.data() + slot,
+            psgx.data() + slot, psgz.data() + slot);
+      });
+    }
+    if (kStream) stream_fence();
+  });
+  sum_columns_to_channels<A, 3>(p, {psg.data(), psgx.data(), psgz.data()},
+                                {sum_g_c, sum_gx_c, sum_gz_c});
+}
+
+// The element-wise pass of batch_norm_dual's training backward: dx and dz from one read of g.
+template <bool kMask, bool kStream, typename T>
+void dual_input_grad(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx,
+                     T* dz, const std::vector<const acc_t<T>*>& k) {
+  // k: m1, a1, k1, k2, m2, a2, k1b, k2b per channel.
+  using A = acc_t<T>;
+  if (elementwise_by_planes<T>(p)) {
+    parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
+      auto b = [&](int i) { return Broadcast<A>(k[i][c]); };
+      dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o,
+                                           dx + o, dz + o, n, b(0), b(1), b(2), b(3), b(4),
+                                           b(5), b(6), b(7));
+    });
+    return;
+  }
+  const RowSpans rs = row_spans(p);
+  std::vector<std::vector<A>> w;
+  for (const A* values : k) w.push_back(expand_span_columns(p, rs, values));
+  parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
+    auto b = [&](int i) { return PerColumn<A>(w[i].data()); };
+    dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o, dx + o,
+                                         dz + o, n, b(0), b(1), b(2), b(3), b(4), b(5), b(6),
+                                         b(7));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops.
+
+bool defined(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// Size of the last-level cache one core shares with its neighbours: sysfs names the instance a
+// core sees (one CCX on AMD), where sysconf can report the whole socket. 32 MiB when unknown.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best = 0;
+    for (int index = 0; index < 8; ++index) {
+      const std::string path =
+          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
+      std::ifstream f(path);
+      std::string text;
+      if (!(f >> text) || text.empty()) continue;
+      int64_t scale = 1;
+      switch (text.back()) {
+        case 'K': case 'k': scale = int64_t(1) << 10; text.pop_back(); break;
+        case 'M': case 'm': scale = int64_t(1) << 20; text.pop_back(); break;
+        case 'G': case 'g': scale = int64_t(1) << 30; text.pop_back(); break;
+        default: break;
+      }
+      char* end = nullptr;
+      const long long v = std::strtoll(text.c_str(), &end, 10);
+      if (end != text.c_str() && v > 0) best = std::max<int64_t>(best, v * scale);
+    }
+#if (defined(__unix__) || defined(__APPLE__)) && defined(_SC_LEVEL3_CACHE_SIZE)
+    if (best == 0) best = std::max<int64_t>(0, sysconf(_SC_LEVEL3_CACHE_SIZE));
+#endif
+    return best > 0 ? best : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
+// The least output written with non-temporal stores (see use_stream).
+int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_bytes() / 4); }
+
+// Non-temporal stores pay off once the output, with the input read alongside it, would push the
+// data a following op reads out of the last-level cache; below that the output is better left in
+// the cache, where its lines often still are from the previous call. They are used only when
+// every span a kernel writes starts on a cache line of each output: a partial line written
+// non-temporally costs a read-modify-write in memory (NCHW 14x14 planes are 784 bytes).
+template <typename T>
+bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  for (const Tensor* t : outs) {
+    if (!t->defined() || t->numel() == 0) continue;
+    if (int64_t(t->nbytes()) < stream_min_bytes()) return false;
+    if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 64 != 0) return false;
+  }
+  if (p.blocks) return p.S % kLine == 0 && p.chunk % kLine == 0;
+  // The rows layout (reductions) and, for channels-first input, planes of Sin (element-wise).
+  return p.W % kLine == 0 && p.col_block % kLine == 0 && (p.Sin == 1 || p.Sin % kLine == 0);
+}
+
+// A [C] per-channel tensor as accumulation-type values, or `fill` when absent.
+template <typename A>
+std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill) {
+  if (!defined(t)) return std::vector<A>(C, fill);
+  const Tensor v = t->to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* p = v.const_data_ptr<A>();
+  return std::vector<A>(p, p + C);
+}
+
+template <typename T>
+void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
+                   const ChannelAffine<acc_t<T>>& q, bool relu) {
+  const T* xp = x.const_data_ptr<T>();
+  const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
+  T* yp = out.mutable_data_ptr<T>();
+  FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+          normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q);
+        });
+      });
+    });
+  });
+}
+
+// The parameters of a batch norm's forward pass from its mean and variance in double; saves the
+// float mean and 1 / sqrt(var + eps), which the backward needs, to save_mean / save_invstd when
+// given.
+template <typename A>
+ChannelAffine<A> channel_affine(const std::vector<double>& mean, const std::vector<double>& var,
+                                double eps, const std::vector<A>& weight,
+                                const std::vector<A>& bias, A* save_mean, A* save_invstd) {
+  const int64_t C = int64_t(mean.size());
+  ChannelAffine<A> q;
+  q.mean.resize(C);
+  q.scale.resize(C);
+  for (int64_t c = 0; c < C; ++c) {
+    const double invstd = 1.0 / std::sqrt(var[c] + eps);
+    q.mean[c] = A(mean[c]);
+    q.scale[c] = A(invstd * double(weight[c]));
+    if (save_mean != nullptr) save_mean[c] = q.mean[c];
+    if (save_invstd != nullptr) save_invstd[c] = A(invstd);
+  }
+  fold_means<A, 1>(q, {mean.data()}, {&q.scale}, {&weight}, {&bias});
+  return q;
+}
+
+// running_mean = (1 - momentum) * running_mean + momentum * mean and running_var likewise with
+// the unbiased variance, from the batch statistics in double, rounded once to the running
+// tensors' dtype; any stride. Bumps their version counters as an in-place ATen op would.
+void update_running_stats_cpu(const c10::optional<Tensor>& running_mean,
+                              const c10::optional<Tensor>& running_var,
+                              const std::vector<double>& mean, const std::vector<double>& var,
+                              double momentum, int64_t count) {
+  const double bessel = count > 1 ? double(count) / double(count - 1) : 1.0;
+  auto update = [&](const c10::optional<Tensor>& t, const std::vector<double>& batch,
+                    double factor) {
+    if (!defined(t)) return;
+    Tensor r = *t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, r.scalar_type(), "fastnn running statistics (CPU)", [&] {
+          scalar_t* d = r.mutable_data_ptr<scalar_t>();
+          const int64_t stride = r.stride(0);
+          for (int64_t c = 0; c < r.numel(); ++c) {
+            scalar_t& v = d[c * stride];
+            v = scalar_t(momentum * (batch[c] * factor) + (1.0 - momentum) * double(v));
+          }
+        });
+    r.unsafeGetTensorImpl()->bump_version();
+  };
+  update(running_mean, mean, 1.0);
+  update(running_var, var, bessel);
+}
+
+// The training forward; with given_mean/given_var (the input's batch statistics, computed
+// elsewhere) the statistics pass is skipped.
+std::tuple<Tensor, Tensor, Tensor> train_forward(
+    const Tensor& input, const Tensor* given_mean, const Tensor* given_var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  if (input.numel() == 0) return empty_batch_train(input);
+  const BNShape shape = bn_shape(input);
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor res = defined(residual) ? residual->contiguous(shape.format) : Tensor();
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor save_mean = at::empty({shape.C}, stat_options);
+  Tensor save_invstd = at::empty({shape.C}, stat_options);
+  std::vector<double> stats_mean(shape.C), stats_var(shape.C);
+  if (given_mean != nullptr) {
+    stats_mean = channel_values<double>(*given_mean, shape.C, 0.0);
+    stats_var = channel_values<double>(*given_var, shape.C, 0.0);
+  }
+
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_train (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    const int64_t C = shape.C;
+    std::vector<double>& mean = stats_mean;
+    std::vector<double>& var = stats_var;
+    if (given_mean == nullptr)
+      batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), mean.data(), var.data());
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q =
+        channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                       save_invstd.mutable_data_ptr<A>());
+    run_normalize<scalar_t>(p, x, res, out, q, relu);
+  });
+  update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
+                           shape.N * shape.S);
+  return {out, save_mean, save_invstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  return train_forward(input, nullptr, nullptr, weight, bias, running_mean, running_var, momentum,
+                       eps, residual, relu);
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
+    const Tensor& input, const Tensor& mean, const Tensor& var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "mean", input, mean);
+  check_stat_tensor("fastnn.batch_norm_train_with_stats", "var", input, var);
+  return train_forward(input, &mean, &var, weight, bias, running_mean, running_var, momentum, eps,
+                       residual, relu);
+}
+
+// batch_norm_train_with_stats of the concatenation of `inputs` along dim 1, each input read
+// where it is and its normalized channels written into their place in the output. Channels-first:
+// plane by plane ((n, c) runs of S values, parameters in registers); channels-last: each row of
+// every input, its parameters per column.
+std::tuple<Tensor, Tensor, Tensor> batch_norm_cat_with_stats_cpu(
+    at::TensorList inputs, const Tensor& mean, const Tensor& var,
+    const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, bool relu) {
+  constexpr const char* kOp = "fastnn.batch_norm_cat_with_stats";
+  const Tensor probe = check_cat_inputs(kOp, inputs);
+  check_train_args(probe, weight, bias, running_mean, running_var, momentum, eps, c10::nullopt);
+  check_stat_tensor(kOp, "mean", probe, mean);
+  check_stat_tensor(kOp, "var", probe, var);
+  const at::MemoryFormat format = cat_memory_format(inputs);
+  Tensor out = at::empty(probe.sizes(), probe.options().memory_format(format));
+  if (out.numel() == 0) {
+    auto empty = empty_batch_train(out);
+    return {out, std::get<1>(empty), std::get<2>(empty)};
+  }
+  const int64_t N = probe.size(0), C = probe.size(1), S = probe.numel() / (N * C);
+  // Rows of C values (channels-last, or one value per channel and sample): each input's rows.
+  const bool channels_last = format != at::MemoryFormat::Contiguous || S == 1;
+  const int64_t K = int64_t(inputs.size());
+  std::vector<Tensor> xs(K);
+  std::vector<int64_t> widths(K), offsets(K), owner(C);
+  for (int64_t i = 0, off = 0; i < K; ++i) {
+    xs[i] = inputs[i].contiguous(format);
+    widths[i] = inputs[i].size(1);
+    offsets[i] = off;
+    for (int64_t c = off; c < off + widths[i]; ++c) owner[c] = i;
+    off += widths[i];
+  }
+  const auto stat_options = probe.options().dtype(accumulate_type(probe.scalar_type()));
+  Tensor save_mean = at::empty({C}, stat_options);
+  Tensor save_invstd = at::empty({C}, stat_options);
+  const std::vector<double> mean_d = channel_values<double>(mean, C, 0.0);
+  const std::vector<double> var_d = channel_values<double>(var, C, 0.0);
+
+  FASTNN_DISPATCH_INPUT(probe.scalar_type(), "fastnn.batch_norm_cat_with_stats (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q =
+        channel_affine(mean_d, var_d, eps, w, b, save_mean.mutable_data_ptr<A>(),
+                       save_invstd.mutable_data_ptr<A>());
+    using Member = std::vector<A> ChannelAffine<A>::*;
+    std::vector<const T*> xp(K);
+    for (int64_t i = 0; i < K; ++i) xp[i] = xs[i].const_data_ptr<T>();
+    T* y = out.mutable_data_ptr<T>();
+    constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+    const bool stream = !channels_last && S % kLine == 0 &&
+                        int64_t(out.nbytes()) >= stream_min_bytes() &&
+                        reinterpret_cast<std::uintptr_t>(y) % 64 == 0;
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+        if (!channels_last) {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+            at::parallel_for(
+                0, N * C, std::max<int64_t>(1, kMinParallelElements / S),
+                [&](int64_t begin, int64_t end) {
+                  for (int64_t t = begin; t < end; ++t) {
+                    const int64_t n = t / C, c = t % C, i = owner[c];
+                    const T* x = xp[i] + (n * widths[i] + (c - offsets[i])) * S;
+                    forward_span_with<false, kRelu, kStream, kCenter, false>(
+                        x, (const T*)nullptr, y + t * S, S,
+                        [&](Member m) { return Broadcast<A>((q.*m)[c]); });
+                  }
+                  if (kStream) stream_fence();
+                });
+          });
+          return;
+        }
+        at::parallel_for(
+            0, N * S, std::max<int64_t>(1, kMinParallelElements / C),
+            [&](int64_t begin, int64_t end) {
+              for (int64_t r = begin; r < end; ++r) {
+                for (int64_t i = 0; i < K; ++i) {
+                  const int64_t o = offsets[i];
+                  forward_span_with<false, kRelu, false, kCenter, false>(
+                      xp[i] + r * widths[i], (const T*)nullptr, y + r * C + o, widths[i],
+                      [&](Member m) { return PerColumn<A>((q.*m).data() + o); });
+                }
+              }
+            });
+      });
+    });
+  });
+  update_running_stats_cpu(running_mean, running_var, mean_d, var_d, momentum, N * S);
+  return {out, save_mean, save_invstd};
+}
+
+Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& weight,
+                           const c10::optional<Tensor>& bias, const Tensor& running_mean,
+                           const Tensor& running_var, double eps,
+                           const c10::optional<Tensor>& residual, bool relu) {
+  check_eval_args(input, weight, bias, running_mean, running_var, eps, residual);
+  const BNShape shape = bn_shape(input);
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  if (input.numel() == 0) return out;
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor res = defined(residual) ? residual->contiguous(shape.format) : Tensor();
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_eval (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    const int64_t C = shape.C;
+    const std::vector<double> rm = channel_values<double>(running_mean, C, 0.0);
+    const std::vector<double> rv = channel_values<double>(running_var, C, 1.0);
+    const std::vector<A> w = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b = channel_values<A>(bias, C, A(0));
+    const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
+    run_normalize<scalar_t>(p, x, res, out, q, relu);
+  });
+  return out;
+}
+
+// What the backward ops read, in the input's memory format: the input, grad_output and, for
+// the ReLU forms, the forward's output.
+struct GradTensors {
+  BNShape shape;
+  Tensor x, g, out;
+
+  GradTensors(const Tensor& grad_output, const Tensor& input,
+              const c10::optional<Tensor>& output, bool relu)
+      : shape(bn_shape(input)),
+        x(input.contiguous(shape.format)),
+        g(grad_output.contiguous(shape.format)),
+        out(relu ? output->contiguous(shape.format) : Tensor()) {}
+
+  // A tensor of the input's sizes in its memory format.
+  Tensor empty_like_input() const {
+    return at::empty(x.sizes(), x.options().memory_format(shape.format));
+  }
+  template <typename T>
+  const T* out_ptr() const {
+    return out.defined() ? out.const_data_ptr<T>() : nullptr;
+  }
+};
+
+// A batch norm's saved mean and invstd per channel, and invstd * weight: the factor of
+// grad_output in d(input).
+template <typename A>
+struct GradChannels {
+  std::vector<A> mean, invstd, scale;
+
+  GradChannels(const Tensor& mean_t, const Tensor& invstd_t,
+               const c10::optional<Tensor>& weight, int64_t C)
+      : mean(channel_values<A>(mean_t, C, A(0))),
+        invstd(channel_values<A>(invstd_t, C, A(1))),
+        scale(channel_values<A>(weight, C, A(1))) {
+    for (int64_t c = 0; c < C; ++c) scale[c] *= invstd[c];
+  }
+};
+
+// The coefficients of d(input) in training from the reduction's per-channel sums over `count`
+// values: mean(grad_output) = sum_g / count, and mean(grad_output * xhat) * invstd =
+// sum_gx * invstd^2 / count (sum_gx: the sum of grad_output * (x - mean)).
+template <typename A>
+std::vector<A> mean_dy(const std::vector<double>& sum_g, int64_t count) {
+  std::vector<A> k(sum_g.size());
+  for (size_t c = 0; c < k.size(); ++c) k[c] = A(sum_g[c] / double(count));
+  return k;
+}
+
+template <typename A>
+std::vector<A> mean_dy_xhat_invstd(const std::vector<double>& sum_gx, const std::vector<A>& invstd,
+                                   int64_t count) {
+  std::vector<A> k(sum_gx.size());
+  for (size_t c = 0; c < k.size(); ++c) {
+    const double inv = double(invstd[c]);
+    k[c] = A(sum_gx[c] * inv * inv / double(count));
+  }
+  return k;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd, bool training,
+    bool relu, bool residual_grad) {
+  check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor grad_input = in.empty_like_input();
+  Tensor grad_residual =
+      residual_grad ? in.empty_like_input() : at::empty({0}, input.options());
+  Tensor grad_weight = at::zeros({C}, stat_options);
+  Tensor grad_bias = at::zeros({C}, stat_options);
+  if (input.numel() == 0) return {grad_input, grad_weight, grad_bias, grad_residual};
+
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(in.shape);
+    const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
+    const GradChannels<A> k(mean, invstd, weight, C);
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* op = in.out_ptr<T>();
+    const T* xp = in.x.const_data_ptr<T>();
+    T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+    T* dxp = grad_input.mutable_data_ptr<T>();
+    std::vector<double> sum_g(C), sum_gx(C);
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+        FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+            grad_sums<kMask, kGradResidual, kGradInput, kStream>(
+                p, gp, op, xp, grp, dxp, k.mean.data(), k.scale.data(), sum_g.data(),
+                sum_gx.data());
+          });
+        });
+      });
+    });
+    A* gw = grad_weight.mutable_data_ptr<A>();
+    A* gb = grad_bias.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = A(sum_g[c]);
+      gw[c] = A(sum_gx[c] * double(k.invstd[c]));
+    }
+    if (!training) return;
+    const std::vector<A> k1 = mean_dy<A>(sum_g, p.count);
+    const std::vector<A> k2 = mean_dy_xhat_invstd<A>(sum_gx, k.invstd, p.count);
+    // With relu and residual_grad the masked gradient is already in grad_residual: read it
+    // instead of grad_output and output.
+    const bool masked_in_gr = relu && residual_grad;
+    FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
+      FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+        input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, k.mean.data(),
+                                      k.scale.data(), k1.data(), k2.data());
+      });
+    });
+  });
+  return {grad_input, grad_weight, grad_bias, grad_residual};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
+    const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
+    double momentum2, double eps2, bool relu) {
+  check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                  running_mean2, running_var2, training, eps, eps2);
+  const BNShape shape = bn_shape(input);
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor out = at::empty(input.sizes(), input.options().memory_format(shape.format));
+  Tensor mean1 = at::zeros({shape.C}, stat_options), invstd1 = at::zeros({shape.C}, stat_options);
+  Tensor mean2 = at::zeros({shape.C}, stat_options), invstd2 = at::zeros({shape.C}, stat_options);
+  if (training && input.numel() == 0) return {out, mean1, invstd1, mean2, invstd2};
+  const Tensor x = input.contiguous(shape.format);
+  const Tensor z = input2.contiguous(shape.format);
+  const int64_t C = shape.C;
+  std::vector<double> m1(C), v1(C), m2(C), v2(C);
+  if (!training) {
+    m1 = channel_values<double>(running_mean, C, 0.0);
+    v1 = channel_values<double>(running_var, C, 1.0);
+    m2 = channel_values<double>(running_mean2, C, 0.0);
+    v2 = channel_values<double>(running_var2, C, 1.0);
+  }
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(shape);  // of no items when the input is empty
+    if (training && input.numel() > 0) {
+      batch_stats<T>(p, x.const_data_ptr<T>(), m1.data(), v1.data());
+      batch_stats<T>(p, z.const_data_ptr<T>(), m2.data(), v2.data());
+    }
+    const std::vector<A> w1 = channel_values<A>(weight, C, A(1));
+    const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
+    const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
+    const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
+    ChannelAffine<A> q = channel_affine(m1, v1, eps, w1, b1, mean1.mutable_data_ptr<A>(),
+                                        invstd1.mutable_data_ptr<A>());
+    ChannelAffine<A> q2 = channel_affine(m2, v2, eps2, w2, b2, mean2.mutable_data_ptr<A>(),
+                                         invstd2.mutable_data_ptr<A>());
+    q.rmean = std::move(q2.mean);
+    q.rscale = std::move(q2.scale);
+    fold_means<A, 2>(q, {m1.data(), m2.data()}, {&q.scale, &q.rscale}, {&w1, &w2},
+                     {&b1, &b2});
+    if (input.numel() == 0) return;
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+          normalize<true, kRelu, kStream, kCenter, true>(
+              p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), q);
+        });
+      });
+    });
+  });
+  if (training) {
+    const int64_t count = shape.N * shape.S;
+    update_running_stats_cpu(running_mean, running_var, m1, v1, momentum, count);
+    update_running_stats_cpu(running_mean2, running_var2, m2, v2, momentum2, count);
+  }
+  return {out, mean1, invstd1, mean2, invstd2};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backward_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd,
+    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu) {
+  const char* op = "fastnn.batch_norm_dual_backward";
+  check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
+  check_same_shape(op, "input2", input, input2);
+  check_channel_tensor(op, "weight2", input, weight2);
+  check_stat_tensor(op, "mean2", input, mean2);
+  check_stat_tensor(op, "invstd2", input, invstd2);
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor grad_input = in.empty_like_input();
+  Tensor grad_input2 = in.empty_like_input();
+  Tensor grad_weight = at::zeros({C}, stat_options);
+  Tensor grad_bias = at::zeros({C}, stat_options);
+  Tensor grad_weight2 = at::zeros({C}, stat_options);
+  if (input.numel() == 0) {
+    return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
+  }
+  const Tensor z = input2.contiguous(in.shape.format);
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(in.shape);
+    const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
+    const GradChannels<A> k1(mean, invstd, weight, C), k2(mean2, invstd2, weight2, C);
+    const T* gp = in.g.const_data_ptr<T>();
+    const T* op = in.out_ptr<T>();
+    const T* xp = in.x.const_data_ptr<T>();
+    const T* zp = z.const_data_ptr<T>();
+    T* dxp = grad_input.mutable_data_ptr<T>();
+    T* dzp = grad_input2.mutable_data_ptr<T>();
+    std::vector<double> sum_g(C), sum_gx(C), sum_gz(C);
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
+        FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+          dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, k1.mean.data(),
+                                                     k2.mean.data(), k1.scale.data(),
+                                                     k2.scale.data(), sum_g.data(),
+                                                     sum_gx.data(), sum_gz.data());
+        });
+      });
+    });
+    A* gw = grad_weight.mutable_data_ptr<A>();
+    A* gb = grad_bias.mutable_data_ptr<A>();
+    A* gw2 = grad_weight2.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      gb[c] = A(sum_g[c]);
+      gw[c] = A(sum_gx[c] * double(k1.invstd[c]));
+      gw2[c] = A(sum_gz[c] * double(k2.invstd[c]));
+    }
+    if (!training) return;
+    const std::vector<A> g_mean = mean_dy<A>(sum_g, p.count);  // both see the same g
+    const std::vector<A> gx = mean_dy_xhat_invstd<A>(sum_gx, k1.invstd, p.count);
+    const std::vector<A> gz = mean_dy_xhat_invstd<A>(sum_gz, k2.invstd, p.count);
+    const std::vector<const A*> coef = {k1.mean.data(), k1.scale.data(), g_mean.data(), gx.data(),
+                                        k2.mean.data(), k2.scale.data(), g_mean.data(), gz.data()};
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(stream, kStream, [&] {
+        dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, coef);
+      });
+    });
+  });
+  // Both batch norms see the same output gradient: the same bias gradient.
+  return {grad_input, grad_weight, grad_bias, grad_input2, grad_weight2, grad_bias.clone()};
+}
+
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_input("fastnn.batch_norm_stats", input);
+  const BNShape shape = bn_shape(input);
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor mean = at::zeros({shape.C}, stat_options);
+  Tensor var = at::zeros({shape.C}, stat_options);
+  if (input.numel() == 0) return {mean, var};
+  const Tensor x = input.contiguous(shape.format);
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_stats (CPU)", [&] {
+    using A = acc_t<scalar_t>;
+    const Plan p = make_plan<scalar_t>(shape);
+    std::vector<double> m(shape.C), v(shape.C);
+    batch_stats<scalar_t>(p, x.const_data_ptr<scalar_t>(), m.data(), v.data());
+    A* mp = mean.mutable_data_ptr<A>();
+    A* vp = var.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < shape.C; ++c) {
+      mp[c] = A(m[c]);
+      vp[c] = A(v[c]);
+    }
+  });
+  return {mean, var};
+}
+
+std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& output,
+    const Tensor& mean, const Tensor& invstd, bool relu, bool residual_grad) {
+  check_grad_args("fastnn.batch_norm_backward_reduce", grad_output, input, c10::nullopt, output,
+                  mean, invstd, relu);
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
+  const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
+  Tensor sum_dy = at::zeros({C}, stat_options);
+  Tensor sum_dy_xhat = at::zeros({C}, stat_options);
+  Tensor grad_residual =
+      residual_grad ? in.empty_like_input() : at::empty({0}, input.options());
+  if (input.numel() == 0) return {sum_dy, sum_dy_xhat, grad_residual};
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(in.shape);
+    // Only the sums: the factor of d(input) (here invstd, no weight given) goes unused.
+    const GradChannels<A> k(mean, invstd, c10::nullopt, C);
+    std::vector<double> sum_g(C), sum_gx(C);
+    T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
+        FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
+          grad_sums<kMask, kGradResidual, false, kStream, T>(
+              p, in.g.const_data_ptr<T>(), in.out_ptr<T>(), in.x.const_data_ptr<T>(), grp,
+              nullptr, k.mean.data(), k.scale.data(), sum_g.data(), sum_gx.data());
+        });
+      });
+    });
+    A* sd = sum_dy.mutable_data_ptr<A>();
+    A* sdx = sum_dy_xhat.mutable_data_ptr<A>();
+    for (int64_t c = 0; c < C; ++c) {
+      sd[c] = A(sum_g[c]);
+      sdx[c] = A(sum_gx[c] * double(k.invstd[c]));
+    }
+  });
+  return {sum_dy, sum_dy_xhat, grad_residual};
+}
+
+Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& input,
+                                     const c10::optional<Tensor>& weight,
+                                     const c10::optional<Tensor>& output, const Tensor& mean,
+                                     const Tensor& invstd, const Tensor& mean_dy,
+                                     const Tensor& mean_dy_xhat, bool relu) {
+  const char* op = "fastnn.batch_norm_backward_elemt";
+  check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
+  check_stat_tensor(op, "mean_dy", input, mean_dy);
+  check_stat_tensor(op, "mean_dy_xhat", input, mean_dy_xhat);
+  const GradTensors in(grad_output, input, output, relu);
+  const int64_t C = in.shape.C;
+  Tensor grad_input = in.empty_like_input();
+  if (input.numel() == 0) return grad_input;
+  FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)", [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    const Plan p = make_plan<T>(in.shape);
+    const GradChannels<A> k(mean, invstd, weight, C);
+    const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
+    std::vector<A> k2 = channel_values<A>(mean_dy_xhat, C, A(0));
+    // (x - mean) * invstd * mean_dy_xhat = (x - mean) * k2
+    for (int64_t c = 0; c < C; ++c) k2[c] *= k.invstd[c];
+    FASTNN_BOOL_SWITCH(relu, kMask, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
+        input_grad<kMask, kStream, T>(p, in.g.const_data_ptr<T>(), in.out_ptr<T>(),
+                                      in.x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
+                                      k.mean.data(), k.scale.data(), k1.data(), k2.data());
+      });
+    });
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+// This build's entry points, for batch_norm_cpu.cpp (fastnn._C) or fastnn._C_avx512's module.
+template <>
+const KernelTable* kernels<at::ScalarType::FASTNN_CPU_DTYPE>() {
+  static const KernelTable table{
+      &batch_norm_train_cpu,          &batch_norm_eval_cpu,
+      &batch_norm_backward_cpu,       &batch_norm_stats_cpu,
+      &batch_norm_dual_cpu,           &batch_norm_dual_backward_cpu,
+      &batch_norm_train_with_stats_cpu, &batch_norm_backward_reduce_cpu,
+      &batch_norm_backward_elemt_cpu, &batch_norm_cat_with_stats_cpu};
+  return &table;
+}
+
+}  // namespace cpu
+}  // namespace fastnn
