@@ -31,7 +31,7 @@ OUT=${OUT:-./gpu-out}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 SUMMARY="$OUT/summary.txt"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 export MAX_JOBS=${MAX_JOBS:-$(nproc 2>/dev/null || echo 4)}
 export PYTHONUNBUFFERED=1
 # fastnn importable from the checkout even when it was built in place rather than installed.
@@ -80,7 +80,7 @@ run_step() {
   [ "$left" -lt "$limit" ] && limit=$left
   echo "==> [$name] $*" | tee -a "$log"
   set +e
-  timeout --kill-after=20 "$limit" "$@" 2>&1 | tee -a "$log"
+  timeout --signal="${STEP_SIGNAL:-TERM}" --kill-after=30 "$limit" "$@" 2>&1 | tee -a "$log"
   rc=${PIPESTATUS[0]}
   set -e
   end=$(date +%s)
@@ -647,12 +647,14 @@ step_smoke() {
 }
 
 step_test() {
-  local args=(tests -q -rs --junitxml="$OUT/pytest.xml")
+  local args=(tests -q -rfEs --junitxml="$OUT/pytest.xml")
   [ -n "$TEST_MARK" ] && args+=(-m "$TEST_MARK")
   # pytest-xdist, where installed, spreads the cases over the machine's cores.
   "$PY" -c "import xdist" > /dev/null 2>&1 && args+=(-n "$(( $(nproc) < 8 ? $(nproc) : 8 ))")
+  # At the time limit pytest gets SIGINT, which it takes as a keyboard interrupt: it stops and
+  # still reports the failures so far and writes the junit file.
   # shellcheck disable=SC2086
-  run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest "${args[@]}" $PYTEST_ARGS
+  STEP_SIGNAL=INT run_step pytest "$TEST_TIMEOUT" "$OUT/pytest.log" "$PY" -m pytest "${args[@]}" $PYTEST_ARGS
   note pytest_result "$(grep -E '^=* ?[0-9]+ (passed|failed|error|skipped|deselected)|no tests ran' "$OUT/pytest.log" | tail -1 || echo 'no result line')"
 }
 
