@@ -7,15 +7,7 @@
 namespace fastnn {
 
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
-  if (input.dim() == 4 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
-    return at::MemoryFormat::ChannelsLast;
-  }
-  if (input.dim() == 5 && !input.is_contiguous() &&
-      input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
-    return at::MemoryFormat::ChannelsLast3d;
-  }
-  return at::MemoryFormat::Contiguous;
+  return input.suggest_memory_format();
 }
 
 BNShape bn_shape(const at::Tensor& input) {

@@ -18,8 +18,10 @@ struct BNShape {
   int64_t reduce_size() const { return N * S; }
 };
 
-// The memory format outputs take for `input` (fake kernels in fastnn/ops.py use the same rule):
-// channels_last (3d) when the input is contiguous in it and not plainly contiguous, else contiguous.
+// The memory format outputs take for `input`, torch's batch norm's rule (fake kernels in
+// fastnn/ops.py use the same): input.suggest_memory_format(), channels_last (3d) when the strides
+// are ordered like it. Tensors contiguous in both formats (sizes of 1) follow their strides, as
+// torch's outputs do, so that ops downstream (convolutions) see the same layout.
 at::MemoryFormat output_memory_format(const at::Tensor& input);
 
 BNShape bn_shape(const at::Tensor& input);

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch import _prims_common
 
 from fastnn import _ext, reference
 
@@ -144,13 +145,10 @@ def batch_norm_backward_elemt(grad_output: Tensor, input: Tensor, weight: Option
 # Fake kernels: shapes, dtypes and strides only (the same layout rule as csrc/batch_norm_common).
 
 def output_memory_format(input: Tensor) -> torch.memory_format:
-    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
-            memory_format=torch.channels_last):
-        return torch.channels_last
-    if input.dim() == 5 and not input.is_contiguous() and input.is_contiguous(
-            memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
+    """The memory format of the ops' outputs for `input`: torch's batch norm's rule,
+    ``Tensor.suggest_memory_format()`` (channels_last when the strides are ordered like it, also
+    for a tensor contiguous in both formats, such as (N, C, 1, 1) with channels_last strides)."""
+    return _prims_common.suggest_memory_format(input)
 
 
 def _empty_like_input(input: Tensor) -> Tensor:

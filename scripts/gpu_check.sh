@@ -19,7 +19,9 @@
 #
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
 # BENCH_ARGS (default "--quick"; empty runs the full set), PYTEST_ARGS (extra pytest arguments),
-# TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), MAX_JOBS (build
+# TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_KERNELS
+# (the kernels the sanitizers instrument, by name substring; default "bn_", fastnn's; empty: all,
+# PyTorch's too, many times slower), MAX_JOBS (build
 # parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
 # (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
 # PROFILE_TIMEOUT).
@@ -50,6 +52,7 @@ BENCH_ARGS=${BENCH_ARGS---quick}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 TEST_MARK=${TEST_MARK-cuda}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
+SANITIZE_KERNELS=${SANITIZE_KERNELS-bn_}
 
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
@@ -201,6 +204,7 @@ def params(C, dtype, kind):
 def check_case(shape, fmt, dtype, relu, res, affine, pkind, misalign=False):
     name = f"{tuple(shape)} {layout_of(make(shape, fmt, torch.float32))} {dtype} relu={relu} " \
            f"res={res} affine={affine} params={pkind}{' misaligned' if misalign else ''}"
+    print("case", name, flush=True)  # progress, for a run stopped at its time limit
     x = make(shape, fmt, dtype, misalign)
     C = shape[1]
     w, b, rm, rv = params(C, dtype, pkind)
@@ -665,12 +669,23 @@ step_sanitize() {
   fi
   write_op_check
   local tool
+  # Only fastnn's kernels are instrumented (PyTorch's run as they are): where this
+  # compute-sanitizer takes the filter, which a run of `true` under it tells.
+  local filter=()
+  if [ -n "$SANITIZE_KERNELS" ]; then
+    if compute-sanitizer --kernel-name "kns=$SANITIZE_KERNELS" true > /dev/null 2>&1; then
+      filter=(--kernel-name "kns=$SANITIZE_KERNELS")
+    else
+      note sanitize "--kernel-name not taken: every kernel instrumented"
+    fi
+  fi
   for tool in $SANITIZE_TOOLS; do
     local extra=()
     [ "$tool" = memcheck ] && extra=(--leak-check no)
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
     run_step "sanitize_$tool" "$SANITIZE_TIMEOUT" "$OUT/sanitize_$tool.log" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" ${extra[@]+"${extra[@]}"} \
+      ${filter[@]+"${filter[@]}"} \
       --error-exitcode 99 --print-limit 50 "$PY" "$OUT/cuda_op_check.py" --small
     note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1 || echo '?')"
   done

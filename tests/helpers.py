@@ -204,13 +204,24 @@ def run_bn(impl, x, weight, bias, running_mean, running_var, training, momentum,
         out = fastnn.functional.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps,
                                            residual=rl, relu=relu)
     elif impl == "torch":
+        if xin.is_cuda and (wl is None or bl is None):
+            # torch 2.11's CUDA batch norm backward fails ("tensor does not have a device") when
+            # weight or bias is None; a weight of ones and a bias of zeros that take no gradient
+            # are the same function.
+            C = xin.shape[1]
+            like = next((t for t in (wl, bl, rm) if t is not None), None)
+            pdt = like.dtype if like is not None else reference.accumulate_dtype(xin.dtype)
+            w_ = wl if wl is not None else torch.ones(C, dtype=pdt, device=xin.device)
+            b_ = bl if bl is not None else torch.zeros(C, dtype=pdt, device=xin.device)
+        else:
+            w_, b_ = wl, bl
         if eps == 0.0 and not training:
             # torch 2.14 accepts eps=0 in eval, as fastnn does; older releases (2.11) reject it in
             # F.batch_norm's Python check, while their kernel, called directly, computes it.
-            out = torch.batch_norm(xin, wl, bl, rm, rv, False, momentum, eps,
+            out = torch.batch_norm(xin, w_, b_, rm, rv, False, momentum, eps,
                                    torch.backends.cudnn.enabled)
         else:
-            out = F.batch_norm(xin, rm, rv, wl, bl, training, momentum, eps)
+            out = F.batch_norm(xin, rm, rv, w_, b_, training, momentum, eps)
         if rl is not None:
             out = out + rl
         if relu:
@@ -243,6 +254,16 @@ def check_results(got, expected, dtype, what=""):
         assert_close(got[key], expected[key], dtype, grad=True, msg=f"{what} {key}")
 
 
+def torch_reduced_precision_is_exact(device):
+    """Whether PyTorch's own float16/bfloat16 batch norm is an oracle to the reduced-precision
+    tolerances here. On the CPU it is (float32 sums of the inputs). On CUDA (torch 2.11, H200) its
+    bfloat16 backward is not: for a constant grad_output its grad_weight came out 0.03 to 0.08
+    where the exact value is 0 (fastnn: 1e-6), and grad_bias/grad_weight sums differed from the
+    float32 value by up to 0.23 on layer shapes; there PyTorch in float32 on float32 copies is
+    the oracle."""
+    return torch.device(device).type != "cuda"
+
+
 def check_against_oracles(x, weight, bias, running_mean, running_var, training, momentum, eps,
                           residual=None, relu=False, transform=None):
     """fastnn.functional.batch_norm against PyTorch and against fastnn.reference: output, running
@@ -256,8 +277,11 @@ def check_against_oracles(x, weight, bias, running_mean, running_var, training, 
     got = run_bn("fastnn", *args, **kw)
     # In float16/bfloat16 PyTorch rounds between its batch norm and the residual add, and values
     # within that rounding of zero can fall on the other side of the ReLU; fastnn computes in
-    # float32 and rounds once. So PyTorch's side then runs in float32 on float32 copies.
-    upcast = dtype in REDUCED and (residual is not None or relu)
+    # float32 and rounds once. So PyTorch's side then runs in float32 on float32 copies; on CUDA
+    # always, where PyTorch's reduced-precision backward is further off than these tolerances
+    # (see torch_reduced_precision_is_exact).
+    upcast = dtype in REDUCED and (residual is not None or relu
+                                   or not torch_reduced_precision_is_exact(x.device))
     check_results(got, run_bn("torch", *args, upcast=upcast, **kw), dtype, "vs torch:")
     check_results(got, run_bn("reference", *args, **kw), dtype, "vs reference:")
 

@@ -301,7 +301,8 @@ def test_residual_mismatch(backend, device, training):
         expected = torch.relu(ref(x) + r)
         got = mc(x, r)
         assert got.dtype == expected.dtype
-        torch.testing.assert_close(got, expected)
+        # The batch norm runs in float32 whatever the residual's dtype: float32's tolerance.
+        torch.testing.assert_close(got, expected, rtol=1.3e-6, atol=1e-5)
         torch.testing.assert_close(mc.running_mean, ref.running_mean)
         torch.testing.assert_close(mc.running_var, ref.running_var)
     bad = {

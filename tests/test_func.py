@@ -198,7 +198,10 @@ def test_models_under_func(backend, device, arch):
     _bn_buffers_random(tv)
     fm = getattr(fastnn.models, arch)(num_classes=10).to(device, D)
     fm.load_state_dict(tv.state_dict())
-    x = torch.randn(2, 3, 32, 32, dtype=D, device=device)
+    # 64x64: the last stage's batch statistics are over 2 samples of 2x2 values. At 32x32 they
+    # would be over 2 single values, whose normalized output is +-1 whatever the input: DenseNet's
+    # final batch norm then passes no gradient but rounding, which no two implementations share.
+    x = torch.randn(2, 3, 64, 64, dtype=D, device=device)
     tx = torch.randn_like(x)
     fm.eval()
     tv.eval()
@@ -211,7 +214,7 @@ def test_models_under_func(backend, device, arch):
 
     def grads(model):
         return grad(lambda p: functional_call(model, p, (x,)).sum())(params)
-    # Batch statistics over two samples are ill-conditioned deep in the network: the bound is
+    # Batch statistics over few values are ill-conditioned deep in the network: the bound is
     # relative to each gradient's size.
     got, want = grads(fm), grads(tv)
     for k in want:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fastnn
 from helpers import (DTYPE_CASES, LAYOUTS, REDUCED, assert_close, is_channels_last, make_input,
-                     param_dtype)
+                     param_dtype, torch_reduced_precision_is_exact)
 
 # name: (fastnn class, torch class, layout, fused form)
 MODULE_CASES = {
@@ -24,11 +24,13 @@ MODULE_CASES = {
 }
 
 
-def _upcast(dtype, fused):
+def _upcast(dtype, fused, device):
     """Whether PyTorch's side runs in float32 on float32 copies. In float16/bfloat16, PyTorch
     rounds between its batch norm and the residual add, and values within that rounding of zero
-    can land on the other side of the ReLU; fastnn computes in float32 and rounds once."""
-    return dtype in REDUCED and fused is not None
+    can land on the other side of the ReLU; fastnn computes in float32 and rounds once. On CUDA
+    always (helpers.torch_reduced_precision_is_exact)."""
+    return dtype in REDUCED and (fused is not None
+                                 or not torch_reduced_precision_is_exact(device))
 
 
 def _randomize(module):
@@ -124,7 +126,7 @@ def test_module_matches_torch(backend, device, dtype, half_params, case):
     fast_cls, torch_cls, layout, fused = MODULE_CASES[case]
     shape, fmt = LAYOUTS[layout]
     pdt = param_dtype(dtype, half_params)
-    upcast = _upcast(dtype, fused)
+    upcast = _upcast(dtype, fused, device)
     fast, ref = _pair(fast_cls, torch_cls, shape[1], device, pdt,
                       torch.float32 if upcast else pdt)
     assert isinstance(fast, torch_cls)
@@ -139,7 +141,7 @@ def test_layer_shapes(backend, device, dtype, shape, fmt):
     """ResNet-50 / DenseNet-121 / GoogLeNet-like layer shapes, BN and BN+add+ReLU."""
     for fast_cls, fused in ((fastnn.nn.BatchNorm2d, None),
                             (fastnn.nn.BatchNormAddReLU2d, "add_relu")):
-        upcast = _upcast(dtype, fused)
+        upcast = _upcast(dtype, fused, device)
         fast, ref = _pair(fast_cls, torch.nn.BatchNorm2d, shape[1], device,
                           param_dtype(dtype), torch.float32)
         _run_steps(fast, ref, shape, fmt, fused, dtype, device, (True, False), upcast)
@@ -184,7 +186,7 @@ def test_no_running_stats(backend, device, dtype, case):
 def test_affine_false(backend, device, dtype, half_params, track, case):
     fast_cls, torch_cls, layout, fused = MODULE_CASES[case]
     shape, fmt = LAYOUTS[layout]
-    upcast = _upcast(dtype, fused)
+    upcast = _upcast(dtype, fused, device)
     fast, ref = _pair(fast_cls, torch_cls, shape[1], device, param_dtype(dtype, half_params),
                       torch.float32 if upcast else None, affine=False, track_running_stats=track)
     assert fast.weight is None and fast.bias is None

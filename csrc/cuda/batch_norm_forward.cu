@@ -164,8 +164,18 @@ void eval_launch(const KernelLayout& layout, const scalar_t* x, const scalar_t* 
 // (ceil(numel / (16 / element size)) bytes), written by the normalize kernel (or from the output
 // when the normalize ran V = 1 wide); empty when not asked for. Its bytes are read only by a
 // backward that runs 16-byte vectors, on the vectors the normalize's plan gives at that width.
+// The kernels write the byte of every vector; where the output is not all vectors (planes whose
+// size is not a multiple of the width have a scalar head and tail; rows whose channel count is
+// not run element by element) the mask starts zeroed: no backward reads those bytes, but the
+// op's output is then fully defined, the same on every call.
 inline at::Tensor relu_mask_tensor(const at::Tensor& input, bool wanted) {
-  return at::empty({wanted ? relu_mask_numel(input) : 0}, input.options().dtype(at::kByte));
+  const at::TensorOptions options = input.options().dtype(at::kByte);
+  if (!wanted) return at::empty({0}, options);
+  const int64_t V = 16 / input.element_size();
+  const KernelLayout l = kernel_layout(bn_shape(input));
+  const bool all_vectors = l.rows ? l.C % V == 0 : l.S % V == 0;
+  const int64_t n = relu_mask_numel(input);
+  return all_vectors ? at::empty({n}, options) : at::zeros({n}, options);
 }
 
 // The mask of an output the normalize wrote V = 1 wide, at the width the backward reads it;
