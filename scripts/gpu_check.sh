@@ -17,11 +17,17 @@
 # TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes; not in
 # the default set).
 #
+# Times on an H200 (2026-11-30, fastnn._C prebuilt): env and build 10 s, smoke 12 s, targets 9 s,
+# test 65 s (16 cores, 8 xdist workers), memcheck 17 s and racecheck about 40 s (fastnn's
+# kernels instrumented), bench --quick 54 s at --time-limit 40; initcheck instruments PyTorch's
+# kernels too and had not reached the op check's first case after 70 s.
+#
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
+# GPU_CHECK_BUNDLE (a .tgz path: all of OUT in one archive, kept current during the run),
 # BENCH_ARGS (default "--quick"; empty runs the full set), PYTEST_ARGS (extra pytest arguments),
 # TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_KERNELS
-# (the kernels the sanitizers instrument, by name substring; default "bn_", fastnn's; empty: all,
-# PyTorch's too, many times slower), MAX_JOBS (build
+# (the kernels memcheck and racecheck instrument, by name substring; default "bn_", fastnn's;
+# empty: all, PyTorch's too, many times slower; initcheck always instruments all), MAX_JOBS (build
 # parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
 # (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
 # PROFILE_TIMEOUT).
@@ -669,11 +675,16 @@ step_sanitize() {
   fi
   write_op_check
   local tool
-  # Only fastnn's kernels are instrumented (PyTorch's run as they are): where this
-  # compute-sanitizer takes the filter, which a run of `true` under it tells.
+  # memcheck and racecheck instrument fastnn's kernels only (PyTorch's run as they are; with
+  # all of them instrumented the op check does not get past PyTorch's start in minutes), where
+  # this compute-sanitizer takes the filter: a small CUDA program under it tells. initcheck
+  # instruments every kernel: it knows memory as written only through the kernels it
+  # instruments, so with PyTorch's left out their outputs, fastnn's inputs, read as
+  # uninitialized.
   local filter=()
   if [ -n "$SANITIZE_KERNELS" ]; then
-    if compute-sanitizer --kernel-name "kns=$SANITIZE_KERNELS" true > /dev/null 2>&1; then
+    if compute-sanitizer --kernel-name "kns=$SANITIZE_KERNELS" --error-exitcode 99 \
+        "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" > /dev/null 2>&1; then
       filter=(--kernel-name "kns=$SANITIZE_KERNELS")
     else
       note sanitize "--kernel-name not taken: every kernel instrumented"
@@ -682,10 +693,10 @@ step_sanitize() {
   for tool in $SANITIZE_TOOLS; do
     local extra=()
     [ "$tool" = memcheck ] && extra=(--leak-check no)
+    [ "$tool" != initcheck ] && extra+=(${filter[@]+"${filter[@]}"})
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
     run_step "sanitize_$tool" "$SANITIZE_TIMEOUT" "$OUT/sanitize_$tool.log" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" ${extra[@]+"${extra[@]}"} \
-      ${filter[@]+"${filter[@]}"} \
       --error-exitcode 99 --print-limit 50 "$PY" "$OUT/cuda_op_check.py" --small
     note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1 || echo '?')"
   done
@@ -751,6 +762,19 @@ PYEOF
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
     --csv --page details "$PY" "$OUT/profile_ops.py"
 }
+
+# GPU_CHECK_BUNDLE=FILE.tgz: all of $OUT in one archive (a device machine returns few files),
+# refreshed every 15 s so that a run stopped from outside still leaves most of its logs.
+BUNDLE=${GPU_CHECK_BUNDLE:-}
+bundle() {
+  tar czf "$BUNDLE.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2> /dev/null &&
+    mv -f "$BUNDLE.part" "$BUNDLE"
+}
+if [ -n "$BUNDLE" ]; then
+  (while sleep 15; do bundle; done) &
+  BUNDLER=$!
+  trap 'kill "$BUNDLER" 2> /dev/null; bundle' EXIT
+fi
 
 for step in "${STEPS[@]}"; do
   case "$step" in

@@ -215,7 +215,11 @@ def test_reduce_overhead_training_step(no_tf32):
     compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
     optims = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (eager, model)]
     for step in range(5):
-        x = torch.randn(8, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+        # 64x64: the last stage's batch statistics are over 8 samples of 2x2 maps. Over 8 samples
+        # of 1x1 (32x32 input) they amplify rounding several hundred times (see
+        # test_models.test_channels_last_float32); there conv1.weight after five steps differed
+        # from eager's beyond these tolerances on an H200.
+        x = torch.randn(8, 3, 64, 64, device="cuda").contiguous(memory_format=torch.channels_last)
         target = torch.randint(0, 4, (8,), device="cuda")
         losses = []
         for net, opt in zip((eager, compiled), optims):

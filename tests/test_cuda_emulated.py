@@ -218,6 +218,31 @@ def _mask_numel(x):
     return (x.numel() + vec - 1) // vec
 
 
+def _expected_mask(out, x):
+    """The ReLU mask the masked forwards specify for output `out` of input `x`: the byte of each
+    16-byte vector of the output (in memory order) that the kernels read as a vector, bit i set
+    where element i passes the gradient (> 0 or NaN), and 0 in every other byte: spans that
+    cross a plane's edge (a plane's scalar head and tail, NCHW) and all of them for rows whose
+    channel count is not a multiple of the vector width."""
+    vec = 16 // out.element_size()
+    n = out.numel()
+    flat = torch.as_strided(out, (n,), (1,), out.storage_offset())  # memory order: dense
+    passes = ~(flat <= 0)
+    full = n // vec * vec
+    bits = passes[:full].view(-1, vec).to(torch.uint8) << torch.arange(vec, dtype=torch.uint8)
+    want = torch.zeros(_mask_numel(out), dtype=torch.uint8)
+    want[:full // vec] = bits.sum(1, dtype=torch.uint8)
+    C = x.shape[1]
+    spatial = n // max(1, x.shape[0] * C)
+    rows = C > 1 and (spatial == 1 or not x.is_contiguous())
+    if rows:
+        return want if C % vec == 0 else torch.zeros_like(want)
+    plane = n if C == 1 else spatial  # C == 1: the kernels walk the tensor as one plane
+    start = torch.arange(_mask_numel(out)) * vec
+    inside = (start // plane == (start + vec - 1) // plane) & (start + vec <= n)
+    return torch.where(inside, want, torch.zeros_like(want))
+
+
 def _check_backward_with_mask(backward, args, mask, x, dtype, cpu_op, what):
     """The backward given the forward's ReLU mask: what it gives reading the output and the CPU
     kernels' result (to rounding: its kernels are other instantiations, whose occupancy may
@@ -253,6 +278,7 @@ def test_train_relu_mask(emu, shape, dt, res):
     for i, (g, e) in enumerate(zip((out, mean, invstd, rm_e, rv_e), (*want, rm, rv))):
         assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"output {i}")
     assert mask.dtype == torch.uint8 and mask.shape == (_mask_numel(x),)
+    assert torch.equal(mask, _expected_mask(out, x)), "the ReLU mask's bytes"
     g = _input(shape, dtype, shift=0.0)
     for residual_grad in (False, True):
         _check_backward_with_mask(emu.batch_norm_backward,
@@ -297,6 +323,7 @@ def test_train_relu_mask_misaligned_residual(emu, shape, dt):
     out, mean, invstd, mask = emu.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, r, True)
     want = torch.ops.fastnn.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, r, True)
     assert_close(out, want[0], dtype, msg="output")
+    assert torch.equal(mask, _expected_mask(out, x)), "the ReLU mask's bytes"
     g = _input(shape, dtype, shift=0.0)
     _check_backward_with_mask(emu.batch_norm_backward,
                               [g, x, w, out, mean, invstd, True, True, True], mask, x, dtype,
@@ -317,6 +344,7 @@ def test_dual_relu_mask(emu, shape, dt):
     for i, (g, e) in enumerate(zip((out, m1, i1, m2, i2), want)):
         assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"output {i}")
     assert mask.dtype == torch.uint8 and mask.shape == (_mask_numel(x),)
+    assert torch.equal(mask, _expected_mask(out, x)), "the ReLU mask's bytes"
     g = _input(shape, dtype, shift=0.0)
     _check_backward_with_mask(emu.batch_norm_dual_backward,
                               [g, x, w, z, w2, out, m1, i1, m2, i2, True, True], mask, x, dtype,

@@ -80,8 +80,8 @@ def run(model, x, train, seed=1):
     torch.manual_seed(seed)  # the same dropout masks in both models
     outs = outputs_of(model(x))
     g = torch.Generator().manual_seed(seed)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum()
-               for o in outs)
+    # Drawn in float32 whatever the model's dtype: the same projection for a float64 copy.
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o.device, o.dtype)).sum() for o in outs)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return [o.detach() for o in outs], x.grad, grads
@@ -322,23 +322,38 @@ def _aux_in_current_order(forward, x):
 @pytest.mark.parametrize("device", DEVICES)
 def test_channels_last_float32(device, no_tf32):
     """The layout fast GPU training uses: channels_last float32 stays channels_last through the
-    fused modules and gives torchvision's numbers to float32 rounding."""
+    fused modules and gives torchvision's numbers to float32 rounding: against the same model in
+    float64, fastnn's outputs and gradients are off by at most twice what torchvision's are in
+    float32 (plus 1e-6 of their size). A fixed tolerance against torchvision in float32 would
+    measure the device's convolutions instead: in training, the last stage's batch statistics
+    (4 samples of 1x1 maps) amplify rounding several hundred times (torchvision's float32 input
+    gradient is 7e-5 off its float64 one on a CPU)."""
     torch.manual_seed(0)
     ref = randomize_batch_norms(tv.resnet18(num_classes=10)).to(
         device, memory_format=torch.channels_last)
+    exact = copy.deepcopy(ref).double()
     model = models.resnet18(num_classes=10).to(device, memory_format=torch.channels_last)
     model.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(4, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     layouts = []
     model.layer1.register_forward_hook(
         lambda m, i, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+
+    def check(what, got, ref32, ref64):
+        err = (got.double() - ref64).abs().max().item()
+        err_tv = (ref32.double() - ref64).abs().max().item()
+        scale = ref64.abs().max().item()
+        assert err <= 2 * err_tv + 1e-6 * scale, \
+            f"{what}: fastnn {err:.3g} off float64, torchvision {err_tv:.3g} (scale {scale:.3g})"
+
     for train in (True, False):
         ref_outs, ref_dx, ref_grads = run(ref, x, train)
         outs, dx, grads = run(model, x, train)
-        assert_close_to(outs[0], ref_outs[0], "output", rel=1e-4)
-        assert_close_to(dx, ref_dx, "input gradient", rel=1e-4)
+        ex_outs, ex_dx, ex_grads = run(exact, x.double(), train)
+        check(f"output (train={train})", outs[0], ref_outs[0], ex_outs[0])
+        check(f"input gradient (train={train})", dx, ref_dx, ex_dx)
         for name in ("conv1.weight", "layer1.0.bn2.weight", "layer4.1.bn2.bias"):
-            assert_close_to(grads[name], ref_grads[name], name, rel=1e-4)
+            check(f"{name} (train={train})", grads[name], ref_grads[name], ex_grads[name])
     assert layouts == [True, True]
 
 
