@@ -258,9 +258,9 @@ def torch_reduced_precision_is_exact(device):
     """Whether PyTorch's own float16/bfloat16 batch norm is an oracle to the reduced-precision
     tolerances here. On the CPU it is (float32 sums of the inputs). On CUDA (torch 2.11, H200) its
     bfloat16 backward is not: for a constant grad_output its grad_weight came out 0.03 to 0.08
-    where the exact value is 0 (fastnn: 1e-6), and grad_bias/grad_weight sums differed from the
-    float32 value by up to 0.23 on layer shapes; there PyTorch in float32 on float32 copies is
-    the oracle."""
+    where the exact value is 0 (fastnn: 1e-6), and its grad_bias/grad_weight sums differed from
+    fastnn's and fastnn.reference's (float32 sums, which agree) by up to 0.23 on layer shapes;
+    there PyTorch in float32 on float32 copies is the oracle."""
     return torch.device(device).type != "cuda"
 
 

@@ -550,7 +550,7 @@ def test_strided_parameters_and_running_stats(backend, device, training):
     assert not w.is_contiguous()
     # PyTorch's oracle on the CPU: its CUDA batch norm (torch 2.11) left strided running
     # statistics as they were in training.
-    expected = storage.cpu()
+    expected = storage.to("cpu", copy=True)
     exp = F.batch_norm(x.cpu(), expected[2, ::2], expected[3, 1::2], expected[0, ::2],
                        expected[1, 1::2], training, 0.3, 1e-5)
     out = fastnn.functional.batch_norm(x, rm, rv, w, b, training, 0.3, 1e-5)
@@ -582,7 +582,7 @@ def test_nan_and_inf_propagate(backend, device, training, value, at):
     x[pos] = float(value)
     w, b, rm, rv = make_params(3, torch.float32, device)
     rm1, rv1 = rm.clone(), rv.clone()
-    rm2, rv2 = rm.cpu(), rv.cpu()
+    rm2, rv2 = rm.to("cpu", copy=True), rv.to("cpu", copy=True)
     out = fastnn.functional.batch_norm(x, rm1, rv1, w, b, training, 0.1, 1e-5)
     exp = F.batch_norm(x.cpu(), rm2, rv2, w.cpu(), b.cpu(), training, 0.1, 1e-5)
     close = functools.partial(torch.testing.assert_close, equal_nan=True, check_device=False,
