@@ -611,7 +611,11 @@ __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c
 
 // rows layout. for_each_row_to also gives f the output's offset and step when the output has
 // out_C channels per row and the thread's first input channel is the output's out_col. U rows per
-// step (kUnroll unless the kernel says otherwise).
+// step (kUnroll unless the kernel says otherwise); the rows a thread has left after its whole
+// steps (fewer than U) are one more step, as in the planes layout, so that their loads are in
+// flight together: at 64 channels a thread walks only tens of rows, and 7 left over one after
+// the other (a step of 8 16-bit rows) were 4 memory latencies back to back (nvcc unrolled that
+// loop by 2), where the whole steps before them took 6.
 template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, int64_t out_C,
                                                 int64_t out_col, F&& f) {
@@ -623,26 +627,24 @@ __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, in
   const int64_t step = stride * g.C;
   const int64_t ystep = stride * out_C;
   using Unroll = std::integral_constant<int, U>;
-  using One = std::integral_constant<int, 1>;
-  int64_t k = 0;
+  const int rest = static_cast<int>(count % U);
   if (!REVERSE) {
     int64_t off = first * g.C + col;
     int64_t yoff = first * out_C + out_col;
-    for (; k + U <= count; k += U, off += U * step, yoff += U * ystep) {
+    for (int64_t k = rest; k < count; k += U, off += U * step, yoff += U * ystep) {
       f(Unroll(), off, step, yoff, ystep);
     }
-    for (; k < count; ++k, off += step, yoff += ystep) f(One(), off, step, yoff, ystep);
+    with_steps<U - 1>(rest, [&](auto r) { f(r, off, step, yoff, ystep); });
   } else {
-    // Last row first; a group of U rows is visited from its lowest row, the groups from the top.
-    int64_t remaining = count;
-    for (; remaining >= U; remaining -= U) {
+    // Last row first; a group of U rows is visited from its lowest row, the groups from the top,
+    // and the rest (the lowest rows) last.
+    for (int64_t remaining = count; remaining > rest; remaining -= U) {
       const int64_t r = first + (remaining - U) * stride;
       f(Unroll(), r * g.C + col, step, r * out_C + out_col, ystep);
     }
-    for (; remaining > 0; --remaining) {
-      const int64_t r = first + (remaining - 1) * stride;
-      f(One(), r * g.C + col, step, r * out_C + out_col, ystep);
-    }
+    with_steps<U - 1>(rest, [&](auto r) {
+      f(r, first * g.C + col, step, first * out_C + out_col, ystep);
+    });
   }
 }
 
@@ -735,7 +737,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int j = 0; j < U; ++j) v[j].load(x + off + j * step);
       // Groups of G rows: their own mean and M2 per channel, then one Chan merge (one division
       // per group). All U rows' loads are issued first; a group converts only its own values.
-      constexpr int G = U < kUnroll ? U : kUnroll;
+      // The last step of a thread's rows (U < UNROLL) adds them one at a time, as single rows
+      // were added before that step was one.
+      constexpr int G = U < UNROLL ? 1 : (U < kUnroll ? U : kUnroll);
       static_assert(U % G == 0, "rows per step must be whole groups");
 #pragma unroll
       for (int j0 = 0; j0 < U; j0 += G) {
