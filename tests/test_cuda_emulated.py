@@ -25,7 +25,7 @@ pytestmark = pytest.mark.cuda_emu
 
 # (sm_count, blocks_per_sm) the launch planning sees: one block per channel group, or many
 # partials per channel (and blocks with no rows at all).
-GRIDS = {"narrow": (1, 1), "wide": (16, 2)}
+GRIDS = {"narrow": (1, 1), "wide": (16, 2), "many": (80, 2)}
 
 # Built with AddressSanitizer (scripts/cuda_emu_asan.sh): every access is checked; the reruns in
 # other thread orders are left out there, since they touch the same memory.
@@ -383,6 +383,35 @@ def test_dual_backward(emu, shape, dt, relu, training):
                    [g, x, w, z, w2, out if relu else None, m1, i1, m2, i2, training, relu],
                    _grid_for(shape, dt, str(relu), str(training)), dtype)
     _check_no_nan(got[:6], "batch_norm_dual_backward")
+
+
+# Rows inputs of few channels on a GPU of many blocks: one partial per block, P of them per
+# channel, which the finalize kernels merge with more partial lanes (finalize_block): 64 lanes for
+# (17000, 3) (P = 133), 32 for (4, 3, 48, 48) (P = 72). Three channels are 4 threads a row.
+MANY_PARTIALS = {
+    "rows_133_f32": ((17000, 3), torch.contiguous_format, torch.float32),
+    "rows_133_f64": ((17000, 3), torch.contiguous_format, torch.float64),
+    "nhwc_72_f16": ((4, 3, 48, 48), torch.channels_last, torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(MANY_PARTIALS))
+def test_many_partials(emu, case):
+    shape, fmt, dtype = MANY_PARTIALS[case]
+    C = shape[1]
+    x = make_input(shape, dtype, "cpu", fmt, shift=0.5)
+    w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
+    out, mean, invstd = run_both(emu, "batch_norm_train", [x, w, b, rm, rv, 0.1, 1e-5, None, True],
+                                 "many", dtype)[:3]
+    g = make_input(shape, dtype, "cpu", fmt, shift=0.0)
+    run_both(emu, "batch_norm_backward", [g, x, w, out, mean, invstd, True, True, False], "many",
+             dtype)
+    run_both(emu, "batch_norm_stats", [g], "many", dtype)
+    if dtype == torch.float16:  # three sums a partial (the dual backward)
+        args = [x, w, b, rm, rv, g, w, b, rm, rv, True, 0.1, 1e-5, 0.2, 1e-3, True]
+        out, m1, i1, m2, i2 = torch.ops.fastnn.batch_norm_dual(*args)
+        run_both(emu, "batch_norm_dual_backward", [g, x, w, g, w, out, m1, i1, m2, i2, True, True],
+                 "many", dtype)
 
 
 @pytest.mark.parametrize("dt", list(DTYPES))

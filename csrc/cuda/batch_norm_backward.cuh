@@ -63,9 +63,10 @@ template <typename scalar_t, typename acc_t>
 void launch_finalize(const BackwardArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
                      bool training, acc_t* coef, cudaStream_t stream) {
   const int64_t C = a.layout.C;
-  bn_backward_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-      partial, P, C, a.invstd, a.weight, a.inv_count, training, a.grad_weight, a.grad_bias, coef,
-      SecondInput<scalar_t, acc_t>{});
+  bn_backward_finalize_kernel<scalar_t, acc_t>
+      <<<finalize_grid(C, P), finalize_block(P), 0, stream>>>(
+          partial, P, C, a.invstd, a.weight, a.inv_count, training, a.grad_weight, a.grad_bias,
+          coef, SecondInput<scalar_t, acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -164,9 +165,9 @@ void backward_launch(const BackwardArgs<scalar_t, acc_t>& a, SecondInput<scalar_
                                          TRAINING ? nullptr : a.dx, geom, pp, second, bits);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_backward_finalize_kernel<scalar_t, acc_t, DUAL>
-      <<<finalize_grid(C), finalize_block(), 0, stream>>>(pp, L.partials, C, a.invstd, a.weight,
-                                                         a.inv_count, TRAINING, a.grad_weight,
-                                                         a.grad_bias, coef, second);
+      <<<finalize_grid(C, L.partials), finalize_block(L.partials), 0, stream>>>(
+          pp, L.partials, C, a.invstd, a.weight, a.inv_count, TRAINING, a.grad_weight,
+          a.grad_bias, coef, second);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if constexpr (TRAINING) {
     dx<<<L.grid, L.block, 0, stream>>>(WRITE_GR ? a.gr : a.go, a.x, a.out, a.mean, coef, a.dx,

@@ -78,9 +78,10 @@ template <typename scalar_t, typename acc_t>
 void launch_finalize(const TrainArgs<scalar_t, acc_t>& a, const acc_t* partial, int64_t P,
                      cudaStream_t stream) {
   const int64_t C = a.layout.C;
-  bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-      partial, P, C, a.x, shift_samples(a.layout), a.inv_count, a.eps, a.save_mean, a.save_invstd,
-      a.running);
+  bn_stats_finalize_kernel<scalar_t, acc_t>
+      <<<finalize_grid(C, P), finalize_block(P), 0, stream>>>(
+          partial, P, C, a.x, shift_samples(a.layout), a.inv_count, a.eps, a.save_mean,
+          a.save_invstd, a.running);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -272,9 +273,10 @@ void dual_launch(const DualArgs<scalar_t, acc_t>& a) {
       stats<<<Ls.grid, Ls.block, 0, stream>>>(inputs[k], geometry<ROWS>(Ls),
                                               shift_samples(a.layout), pp);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      bn_stats_finalize_kernel<scalar_t, acc_t><<<finalize_grid(C), finalize_block(), 0, stream>>>(
-          pp, Ls.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k],
-          a.mean[k], a.invstd[k], a.running[k]);
+      bn_stats_finalize_kernel<scalar_t, acc_t>
+          <<<finalize_grid(C, Ls.partials), finalize_block(Ls.partials), 0, stream>>>(
+              pp, Ls.partials, C, inputs[k], shift_samples(a.layout), a.inv_count, a.eps[k],
+              a.mean[k], a.invstd[k], a.running[k]);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   }
@@ -349,7 +351,7 @@ void stats_launch(const KernelLayout& layout, const scalar_t* x, acc_t inv_count
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   bn_stats_finalize_kernel<scalar_t, acc_t, true>
-      <<<finalize_grid(layout.C), finalize_block(), 0, stream>>>(
+      <<<finalize_grid(layout.C, L.partials), finalize_block(L.partials), 0, stream>>>(
           partial.data_ptr<acc_t>(), L.partials, layout.C, x, shift_samples(layout), inv_count,
           acc_t(0), mean, var, RunningUpdate<acc_t>{});
   C10_CUDA_KERNEL_LAUNCH_CHECK();

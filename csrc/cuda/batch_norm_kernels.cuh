@@ -30,8 +30,7 @@ constexpr int kThreads = 512;            // threads per block of every streaming
 constexpr int kWarps = kThreads / 32;    // warps per block
 constexpr int kUnroll = 4;               // vectors each thread has in flight per loop step
 constexpr int kMinBlocks = 2;            // forward streaming kernels: blocks per SM to fit
-constexpr int kFinalizeX = 32;           // finalize kernels: channels per block
-constexpr int kFinalizeY = 16;           //                   partial lanes per channel
+constexpr int kFinalizeThreads = 512;   // finalize kernels: threads per block (see merge_partials)
 
 // ---------------------------------------------------------------------------------------------
 // Geometry (plain structs filled on the host, passed by value).
@@ -508,6 +507,47 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
   return v;
 }
 
+// A finalize kernel's merge of each channel's partials ([field][P][C]). Block (X, Y), X * Y ==
+// kFinalizeThreads: X channels, Y partial lanes (a power of two the host picks from P, see
+// finalize_block). Thread (x, y) merges partials y, y + Y, ... in order, loading 4 before merging
+// them; then the Y lanes are merged as a tree in shared memory. The shape depends on P only, so
+// results are bitwise reproducible. The result is valid in the threads with threadIdx.y == 0;
+// call from every thread of the block.
+template <typename R, typename T>
+__device__ __forceinline__ R merge_partials(const T* __restrict__ partial, int64_t P, int64_t C,
+                                            int64_t c) {
+  using F = Fields<R>;
+  __shared__ T sm[F::count * kFinalizeThreads];
+  const int X = blockDim.x;
+  const int Y = blockDim.y;
+  R v = F::zero();
+  if (c < C) {
+    const int64_t field = P * C;
+    const int np = static_cast<int>(P);  // at most kMaxGridY
+    int p = threadIdx.y;
+    for (; p + 3 * Y < np; p += 4 * Y) {
+      R q[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) q[k] = F::get(partial + (p + k * Y) * C + c, field);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v = combine(v, q[k]);
+    }
+    for (; p < np; p += Y) v = combine(v, F::get(partial + p * C + c, field));
+  }
+  const int t = threadIdx.y * X + threadIdx.x;
+  F::put(sm + t, kFinalizeThreads, v);
+  __syncthreads();
+  // Level h: lanes y < h take in lane y + h (not written at this level).
+  for (int h = Y / 2; h > 0; h /= 2) {
+    if (static_cast<int>(threadIdx.y) < h) {
+      v = combine(v, F::get(sm + t + h * X, kFinalizeThreads));
+      F::put(sm + t, kFinalizeThreads, v);
+    }
+    __syncthreads();
+  }
+  return v;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Iteration. `f(std::integral_constant<int, U>, [std::integral_constant<int, W>,] offset, step)`
 // handles U vectors of W elements at element offsets offset + u * step, u < U (U == kUnroll in
@@ -782,31 +822,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
-// Training forward, step 2: merge a channel's partials in a fixed order; write save_mean,
-// save_invstd and update the running statistics. Block (kFinalizeX, kFinalizeY). With OUT_VAR
-// (batch_norm_stats) save_invstd receives the biased variance itself and eps is unused.
+// Training forward, step 2: merge a channel's partials in a fixed order (merge_partials); write
+// save_mean, save_invstd and update the running statistics. With OUT_VAR (batch_norm_stats)
+// save_invstd receives the biased variance itself and eps is unused.
 template <typename scalar_t, typename acc_t, bool OUT_VAR = false>
-__global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
+__global__ void __launch_bounds__(kFinalizeThreads)
     bn_stats_finalize_kernel(const acc_t* __restrict__ partial, int64_t P, int64_t C,
                              const scalar_t* __restrict__ x, ShiftSamples shift_at,
                              acc_t inv_count, acc_t eps, acc_t* __restrict__ save_mean,
                              acc_t* __restrict__ save_invstd, RunningUpdate<acc_t> ru) {
-  using F = Fields<Welford<acc_t>>;
-  __shared__ acc_t sm[F::count * kFinalizeY * kFinalizeX];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeX + threadIdx.x;
-  Welford<acc_t> w = F::zero();
-  if (c < C) {
-    for (int64_t p = threadIdx.y; p < P; p += kFinalizeY) {
-      w = welford_merge(w, F::get(partial + p * C + c, P * C));
-    }
-  }
-  constexpr int plane = kFinalizeY * kFinalizeX;
-  F::put(sm + threadIdx.y * kFinalizeX + threadIdx.x, plane, w);
-  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const Welford<acc_t> w = merge_partials<Welford<acc_t>>(partial, P, C, c);
   if (threadIdx.y != 0 || c >= C) return;
-  for (int k = 1; k < kFinalizeY; ++k) {
-    w = welford_merge(w, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
-  }
   const acc_t mean = channel_shift<scalar_t, acc_t>(x, c, shift_at) + w.mean;
   acc_t var = w.m2 * inv_count;  // biased variance; the exact count comes from the host
   var = var < acc_t(0) ? acc_t(0) : var;
@@ -1225,8 +1252,8 @@ __global__ void __launch_bounds__(kThreads) bn_backward_reduce_rows_kernel(
   }
 }
 
-// Backward, step 2: sum a channel's partials in a fixed order into grad_bias = sum(g) and
-// grad_weight = sum(g * xhat); in training also the coefficients of
+// Backward, step 2: sum a channel's partials in a fixed order (merge_partials) into grad_bias =
+// sum(g) and grad_weight = sum(g * xhat); in training also the coefficients of
 //   dx = a * g - b - d * (x - mean),  a = weight * invstd, b = a * sum(g) / n,
 //                                     d = a * invstd^2 * sum(g * (x - mean)) / n,
 // stored as coef = [3][C]. With DUAL the same for the second input from the third sum (its
@@ -1247,27 +1274,14 @@ __device__ __forceinline__ void backward_finalize_one(acc_t sum_g, acc_t sum_gx,
 }
 
 template <typename scalar_t, typename acc_t, bool DUAL = false>
-__global__ void __launch_bounds__(kFinalizeX * kFinalizeY) bn_backward_finalize_kernel(
+__global__ void __launch_bounds__(kFinalizeThreads) bn_backward_finalize_kernel(
     const acc_t* __restrict__ partial, int64_t P, int64_t C, const acc_t* __restrict__ invstd,
     ChannelParam weight, acc_t inv_count, bool training, acc_t* __restrict__ grad_weight,
     acc_t* __restrict__ grad_bias, acc_t* __restrict__ coef, SecondInput<scalar_t, acc_t> second) {
   using S = std::conditional_t<DUAL, Sum3<acc_t>, Sum2<acc_t>>;
-  using F = Fields<S>;
-  __shared__ acc_t sm[F::count * kFinalizeY * kFinalizeX];
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * kFinalizeX + threadIdx.x;
-  S s = F::zero();
-  if (c < C) {
-    for (int64_t p = threadIdx.y; p < P; p += kFinalizeY) {
-      s = combine(s, F::get(partial + p * C + c, P * C));
-    }
-  }
-  constexpr int plane = kFinalizeY * kFinalizeX;
-  F::put(sm + threadIdx.y * kFinalizeX + threadIdx.x, plane, s);
-  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const S s = merge_partials<S>(partial, P, C, c);
   if (threadIdx.y != 0 || c >= C) return;
-  for (int k = 1; k < kFinalizeY; ++k) {
-    s = combine(s, F::get(sm + k * kFinalizeX + threadIdx.x, plane));
-  }
   backward_finalize_one<scalar_t>(s.a, s.b, invstd[c], load_param<scalar_t>(weight, c, acc_t(1)),
                                   inv_count, training, c, C, grad_weight, grad_bias, coef);
   if constexpr (DUAL) {

@@ -187,11 +187,21 @@ const auto& geometry(const Launch& L) {
   }
 }
 
-// Finalize kernels: kFinalizeX channels per block.
-inline dim3 finalize_grid(int64_t C) {
-  return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeX)));
+// Finalize kernels (merge_partials): kFinalizeThreads a block, X channels by Y partial lanes. Y
+// grows with the partials per channel P so that a thread merges at most about 4 of them (one
+// round of loads) before the lanes' tree: 16 lanes (32 channels a block) up to P = 64, 64 lanes
+// (8 channels) from P = 129, as rows layouts of few channels have (one partial per block: 264 at
+// 64 channels on an H100), where 16 lanes merged 17 each, one after the other.
+inline int64_t finalize_lanes(int64_t P) {
+  return std::min<int64_t>(64, std::max<int64_t>(16, pow2_ceil(ceil_div(P, 4))));
 }
-inline dim3 finalize_block() { return dim3(kFinalizeX, kFinalizeY); }
+inline dim3 finalize_block(int64_t P) {
+  const int64_t y = finalize_lanes(P);
+  return dim3(static_cast<unsigned>(kFinalizeThreads / y), static_cast<unsigned>(y));
+}
+inline dim3 finalize_grid(int64_t C, int64_t P) {
+  return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeThreads / finalize_lanes(P))));
+}
 
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
