@@ -507,6 +507,36 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
   return v;
 }
 
+// block_reduce_columns of a thread's V channels at once, for Welford states, whose merges take a
+// division each: V calls one after the other were V chains of kWarps - 1 dependent merges (and
+// 2V barriers); here V * tx threads run one chain each, in the same order (bitwise the same
+// results). Returns true in the thread that holds channel i of column x's vector, with the result
+// in `out`. Call once per kernel, from every thread of the block.
+template <int V, typename R>
+__device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
+  using F = Fields<R>;
+  using T = typename F::type;
+  constexpr int kField = V * kThreads;  // V * kWarps rows of 32
+  __shared__ T sm[F::count * kField];
+  const int tx = blockDim.x;
+  const int tid = threadIdx.y * tx + threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const R r = warp_reduce(v[k], tx);
+    if (lane < tx) F::put(sm + (k * kWarps + warp) * 32 + lane, kField, r);
+  }
+  __syncthreads();
+  if (tid >= tx * V) return false;
+  i = tid / tx;
+  x = tid - i * tx;
+  const T* col = sm + i * kWarps * 32 + x;
+  out = F::get(col, kField);
+  for (int w = 1; w < kWarps; ++w) out = combine(out, F::get(col + w * 32, kField));
+  return true;
+}
+
 // A finalize kernel's merge of each channel's partials ([field][P][C]). Block (X, Y), X * Y ==
 // kFinalizeThreads: X channels, Y partial lanes (a power of two the host picks from P, see
 // finalize_block). Thread (x, y) merges partials y, y + Y, ... in order, loading 4 before merging
@@ -812,12 +842,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       }
     });
   }
-  const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+  Welford<acc_t> w[V];
 #pragma unroll
-  for (int i = 0; i < V; ++i) {
-    const Welford<acc_t> w = block_reduce_columns(Welford<acc_t>{mean[i], m2[i], n});
-    if (threadIdx.y == 0 && cv < g.Cv) {
-      Fields<Welford<acc_t>>::put(partial + blockIdx.y * g.C + cv * V + i, plane, w);
+  for (int i = 0; i < V; ++i) w[i] = Welford<acc_t>{mean[i], m2[i], n};
+  Welford<acc_t> r;
+  int col, i;
+  if (block_reduce_columns_vec<V>(w, r, col, i)) {
+    const int64_t cvx = static_cast<int64_t>(blockIdx.x) * blockDim.x + col;
+    if (cvx < g.Cv) {
+      const int64_t plane = static_cast<int64_t>(gridDim.y) * g.C;
+      Fields<Welford<acc_t>>::put(partial + blockIdx.y * g.C + cvx * V + i, plane, r);
     }
   }
 }
