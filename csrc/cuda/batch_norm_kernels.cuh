@@ -510,7 +510,9 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // block_reduce_columns of a thread's V channels at once, for Welford states, whose merges take a
 // division each: V calls one after the other were V chains of kWarps - 1 dependent merges (and
 // 2V barriers); here V * tx threads run one chain each, in the same order (bitwise the same
-// results). Returns true in the thread that holds channel i of column x's vector, with the result
+// results). Not used for the backward's sums: their merges are additions, and the reduce
+// kernels, which have no block bound, took other register counts with it (one of them 64 -> 70,
+// i.e. 1 block of 512 threads per multiprocessor instead of 2). Returns true in the thread that holds channel i of column x's vector, with the result
 // in `out`. Call once per kernel, from every thread of the block.
 template <int V, typename R>
 __device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
@@ -681,11 +683,14 @@ __device__ __forceinline__ void for_each_plane_row(const PlaneGeom& g, int64_t c
 
 // rows layout. for_each_row_to also gives f the output's offset and step when the output has
 // out_C channels per row and the thread's first input channel is the output's out_col. U rows per
-// step (kUnroll unless the kernel says otherwise); the rows a thread has left after its whole
-// steps (fewer than U) are one more step, as in the planes layout, so that their loads are in
-// flight together: at 64 channels a thread walks only tens of rows, and 7 left over one after
-// the other (a step of 8 16-bit rows) were 4 memory latencies back to back (nvcc unrolled that
-// loop by 2), where the whole steps before them took 6.
+// step (kUnroll unless the kernel says otherwise). What a thread has left after its whole steps
+// (fewer than U rows): with U > kUnroll (the 16-bit statistics pass, 8 rows a step) one more
+// step, as in the planes layout, so that their loads are in flight together: at 64 channels a
+// thread walks only tens of rows, and up to 7 left over one at a time were 4 memory latencies
+// back to back (nvcc pairs them), after 5 or 6 whole steps. With U <= kUnroll the rows one at a
+// time (at most 3: two round trips); as one step they made several kernels spill inside their
+// main loop (ptxas, sm_90: the float32 BN+add+ReLU normalize writing the mask, the 16-bit
+// BN+add normalize).
 template <int V, bool REVERSE, int U = kUnroll, typename F>
 __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, int64_t out_C,
                                                 int64_t out_col, F&& f) {
@@ -697,24 +702,37 @@ __device__ __forceinline__ void for_each_row_to(const RowGeom& g, int64_t cv, in
   const int64_t step = stride * g.C;
   const int64_t ystep = stride * out_C;
   using Unroll = std::integral_constant<int, U>;
-  const int rest = static_cast<int>(count % U);
+  using One = std::integral_constant<int, 1>;
   if (!REVERSE) {
+    int64_t k = 0;
     int64_t off = first * g.C + col;
     int64_t yoff = first * out_C + out_col;
-    for (int64_t k = rest; k < count; k += U, off += U * step, yoff += U * ystep) {
+    for (; k + U <= count; k += U, off += U * step, yoff += U * ystep) {
       f(Unroll(), off, step, yoff, ystep);
     }
-    with_steps<U - 1>(rest, [&](auto r) { f(r, off, step, yoff, ystep); });
+    if constexpr (U > kUnroll) {
+      with_steps<U - 1>(static_cast<int>(count - k), [&](auto r) { f(r, off, step, yoff, ystep); });
+    } else {
+      for (; k < count; ++k, off += step, yoff += ystep) f(One(), off, step, yoff, ystep);
+    }
   } else {
     // Last row first; a group of U rows is visited from its lowest row, the groups from the top,
     // and the rest (the lowest rows) last.
-    for (int64_t remaining = count; remaining > rest; remaining -= U) {
+    int64_t remaining = count;
+    for (; remaining >= U; remaining -= U) {
       const int64_t r = first + (remaining - U) * stride;
       f(Unroll(), r * g.C + col, step, r * out_C + out_col, ystep);
     }
-    with_steps<U - 1>(rest, [&](auto r) {
-      f(r, first * g.C + col, step, first * out_C + out_col, ystep);
-    });
+    if constexpr (U > kUnroll) {
+      with_steps<U - 1>(static_cast<int>(remaining), [&](auto r) {
+        f(r, first * g.C + col, step, first * out_C + out_col, ystep);
+      });
+    } else {
+      for (; remaining > 0; --remaining) {
+        const int64_t r = first + (remaining - 1) * stride;
+        f(One(), r * g.C + col, step, r * out_C + out_col, ystep);
+      }
+    }
   }
 }
 
