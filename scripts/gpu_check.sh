@@ -5,14 +5,16 @@
 # $OUT/summary.txt. A step that would start with too little of the budget left is skipped and
 # says so; run it again by name.
 #
-#   scripts/gpu_check.sh                 # env build smoke targets sanitize test bench, in order
+#   scripts/gpu_check.sh                 # env build smoke targets kernels sanitize test bench
 #   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
 # Steps, most telling first: env, build (loads the fastnn._C that scripts/device_prebuild.sh left
 # in .device-build/ when its stamp matches these sources, Python and torch; else compiles here),
 # smoke (every CUDA op against fastnn.reference,
 # determinism, stability, N=0, graph capture, >2^31 elements), targets (fastnn-bench --targets:
-# the exact cases of the speed goals, met or not), sanitize (memcheck and racecheck over small
+# the exact cases of the speed goals, met or not), kernels (benchmarks/kernel_times.py: each
+# kernel's time and each call's span, fastnn's and nn.BatchNorm2d's, on the channels-last cases
+# at 64 channels and their NCHW and 256-channel neighbours), sanitize (memcheck and racecheck over small
 # CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked cuda;
 # TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes; not in
 # the default set).
@@ -24,13 +26,13 @@
 #
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
 # GPU_CHECK_BUNDLE (a .tgz path: all of OUT in one archive, kept current during the run),
-# BENCH_ARGS (default "--quick"; empty runs the full set), PYTEST_ARGS (extra pytest arguments),
+# BENCH_ARGS (default "--quick"; empty runs the full set), KERNELS_ARGS (kernel_times.py's), PYTEST_ARGS (extra pytest arguments),
 # TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_KERNELS
 # (the kernels memcheck and racecheck instrument, by name substring; default "bn_", fastnn's;
 # empty: all, PyTorch's too, many times slower; initcheck always instruments all), MAX_JOBS (build
 # parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
-# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT,
-# PROFILE_TIMEOUT).
+# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, KERNELS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT,
+# BENCH_TIMEOUT, PROFILE_TIMEOUT).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -50,11 +52,13 @@ BUDGET=${GPU_CHECK_BUDGET:-540}
 BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
 TARGETS_TIMEOUT=${TARGETS_TIMEOUT:-90}
+KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-90}
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}   # per sanitizer tool
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-240}
 BENCH_ARGS=${BENCH_ARGS---quick}
+KERNELS_ARGS=${KERNELS_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 TEST_MARK=${TEST_MARK-cuda}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
@@ -63,7 +67,7 @@ SANITIZE_KERNELS=${SANITIZE_KERNELS-bn_}
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
 else
-  STEPS=(env build smoke targets sanitize test bench)
+  STEPS=(env build smoke targets kernels sanitize test bench)
 fi
 
 {
@@ -724,6 +728,14 @@ step_targets() {
     >> "$SUMMARY" || true
 }
 
+step_kernels() {
+  # shellcheck disable=SC2086
+  run_step kernels "$KERNELS_TIMEOUT" "$OUT/kernels.log" "$PY" "$ROOT/benchmarks/kernel_times.py" \
+    --out "$OUT/kernels.txt" $KERNELS_ARGS
+  grep -E 'span of nn.BatchNorm2d' "$OUT/kernels.txt" 2> /dev/null | sed 's/^ */  /' \
+    >> "$SUMMARY" || true
+}
+
 step_bench() {
   # shellcheck disable=SC2086
   run_bench bench "$BENCH_TIMEOUT" $BENCH_ARGS --out "$OUT/bench"
@@ -782,11 +794,12 @@ for step in "${STEPS[@]}"; do
     build) step_build ;;
     smoke) step_smoke ;;
     targets) step_targets ;;
+    kernels) step_kernels ;;
     sanitize) step_sanitize ;;
     test) step_test ;;
     bench) step_bench ;;
     profile) step_profile ;;
-    *) note "$step" "unknown step (env build smoke targets sanitize test bench profile)"
+    *) note "$step" "unknown step (env build smoke targets kernels sanitize test bench profile)"
        FAILED=1 ;;
   esac
 done

@@ -59,6 +59,30 @@ def test_targets_step_reports_each_goal(tmp_path):
     assert (tmp_path / "targets" / "bench.json").exists()
 
 
+def test_kernels_step_lists_both_implementations(tmp_path):
+    """The `kernels` step (benchmarks/kernel_times.py) on the CPU: its CPU cases, fastnn's and
+    nn.BatchNorm2d's ops with their times, and one span ratio per case in the summary."""
+    if not fastnn.ops.has_kernel("cpu"):
+        pytest.skip("fastnn._C has no CPU kernels")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the step profiles the CUDA cases (gpu_check.sh runs it)")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import kernel_times
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "KERNELS_ARGS": "--iters 2"}
+    run = subprocess.run(["bash", str(SCRIPT), "kernels"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert run.returncode == 0, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    assert any(line.startswith("kernels") and "PASS" in line for line in summary.splitlines())
+    cases = kernel_times.CASES["cpu"]
+    assert summary.count("span of nn.BatchNorm2d / fastnn: ") == len(cases)
+    report = (tmp_path / "kernels.txt").read_text()
+    assert report.count("  fastnn  span ") == report.count("  eager   span ") == len(cases)
+    assert "fastnn::batch_norm_train" in report and "aten::native_batch_norm" in report
+
+
 # The build step's use of a fastnn._C compiled elsewhere (scripts/device_prebuild.sh): only the
 # functions, run in a copy of the sources with this machine's build standing in for it.
 def _tree(tmp_path):
