@@ -120,8 +120,8 @@ def profile_case(case_name, shape, dtype_name, layout, device, iters, top):
         result[impl] = {"span_us": med, "busy_us": busy,
                         "events": [(n, c / iters, us / iters) for n, c, us in events]}
     ratio = result["torch"]["span_us"] / result["fastnn"]["span_us"]
-    lines.append(f"  span of nn.BatchNorm2d / fastnn: {ratio:.2f}x ({case_name} {dtype_name} {layout} "
-                 f"{tuple(shape)})")
+    lines.append(f"  span of nn.BatchNorm2d / fastnn: {ratio:.2f}x "
+                 f"({case_name} {dtype_name} {layout} {tuple(shape)})")
     return lines, result
 
 

@@ -10,14 +10,13 @@
 #
 # Steps, most telling first: env, build (loads the fastnn._C that scripts/device_prebuild.sh left
 # in .device-build/ when its stamp matches these sources, Python and torch; else compiles here),
-# smoke (every CUDA op against fastnn.reference,
-# determinism, stability, N=0, graph capture, >2^31 elements), targets (fastnn-bench --targets:
-# the exact cases of the speed goals, met or not), kernels (benchmarks/kernel_times.py: each
-# kernel's time and each call's span, fastnn's and nn.BatchNorm2d's, on the channels-last cases
-# at 64 channels and their NCHW and 256-channel neighbours), sanitize (memcheck and racecheck over small
-# CUDA calls; SANITIZE_TOOLS adds initcheck, synccheck), test (the pytest cases marked cuda;
-# TEST_MARK= runs the whole suite), bench (fastnn-bench), profile (ncu on the main shapes; not in
-# the default set).
+# smoke (every CUDA op against fastnn.reference, determinism, stability, N=0, graph capture,
+# >2^31 elements), targets (fastnn-bench --targets: the exact cases of the speed goals, met or
+# not), kernels (benchmarks/kernel_times.py: each kernel's time and each call's span, fastnn's
+# and nn.BatchNorm2d's, on the channels-last cases at 64 channels and their NCHW and 256-channel
+# neighbours), sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
+# initcheck, synccheck), test (the pytest cases marked cuda; TEST_MARK= runs the whole suite),
+# bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
 #
 # Times on an H200 (2026-11-30, fastnn._C prebuilt): env and build 10 s, smoke 12 s, targets 9 s,
 # test 65 s (16 cores, 8 xdist workers), memcheck 17 s and racecheck about 40 s (fastnn's
@@ -26,7 +25,8 @@
 #
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
 # GPU_CHECK_BUNDLE (a .tgz path: all of OUT in one archive, kept current during the run),
-# BENCH_ARGS (default "--quick"; empty runs the full set), KERNELS_ARGS (kernel_times.py's), PYTEST_ARGS (extra pytest arguments),
+# BENCH_ARGS (default "--quick"; empty runs the full set), KERNELS_ARGS (kernel_times.py's
+# arguments), PYTEST_ARGS (extra pytest arguments),
 # TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_KERNELS
 # (the kernels memcheck and racecheck instrument, by name substring; default "bn_", fastnn's;
 # empty: all, PyTorch's too, many times slower; initcheck always instruments all), MAX_JOBS (build

@@ -30,7 +30,7 @@ constexpr int kThreads = 512;            // threads per block of every streaming
 constexpr int kWarps = kThreads / 32;    // warps per block
 constexpr int kUnroll = 4;               // vectors each thread has in flight per loop step
 constexpr int kMinBlocks = 2;            // forward streaming kernels: blocks per SM to fit
-constexpr int kFinalizeThreads = 512;   // finalize kernels: threads per block (see merge_partials)
+constexpr int kFinalizeThreads = 512;    // finalize kernels: threads per block (merge_partials)
 
 // ---------------------------------------------------------------------------------------------
 // Geometry (plain structs filled on the host, passed by value).
@@ -510,10 +510,11 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
 // block_reduce_columns of a thread's V channels at once, for Welford states, whose merges take a
 // division each: V calls one after the other were V chains of kWarps - 1 dependent merges (and
 // 2V barriers); here V * tx threads run one chain each, in the same order (bitwise the same
-// results). Not used for the backward's sums: their merges are additions, and the reduce
-// kernels, which have no block bound, took other register counts with it (one of them 64 -> 70,
-// i.e. 1 block of 512 threads per multiprocessor instead of 2). Returns true in the thread that holds channel i of column x's vector, with the result
-// in `out`. Call once per kernel, from every thread of the block.
+// results). Returns true in the thread that holds channel i of column x's vector, with the
+// result in `out`. Call once per kernel, from every thread of the block. Not used for the
+// backward's sums: their merges are additions, and the reduce kernels, which have no block
+// bound, took other register counts with it (one of them 64 -> 70, i.e. 1 block of 512 threads
+// per multiprocessor instead of 2).
 template <int V, typename R>
 __device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
   using F = Fields<R>;
