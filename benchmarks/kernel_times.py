@@ -101,8 +101,9 @@ def profile_case(case_name, shape, dtype_name, layout, device, iters, top):
         for i in range(3):  # warm-up (cuDNN's algorithm choice, the caching allocator)
             step(i % 2)
         span = spans_us(step, iters, device)
-        activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
+        activities = [ProfilerActivity.CPU]  # the CUDA kernels: filtered by their device type
         if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
             torch.cuda.synchronize(device)
         with profile(activities=activities) as prof:
             for i in range(iters):
