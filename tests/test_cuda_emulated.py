@@ -414,6 +414,66 @@ def test_many_partials(emu, case):
                  "many", dtype)
 
 
+# The on-chip training forward (FASTNN_CUDA_ONCHIP=1: one cooperative kernel, rows layouts of at
+# most 32 channel vectors, no residual): rows shapes with several blocks' worth of rows
+# (R = N * S over 3 blocks), channel counts a power-of-two number of vectors or not (idle
+# columns), and 256 channels (32 vectors of float16; float32 and float64 are then too wide and
+# take the three-kernel path).
+ONCHIP = {
+    "nhwc16": ((8, 16, 10, 10), torch.channels_last),
+    "nhwc24": ((5, 24, 11, 13), torch.channels_last),
+    "2d64": ((1100, 64), torch.contiguous_format),
+    "nhwc256": ((2, 256, 5, 7), torch.channels_last),
+}
+ONCHIP_GRID = (3, 1)  # blocks resident at once: the kernel's grid
+
+
+def _onchip_fixed_bytes(C, dtype):
+    """Shared memory the on-chip kernel needs besides its cached rows (see onchip_scratch)."""
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    tx = min(32, 1 << max(0, (C // vec - 1).bit_length()))
+    acc = 8 if dtype == torch.float64 else 4
+    return (2 * C + 3 * max(vec * 16 * tx, 512)) * acc, 512 // tx
+
+
+@pytest.mark.parametrize("cache", ["none", "part", "all"])
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", list(ONCHIP))
+def test_train_onchip(emu, monkeypatch, case, dt, relu, cache):
+    """batch_norm_train and batch_norm_train_masked through the on-chip kernel: the CPU kernels'
+    outputs and running statistics, the same bits in any thread order, the ReLU mask's bytes;
+    with no row, some rows or every row of a block kept in shared memory."""
+    shape, fmt = ONCHIP[case]
+    dtype = DTYPES[dt]
+    C = shape[1]
+    x = make_input(shape, dtype, "cpu", fmt, shift=0.5)
+    w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
+    fixed, ty = _onchip_fixed_bytes(C, dtype)
+    limit = {"none": fixed, "part": fixed + ty * C * x.element_size(), "all": 227 << 10}[cache]
+    eligible = C // (16 // x.element_size()) <= 32
+    monkeypatch.setenv("FASTNN_CUDA_ONCHIP", "1")
+    monkeypatch.setitem(GRIDS, "coop", ONCHIP_GRID)
+    emu.set_shared_memory(limit)
+    try:
+        launches = emu.counters()[0]
+        run_both(emu, "batch_norm_train", [x, w, b, rm, rv, 0.1, 1e-5, None, relu], "coop", dtype)
+        ran = (emu.counters()[0] - launches) // (1 if ASAN else 3)
+        assert ran == (1 if eligible else 3), f"{ran} kernels a call"
+        if relu:
+            emu.configure(*ONCHIP_GRID, 0, 0)
+            rm_e, rv_e = rm.clone(), rv.clone()
+            out, mean, invstd, mask = emu.batch_norm_train_masked(x, w, b, rm_e, rv_e, 0.1, 1e-5,
+                                                                  None, True)
+            want = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None, True)
+            for i, (g, e) in enumerate(zip((out, mean, invstd, rm_e, rv_e), (*want, rm, rv))):
+                assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"masked {i}")
+            assert torch.equal(mask, _expected_mask(out, x)), "the ReLU mask's bytes"
+    finally:
+        emu.set_shared_memory(227 << 10)
+        emu.configure(*GRIDS["narrow"], 0, 0)
+
+
 @pytest.mark.parametrize("dt", list(DTYPES))
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_training_in_parts(emu, shape, dt):

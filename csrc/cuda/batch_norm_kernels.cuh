@@ -19,6 +19,9 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
+#if defined(__CUDACC__)
+#include <cooperative_groups.h>
+#endif
 
 #include <cstdint>
 #include <type_traits>
@@ -53,6 +56,26 @@ struct RowGeom {
   int64_t C;
   int64_t Cv;
 };
+
+// The on-chip training forward (bn_train_onchip_rows_kernel): rows layout, one block of
+// (tx, kThreads / tx) threads per resident slot, tx a power of two covering the Cv <= 32 channel
+// vectors. Block b owns rows [b * per_block, (b + 1) * per_block) (fewer at the end) and keeps
+// the first `cached` of them (0, or a multiple of kThreads / tx) in shared memory.
+struct OnchipGeom {
+  int64_t R;
+  int64_t C;
+  int64_t Cv;
+  int64_t per_block;
+  int64_t cached;
+  int lanes;  // partial lanes of its finalize step (finalize_lanes of the grid size)
+};
+
+// Its dynamic shared memory: the cached rows (cached * C elements), then 2 * C statistics and
+// onchip_scratch(V, tx) reduction values, in the accumulation type.
+__host__ __device__ constexpr int64_t onchip_scratch(int64_t V, int64_t tx) {
+  return 3 * (V * (kThreads / 32) * tx > kFinalizeThreads ? V * (kThreads / 32) * tx
+                                                           : kFinalizeThreads);
+}
 
 // Where the statistics shift of a channel is sampled: element c * cstride + off[k] of the input,
 // k < 3 (the channel's first element, one in the middle, its last; see channel_shift).
@@ -99,6 +122,22 @@ struct RunningUpdate {
 };
 
 // ---------------------------------------------------------------------------------------------
+// Cooperative launches (the on-chip training forward). The CPU emulation of the tests
+// (tests/cuda_emu/emu.h) has its own grid_sync and dynamic_shared.
+
+#if defined(__CUDACC__)
+// The grid-wide barrier of a kernel launched with cudaLaunchCooperativeKernel.
+__device__ __forceinline__ void grid_sync() { cooperative_groups::this_grid().sync(); }
+
+// The block's dynamic shared memory (the launch's shared-memory size), 16-byte aligned.
+template <typename T>
+__device__ __forceinline__ T* dynamic_shared() {
+  extern __shared__ __align__(16) unsigned char fastnn_dynamic_shared[];
+  return reinterpret_cast<T*>(fastnn_dynamic_shared);
+}
+#endif
+
+// ---------------------------------------------------------------------------------------------
 // Small helpers.
 
 template <typename T, int V>
@@ -139,6 +178,9 @@ struct Loaded {
   __device__ __forceinline__ void load(const T* __restrict__ p) {
     pk = *reinterpret_cast<const Pack<T, V>*>(p);
   }
+  __device__ __forceinline__ void store(T* __restrict__ p) const {
+    *reinterpret_cast<Pack<T, V>*>(p) = pk;
+  }
   template <typename acc_t>
   __device__ __forceinline__ acc_t get(int i) const {
     return static_cast<acc_t>(pk.v[i]);
@@ -152,6 +194,9 @@ struct Loaded<T, V, true> {
   } words;
   __device__ __forceinline__ void load(const T* __restrict__ p) {
     words = *reinterpret_cast<const Words*>(p);
+  }
+  __device__ __forceinline__ void store(T* __restrict__ p) const {
+    *reinterpret_cast<Words*>(p) = words;
   }
   template <typename acc_t>
   __device__ __forceinline__ acc_t get(int i) const {
@@ -507,6 +552,32 @@ __device__ __forceinline__ R block_reduce_columns(R v) {
   return v;
 }
 
+// block_reduce_columns_vec with its scratch given: `sm` holds Fields<R>::count fields of
+// V * kWarps rows of `row` values (row >= blockDim.x; a power of two or 32).
+template <int V, typename R, typename T>
+__device__ __forceinline__ bool block_reduce_columns_vec_in(const R (&v)[V], R& out, int& x,
+                                                           int& i, T* sm, int row) {
+  using F = Fields<R>;
+  const int field = V * kWarps * row;
+  const int tx = blockDim.x;
+  const int tid = threadIdx.y * tx + threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const R r = warp_reduce(v[k], tx);
+    if (lane < tx) F::put(sm + (k * kWarps + warp) * row + lane, field, r);
+  }
+  __syncthreads();
+  if (tid >= tx * V) return false;
+  i = tid / tx;
+  x = tid - i * tx;
+  const T* col = sm + i * kWarps * row + x;
+  out = F::get(col, field);
+  for (int w = 1; w < kWarps; ++w) out = combine(out, F::get(col + w * row, field));
+  return true;
+}
+
 // block_reduce_columns of a thread's V channels at once, for Welford states, whose merges take a
 // division each: V calls one after the other were V chains of kWarps - 1 dependent merges (and
 // 2V barriers); here V * tx threads run one chain each, in the same order (bitwise the same
@@ -519,45 +590,27 @@ template <int V, typename R>
 __device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
   using F = Fields<R>;
   using T = typename F::type;
-  constexpr int kField = V * kThreads;  // V * kWarps rows of 32
-  __shared__ T sm[F::count * kField];
-  const int tx = blockDim.x;
-  const int tid = threadIdx.y * tx + threadIdx.x;
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const R r = warp_reduce(v[k], tx);
-    if (lane < tx) F::put(sm + (k * kWarps + warp) * 32 + lane, kField, r);
-  }
-  __syncthreads();
-  if (tid >= tx * V) return false;
-  i = tid / tx;
-  x = tid - i * tx;
-  const T* col = sm + i * kWarps * 32 + x;
-  out = F::get(col, kField);
-  for (int w = 1; w < kWarps; ++w) out = combine(out, F::get(col + w * 32, kField));
-  return true;
+  __shared__ T sm[F::count * V * kThreads];  // V * kWarps rows of 32
+  return block_reduce_columns_vec_in<V>(v, out, x, i, sm, 32);
 }
 
 // A finalize kernel's merge of each channel's partials ([field][P][C]). Block (X, Y), X * Y ==
 // kFinalizeThreads: X channels, Y partial lanes (a power of two the host picks from P, see
 // finalize_block). Thread (x, y) merges partials y, y + Y, ... in order, loading 4 before merging
 // them; then the Y lanes are merged as a tree in shared memory. The shape depends on P only, so
-// results are bitwise reproducible. The result is valid in the threads with threadIdx.y == 0;
-// call from every thread of the block.
+// results are bitwise reproducible. The result is valid in the threads with y == 0; call from
+// every thread of the block. merge_partials_in takes the thread's place (x, y) in the X x Y shape
+// and the scratch (Fields<R>::count * kFinalizeThreads values); merge_partials is the finalize
+// kernels' form, with the block's own shape.
 template <typename R, typename T>
-__device__ __forceinline__ R merge_partials(const T* __restrict__ partial, int64_t P, int64_t C,
-                                            int64_t c) {
+__device__ __forceinline__ R merge_partials_in(const T* __restrict__ partial, int64_t P, int64_t C,
+                                               int64_t c, int x, int y, int X, int Y, T* sm) {
   using F = Fields<R>;
-  __shared__ T sm[F::count * kFinalizeThreads];
-  const int X = blockDim.x;
-  const int Y = blockDim.y;
   R v = F::zero();
   if (c < C) {
     const int64_t field = P * C;
     const int np = static_cast<int>(P);  // at most kMaxGridY
-    int p = threadIdx.y;
+    int p = y;
     for (; p + 3 * Y < np; p += 4 * Y) {
       R q[4];
 #pragma unroll
@@ -567,18 +620,26 @@ __device__ __forceinline__ R merge_partials(const T* __restrict__ partial, int64
     }
     for (; p < np; p += Y) v = combine(v, F::get(partial + p * C + c, field));
   }
-  const int t = threadIdx.y * X + threadIdx.x;
+  const int t = y * X + x;
   F::put(sm + t, kFinalizeThreads, v);
   __syncthreads();
   // Level h: lanes y < h take in lane y + h (not written at this level).
   for (int h = Y / 2; h > 0; h /= 2) {
-    if (static_cast<int>(threadIdx.y) < h) {
+    if (y < h) {
       v = combine(v, F::get(sm + t + h * X, kFinalizeThreads));
       F::put(sm + t, kFinalizeThreads, v);
     }
     __syncthreads();
   }
   return v;
+}
+
+template <typename R, typename T>
+__device__ __forceinline__ R merge_partials(const T* __restrict__ partial, int64_t P, int64_t C,
+                                            int64_t c) {
+  __shared__ T sm[Fields<R>::count * kFinalizeThreads];
+  return merge_partials_in<R>(partial, P, C, c, threadIdx.x, threadIdx.y, blockDim.x,
+                              blockDim.y, sm);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -801,6 +862,47 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
   }
 }
 
+// The statistics of U loaded rows added to a thread's per-channel mean and M2 (count n, the
+// same for its V channels): groups of G rows get their own mean and M2 per channel, then one Chan
+// merge (one division per group). A group converts only its own values. A step of fewer rows
+// than UNROLL (a thread's last rows) adds them one at a time.
+template <int UNROLL, int U, int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void rows_welford(const Loaded<scalar_t, V> (&v)[U],
+                                             const acc_t (&shift)[V], acc_t (&mean)[V],
+                                             acc_t (&m2)[V], acc_t& n) {
+  constexpr int G = U < UNROLL ? 1 : (U < kUnroll ? U : kUnroll);
+  static_assert(U % G == 0, "rows per step must be whole groups");
+#pragma unroll
+  for (int j0 = 0; j0 < U; j0 += G) {
+    const acc_t nn = n + acc_t(G);
+    const acc_t inv = acc_t(1) / nn;
+    const acc_t r = acc_t(G) * inv;
+    const acc_t ra = n * inv;
+    const acc_t nr = n * r;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      acc_t t[G];
+      acc_t cm = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        t[j] = v[j0 + j].template get<acc_t>(i) - shift[i];
+        cm += t[j];
+      }
+      cm *= acc_t(1) / acc_t(G);
+      acc_t c2 = acc_t(0);
+#pragma unroll
+      for (int j = 0; j < G; ++j) {
+        const acc_t d = t[j] - cm;
+        c2 += d * d;
+      }
+      const acc_t delta = cm - mean[i];
+      mean[i] = mean[i] * ra + cm * r;  // weighted, as in welford_merge
+      m2[i] += c2 + delta * delta * nr;
+    }
+    n = nn;
+  }
+}
+
 // Each thread keeps a mean, an M2 and a shift per channel of its vector in registers. 8 wide
 // (16-bit inputs in 16-byte vectors) that state and the loads in flight go past the 64 registers
 // of the 2-block bound and spill on every step, so the host launches 16-bit inputs 4 wide with 8
@@ -824,41 +926,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       Loaded<scalar_t, V> v[U];
 #pragma unroll
       for (int j = 0; j < U; ++j) v[j].load(x + off + j * step);
-      // Groups of G rows: their own mean and M2 per channel, then one Chan merge (one division
-      // per group). All U rows' loads are issued first; a group converts only its own values.
-      // The last step of a thread's rows (U < UNROLL) adds them one at a time, as single rows
-      // were added before that step was one.
-      constexpr int G = U < UNROLL ? 1 : (U < kUnroll ? U : kUnroll);
-      static_assert(U % G == 0, "rows per step must be whole groups");
-#pragma unroll
-      for (int j0 = 0; j0 < U; j0 += G) {
-        const acc_t nn = n + acc_t(G);
-        const acc_t inv = acc_t(1) / nn;
-        const acc_t r = acc_t(G) * inv;
-        const acc_t ra = n * inv;
-        const acc_t nr = n * r;
-#pragma unroll
-        for (int i = 0; i < V; ++i) {
-          acc_t t[G];
-          acc_t cm = acc_t(0);
-#pragma unroll
-          for (int j = 0; j < G; ++j) {
-            t[j] = v[j0 + j].template get<acc_t>(i) - shift[i];
-            cm += t[j];
-          }
-          cm *= acc_t(1) / acc_t(G);
-          acc_t c2 = acc_t(0);
-#pragma unroll
-          for (int j = 0; j < G; ++j) {
-            const acc_t d = t[j] - cm;
-            c2 += d * d;
-          }
-          const acc_t delta = cm - mean[i];
-          mean[i] = mean[i] * ra + cm * r;  // weighted, as in welford_merge
-          m2[i] += c2 + delta * delta * nr;
-        }
-        n = nn;
-      }
+      rows_welford<UNROLL>(v, shift, mean, m2, n);
     });
   }
   Welford<acc_t> w[V];
@@ -1012,6 +1080,165 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
     normalize_step<decltype(u)::value, V, V, RES || DUAL, RELU, MASK>(
         x, res, y, mask, off, step, off, step, mean, scale, shift, term);
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training forward on chip: statistics, finalize and normalize in one cooperative kernel (rows
+// layout, V-wide vectors, no residual; the host launches it where batch_norm_forward.cu says).
+// 1. Each thread reads its rows of the block's range (row first + ty_i + k * ty), the first
+//    `cached` rows of the range into shared memory as it goes, and keeps Welford statistics of
+//    its V channels; the block reduces them to one partial per channel ([3][gridDim.x][C]).
+// 2. grid_sync; then every block merges all partials of every channel in the same fixed order
+//    (merge_partials_in, so every block gets bitwise the same statistics) into shared memory;
+//    block 0 writes save_mean/save_invstd and updates the running statistics.
+// 3. Normalize: the rows that were not cached last-first (what this block read last is still in
+//    L2), then the cached rows from shared memory. Each thread reads back only what it wrote
+//    itself, so the cache needs no barrier.
+// Bytes: x read once, plus the rows not cached read again (partly from L2), y written once: 2Nb
+// when every row fits in shared memory, at most 3Nb otherwise.
+template <typename acc_t>
+struct OnchipArgs {
+  acc_t* partial;  // [3][gridDim.x][C]
+  ShiftSamples shift_at;
+  acc_t inv_count;
+  acc_t eps;
+  acc_t* save_mean;
+  acc_t* save_invstd;
+  RunningUpdate<acc_t> running;
+};
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool MASK>
+__global__ void __launch_bounds__(kThreads, 1)
+    bn_train_onchip_rows_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                                AffineParams<acc_t> p, OnchipGeom g, OnchipArgs<acc_t> a,
+                                uint8_t* __restrict__ mask) {
+  static_assert(V > 1 && (!MASK || (RELU && V <= 8)), "vectors only; the mask is for ReLU");
+  static_assert(kThreads == kFinalizeThreads, "the finalize step runs on the block's threads");
+  const int tx = blockDim.x;
+  const int ty = blockDim.y;
+  const int ry = threadIdx.y;
+  const int64_t cv = threadIdx.x;
+  const bool active = cv < g.Cv;  // every thread still reaches every barrier
+  const int64_t col = cv * V;
+  const int64_t C = g.C;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.per_block;
+  const int64_t left = g.R - first;
+  const int64_t nrows = left < 0 ? 0 : (left < g.per_block ? left : g.per_block);
+  const int64_t ncached = g.cached < nrows ? g.cached : nrows;
+  const int64_t step = ty * C;  // from a thread's row to its next, in x, y and the cache
+  scalar_t* cache = dynamic_shared<scalar_t>();
+  acc_t* stats = reinterpret_cast<acc_t*>(cache + g.cached * C);  // mean [C], invstd [C]
+  acc_t* scratch = stats + 2 * C;
+  constexpr int U = kUnroll;
+  using Rows = Loaded<scalar_t, V>;
+  const scalar_t* const kNoResidual = nullptr;
+
+  // 1. Statistics of x - shift (see channel_shift), caching the first rows.
+  acc_t mean[V], m2[V], shift[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) mean[i] = m2[i] = shift[i] = acc_t(0);
+  acc_t n = acc_t(0);
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) shift[i] = channel_shift<scalar_t, acc_t>(x, col + i, a.shift_at);
+    int64_t l = ry;
+    for (; l + (U - 1) * ty < ncached; l += U * ty) {
+      Rows v[U];
+#pragma unroll
+      for (int j = 0; j < U; ++j) v[j].load(x + (first + l) * C + col + j * step);
+#pragma unroll
+      for (int j = 0; j < U; ++j) v[j].store(cache + l * C + col + j * step);
+      rows_welford<U>(v, shift, mean, m2, n);
+    }
+    for (; l < ncached; l += ty) {
+      Rows v[1];
+      v[0].load(x + (first + l) * C + col);
+      v[0].store(cache + l * C + col);
+      rows_welford<U>(v, shift, mean, m2, n);
+    }
+    for (l = ncached + ry; l + (U - 1) * ty < nrows; l += U * ty) {
+      Rows v[U];
+#pragma unroll
+      for (int j = 0; j < U; ++j) v[j].load(x + (first + l) * C + col + j * step);
+      rows_welford<U>(v, shift, mean, m2, n);
+    }
+    for (; l < nrows; l += ty) {
+      Rows v[1];
+      v[0].load(x + (first + l) * C + col);
+      rows_welford<U>(v, shift, mean, m2, n);
+    }
+  }
+  {
+    Welford<acc_t> w[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) w[i] = Welford<acc_t>{mean[i], m2[i], n};
+    Welford<acc_t> r;
+    int c, i;
+    if (block_reduce_columns_vec_in<V>(w, r, c, i, scratch, tx) && c < g.Cv) {
+      Fields<Welford<acc_t>>::put(a.partial + static_cast<int64_t>(blockIdx.x) * C + c * V + i,
+                                  static_cast<int64_t>(gridDim.x) * C, r);
+    }
+  }
+  grid_sync();
+
+  // 2. Every block merges every channel's partials (X channels at a time, `lanes` lanes each).
+  {
+    const int Y = g.lanes;
+    const int X = kThreads / Y;
+    const int t = ry * tx + threadIdx.x;
+    const int lx = t % X;
+    const int ly = t / X;
+    for (int64_t c0 = 0; c0 < C; c0 += X) {
+      const int64_t c = c0 + lx;
+      const Welford<acc_t> w =
+          merge_partials_in<Welford<acc_t>>(a.partial, gridDim.x, C, c, lx, ly, X, Y, scratch);
+      if (ly == 0 && c < C) {
+        const acc_t m = channel_shift<scalar_t, acc_t>(x, c, a.shift_at) + w.mean;
+        acc_t var = w.m2 * a.inv_count;  // biased variance
+        var = var < acc_t(0) ? acc_t(0) : var;
+        const acc_t invstd = rsqrt_acc(var + a.eps);
+        stats[c] = m;
+        stats[C + c] = invstd;
+        if (blockIdx.x == 0) {
+          a.save_mean[c] = m;
+          a.save_invstd[c] = invstd;
+          update_running<scalar_t>(a.running, c, m, var);
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (!active) return;  // no barrier below
+
+  // 3. Normalize.
+  p.mean = ChannelParam{stats, 1, true};
+  p.invstd = ChannelParam{stats + C, 1, true};
+  acc_t cmean[V], scale[V], cshift[V];
+  ResidualTerm<acc_t, false> term[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, col + i, cmean[i], scale[i], cshift[i]);
+  const int64_t base = first * C + col;
+  const int64_t lo = ncached + ry;  // the thread's first row that is not cached
+  int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
+  for (; remaining >= U; remaining -= U) {
+    const int64_t off = base + (lo + (remaining - U) * ty) * C;
+    normalize_step<U, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step, cmean, scale,
+                                              cshift, term);
+  }
+  for (; remaining > 0; --remaining) {
+    const int64_t off = base + (lo + (remaining - 1) * ty) * C;
+    normalize_step<1, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step, cmean, scale,
+                                              cshift, term);
+  }
+  int64_t l = ry;
+  for (; l + (U - 1) * ty < ncached; l += U * ty) {
+    normalize_step<U, V, V, false, RELU, MASK>(cache, kNoResidual, y, mask, l * C + col, step,
+                                              base + l * C, step, cmean, scale, cshift, term);
+  }
+  for (; l < ncached; l += ty) {
+    normalize_step<1, V, V, false, RELU, MASK>(cache, kNoResidual, y, mask, l * C + col, step,
+                                              base + l * C, step, cmean, scale, cshift, term);
+  }
 }
 
 // The ReLU mask of an output that the normalize kernels wrote V = 1 wide (an input or residual

@@ -48,6 +48,12 @@ void configure(int sm_count, int blocks_per_sm, int schedule, uint64_t seed) {
   s.seed = seed;
 }
 
+// The dynamic shared memory a block may have (the device's opt-in limit; 227 KB by default).
+void set_shared_memory(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "cuda_emu.set_shared_memory: bad size");
+  fastnn_emu::settings().smem_optin = bytes;
+}
+
 std::tuple<int64_t, int64_t> counters() {
   const auto& s = fastnn_emu::settings();
   return {s.launches, s.blocks};
@@ -67,6 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace fc = fastnn::cuda;
   m.def("configure", &configure);
   m.def("counters", &counters);
+  m.def("set_shared_memory", &set_shared_memory);
   m.def("check_block_sum", &fastnn_emu_check::block_sum);
   m.def("check_warp_sum", &fastnn_emu_check::warp_sum);
   m.def("check_divergent_barrier", &fastnn_emu_check::divergent_barrier);

@@ -11,8 +11,15 @@
 //     kernel's __launch_bounds__);
 //   * __syncthreads() not reached by every thread of the block (a thread exits or waits elsewhere);
 //   * a shuffle whose mask is not the whole warp, or a warp that is not full;
+//   * a grid_sync() outside a cooperative launch, or not reached by every thread of the grid;
+//   * a cooperative launch of more blocks than the occupancy query allows to be resident, or
+//     with more dynamic shared memory than the device's opt-in limit;
 // Shared memory starts every block filled with 0xFF bytes (NaN for floating-point types), so a read
-// of shared memory no thread wrote shows up in the results.
+// of shared memory no thread wrote shows up in the results. A cooperative launch
+// (cudaLaunchCooperativeKernel) runs all its blocks together: each block's threads run until
+// every one of them waits at grid_sync(), then the next block's, and all continue once the whole
+// grid has arrived. Its blocks have their own dynamic shared memory; static __shared__ arrays
+// (one per kernel here, not one per block) are refused there.
 #pragma once
 
 #include <c10/core/Device.h>
@@ -31,6 +38,9 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
@@ -75,6 +85,7 @@ struct Settings {
   int blocks_per_sm = 2;     // what the occupancy query answers
   int schedule = 0;          // 0: threads ascending, 1: descending, 2: shuffled with `seed`
   uint64_t seed = 0;
+  int64_t smem_optin = 227 << 10;  // dynamic shared memory a block may have (opt-in limit)
   int64_t launches = 0;      // kernels launched so far
   int64_t blocks = 0;        // blocks run so far
 };
@@ -98,6 +109,13 @@ struct Fiber {
   uint64_t wait_gen = 0;
 };
 
+// The grid barrier of a cooperative launch.
+struct Grid {
+  uint64_t gen = 0;
+  int64_t arrived = 0;
+  int64_t threads = 0;
+};
+
 struct Block {
   uint3 idx;
   dim3 dim;
@@ -114,6 +132,12 @@ struct Block {
   std::vector<uint64_t> slots;  // [warp][32] shuffle exchange
   uint64_t serial = 0;          // block number, for shared-memory poisoning
   std::exception_ptr error;     // a check that failed in device code
+  size_t stack_base = 0;        // the block's first fiber stack in stacks()
+  Grid* grid_state = nullptr;   // set in a cooperative launch
+  int grid_waiting = 0;         // threads waiting at grid_sync()
+  bool finished = false;
+  std::vector<unsigned char> dynamic;  // dynamic shared memory
+  std::vector<int> order;
 #if FASTNN_EMU_ASAN
   void* fake_stack = nullptr;
   const void* sched_stack_bottom = nullptr;
@@ -172,11 +196,12 @@ inline void fiber_entry() {
   setcontext(&b.sched);
 }
 
-// Run every thread of one block to completion.
-inline void run_block(Block& b) {
+// Set up the fibers of one block, on stacks()[stack_base, stack_base + nthreads).
+inline void init_block(Block& b, size_t stack_base) {
   const int n = b.nthreads;
   auto& st = stacks();
-  while (st.size() < static_cast<size_t>(n)) st.emplace_back(new char[kStackBytes]);
+  b.stack_base = stack_base;
+  while (st.size() < stack_base + n) st.emplace_back(new char[kStackBytes]);
   b.fibers.assign(n, Fiber{});
   for (int t = 0; t < n; ++t) {
     Fiber& f = b.fibers[t];
@@ -185,7 +210,7 @@ inline void run_block(Block& b) {
                   static_cast<unsigned>((t / b.dim.x) % b.dim.y),
                   static_cast<unsigned>(t / (b.dim.x * b.dim.y))};
     getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = st[t].get();
+    f.ctx.uc_stack.ss_sp = st[stack_base + t].get();
     f.ctx.uc_stack.ss_size = kStackBytes;
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, fiber_entry, 0);
@@ -196,30 +221,39 @@ inline void run_block(Block& b) {
   b.slots.assign(static_cast<size_t>(warps) * 32, 0);
   b.bar_arrived = 0;
   b.bar_gen = 0;
+  b.grid_waiting = 0;
+  b.finished = false;
   b.error = nullptr;
 
-  std::vector<int> order(n);
-  std::iota(order.begin(), order.end(), 0);
+  b.order.resize(n);
+  std::iota(b.order.begin(), b.order.end(), 0);
   const Settings& s = settings();
   if (s.schedule == 1) {
-    std::reverse(order.begin(), order.end());
+    std::reverse(b.order.begin(), b.order.end());
   } else if (s.schedule == 2) {
     std::mt19937_64 rng(s.seed * 1000003u + b.serial);
-    std::shuffle(order.begin(), order.end(), rng);
+    std::shuffle(b.order.begin(), b.order.end(), rng);
   }
+}
 
+// Run the threads of a block until all have exited (returns true) or every one still running
+// waits at grid_sync() (returns false).
+inline bool step_block(Block& b) {
+  const int n = b.nthreads;
   current_block() = &b;
   struct Leave {
     ~Leave() { current_block() = nullptr; }
   } leave;  // also when a check below throws
   int finished = 0;
+  for (const Fiber& f : b.fibers) finished += f.done ? 1 : 0;
   while (finished < n) {
     bool progressed = false;
-    for (int t : order) {
+    for (int t : b.order) {
       Fiber& f = b.fibers[t];
       if (f.done) continue;
       if (f.waiting == 1 && b.bar_gen == f.wait_gen) continue;
       if (f.waiting == 2 && b.warp_gen[f.linear / 32] == f.wait_gen) continue;
+      if (f.waiting == 3 && b.grid_state->gen == f.wait_gen) continue;
       f.waiting = 0;
       b.current = &f;
 #if FASTNN_EMU_ASAN
@@ -244,12 +278,23 @@ inline void run_block(Block& b) {
         TORCH_CHECK(b.warp_arrived[f.linear / 32] == 0,
                     "cuda_emu: a thread exited while its warp waits at a shuffle (thread ",
                     f.linear, ")");
+        TORCH_CHECK(b.grid_waiting == 0,
+                    "cuda_emu: a thread exited while others wait at grid_sync() (block ", b.idx.x,
+                    ",", b.idx.y, ",", b.idx.z, ", thread ", f.linear, ")");
       }
     }
+    if (!progressed && finished < n && b.grid_waiting == n - finished) return false;
     TORCH_CHECK(progressed || finished == n,
                 "cuda_emu: deadlock: threads wait at barriers no other thread reaches (block ",
                 b.idx.x, ",", b.idx.y, ",", b.idx.z, ")");
   }
+  return true;
+}
+
+// Run every thread of one block to completion (a launch that is not cooperative).
+inline void run_block(Block& b) {
+  init_block(b, 0);
+  step_block(b);  // without a Grid, grid_sync() fails before any thread could wait there
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -278,6 +323,25 @@ inline void warp_barrier(Block& b, int warp) {
   b.current->waiting = 2;
   b.current->wait_gen = gen;
   yield_to_scheduler(b);
+}
+
+inline void grid_sync() {
+  Block& b = block();
+  TORCH_CHECK(b.grid_state != nullptr,
+              "cuda_emu: grid_sync() in a kernel not launched with cudaLaunchCooperativeKernel");
+  Grid& g = *b.grid_state;
+  ++g.arrived;
+  ++b.grid_waiting;
+  b.current->waiting = 3;
+  b.current->wait_gen = g.gen;
+  yield_to_scheduler(b);
+}
+
+template <typename T>
+T* dynamic_shared() {
+  Block& b = block();
+  TORCH_CHECK(!b.dynamic.empty(), "cuda_emu: dynamic shared memory in a launch without any");
+  return reinterpret_cast<T*>(b.dynamic.data());
 }
 
 template <typename T>
@@ -314,6 +378,9 @@ inline void check_launch_bounds(int64_t max_threads) {
 inline void shared_poison(void* p, size_t bytes) {
   static thread_local std::map<void*, uint64_t> seen;
   Block& b = block();
+  TORCH_CHECK(b.grid_state == nullptr,
+              "cuda_emu: a static __shared__ array in a cooperative launch (emulated as one "
+              "array for all blocks); use dynamic shared memory");
   auto it = seen.find(p);
   if (it != seen.end() && it->second == b.serial) return;
   seen[p] = b.serial;
@@ -372,6 +439,66 @@ Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t shared =
   return Launcher<P...>{kernel, grid, blk};
 }
 
+template <typename... P, size_t... I>
+std::tuple<std::decay_t<P>...> unpack_args(void** args, std::index_sequence<I...>) {
+  return std::tuple<std::decay_t<P>...>(*static_cast<std::decay_t<P>*>(args[I])...);
+}
+
+// cudaLaunchCooperativeKernel: every block resident at once (at most sm_count x blocks_per_sm),
+// each with `shared` bytes of dynamic shared memory filled with 0xFF.
+template <typename... P>
+void launch_cooperative(void (*kernel)(P...), dim3 grid, dim3 blk, void** args, size_t shared) {
+  const uint64_t threads = uint64_t{blk.x} * blk.y * blk.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && blk.z <= 64,
+              "cuda_emu: invalid block (", blk.x, ",", blk.y, ",", blk.z, ")");
+  const uint64_t nblocks = uint64_t{grid.x} * grid.y * grid.z;
+  const Settings& s = settings();
+  TORCH_CHECK(nblocks >= 1 && nblocks <= static_cast<uint64_t>(s.sm_count) * s.blocks_per_sm,
+              "cuda_emu: cooperative launch of ", nblocks, " blocks, more than can be resident");
+  TORCH_CHECK(static_cast<int64_t>(shared) <= s.smem_optin, "cuda_emu: ", shared,
+              " bytes of dynamic shared memory, over the device's ", s.smem_optin);
+  // The arguments, as cudaLaunchCooperativeKernel gets them: a pointer to each parameter.
+  auto params = unpack_args<P...>(args, std::index_sequence_for<P...>());
+  const std::function<void()> body = [&] { std::apply(kernel, params); };
+  ++settings().launches;
+  Grid g;
+  g.threads = static_cast<int64_t>(nblocks * threads);
+  std::vector<Block> blocks(nblocks);
+  size_t k = 0;
+  for (unsigned z = 0; z < grid.z; ++z) {
+    for (unsigned y = 0; y < grid.y; ++y) {
+      for (unsigned x = 0; x < grid.x; ++x, ++k) {
+        Block& b = blocks[k];
+        b.dim = blk;
+        b.grid = grid;
+        b.nthreads = static_cast<int>(threads);
+        b.body = &body;
+        b.idx = uint3{x, y, z};
+        b.serial = ++block_serial();
+        b.grid_state = &g;
+        b.dynamic.assign(shared, 0xFF);
+        ++settings().blocks;
+        init_block(b, k * threads);
+      }
+    }
+  }
+  for (;;) {
+    size_t done = 0;
+    for (Block& b : blocks) {
+      if (!b.finished) b.finished = step_block(b);
+      done += b.finished ? 1 : 0;
+    }
+    if (done == blocks.size()) break;
+    TORCH_CHECK(done == 0, "cuda_emu: ", done, " of ", blocks.size(),
+                " blocks exited while the others wait at grid_sync()");
+    TORCH_CHECK(g.arrived == g.threads, "cuda_emu: grid_sync() reached by ", g.arrived, " of ",
+                g.threads, " threads");
+    g.arrived = 0;
+    ++g.gen;
+    for (Block& b : blocks) b.grid_waiting = 0;
+  }
+}
+
 }  // namespace fastnn_emu
 
 // ---------------------------------------------------------------------------------------------
@@ -383,6 +510,11 @@ Launcher<P...> launch(void (*kernel)(P...), dim3 grid, dim3 blk, size_t shared =
 #define gridDim (::fastnn_emu::block().grid)
 
 inline void __syncthreads() { ::fastnn_emu::syncthreads(); }
+inline void grid_sync() { ::fastnn_emu::grid_sync(); }
+template <typename T>
+T* dynamic_shared() {
+  return ::fastnn_emu::dynamic_shared<T>();
+}
 
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
@@ -399,13 +531,33 @@ constexpr cudaError_t cudaSuccess = 0;
 
 struct cudaDeviceProp {
   int multiProcessorCount;
+  size_t sharedMemPerBlockOptin;
+  int cooperativeLaunch;
 };
 
+// Blocks per multiprocessor: the tests' setting, none over the opt-in shared memory limit.
 inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int threads,
-                                                                 size_t) {
+                                                                 size_t shared) {
   TORCH_CHECK(threads >= 1 && threads <= 1024, "cuda_emu: occupancy query for ", threads,
               " threads");
-  *n = ::fastnn_emu::settings().blocks_per_sm;
+  const auto& s = ::fastnn_emu::settings();
+  *n = static_cast<int64_t>(shared) <= s.smem_optin ? s.blocks_per_sm : 0;
+  return cudaSuccess;
+}
+
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+
+template <typename F>
+cudaError_t cudaFuncSetAttribute(F*, cudaFuncAttribute, int value) {
+  TORCH_CHECK(value >= 0 && value <= ::fastnn_emu::settings().smem_optin,
+              "cuda_emu: shared memory allowance ", value, " over the device's limit");
+  return cudaSuccess;
+}
+
+template <typename... P>
+cudaError_t cudaLaunchCooperativeKernel(void (*kernel)(P...), dim3 grid, dim3 block, void** args,
+                                        size_t shared = 0, cudaStream_t = nullptr) {
+  ::fastnn_emu::launch_cooperative(kernel, grid, block, args, shared);
   return cudaSuccess;
 }
 
@@ -427,6 +579,8 @@ inline CUDAStream getCurrentCUDAStream() { return {}; }
 inline cudaDeviceProp* getCurrentDeviceProperties() {
   static thread_local cudaDeviceProp p;
   p.multiProcessorCount = ::fastnn_emu::settings().sm_count;
+  p.sharedMemPerBlockOptin = static_cast<size_t>(::fastnn_emu::settings().smem_optin);
+  p.cooperativeLaunch = 1;
   return &p;
 }
 }  // namespace cuda
@@ -437,5 +591,6 @@ namespace cuda {
 struct CUDAGuard {
   explicit CUDAGuard(c10::Device) {}
 };
+inline c10::DeviceIndex current_device() { return 0; }
 }  // namespace cuda
 }  // namespace c10
