@@ -5,7 +5,7 @@
 # $OUT/summary.txt. A step that would start with too little of the budget left is skipped and
 # says so; run it again by name.
 #
-#   scripts/gpu_check.sh                 # env build smoke targets kernels sanitize test bench
+#   scripts/gpu_check.sh                 # env build smoke targets kernels onchip sanitize test bench
 #   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
 # Steps, most telling first: env, build (loads the fastnn._C that scripts/device_prebuild.sh left
@@ -14,7 +14,9 @@
 # >2^31 elements), targets (fastnn-bench --targets: the exact cases of the speed goals, met or
 # not), kernels (benchmarks/kernel_times.py: each kernel's time and each call's span, fastnn's
 # and nn.BatchNorm2d's, on the channels-last cases at 64 channels and their NCHW and 256-channel
-# neighbours), sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
+# neighbours), onchip (the on-chip training forward, FASTNN_CUDA_ONCHIP=1: the op check, memcheck
+# and racecheck of it, targets and kernels again, to set against the three-kernel path's),
+# sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
 # initcheck, synccheck), test (the pytest cases marked cuda; TEST_MARK= runs the whole suite),
 # bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
 #
@@ -67,7 +69,7 @@ SANITIZE_KERNELS=${SANITIZE_KERNELS-bn_}
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
 else
-  STEPS=(env build smoke targets kernels sanitize test bench)
+  STEPS=(env build smoke targets kernels onchip sanitize test bench)
 fi
 
 {
@@ -195,7 +197,9 @@ else:
     SHAPES += [((8, 64, 56, 56), None), ((8, 64, 56, 56), torch.channels_last),
                ((16, 256, 7, 7), None), ((16, 256, 7, 7), torch.channels_last),
                ((2, 3, 1000, 1100), None), ((1, 40, 2100, 3), torch.channels_last),
-               ((4096, 33), None), ((3, 2048, 14, 14), None)]
+               ((4096, 33), None), ((3, 2048, 14, 14), None),
+               # more rows than the on-chip training forward keeps in shared memory
+               ((96, 64, 56, 56), torch.channels_last)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 if SMALL:  # under the sanitizers: each vector width once (bfloat16 shares float16's)
     DTYPES = [torch.float32, torch.float16, torch.float64]
@@ -736,6 +740,36 @@ step_kernels() {
     >> "$SUMMARY" || true
 }
 
+# The same checks and timings with the on-chip training forward (FASTNN_CUDA_ONCHIP=1; see
+# csrc/cuda/batch_norm_forward.cu): the op check and its memcheck/racecheck (fastnn's kernels
+# instrumented), the targets and the kernel times, each log with an _onchip suffix.
+step_onchip() {
+  write_op_check
+  export FASTNN_CUDA_ONCHIP=1
+  run_step smoke_onchip "$SMOKE_TIMEOUT" "$OUT/smoke_onchip.log" "$PY" "$OUT/cuda_op_check.py"
+  note smoke_onchip_result "$(grep -m1 'cuda op check' "$OUT/smoke_onchip.log" || echo 'no result line')"
+  run_bench targets_onchip "$TARGETS_TIMEOUT" --targets --no-ops --no-progress \
+    --out "$OUT/targets_onchip"
+  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets_onchip.log" 2> /dev/null | sed 's/^ */  /' \
+    >> "$SUMMARY" || true
+  # shellcheck disable=SC2086
+  run_step kernels_onchip "$KERNELS_TIMEOUT" "$OUT/kernels_onchip.log" "$PY" \
+    "$ROOT/benchmarks/kernel_times.py" --out "$OUT/kernels_onchip.txt" $KERNELS_ARGS
+  grep -E 'span of nn.BatchNorm2d' "$OUT/kernels_onchip.txt" 2> /dev/null | sed 's/^ */  /' \
+    >> "$SUMMARY" || true
+  if command -v compute-sanitizer > /dev/null; then
+    local tool
+    for tool in memcheck racecheck; do
+      run_step "onchip_$tool" "$SANITIZE_TIMEOUT" "$OUT/onchip_$tool.log" \
+        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
+        --kernel-name kns=bn_train_onchip --error-exitcode 99 --print-limit 50 \
+        "$PY" "$OUT/cuda_op_check.py" --small
+      note "  onchip $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/onchip_$tool.log" | tail -1 || echo '?')"
+    done
+  fi
+  unset FASTNN_CUDA_ONCHIP
+}
+
 step_bench() {
   # shellcheck disable=SC2086
   run_bench bench "$BENCH_TIMEOUT" $BENCH_ARGS --out "$OUT/bench"
@@ -795,11 +829,12 @@ for step in "${STEPS[@]}"; do
     smoke) step_smoke ;;
     targets) step_targets ;;
     kernels) step_kernels ;;
+    onchip) step_onchip ;;
     sanitize) step_sanitize ;;
     test) step_test ;;
     bench) step_bench ;;
     profile) step_profile ;;
-    *) note "$step" "unknown step (env build smoke targets kernels sanitize test bench profile)"
+    *) note "$step" "unknown step (env build smoke targets kernels onchip sanitize test bench profile)"
        FAILED=1 ;;
   esac
 done

@@ -124,6 +124,9 @@ def run_both(emu, op, args, grid, dtype, stat_dtype=None):
         assert g.dtype == w.dtype and g.shape == w.shape, (op, i, g.dtype, w.dtype)
         if g.dim() >= 2 and g.numel() > 0:
             assert g.stride() == w.stride(), (op, i, g.stride(), w.stride())
+        if not g.is_floating_point():  # a ReLU mask passed in
+            assert torch.equal(g, w), f"{op} output {i}"
+            continue
         # statistics are in the accumulation dtype whatever the input's
         d = dtype if g.dtype == dtype else (stat_dtype or g.dtype)
         assert_close(g, w, d, grad="backward" in op, msg=f"{op} output {i}")
@@ -449,8 +452,7 @@ def test_train_onchip(emu, monkeypatch, case, dt, relu, cache):
     C = shape[1]
     x = make_input(shape, dtype, "cpu", fmt, shift=0.5)
     w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
-    fixed, ty = _onchip_fixed_bytes(C, dtype)
-    limit = {"none": fixed, "part": fixed + ty * C * x.element_size(), "all": 227 << 10}[cache]
+    limit = _onchip_limit(cache, C, dtype, 0, 1)
     eligible = C // (16 // x.element_size()) <= 32
     monkeypatch.setenv("FASTNN_CUDA_ONCHIP", "1")
     monkeypatch.setitem(GRIDS, "coop", ONCHIP_GRID)
@@ -469,6 +471,55 @@ def test_train_onchip(emu, monkeypatch, case, dt, relu, cache):
             for i, (g, e) in enumerate(zip((out, mean, invstd, rm_e, rv_e), (*want, rm, rv))):
                 assert_close(g, e, dtype if g.dtype == dtype else g.dtype, msg=f"masked {i}")
             assert torch.equal(mask, _expected_mask(out, x)), "the ReLU mask's bytes"
+    finally:
+        emu.set_shared_memory(227 << 10)
+        emu.configure(*GRIDS["narrow"], 0, 0)
+
+
+def _onchip_limit(cache, C, dtype, extra, rows_of):
+    """The device's shared memory for `cache` (none, part, all) rows of an on-chip kernel that
+    needs `extra` more [C] accumulation values and keeps `rows_of` tensors a cached row."""
+    fixed, ty = _onchip_fixed_bytes(C, dtype)
+    acc = 8 if dtype == torch.float64 else 4
+    row = rows_of * C * torch.tensor([], dtype=dtype).element_size()
+    return {"none": fixed + extra * C * acc, "part": fixed + extra * C * acc + ty * row,
+            "all": 227 << 10}[cache]
+
+
+@pytest.mark.parametrize("cache", ["none", "part", "all"])
+@pytest.mark.parametrize("kind", ["plain", "residual_grad", "relu", "relu_residual_grad"])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("case", list(ONCHIP))
+def test_backward_onchip(emu, monkeypatch, case, dt, kind, cache):
+    """batch_norm_backward (training) through the on-chip kernel: the CPU kernels' gradients,
+    the same bits in any thread order; with relu it masks by the forward's ReLU mask (without the
+    mask it takes the three-kernel path)."""
+    shape, fmt = ONCHIP[case]
+    dtype = DTYPES[dt]
+    C = shape[1]
+    relu, residual_grad = "relu" in kind, "residual_grad" in kind
+    x = make_input(shape, dtype, "cpu", fmt, shift=0.5)
+    go = make_input(shape, dtype, "cpu", fmt, shift=0.0)
+    w, b, rm, rv = make_params(C, param_dtype(dtype), "cpu")
+    out, mean, invstd, mask = torch.ops.fastnn.batch_norm_train(x, w, b, rm, rv, 0.1, 1e-5, None,
+                                                                relu) + (None,)
+    if relu:
+        emu.configure(*ONCHIP_GRID, 0, 0)
+        mask = emu.batch_norm_train_masked(x, w, b, None, None, 0.1, 1e-5, None, True)[3]
+    eligible = C // (16 // x.element_size()) <= 32
+    monkeypatch.setenv("FASTNN_CUDA_ONCHIP", "1")
+    monkeypatch.setitem(GRIDS, "coop", ONCHIP_GRID)
+    emu.set_shared_memory(_onchip_limit(cache, C, dtype, 1, 2))
+    try:
+        launches = emu.counters()[0]
+        run_both(emu, "batch_norm_backward",
+                 [go, x, w, out, mean, invstd, True, relu, residual_grad, mask], "coop", dtype)
+        ran = (emu.counters()[0] - launches) // (1 if ASAN else 3)
+        assert ran == (1 if eligible else 3), f"{ran} kernels a call"
+        if relu:  # without the forward's mask: the three-kernel path
+            launches = emu.counters()[0]
+            emu.batch_norm_backward(go, x, w, out, mean, invstd, True, True, residual_grad)
+            assert emu.counters()[0] - launches == 3
     finally:
         emu.set_shared_memory(227 << 10)
         emu.configure(*GRIDS["narrow"], 0, 0)

@@ -123,6 +123,24 @@ constexpr auto dx_kernel() {
   }
 }
 
+// The on-chip training backward (bn_backward_onchip_rows_kernel; see plan_onchip): rows layouts
+// of at most 32 channel vectors read V wide, one input, without relu or with the forward's ReLU
+// mask. Returns false (nothing launched) where it does not apply.
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR>
+bool backward_onchip(const BackwardArgs<scalar_t, acc_t>& a) {
+  constexpr auto kernel = bn_backward_onchip_rows_kernel<scalar_t, acc_t, V, RELU, WRITE_GR>;
+  const KernelLayout& l = a.layout;
+  OnchipPlan plan;
+  if (!plan_onchip<kernel>(l, V, 3 * l.C, sizeof(acc_t), 2 * l.C * sizeof(scalar_t), plan)) {
+    return false;
+  }
+  at::Tensor partial = at::empty({2 * static_cast<int64_t>(plan.grid.x) * l.C}, a.stat_options);
+  OnchipBackwardArgs<acc_t> oa{a.mean, a.invstd, a.weight, partial.data_ptr<acc_t>(),
+                               a.inv_count, a.grad_weight, a.grad_bias};
+  const uint8_t* bits = a.fwd_mask;
+  return launch_onchip(kernel, plan, a.go, a.x, bits, a.gr, a.dx, plan.geom, oa);
+}
+
 // The training or eval backward: a reduction pass, a finalize and in training a dx pass. The dx
 // pass reads the masked gradient back from grad_residual when it was written, else grad_output
 // masked by the ReLU mask the reduce pass wrote (vectors) or by the output (scalars). ROWS picks
@@ -138,6 +156,9 @@ template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR, bo
 void backward_launch(const BackwardArgs<scalar_t, acc_t>& a, SecondInput<scalar_t, acc_t> second) {
   static_assert(!FWD || (RELU && TRAINING && V > 1), "the forward's mask is of vectors");
   static_assert(!(DUAL && WRITE_GR), "the dual backward writes no grad_residual");
+  if constexpr (ROWS && V > 1 && TRAINING && !DUAL && (FWD || !RELU)) {
+    if (onchip_enabled() && backward_onchip<scalar_t, acc_t, V, RELU, WRITE_GR>(a)) return;
+  }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr bool kMask = RELU && !WRITE_GR;
   constexpr bool kBits = kMask && TRAINING && V > 1;

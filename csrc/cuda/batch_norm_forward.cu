@@ -5,8 +5,6 @@
 // code only; the kernels are in batch_norm_kernels.cuh.
 #include <ATen/ops/cat.h>
 
-#include <atomic>
-#include <cstdlib>
 
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
@@ -126,63 +124,21 @@ constexpr auto normalize_kernel() {
   }
 }
 
-// The on-chip training forward (bn_train_onchip_rows_kernel): rows layouts of at most 32
-// channel vectors (256 16-bit or 128 float32 channels), read V wide, without a residual, on a
-// device that takes cooperative launches; only with FASTNN_CUDA_ONCHIP=1 in the environment
-// (read at each call) until it has been timed against the three-kernel path on a GPU. One block
-// per multiprocessor with as many rows in shared memory as the device allows a block. Returns
-// false (nothing launched) where it does not apply.
-inline bool onchip_enabled() {
-  const char* v = std::getenv("FASTNN_CUDA_ONCHIP");
-  return v != nullptr && v[0] == '1' && v[1] == '\0';
-}
-
+// The on-chip training forward (bn_train_onchip_rows_kernel; see plan_onchip): rows layouts of
+// at most 32 channel vectors (256 16-bit, 128 float32 or 64 float64 channels), read V wide,
+// without a residual. Returns false (nothing launched) where it does not apply.
 template <typename scalar_t, typename acc_t, int V, bool RELU, bool MASK>
 bool train_onchip(const TrainArgs<scalar_t, acc_t>& a) {
+  constexpr auto kernel = bn_train_onchip_rows_kernel<scalar_t, acc_t, V, RELU, MASK>;
   const KernelLayout& l = a.layout;
-  const int64_t Cv = l.C / V;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  if (!l.rows || Cv > 32 || !prop->cooperativeLaunch) return false;
-  auto kernel = bn_train_onchip_rows_kernel<scalar_t, acc_t, V, RELU, MASK>;
-  const int64_t tx = std::min<int64_t>(32, pow2_ceil(Cv));
-  const int64_t ty = kThreads / tx;
-  const int64_t R = l.N * l.S;
-  const int64_t max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
-  const int64_t fixed = (2 * l.C + onchip_scratch(V, tx)) * static_cast<int64_t>(sizeof(acc_t));
-  const int64_t row_bytes = l.C * static_cast<int64_t>(sizeof(scalar_t));
-  if (fixed > max_smem) return false;
-  // The shared-memory allowance over 48 KB is set once per kernel and device.
-  static std::atomic<uint64_t> allowed{0};
-  const int dev = static_cast<int>(c10::cuda::current_device());
-  const uint64_t bit = dev < 64 ? uint64_t{1} << dev : 0;
-  if (bit == 0 || !(allowed.load() & bit)) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(max_smem)));
-    allowed.fetch_or(bit);
+  OnchipPlan plan;
+  if (!plan_onchip<kernel>(l, V, 2 * l.C, sizeof(acc_t), l.C * sizeof(scalar_t), plan)) {
+    return false;
   }
-  const int64_t G = sm_count();
-  const int64_t per_block = ceil_div(R, G);
-  const int64_t fit = (max_smem - fixed) / row_bytes / ty * ty;
-  const int64_t cached = std::min(fit, ceil_div(per_block, ty) * ty);
-  const size_t smem = static_cast<size_t>(fixed + cached * row_bytes);
-  int resident = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &resident, reinterpret_cast<const void*>(kernel), static_cast<int>(kThreads), smem));
-  if (resident < 1) return false;
-  at::Tensor partial = at::empty({3 * G * l.C}, a.stat_options);
-  OnchipGeom g{R, l.C, Cv, per_block, cached, static_cast<int>(finalize_lanes(G))};
+  at::Tensor partial = at::empty({3 * static_cast<int64_t>(plan.grid.x) * l.C}, a.stat_options);
   OnchipArgs<acc_t> oa{partial.data_ptr<acc_t>(), shift_samples(l), a.inv_count, a.eps,
                        a.save_mean, a.save_invstd, a.running};
-  AffineParams<acc_t> p = a.affine;
-  const scalar_t* x = a.x;
-  scalar_t* y = a.out;
-  uint8_t* mask = a.mask;
-  void* args[] = {&x, &y, &p, &g, &oa, &mask};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(kernel, dim3(static_cast<unsigned>(G)),
-                                             dim3(static_cast<unsigned>(tx),
-                                                  static_cast<unsigned>(ty)),
-                                             args, smem, at::cuda::getCurrentCUDAStream()));
-  return true;
+  return launch_onchip(kernel, plan, a.x, a.out, a.affine, plan.geom, oa, a.mask);
 }
 
 // batch_norm_train: the statistics pass, its finalize (saved statistics, running update) and the

@@ -1622,24 +1622,18 @@ __device__ __forceinline__ void load_dx_coef(const acc_t* __restrict__ mean,
   }
 }
 
-// One step of the dx pass: U vectors of W elements at off + u * step. With BITS a vector's g is
-// masked by the ReLU mask's byte; scalars and !BITS read the output (when MASK).
+// The dx of U loaded vectors of W elements (gv: the gradient; ov, pass: what masks it, see
+// dx_step), written at dx + off + u * step (and dz with DUAL).
 template <int U, int W, int V, bool MASK, bool DUAL, bool BITS, typename scalar_t, typename acc_t,
           int NC>
-__device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
-                                        const scalar_t* __restrict__ x,
-                                        const scalar_t* __restrict__ out,
-                                        const scalar_t* __restrict__ z,
-                                        const uint8_t* __restrict__ bits, scalar_t* __restrict__ dx,
-                                        scalar_t* __restrict__ dz, int64_t off, int64_t step,
-                                        const DxCoef<acc_t, NC>& k1, const DxCoef<acc_t, NC>& k2) {
+__device__ __forceinline__ void dx_store(const scalar_t (&gv)[U][W], const scalar_t (&xv)[U][W],
+                                         const scalar_t (&ov)[U][W], const scalar_t (&zv)[U][W],
+                                         const unsigned (&pass)[U], scalar_t* __restrict__ dx,
+                                         scalar_t* __restrict__ dz, int64_t off, int64_t step,
+                                         const DxCoef<acc_t, NC>& k1,
+                                         const DxCoef<acc_t, NC>& k2) {
   constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
   constexpr bool kOut = MASK && !kBits;
-  scalar_t gv[U][W], ov[U][W];
-  scalar_t xv[U][W], zv[U][W];
-  unsigned pass[U];
-  load_backward_step<U, W, V, kOut, kBits, DUAL>(grad, x, out, z, bits, off, step, gv, xv, ov,
-                                                 zv, pass);
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     scalar_t o[W], o2[W];
@@ -1664,6 +1658,27 @@ __device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
     store_raw<W>(dx + off + j * step, o);
     if constexpr (DUAL) store_raw<W>(dz + off + j * step, o2);
   }
+}
+
+// One step of the dx pass: U vectors of W elements at off + u * step. With BITS a vector's g is
+// masked by the ReLU mask's byte; scalars and !BITS read the output (when MASK).
+template <int U, int W, int V, bool MASK, bool DUAL, bool BITS, typename scalar_t, typename acc_t,
+          int NC>
+__device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
+                                        const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ out,
+                                        const scalar_t* __restrict__ z,
+                                        const uint8_t* __restrict__ bits, scalar_t* __restrict__ dx,
+                                        scalar_t* __restrict__ dz, int64_t off, int64_t step,
+                                        const DxCoef<acc_t, NC>& k1, const DxCoef<acc_t, NC>& k2) {
+  constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
+  constexpr bool kOut = MASK && !kBits;
+  scalar_t gv[U][W], ov[U][W];
+  scalar_t xv[U][W], zv[U][W];
+  unsigned pass[U];
+  load_backward_step<U, W, V, kOut, kBits, DUAL>(grad, x, out, z, bits, off, step, gv, xv, ov,
+                                                 zv, pass);
+  dx_store<U, W, V, MASK, DUAL, BITS>(gv, xv, ov, zv, pass, dx, dz, off, step, k1, k2);
 }
 
 template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false,
@@ -1699,6 +1714,169 @@ __global__ void __launch_bounds__(kThreads) bn_backward_dx_rows_kernel(
     dx_step<decltype(u)::value, V, V, MASK, DUAL, BITS>(grad, x, out, second.z, bits, dx,
                                                         second.dz, off, step, k1, k2);
   });
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// Training backward on chip (rows layout, V-wide vectors, one input; the host launches it where
+// batch_norm_backward.cuh says): reduce, finalize and dx in one cooperative kernel, as the
+// on-chip forward above. The first `cached` rows of block b's range keep the masked gradient and
+// x in shared memory ([cached][C] each, then coef [3][C] and the scratch). With RELU g is masked
+// by the forward's ReLU mask (`bits`); with WRITE_GR the masked gradient is also written to
+// grad_residual. The dx of the rows not cached reads g, x (and the mask) again, last-read-first.
+// Bytes: g and x read once, dx written once, plus the rows not cached read again: 3Nb when every
+// row fits (the three-kernel backward: 5Nb).
+template <typename acc_t>
+struct OnchipBackwardArgs {
+  const acc_t* mean;
+  const acc_t* invstd;
+  ChannelParam weight;
+  acc_t* partial;  // [2][gridDim.x][C]
+  acc_t inv_count;
+  acc_t* grad_weight;
+  acc_t* grad_bias;
+};
+
+template <typename scalar_t, typename acc_t, int V, bool RELU, bool WRITE_GR>
+__global__ void __launch_bounds__(kThreads, 1)
+    bn_backward_onchip_rows_kernel(const scalar_t* __restrict__ go,
+                                   const scalar_t* __restrict__ x,
+                                   const uint8_t* __restrict__ bits, scalar_t* __restrict__ gr,
+                                   scalar_t* __restrict__ dx, OnchipGeom g,
+                                   OnchipBackwardArgs<acc_t> a) {
+  static_assert(V > 1 && V <= 8, "vectors only (the ReLU mask has a bit per element of one)");
+  static_assert(kThreads == kFinalizeThreads, "the finalize step runs on the block's threads");
+  const int tx = blockDim.x;
+  const int ty = blockDim.y;
+  const int ry = threadIdx.y;
+  const int64_t cv = threadIdx.x;
+  const bool active = cv < g.Cv;  // every thread still reaches every barrier
+  const int64_t col = cv * V;
+  const int64_t C = g.C;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.per_block;
+  const int64_t left = g.R - first;
+  const int64_t nrows = left < 0 ? 0 : (left < g.per_block ? left : g.per_block);
+  const int64_t ncached = g.cached < nrows ? g.cached : nrows;
+  const int64_t step = ty * C;
+  scalar_t* cache_g = dynamic_shared<scalar_t>();
+  scalar_t* cache_x = cache_g + g.cached * C;
+  acc_t* coef = reinterpret_cast<acc_t*>(cache_x + g.cached * C);  // a, b, d [3][C]
+  acc_t* scratch = coef + 3 * C;
+  scalar_t* const kNone = nullptr;
+  constexpr int U = kUnroll;
+  using Cached = std::true_type;
+  using Streamed = std::false_type;
+
+  // 1. sum g and sum g * (x - mean) of the masked gradient, caching the first rows.
+  acc_t sa[V], sb[V], m[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) sa[i] = sb[i] = m[i] = acc_t(0);
+  auto reduce = [&](auto u, auto cached, int64_t l) {
+    constexpr int UU = decltype(u)::value;
+    const int64_t off = (first + l) * C + col;
+    scalar_t gv[UU][V], xv[UU][V], ov[UU][V], zv[UU][V];
+    unsigned pass[UU];
+    load_backward_step<UU, V, V, false, RELU, false>(go, x, kNone, kNone, bits, off, step, gv, xv,
+                                                     ov, zv, pass);
+#pragma unroll
+    for (int j = 0; j < UU; ++j) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        if constexpr (RELU) {
+          gv[j][i] = (pass[j] >> i) & 1u ? gv[j][i] : static_cast<scalar_t>(0.0f);
+        }
+        const acc_t ga = static_cast<acc_t>(gv[j][i]);
+        sa[i] += ga;
+        sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
+      }
+      if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gv[j]);
+      if constexpr (decltype(cached)::value) {
+        store_raw<V>(cache_g + l * C + col + j * step, gv[j]);
+        store_raw<V>(cache_x + l * C + col + j * step, xv[j]);
+      }
+    }
+  };
+  if (active) {
+#pragma unroll
+    for (int i = 0; i < V; ++i) m[i] = a.mean[col + i];
+    int64_t l = ry;
+    for (; l + (U - 1) * ty < ncached; l += U * ty) reduce(std::integral_constant<int, U>(), Cached(), l);
+    for (; l < ncached; l += ty) reduce(std::integral_constant<int, 1>(), Cached(), l);
+    for (l = ncached + ry; l + (U - 1) * ty < nrows; l += U * ty) {
+      reduce(std::integral_constant<int, U>(), Streamed(), l);
+    }
+    for (; l < nrows; l += ty) reduce(std::integral_constant<int, 1>(), Streamed(), l);
+  }
+  {
+    Sum2<acc_t> w[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) w[i] = Sum2<acc_t>{sa[i], sb[i]};
+    Sum2<acc_t> r;
+    int c, i;
+    if (block_reduce_columns_vec_in<V>(w, r, c, i, scratch, tx) && c < g.Cv) {
+      Fields<Sum2<acc_t>>::put(a.partial + static_cast<int64_t>(blockIdx.x) * C + c * V + i,
+                               static_cast<int64_t>(gridDim.x) * C, r);
+    }
+  }
+  grid_sync();
+
+  // 2. Every block merges every channel's partials into the dx coefficients (see
+  // bn_backward_finalize_kernel); block 0 writes grad_weight and grad_bias.
+  {
+    const int Y = g.lanes;
+    const int X = kThreads / Y;
+    const int t = ry * tx + threadIdx.x;
+    const int lx = t % X;
+    const int ly = t / X;
+    for (int64_t c0 = 0; c0 < C; c0 += X) {
+      const int64_t c = c0 + lx;
+      const Sum2<acc_t> s =
+          merge_partials_in<Sum2<acc_t>>(a.partial, gridDim.x, C, c, lx, ly, X, Y, scratch);
+      if (ly == 0 && c < C) {
+        const acc_t is = a.invstd[c];
+        const acc_t ac = is * load_param<scalar_t>(a.weight, c, acc_t(1));
+        coef[c] = ac;
+        coef[C + c] = ac * s.a * a.inv_count;
+        coef[2 * C + c] = ac * is * is * s.b * a.inv_count;
+        if (blockIdx.x == 0) {
+          a.grad_bias[c] = s.a;
+          a.grad_weight[c] = s.b * is;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  if (!active) return;  // no barrier below
+
+  // 3. dx = a * g - b - d * (x - mean): the rows not cached last-first, then the cached ones.
+  DxCoef<acc_t, V> k1, k2;
+  load_dx_coef<false>(a.mean, coef, SecondInput<scalar_t, acc_t>{}, C, col, k1, k2);
+  const int64_t base = first * C + col;
+  const int64_t lo = ncached + ry;
+  int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
+  for (; remaining >= U; remaining -= U) {
+    const int64_t off = base + (lo + (remaining - U) * ty) * C;
+    dx_step<U, V, V, RELU, false, RELU>(go, x, kNone, kNone, bits, dx, kNone, off, step, k1, k2);
+  }
+  for (; remaining > 0; --remaining) {
+    const int64_t off = base + (lo + (remaining - 1) * ty) * C;
+    dx_step<1, V, V, RELU, false, RELU>(go, x, kNone, kNone, bits, dx, kNone, off, step, k1, k2);
+  }
+  auto from_cache = [&](auto u, int64_t l) {
+    constexpr int UU = decltype(u)::value;
+    scalar_t gv[UU][V], xv[UU][V], ov[UU][V], zv[UU][V];
+    unsigned pass[UU];
+#pragma unroll
+    for (int j = 0; j < UU; ++j) {
+      load_raw<V>(cache_g + l * C + col + j * step, gv[j]);
+      load_raw<V>(cache_x + l * C + col + j * step, xv[j]);
+    }
+    dx_store<UU, V, V, false, false, false>(gv, xv, ov, zv, pass, dx, kNone, base + l * C, step,
+                                            k1, k2);
+  };
+  int64_t l = ry;
+  for (; l + (U - 1) * ty < ncached; l += U * ty) from_cache(std::integral_constant<int, U>(), l);
+  for (; l < ncached; l += ty) from_cache(std::integral_constant<int, 1>(), l);
 }
 
 }  // namespace cuda

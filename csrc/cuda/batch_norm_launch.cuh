@@ -12,9 +12,13 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <tuple>
+#include <type_traits>
 
 #include "batch_norm_common.h"
 #include "batch_norm_kernels.cuh"
@@ -201,6 +205,92 @@ inline dim3 finalize_block(int64_t P) {
 }
 inline dim3 finalize_grid(int64_t C, int64_t P) {
   return dim3(static_cast<unsigned>(ceil_div(C, kFinalizeThreads / finalize_lanes(P))));
+}
+
+// On-chip (cooperative) kernels: the rows layout's training forward and backward in one kernel
+// each (bn_train_onchip_rows_kernel, bn_backward_onchip_rows_kernel), only with
+// FASTNN_CUDA_ONCHIP=1 in the environment (read at each call) until they have been timed against
+// the three-kernel paths on a GPU.
+inline bool onchip_enabled() {
+  const char* v = std::getenv("FASTNN_CUDA_ONCHIP");
+  return v != nullptr && v[0] == '1' && v[1] == '\0';
+}
+
+struct OnchipPlan {
+  OnchipGeom geom;
+  dim3 grid;
+  dim3 block;
+  size_t smem;
+};
+
+// Once per kernel and device: the shared-memory allowance over 48 KB, and whether a block of
+// kThreads with `max_smem` bytes of it fits on a multiprocessor (then so does one with less).
+template <auto kKernel>
+bool onchip_usable(int64_t max_smem) {
+  static std::atomic<uint64_t> checked{0}, usable{0};
+  const int dev = static_cast<int>(c10::cuda::current_device());
+  if (dev < 0 || dev >= 64) return false;
+  const uint64_t bit = uint64_t{1} << dev;
+  if (!(checked.load() & bit)) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(max_smem)));
+    int resident = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &resident, reinterpret_cast<const void*>(kKernel), static_cast<int>(kThreads),
+        static_cast<size_t>(max_smem)));
+    if (resident >= 1) usable.fetch_or(bit);
+    checked.fetch_or(bit);
+  }
+  return (usable.load() & bit) != 0;
+}
+
+// The plan of on-chip kernel kKernel for rows layout `l` read V wide: one block of kThreads per
+// multiprocessor, (tx, kThreads / tx) with tx the power of two covering the channel vectors, rows
+// split evenly over the blocks, and as many whole groups of kThreads / tx rows kept in shared
+// memory as fit after `fixed_values` accumulation values (acc_size bytes each), at row_bytes a
+// row. False where it does not apply: more than 32 channel vectors, no cooperative launches,
+// too little shared memory.
+template <auto kKernel>
+bool plan_onchip(const KernelLayout& l, int64_t V, int64_t fixed_values, int64_t acc_size,
+                 int64_t row_bytes, OnchipPlan& plan) {
+  const int64_t Cv = l.C / V;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  if (!l.rows || Cv > 32 || !prop->cooperativeLaunch) return false;
+  const int64_t tx = std::min<int64_t>(32, pow2_ceil(Cv));
+  const int64_t ty = kThreads / tx;
+  const int64_t max_smem = static_cast<int64_t>(prop->sharedMemPerBlockOptin);
+  const int64_t fixed = (fixed_values + onchip_scratch(V, tx)) * acc_size;
+  if (fixed > max_smem || !onchip_usable<kKernel>(max_smem)) return false;
+  const int64_t G = sm_count();
+  const int64_t R = l.N * l.S;
+  const int64_t per_block = ceil_div(R, G);
+  const int64_t fit = (max_smem - fixed) / row_bytes / ty * ty;
+  const int64_t cached = std::min(fit, ceil_div(per_block, ty) * ty);
+  plan.geom = OnchipGeom{R, l.C, Cv, per_block, cached, static_cast<int>(finalize_lanes(G))};
+  plan.grid = dim3(static_cast<unsigned>(G));
+  plan.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
+  plan.smem = static_cast<size_t>(fixed + cached * row_bytes);
+  return true;
+}
+
+// The cooperative launch of a plan. False, with nothing launched, when the device cannot have
+// that many blocks resident for this process (fewer multiprocessors available under MPS, say).
+template <typename... P, typename... A>
+bool launch_onchip(void (*kernel)(P...), const OnchipPlan& plan, A&&... args) {
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  void* ptrs[sizeof...(P)];
+  std::apply([&](auto&... p) {
+    int i = 0;
+    ((ptrs[i++] = static_cast<void*>(&p)), ...);
+  }, params);
+  const cudaError_t err = cudaLaunchCooperativeKernel(kernel, plan.grid, plan.block, ptrs,
+                                                      plan.smem, at::cuda::getCurrentCUDAStream());
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
 }
 
 inline bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }

@@ -528,6 +528,8 @@ struct CUstream_st;
 using cudaStream_t = CUstream_st*;
 using cudaError_t = int;
 constexpr cudaError_t cudaSuccess = 0;
+constexpr cudaError_t cudaErrorCooperativeLaunchTooLarge = 720;
+inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 
 struct cudaDeviceProp {
   int multiProcessorCount;
