@@ -67,7 +67,7 @@ struct OnchipGeom {
   int64_t Cv;
   int64_t per_block;
   int64_t cached;
-  int lanes;  // partial lanes of its finalize step (finalize_lanes of the grid size)
+  int lanes;  // partial lanes of its finalize step (a power of two; see plan_onchip)
 };
 
 // Its dynamic shared memory: the cached rows (cached * C elements), then 2 * C statistics and

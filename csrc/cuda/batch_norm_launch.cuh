@@ -266,7 +266,11 @@ bool plan_onchip(const KernelLayout& l, int64_t V, int64_t fixed_values, int64_t
   const int64_t per_block = ceil_div(R, G);
   const int64_t fit = (max_smem - fixed) / row_bytes / ty * ty;
   const int64_t cached = std::min(fit, ceil_div(per_block, ty) * ty);
-  plan.geom = OnchipGeom{R, l.C, Cv, per_block, cached, static_cast<int>(finalize_lanes(G))};
+  // Every block merges the G partials of all C channels at once: as many partial lanes as
+  // leave a lane for each channel (the finalize kernels' count at most), so that it is one pass
+  // (at 64 channels and 132 blocks: 8 lanes of about 17 partials, loaded 4 at a time).
+  const int64_t lanes = std::min(finalize_lanes(G), kThreads / pow2_ceil(l.C));
+  plan.geom = OnchipGeom{R, l.C, Cv, per_block, cached, static_cast<int>(lanes)};
   plan.grid = dim3(static_cast<unsigned>(G));
   plan.block = dim3(static_cast<unsigned>(tx), static_cast<unsigned>(ty));
   plan.smem = static_cast<size_t>(fixed + cached * row_bytes);
