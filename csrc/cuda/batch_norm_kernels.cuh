@@ -582,9 +582,9 @@ __device__ __forceinline__ bool block_reduce_columns_vec_in(const R (&v)[V], R& 
 // division each: V calls one after the other were V chains of kWarps - 1 dependent merges (and
 // 2V barriers); here V * tx threads run one chain each, in the same order (bitwise the same
 // results). Returns true in the thread that holds channel i of column x's vector, with the
-// result in `out`. Call once per kernel, from every thread of the block. Not used for the
-// backward's sums: their merges are additions, and the reduce kernels, which have no block
-// bound, took other register counts with it (one of them 64 -> 70, i.e. 1 block of 512 threads
+// result in `out`. Call once per kernel, from every thread of the block. Not used by the
+// backward's reduce kernels (the on-chip backward uses it): their merges are additions, and
+// they, which have no block bound, took other register counts with it (one of them 64 -> 70, i.e. 1 block of 512 threads
 // per multiprocessor instead of 2).
 template <int V, typename R>
 __device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
@@ -1622,18 +1622,24 @@ __device__ __forceinline__ void load_dx_coef(const acc_t* __restrict__ mean,
   }
 }
 
-// The dx of U loaded vectors of W elements (gv: the gradient; ov, pass: what masks it, see
-// dx_step), written at dx + off + u * step (and dz with DUAL).
+// One step of the dx pass: U vectors of W elements at off + u * step. With BITS a vector's g is
+// masked by the ReLU mask's byte; scalars and !BITS read the output (when MASK).
 template <int U, int W, int V, bool MASK, bool DUAL, bool BITS, typename scalar_t, typename acc_t,
           int NC>
-__device__ __forceinline__ void dx_store(const scalar_t (&gv)[U][W], const scalar_t (&xv)[U][W],
-                                         const scalar_t (&ov)[U][W], const scalar_t (&zv)[U][W],
-                                         const unsigned (&pass)[U], scalar_t* __restrict__ dx,
-                                         scalar_t* __restrict__ dz, int64_t off, int64_t step,
-                                         const DxCoef<acc_t, NC>& k1,
-                                         const DxCoef<acc_t, NC>& k2) {
+__device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
+                                        const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ out,
+                                        const scalar_t* __restrict__ z,
+                                        const uint8_t* __restrict__ bits, scalar_t* __restrict__ dx,
+                                        scalar_t* __restrict__ dz, int64_t off, int64_t step,
+                                        const DxCoef<acc_t, NC>& k1, const DxCoef<acc_t, NC>& k2) {
   constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
   constexpr bool kOut = MASK && !kBits;
+  scalar_t gv[U][W], ov[U][W];
+  scalar_t xv[U][W], zv[U][W];
+  unsigned pass[U];
+  load_backward_step<U, W, V, kOut, kBits, DUAL>(grad, x, out, z, bits, off, step, gv, xv, ov,
+                                                 zv, pass);
 #pragma unroll
   for (int j = 0; j < U; ++j) {
     scalar_t o[W], o2[W];
@@ -1658,27 +1664,6 @@ __device__ __forceinline__ void dx_store(const scalar_t (&gv)[U][W], const scala
     store_raw<W>(dx + off + j * step, o);
     if constexpr (DUAL) store_raw<W>(dz + off + j * step, o2);
   }
-}
-
-// One step of the dx pass: U vectors of W elements at off + u * step. With BITS a vector's g is
-// masked by the ReLU mask's byte; scalars and !BITS read the output (when MASK).
-template <int U, int W, int V, bool MASK, bool DUAL, bool BITS, typename scalar_t, typename acc_t,
-          int NC>
-__device__ __forceinline__ void dx_step(const scalar_t* __restrict__ grad,
-                                        const scalar_t* __restrict__ x,
-                                        const scalar_t* __restrict__ out,
-                                        const scalar_t* __restrict__ z,
-                                        const uint8_t* __restrict__ bits, scalar_t* __restrict__ dx,
-                                        scalar_t* __restrict__ dz, int64_t off, int64_t step,
-                                        const DxCoef<acc_t, NC>& k1, const DxCoef<acc_t, NC>& k2) {
-  constexpr bool kBits = BITS && W == V;  // vectors: the mask's bits; scalars: the output
-  constexpr bool kOut = MASK && !kBits;
-  scalar_t gv[U][W], ov[U][W];
-  scalar_t xv[U][W], zv[U][W];
-  unsigned pass[U];
-  load_backward_step<U, W, V, kOut, kBits, DUAL>(grad, x, out, z, bits, off, step, gv, xv, ov,
-                                                 zv, pass);
-  dx_store<U, W, V, MASK, DUAL, BITS>(gv, xv, ov, zv, pass, dx, dz, off, step, k1, k2);
 }
 
 template <typename scalar_t, typename acc_t, int V, bool MASK, bool REVERSE, bool DUAL = false,
@@ -1864,15 +1849,23 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   auto from_cache = [&](auto u, int64_t l) {
     constexpr int UU = decltype(u)::value;
-    scalar_t gv[UU][V], xv[UU][V], ov[UU][V], zv[UU][V];
-    unsigned pass[UU];
+    scalar_t gv[UU][V], xv[UU][V];
 #pragma unroll
     for (int j = 0; j < UU; ++j) {
       load_raw<V>(cache_g + l * C + col + j * step, gv[j]);
       load_raw<V>(cache_x + l * C + col + j * step, xv[j]);
     }
-    dx_store<UU, V, V, false, false, false>(gv, xv, ov, zv, pass, dx, kNone, base + l * C, step,
-                                            k1, k2);
+#pragma unroll
+    for (int j = 0; j < UU; ++j) {
+      scalar_t o[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) {  // as in dx_step, g already masked
+        const acc_t ga = static_cast<acc_t>(gv[j][i]);
+        o[i] = static_cast<scalar_t>(k1.a[i] * ga - k1.b[i] -
+                                     k1.d[i] * (static_cast<acc_t>(xv[j][i]) - k1.m[i]));
+      }
+      store_raw<V>(dx + base + l * C + j * step, o);
+    }
   };
   int64_t l = ry;
   for (; l + (U - 1) * ty < ncached; l += U * ty) from_cache(std::integral_constant<int, U>(), l);
