@@ -57,7 +57,8 @@ struct RowGeom {
   int64_t Cv;
 };
 
-// The on-chip training forward (bn_train_onchip_rows_kernel): rows layout, one block of
+// The on-chip training forward and backward (bn_train_onchip_rows_kernel,
+// bn_backward_onchip_rows_kernel): rows layout, one block of
 // (tx, kThreads / tx) threads per resident slot, tx a power of two covering the Cv <= 32 channel
 // vectors. Block b owns rows [b * per_block, (b + 1) * per_block) (fewer at the end) and keeps
 // the first `cached` of them (0, or a multiple of kThreads / tx) in shared memory.
@@ -70,7 +71,8 @@ struct OnchipGeom {
   int lanes;  // partial lanes of its finalize step (a power of two; see plan_onchip)
 };
 
-// Its dynamic shared memory: the cached rows (cached * C elements), then 2 * C statistics and
+// Their dynamic shared memory: the cached rows (cached * C elements; the backward keeps two
+// tensors' rows), then 2 * C (forward) or 3 * C (backward) per-channel values and
 // onchip_scratch(V, tx) reduction values, in the accumulation type.
 __host__ __device__ constexpr int64_t onchip_scratch(int64_t V, int64_t tx) {
   return 3 * (V * (kThreads / 32) * tx > kFinalizeThreads ? V * (kThreads / 32) * tx
@@ -122,7 +124,7 @@ struct RunningUpdate {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Cooperative launches (the on-chip training forward). The CPU emulation of the tests
+// Cooperative launches (the on-chip kernels). The CPU emulation of the tests
 // (tests/cuda_emu/emu.h) has its own grid_sync and dynamic_shared.
 
 #if defined(__CUDACC__)
@@ -584,8 +586,8 @@ __device__ __forceinline__ bool block_reduce_columns_vec_in(const R (&v)[V], R& 
 // results). Returns true in the thread that holds channel i of column x's vector, with the
 // result in `out`. Call once per kernel, from every thread of the block. Not used by the
 // backward's reduce kernels (the on-chip backward uses it): their merges are additions, and
-// they, which have no block bound, took other register counts with it (one of them 64 -> 70, i.e. 1 block of 512 threads
-// per multiprocessor instead of 2).
+// those kernels, which have no block bound, took other register counts with it (one of them
+// 64 -> 70, i.e. 1 block of 512 threads per multiprocessor instead of 2).
 template <int V, typename R>
 __device__ __forceinline__ bool block_reduce_columns_vec(const R (&v)[V], R& out, int& x, int& i) {
   using F = Fields<R>;
@@ -1179,6 +1181,8 @@ __global__ void __launch_bounds__(kThreads, 1)
                                   static_cast<int64_t>(gridDim.x) * C, r);
     }
   }
+  // The partials are read back below with ordinary loads (merge_partials_in reads nothing else
+  // of them through the read-only path: checked in the SASS), after the barrier's acquire.
   grid_sync();
 
   // 2. Every block merges every channel's partials (X channels at a time, `lanes` lanes each).
@@ -1222,13 +1226,13 @@ __global__ void __launch_bounds__(kThreads, 1)
   int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
   for (; remaining >= U; remaining -= U) {
     const int64_t off = base + (lo + (remaining - U) * ty) * C;
-    normalize_step<U, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step, cmean, scale,
-                                              cshift, term);
+    normalize_step<U, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step,
+                                              cmean, scale, cshift, term);
   }
   for (; remaining > 0; --remaining) {
     const int64_t off = base + (lo + (remaining - 1) * ty) * C;
-    normalize_step<1, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step, cmean, scale,
-                                              cshift, term);
+    normalize_step<1, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step,
+                                              cmean, scale, cshift, term);
   }
   int64_t l = ry;
   for (; l + (U - 1) * ty < ncached; l += U * ty) {
@@ -1785,7 +1789,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
     for (int i = 0; i < V; ++i) m[i] = a.mean[col + i];
     int64_t l = ry;
-    for (; l + (U - 1) * ty < ncached; l += U * ty) reduce(std::integral_constant<int, U>(), Cached(), l);
+    for (; l + (U - 1) * ty < ncached; l += U * ty) {
+      reduce(std::integral_constant<int, U>(), Cached(), l);
+    }
     for (; l < ncached; l += ty) reduce(std::integral_constant<int, 1>(), Cached(), l);
     for (l = ncached + ry; l + (U - 1) * ty < nrows; l += U * ty) {
       reduce(std::integral_constant<int, U>(), Streamed(), l);
