@@ -1098,6 +1098,89 @@ __global__ void __launch_bounds__(kThreads, normalize_min_blocks<DUAL>())
 //    itself, so the cache needs no barrier.
 // Bytes: x read once, plus the rows not cached read again (partly from L2), y written once: 2Nb
 // when every row fits in shared memory, at most 3Nb otherwise.
+// The part of an on-chip kernel's rows a thread sees: block b's rows [first, first + nrows),
+// of which the first ncached are kept in shared memory; the thread (cv, ry) walks rows
+// ry, ry + ty, ... of them, vector cv of each (none when inactive: cv past the channels).
+struct OnchipRows {
+  int64_t first;
+  int64_t nrows;
+  int64_t ncached;
+  int64_t col;   // cv * V
+  int64_t step;  // ty * C: from a thread's row to its next, in the tensors and the cache
+  int ty;
+  int ry;
+  bool active;
+  __device__ OnchipRows(const OnchipGeom& g, int V) {
+    first = static_cast<int64_t>(blockIdx.x) * g.per_block;
+    const int64_t left = g.R - first;
+    nrows = left < 0 ? 0 : (left < g.per_block ? left : g.per_block);
+    ncached = g.cached < nrows ? g.cached : nrows;
+    ty = blockDim.y;
+    ry = threadIdx.y;
+    col = static_cast<int64_t>(threadIdx.x) * V;
+    step = ty * g.C;
+    active = static_cast<int64_t>(threadIdx.x) < g.Cv;
+  }
+  // f(std::integral_constant<int, U>, l) for the thread's rows l < ncached, U at a time (then one
+  // at a time), in order.
+  template <int U, typename F>
+  __device__ __forceinline__ void cached(F&& f) const {
+    int64_t l = ry;
+    for (; l + (U - 1) * ty < ncached; l += U * ty) f(std::integral_constant<int, U>(), l);
+    for (; l < ncached; l += ty) f(std::integral_constant<int, 1>(), l);
+  }
+  // The same for its rows from ncached on, in order, or (REVERSE) the last first.
+  template <int U, bool REVERSE, typename F>
+  __device__ __forceinline__ void streamed(F&& f) const {
+    const int64_t lo = ncached + ry;
+    if (!REVERSE) {
+      int64_t l = lo;
+      for (; l + (U - 1) * ty < nrows; l += U * ty) f(std::integral_constant<int, U>(), l);
+      for (; l < nrows; l += ty) f(std::integral_constant<int, 1>(), l);
+    } else {
+      int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
+      for (; remaining >= U; remaining -= U) {
+        f(std::integral_constant<int, U>(), lo + (remaining - U) * ty);
+      }
+      for (; remaining > 0; --remaining) {
+        f(std::integral_constant<int, 1>(), lo + (remaining - 1) * ty);
+      }
+    }
+  }
+};
+
+// The on-chip kernels' exchange between blocks: each thread's values v[i] of its V channels
+// reduced over the block into one partial per channel ([count][gridDim.x][C] at `partial`),
+// grid_sync, then every block merges every channel's partials in the same order
+// (merge_partials_in, `lanes` lanes, X = kThreads / lanes channels at a time) and calls
+// done(c, merged) in one thread per channel. The partials are read back with ordinary loads
+// (merge_partials_in reads nothing else of them through the read-only path: checked in the
+// SASS), after the barrier's acquire. Call from every thread of the block.
+template <int V, typename R, typename T, typename F>
+__device__ __forceinline__ void onchip_exchange(const R (&v)[V], const OnchipGeom& g, T* partial,
+                                                T* scratch, F&& done) {
+  const int tx = blockDim.x;
+  const int64_t C = g.C;
+  R r;
+  int c, i;
+  if (block_reduce_columns_vec_in<V>(v, r, c, i, scratch, tx) && c < g.Cv) {
+    Fields<R>::put(partial + static_cast<int64_t>(blockIdx.x) * C + c * V + i,
+                   static_cast<int64_t>(gridDim.x) * C, r);
+  }
+  grid_sync();
+  const int Y = g.lanes;
+  const int X = kThreads / Y;
+  const int t = threadIdx.y * tx + threadIdx.x;
+  const int lx = t % X;
+  const int ly = t / X;
+  for (int64_t c0 = 0; c0 < C; c0 += X) {
+    const int64_t ch = c0 + lx;
+    const R merged = merge_partials_in<R>(partial, gridDim.x, C, ch, lx, ly, X, Y, scratch);
+    if (ly == 0 && ch < C) done(ch, merged);
+  }
+  __syncthreads();
+}
+
 template <typename acc_t>
 struct OnchipArgs {
   acc_t* partial;  // [3][gridDim.x][C]
@@ -1116,133 +1199,80 @@ __global__ void __launch_bounds__(kThreads, 1)
                                 uint8_t* __restrict__ mask) {
   static_assert(V > 1 && (!MASK || (RELU && V <= 8)), "vectors only; the mask is for ReLU");
   static_assert(kThreads == kFinalizeThreads, "the finalize step runs on the block's threads");
-  const int tx = blockDim.x;
-  const int ty = blockDim.y;
-  const int ry = threadIdx.y;
-  const int64_t cv = threadIdx.x;
-  const bool active = cv < g.Cv;  // every thread still reaches every barrier
-  const int64_t col = cv * V;
+  const OnchipRows rows(g, V);
   const int64_t C = g.C;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.per_block;
-  const int64_t left = g.R - first;
-  const int64_t nrows = left < 0 ? 0 : (left < g.per_block ? left : g.per_block);
-  const int64_t ncached = g.cached < nrows ? g.cached : nrows;
-  const int64_t step = ty * C;  // from a thread's row to its next, in x, y and the cache
+  const int64_t col = rows.col;
+  const int64_t step = rows.step;
+  const int64_t base = rows.first * C + col;  // the thread's first element in x and y
   scalar_t* cache = dynamic_shared<scalar_t>();
   acc_t* stats = reinterpret_cast<acc_t*>(cache + g.cached * C);  // mean [C], invstd [C]
   acc_t* scratch = stats + 2 * C;
-  constexpr int U = kUnroll;
-  using Rows = Loaded<scalar_t, V>;
   const scalar_t* const kNoResidual = nullptr;
+  constexpr int U = kUnroll;
 
   // 1. Statistics of x - shift (see channel_shift), caching the first rows.
   acc_t mean[V], m2[V], shift[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) mean[i] = m2[i] = shift[i] = acc_t(0);
   acc_t n = acc_t(0);
-  if (active) {
+  if (rows.active) {
 #pragma unroll
     for (int i = 0; i < V; ++i) shift[i] = channel_shift<scalar_t, acc_t>(x, col + i, a.shift_at);
-    int64_t l = ry;
-    for (; l + (U - 1) * ty < ncached; l += U * ty) {
-      Rows v[U];
+    rows.cached<U>([&](auto u, int64_t l) {
+      constexpr int UU = decltype(u)::value;
+      Loaded<scalar_t, V> v[UU];
 #pragma unroll
-      for (int j = 0; j < U; ++j) v[j].load(x + (first + l) * C + col + j * step);
+      for (int j = 0; j < UU; ++j) v[j].load(x + base + l * C + j * step);
 #pragma unroll
-      for (int j = 0; j < U; ++j) v[j].store(cache + l * C + col + j * step);
+      for (int j = 0; j < UU; ++j) v[j].store(cache + l * C + col + j * step);
       rows_welford<U>(v, shift, mean, m2, n);
-    }
-    for (; l < ncached; l += ty) {
-      Rows v[1];
-      v[0].load(x + (first + l) * C + col);
-      v[0].store(cache + l * C + col);
-      rows_welford<U>(v, shift, mean, m2, n);
-    }
-    for (l = ncached + ry; l + (U - 1) * ty < nrows; l += U * ty) {
-      Rows v[U];
+    });
+    rows.streamed<U, false>([&](auto u, int64_t l) {
+      constexpr int UU = decltype(u)::value;
+      Loaded<scalar_t, V> v[UU];
 #pragma unroll
-      for (int j = 0; j < U; ++j) v[j].load(x + (first + l) * C + col + j * step);
+      for (int j = 0; j < UU; ++j) v[j].load(x + base + l * C + j * step);
       rows_welford<U>(v, shift, mean, m2, n);
-    }
-    for (; l < nrows; l += ty) {
-      Rows v[1];
-      v[0].load(x + (first + l) * C + col);
-      rows_welford<U>(v, shift, mean, m2, n);
-    }
+    });
   }
-  {
-    Welford<acc_t> w[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) w[i] = Welford<acc_t>{mean[i], m2[i], n};
-    Welford<acc_t> r;
-    int c, i;
-    if (block_reduce_columns_vec_in<V>(w, r, c, i, scratch, tx) && c < g.Cv) {
-      Fields<Welford<acc_t>>::put(a.partial + static_cast<int64_t>(blockIdx.x) * C + c * V + i,
-                                  static_cast<int64_t>(gridDim.x) * C, r);
-    }
-  }
-  // The partials are read back below with ordinary loads (merge_partials_in reads nothing else
-  // of them through the read-only path: checked in the SASS), after the barrier's acquire.
-  grid_sync();
 
-  // 2. Every block merges every channel's partials (X channels at a time, `lanes` lanes each).
-  {
-    const int Y = g.lanes;
-    const int X = kThreads / Y;
-    const int t = ry * tx + threadIdx.x;
-    const int lx = t % X;
-    const int ly = t / X;
-    for (int64_t c0 = 0; c0 < C; c0 += X) {
-      const int64_t c = c0 + lx;
-      const Welford<acc_t> w =
-          merge_partials_in<Welford<acc_t>>(a.partial, gridDim.x, C, c, lx, ly, X, Y, scratch);
-      if (ly == 0 && c < C) {
-        const acc_t m = channel_shift<scalar_t, acc_t>(x, c, a.shift_at) + w.mean;
-        acc_t var = w.m2 * a.inv_count;  // biased variance
-        var = var < acc_t(0) ? acc_t(0) : var;
-        const acc_t invstd = rsqrt_acc(var + a.eps);
-        stats[c] = m;
-        stats[C + c] = invstd;
-        if (blockIdx.x == 0) {
-          a.save_mean[c] = m;
-          a.save_invstd[c] = invstd;
-          update_running<scalar_t>(a.running, c, m, var);
-        }
-      }
+  // 2. The statistics of every channel, in every block; block 0 writes save_mean/save_invstd
+  // and updates the running statistics.
+  Welford<acc_t> w[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) w[i] = Welford<acc_t>{mean[i], m2[i], n};
+  onchip_exchange<V>(w, g, a.partial, scratch, [&](int64_t c, const Welford<acc_t>& s) {
+    const acc_t m = channel_shift<scalar_t, acc_t>(x, c, a.shift_at) + s.mean;
+    acc_t var = s.m2 * a.inv_count;  // biased variance
+    var = var < acc_t(0) ? acc_t(0) : var;
+    const acc_t invstd = rsqrt_acc(var + a.eps);
+    stats[c] = m;
+    stats[C + c] = invstd;
+    if (blockIdx.x == 0) {
+      a.save_mean[c] = m;
+      a.save_invstd[c] = invstd;
+      update_running<scalar_t>(a.running, c, m, var);
     }
-  }
-  __syncthreads();
-  if (!active) return;  // no barrier below
+  });
+  if (!rows.active) return;  // no barrier below
 
-  // 3. Normalize.
+  // 3. Normalize: the rows not cached last-first, then the cached ones.
   p.mean = ChannelParam{stats, 1, true};
   p.invstd = ChannelParam{stats + C, 1, true};
   acc_t cmean[V], scale[V], cshift[V];
   ResidualTerm<acc_t, false> term[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) channel_affine<scalar_t>(p, col + i, cmean[i], scale[i], cshift[i]);
-  const int64_t base = first * C + col;
-  const int64_t lo = ncached + ry;  // the thread's first row that is not cached
-  int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
-  for (; remaining >= U; remaining -= U) {
-    const int64_t off = base + (lo + (remaining - U) * ty) * C;
-    normalize_step<U, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step,
-                                              cmean, scale, cshift, term);
-  }
-  for (; remaining > 0; --remaining) {
-    const int64_t off = base + (lo + (remaining - 1) * ty) * C;
-    normalize_step<1, V, V, false, RELU, MASK>(x, kNoResidual, y, mask, off, step, off, step,
-                                              cmean, scale, cshift, term);
-  }
-  int64_t l = ry;
-  for (; l + (U - 1) * ty < ncached; l += U * ty) {
-    normalize_step<U, V, V, false, RELU, MASK>(cache, kNoResidual, y, mask, l * C + col, step,
-                                              base + l * C, step, cmean, scale, cshift, term);
-  }
-  for (; l < ncached; l += ty) {
-    normalize_step<1, V, V, false, RELU, MASK>(cache, kNoResidual, y, mask, l * C + col, step,
-                                              base + l * C, step, cmean, scale, cshift, term);
-  }
+  rows.streamed<U, true>([&](auto u, int64_t l) {
+    const int64_t off = base + l * C;
+    normalize_step<decltype(u)::value, V, V, false, RELU, MASK>(
+        x, kNoResidual, y, mask, off, step, off, step, cmean, scale, cshift, term);
+  });
+  rows.cached<U>([&](auto u, int64_t l) {
+    normalize_step<decltype(u)::value, V, V, false, RELU, MASK>(
+        cache, kNoResidual, y, mask, l * C + col, step, base + l * C, step, cmean, scale, cshift,
+        term);
+  });
 }
 
 // The ReLU mask of an output that the normalize kernels wrote V = 1 wide (an input or residual
@@ -1735,34 +1765,25 @@ __global__ void __launch_bounds__(kThreads, 1)
                                    OnchipBackwardArgs<acc_t> a) {
   static_assert(V > 1 && V <= 8, "vectors only (the ReLU mask has a bit per element of one)");
   static_assert(kThreads == kFinalizeThreads, "the finalize step runs on the block's threads");
-  const int tx = blockDim.x;
-  const int ty = blockDim.y;
-  const int ry = threadIdx.y;
-  const int64_t cv = threadIdx.x;
-  const bool active = cv < g.Cv;  // every thread still reaches every barrier
-  const int64_t col = cv * V;
+  const OnchipRows rows(g, V);
   const int64_t C = g.C;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * g.per_block;
-  const int64_t left = g.R - first;
-  const int64_t nrows = left < 0 ? 0 : (left < g.per_block ? left : g.per_block);
-  const int64_t ncached = g.cached < nrows ? g.cached : nrows;
-  const int64_t step = ty * C;
+  const int64_t col = rows.col;
+  const int64_t step = rows.step;
+  const int64_t base = rows.first * C + col;  // the thread's first element in g, x and dx
   scalar_t* cache_g = dynamic_shared<scalar_t>();
   scalar_t* cache_x = cache_g + g.cached * C;
   acc_t* coef = reinterpret_cast<acc_t*>(cache_x + g.cached * C);  // a, b, d [3][C]
   acc_t* scratch = coef + 3 * C;
   scalar_t* const kNone = nullptr;
   constexpr int U = kUnroll;
-  using Cached = std::true_type;
-  using Streamed = std::false_type;
 
   // 1. sum g and sum g * (x - mean) of the masked gradient, caching the first rows.
   acc_t sa[V], sb[V], m[V];
 #pragma unroll
   for (int i = 0; i < V; ++i) sa[i] = sb[i] = m[i] = acc_t(0);
-  auto reduce = [&](auto u, auto cached, int64_t l) {
+  auto reduce = [&](auto u, auto cache_it, int64_t l) {
     constexpr int UU = decltype(u)::value;
-    const int64_t off = (first + l) * C + col;
+    const int64_t off = base + l * C;
     scalar_t gv[UU][V], xv[UU][V], ov[UU][V], zv[UU][V];
     unsigned pass[UU];
     load_backward_step<UU, V, V, false, RELU, false>(go, x, kNone, kNone, bits, off, step, gv, xv,
@@ -1779,81 +1800,45 @@ __global__ void __launch_bounds__(kThreads, 1)
         sb[i] += ga * (static_cast<acc_t>(xv[j][i]) - m[i]);
       }
       if constexpr (WRITE_GR) store_raw<V>(gr + off + j * step, gv[j]);
-      if constexpr (decltype(cached)::value) {
+      if constexpr (decltype(cache_it)::value) {
         store_raw<V>(cache_g + l * C + col + j * step, gv[j]);
         store_raw<V>(cache_x + l * C + col + j * step, xv[j]);
       }
     }
   };
-  if (active) {
+  if (rows.active) {
 #pragma unroll
     for (int i = 0; i < V; ++i) m[i] = a.mean[col + i];
-    int64_t l = ry;
-    for (; l + (U - 1) * ty < ncached; l += U * ty) {
-      reduce(std::integral_constant<int, U>(), Cached(), l);
-    }
-    for (; l < ncached; l += ty) reduce(std::integral_constant<int, 1>(), Cached(), l);
-    for (l = ncached + ry; l + (U - 1) * ty < nrows; l += U * ty) {
-      reduce(std::integral_constant<int, U>(), Streamed(), l);
-    }
-    for (; l < nrows; l += ty) reduce(std::integral_constant<int, 1>(), Streamed(), l);
+    rows.cached<U>([&](auto u, int64_t l) { reduce(u, std::true_type(), l); });
+    rows.streamed<U, false>([&](auto u, int64_t l) { reduce(u, std::false_type(), l); });
   }
-  {
-    Sum2<acc_t> w[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) w[i] = Sum2<acc_t>{sa[i], sb[i]};
-    Sum2<acc_t> r;
-    int c, i;
-    if (block_reduce_columns_vec_in<V>(w, r, c, i, scratch, tx) && c < g.Cv) {
-      Fields<Sum2<acc_t>>::put(a.partial + static_cast<int64_t>(blockIdx.x) * C + c * V + i,
-                               static_cast<int64_t>(gridDim.x) * C, r);
-    }
-  }
-  grid_sync();
 
-  // 2. Every block merges every channel's partials into the dx coefficients (see
-  // bn_backward_finalize_kernel); block 0 writes grad_weight and grad_bias.
-  {
-    const int Y = g.lanes;
-    const int X = kThreads / Y;
-    const int t = ry * tx + threadIdx.x;
-    const int lx = t % X;
-    const int ly = t / X;
-    for (int64_t c0 = 0; c0 < C; c0 += X) {
-      const int64_t c = c0 + lx;
-      const Sum2<acc_t> s =
-          merge_partials_in<Sum2<acc_t>>(a.partial, gridDim.x, C, c, lx, ly, X, Y, scratch);
-      if (ly == 0 && c < C) {
-        const acc_t is = a.invstd[c];
-        const acc_t ac = is * load_param<scalar_t>(a.weight, c, acc_t(1));
-        coef[c] = ac;
-        coef[C + c] = ac * s.a * a.inv_count;
-        coef[2 * C + c] = ac * is * is * s.b * a.inv_count;
-        if (blockIdx.x == 0) {
-          a.grad_bias[c] = s.a;
-          a.grad_weight[c] = s.b * is;
-        }
-      }
+  // 2. The dx coefficients of every channel (see bn_backward_finalize_kernel), in every block;
+  // block 0 writes grad_weight and grad_bias.
+  Sum2<acc_t> w[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) w[i] = Sum2<acc_t>{sa[i], sb[i]};
+  onchip_exchange<V>(w, g, a.partial, scratch, [&](int64_t c, const Sum2<acc_t>& s) {
+    const acc_t is = a.invstd[c];
+    const acc_t ac = is * load_param<scalar_t>(a.weight, c, acc_t(1));
+    coef[c] = ac;
+    coef[C + c] = ac * s.a * a.inv_count;
+    coef[2 * C + c] = ac * is * is * s.b * a.inv_count;
+    if (blockIdx.x == 0) {
+      a.grad_bias[c] = s.a;
+      a.grad_weight[c] = s.b * is;
     }
-  }
-  __syncthreads();
-  if (!active) return;  // no barrier below
+  });
+  if (!rows.active) return;  // no barrier below
 
   // 3. dx = a * g - b - d * (x - mean): the rows not cached last-first, then the cached ones.
   DxCoef<acc_t, V> k1, k2;
   load_dx_coef<false>(a.mean, coef, SecondInput<scalar_t, acc_t>{}, C, col, k1, k2);
-  const int64_t base = first * C + col;
-  const int64_t lo = ncached + ry;
-  int64_t remaining = nrows > lo ? (nrows - 1 - lo) / ty + 1 : 0;
-  for (; remaining >= U; remaining -= U) {
-    const int64_t off = base + (lo + (remaining - U) * ty) * C;
-    dx_step<U, V, V, RELU, false, RELU>(go, x, kNone, kNone, bits, dx, kNone, off, step, k1, k2);
-  }
-  for (; remaining > 0; --remaining) {
-    const int64_t off = base + (lo + (remaining - 1) * ty) * C;
-    dx_step<1, V, V, RELU, false, RELU>(go, x, kNone, kNone, bits, dx, kNone, off, step, k1, k2);
-  }
-  auto from_cache = [&](auto u, int64_t l) {
+  rows.streamed<U, true>([&](auto u, int64_t l) {
+    dx_step<decltype(u)::value, V, V, RELU, false, RELU>(go, x, kNone, kNone, bits, dx, kNone,
+                                                         base + l * C, step, k1, k2);
+  });
+  rows.cached<U>([&](auto u, int64_t l) {
     constexpr int UU = decltype(u)::value;
     scalar_t gv[UU][V], xv[UU][V];
 #pragma unroll
@@ -1872,10 +1857,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       }
       store_raw<V>(dx + base + l * C + j * step, o);
     }
-  };
-  int64_t l = ry;
-  for (; l + (U - 1) * ty < ncached; l += U * ty) from_cache(std::integral_constant<int, U>(), l);
-  for (; l < ncached; l += ty) from_cache(std::integral_constant<int, 1>(), l);
+  });
 }
 
 }  // namespace cuda
