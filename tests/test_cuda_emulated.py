@@ -867,3 +867,23 @@ def test_emulation_checks_launch_bounds(emu):
     assert emu.check_launch_bounds(64).sum().item() == 64
     with pytest.raises(RuntimeError, match="__launch_bounds__\\(64\\)"):
         emu.check_launch_bounds(96)
+
+
+def test_emulation_cooperative_launch(emu):
+    """A cooperative launch runs its blocks together: what each block wrote before grid_sync()
+    is there for the others after it, in any thread order; a thread or a block that leaves
+    before the barrier, more blocks than can be resident and static shared memory are errors."""
+    try:
+        for schedule in (0, 1, 2):
+            emu.configure(4, 1, schedule, 3)
+            assert emu.check_grid_exchange(4, 64, 0).tolist() == [2.0, 3.0, 4.0, 1.0]
+            with pytest.raises(RuntimeError, match="grid_sync"):
+                emu.check_grid_exchange(4, 64, 1)
+            with pytest.raises(RuntimeError, match="exited while the others wait at grid_sync"):
+                emu.check_grid_exchange(4, 64, 2)
+        with pytest.raises(RuntimeError, match="more than can be resident"):
+            emu.check_grid_exchange(5, 64, 0)
+        with pytest.raises(RuntimeError, match="static __shared__ array in a cooperative"):
+            emu.check_static_shared_cooperative()
+    finally:
+        emu.configure(*GRIDS["narrow"], 0, 0)

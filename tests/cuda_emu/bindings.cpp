@@ -67,6 +67,8 @@ at::Tensor warp_sum(const at::Tensor& x, int64_t bx, int64_t by);
 void divergent_barrier(int64_t threads);
 void launch_config(int64_t gx, int64_t gy, int64_t bx, int64_t by);
 at::Tensor bounded(int64_t threads);
+at::Tensor grid_exchange(int64_t blocks, int64_t threads, int64_t skip);
+void static_shared_cooperative();
 }  // namespace fastnn_emu_check
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -79,6 +81,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("check_divergent_barrier", &fastnn_emu_check::divergent_barrier);
   m.def("check_launch_config", &fastnn_emu_check::launch_config);
   m.def("check_launch_bounds", &fastnn_emu_check::bounded);
+  m.def("check_grid_exchange", &fastnn_emu_check::grid_exchange);
+  m.def("check_static_shared_cooperative", &fastnn_emu_check::static_shared_cooperative);
   namespace py = pybind11;
   m.def("batch_norm_train", &fc::batch_norm_train_cuda);
   m.def("batch_norm_train_masked", &fc::batch_norm_train_masked_cuda);

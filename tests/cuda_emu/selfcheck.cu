@@ -1,6 +1,7 @@
 // Kernels for checking the emulation itself (tests/test_cuda_emulated.py): a warp and block
 // reduction written correctly, the same with its barrier left out, a barrier only some threads
-// reach, and launches CUDA refuses. Built through the same translation as csrc/cuda.
+// reach, launches CUDA refuses, and cooperative launches (a grid barrier, and the same with a
+// thread or a block leaving before it). Built through the same translation as csrc/cuda.
 #include <torch/extension.h>
 
 #include <cuda_runtime.h>
@@ -35,6 +36,50 @@ __global__ void __launch_bounds__(64) bounded_kernel(float* out) { out[threadIdx
 // Threads below `half` wait at a barrier the others never reach.
 __global__ void divergent_barrier_kernel(int half) {
   if (static_cast<int>(threadIdx.x) < half) __syncthreads();
+}
+
+// Cooperative: block b puts b + 1 in out[b] (through its dynamic shared memory), then after the
+// grid barrier reads the next block's: got[b] = out[(b + 1) % blocks]. skip 1: one thread of
+// block 0 leaves before the barrier; skip 2: all of block 0 does.
+__global__ void grid_exchange_kernel(float* out, float* got, int skip) {
+  float* sm = dynamic_shared<float>();
+  if (skip == 1 && blockIdx.x == 0 && threadIdx.x == 0) return;
+  if (threadIdx.x == 1) {
+    sm[0] = static_cast<float>(blockIdx.x + 1);
+    out[blockIdx.x] = sm[0];
+  }
+  if (skip == 2 && blockIdx.x == 0) return;
+  grid_sync();
+  if (threadIdx.x == 1) got[blockIdx.x] = out[(blockIdx.x + 1) % gridDim.x];
+}
+
+// A static shared array (one for all blocks in the emulation, which refuses it cooperatively).
+__global__ void static_shared_kernel(float* out) {
+  __shared__ float sm[32];
+  sm[threadIdx.x % 32] = 1.f;
+  out[threadIdx.x] = sm[threadIdx.x % 32];
+}
+
+at::Tensor grid_exchange(int64_t blocks, int64_t threads, int64_t skip) {
+  at::Tensor out = at::full({blocks}, -1.f);
+  at::Tensor got = at::full({blocks}, -1.f);
+  float* o = out.data_ptr<float>();
+  float* g = got.data_ptr<float>();
+  int sk = static_cast<int>(skip);
+  void* args[] = {&o, &g, &sk};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(grid_exchange_kernel,
+                                             dim3(static_cast<unsigned>(blocks)),
+                                             dim3(static_cast<unsigned>(threads)), args,
+                                             sizeof(float), nullptr));
+  return got;
+}
+
+void static_shared_cooperative() {
+  at::Tensor out = at::zeros({64}, at::kFloat);
+  float* o = out.data_ptr<float>();
+  void* args[] = {&o};
+  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(static_shared_kernel, dim3(1), dim3(64), args, 0,
+                                             nullptr));
 }
 
 at::Tensor block_sum(const at::Tensor& x, int64_t threads, bool barrier) {
