@@ -14,8 +14,9 @@
 # >2^31 elements), targets (fastnn-bench --targets: the exact cases of the speed goals, met or
 # not), kernels (benchmarks/kernel_times.py: each kernel's time and each call's span, fastnn's
 # and nn.BatchNorm2d's, on the channels-last cases at 64 channels and their NCHW and 256-channel
-# neighbours), onchip (the on-chip training forward, FASTNN_CUDA_ONCHIP=1: the op check, memcheck
-# and racecheck of it, targets and kernels again, to set against the three-kernel path's),
+# neighbours), onchip (the on-chip training forward and backward, FASTNN_CUDA_ONCHIP=1: the op
+# check, memcheck and racecheck of them, targets and kernels again, to set against the
+# three-kernel paths'),
 # sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
 # initcheck, synccheck), test (the pytest cases marked cuda; TEST_MARK= runs the whole suite),
 # bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
@@ -740,9 +741,10 @@ step_kernels() {
     >> "$SUMMARY" || true
 }
 
-# The same checks and timings with the on-chip training forward (FASTNN_CUDA_ONCHIP=1; see
-# csrc/cuda/batch_norm_forward.cu): the op check and its memcheck/racecheck (fastnn's kernels
-# instrumented), the targets and the kernel times, each log with an _onchip suffix.
+# The same checks and timings with the on-chip training forward and backward
+# (FASTNN_CUDA_ONCHIP=1; see plan_onchip in csrc/cuda/batch_norm_launch.cuh): the op check and
+# its memcheck/racecheck (the on-chip kernels instrumented), the targets and the kernel times,
+# each log with an _onchip suffix.
 step_onchip() {
   write_op_check
   export FASTNN_CUDA_ONCHIP=1
@@ -762,7 +764,7 @@ step_onchip() {
     for tool in memcheck racecheck; do
       run_step "onchip_$tool" "$SANITIZE_TIMEOUT" "$OUT/onchip_$tool.log" \
         env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
-        --kernel-name kns=bn_train_onchip --error-exitcode 99 --print-limit 50 \
+        --kernel-name kns=onchip_rows_kernel --error-exitcode 99 --print-limit 50 \
         "$PY" "$OUT/cuda_op_check.py" --small
       note "  onchip $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/onchip_$tool.log" | tail -1 || echo '?')"
     done
