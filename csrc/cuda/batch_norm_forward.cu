@@ -5,7 +5,6 @@
 // code only; the kernels are in batch_norm_kernels.cuh.
 #include <ATen/ops/cat.h>
 
-
 #include "batch_norm_cuda.h"
 #include "batch_norm_launch.cuh"
 
