@@ -659,10 +659,13 @@ step_build() {
   note backend "$("$PY" -c "import fastnn; print(fastnn.backend_info())" 2>&1 | tail -1)"
 }
 
+# step_smoke, step_sanitize, step_targets and step_kernels take an optional suffix for their step
+# and log names (step_onchip runs them again as *_onchip).
 step_smoke() {
+  local sfx=${1:-}
   write_op_check
-  run_step smoke "$SMOKE_TIMEOUT" "$OUT/smoke.log" "$PY" "$OUT/cuda_op_check.py"
-  note smoke_result "$(grep -m1 'cuda op check' "$OUT/smoke.log" || echo 'no result line')"
+  run_step "smoke$sfx" "$SMOKE_TIMEOUT" "$OUT/smoke$sfx.log" "$PY" "$OUT/cuda_op_check.py"
+  note "smoke${sfx}_result" "$(grep -m1 'cuda op check' "$OUT/smoke$sfx.log" || echo 'no result line')"
 }
 
 step_test() {
@@ -678,8 +681,9 @@ step_test() {
 }
 
 step_sanitize() {
+  local sfx=${1:-}
   if ! command -v compute-sanitizer > /dev/null; then
-    note sanitize "SKIP (no compute-sanitizer)"
+    note "sanitize$sfx" "SKIP (no compute-sanitizer)"
     return 0
   fi
   write_op_check
@@ -696,7 +700,7 @@ step_sanitize() {
         "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" > /dev/null 2>&1; then
       filter=(--kernel-name "kns=$SANITIZE_KERNELS")
     else
-      note sanitize "--kernel-name not taken: every kernel instrumented"
+      note "sanitize$sfx" "--kernel-name not taken: every kernel instrumented"
     fi
   fi
   for tool in $SANITIZE_TOOLS; do
@@ -704,10 +708,10 @@ step_sanitize() {
     [ "$tool" = memcheck ] && extra=(--leak-check no)
     [ "$tool" != initcheck ] && extra+=(${filter[@]+"${filter[@]}"})
     # The caching allocator would hide out-of-bounds accesses inside its blocks.
-    run_step "sanitize_$tool" "$SANITIZE_TIMEOUT" "$OUT/sanitize_$tool.log" \
+    run_step "sanitize${sfx}_$tool" "$SANITIZE_TIMEOUT" "$OUT/sanitize${sfx}_$tool.log" \
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" ${extra[@]+"${extra[@]}"} \
       --error-exitcode 99 --print-limit 50 "$PY" "$OUT/cuda_op_check.py" --small
-    note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1 || echo '?')"
+    note "  $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize${sfx}_$tool.log" | tail -1 || echo '?')"
   done
 }
 
@@ -728,47 +732,32 @@ run_bench() {
 }
 
 step_targets() {
-  run_bench targets "$TARGETS_TIMEOUT" --targets --no-ops --no-progress --out "$OUT/targets"
-  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets.log" 2> /dev/null | sed 's/^ */  /' \
+  local sfx=${1:-}
+  run_bench "targets$sfx" "$TARGETS_TIMEOUT" --targets --no-ops --no-progress \
+    --out "$OUT/targets$sfx"
+  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets$sfx.log" 2> /dev/null | sed 's/^ */  /' \
     >> "$SUMMARY" || true
 }
 
 step_kernels() {
+  local sfx=${1:-}
   # shellcheck disable=SC2086
-  run_step kernels "$KERNELS_TIMEOUT" "$OUT/kernels.log" "$PY" "$ROOT/benchmarks/kernel_times.py" \
-    --out "$OUT/kernels.txt" $KERNELS_ARGS
-  grep -E 'span of nn.BatchNorm2d' "$OUT/kernels.txt" 2> /dev/null | sed 's/^ */  /' \
+  run_step "kernels$sfx" "$KERNELS_TIMEOUT" "$OUT/kernels$sfx.log" "$PY" \
+    "$ROOT/benchmarks/kernel_times.py" --out "$OUT/kernels$sfx.txt" $KERNELS_ARGS
+  grep -E 'span of nn.BatchNorm2d' "$OUT/kernels$sfx.txt" 2> /dev/null | sed 's/^ */  /' \
     >> "$SUMMARY" || true
 }
 
 # The same checks and timings with the on-chip training forward and backward
-# (FASTNN_CUDA_ONCHIP=1; see plan_onchip in csrc/cuda/batch_norm_launch.cuh): the op check and
-# its memcheck/racecheck (the on-chip kernels instrumented), the targets and the kernel times,
-# each log with an _onchip suffix.
+# (FASTNN_CUDA_ONCHIP=1; see plan_onchip in csrc/cuda/batch_norm_launch.cuh): the op check, the
+# targets, the kernel times and memcheck/racecheck (the on-chip kernels instrumented), each step
+# and log with an _onchip suffix.
 step_onchip() {
-  write_op_check
   export FASTNN_CUDA_ONCHIP=1
-  run_step smoke_onchip "$SMOKE_TIMEOUT" "$OUT/smoke_onchip.log" "$PY" "$OUT/cuda_op_check.py"
-  note smoke_onchip_result "$(grep -m1 'cuda op check' "$OUT/smoke_onchip.log" || echo 'no result line')"
-  run_bench targets_onchip "$TARGETS_TIMEOUT" --targets --no-ops --no-progress \
-    --out "$OUT/targets_onchip"
-  grep -E 'goal .* (met|NOT met)\)' "$OUT/targets_onchip.log" 2> /dev/null | sed 's/^ */  /' \
-    >> "$SUMMARY" || true
-  # shellcheck disable=SC2086
-  run_step kernels_onchip "$KERNELS_TIMEOUT" "$OUT/kernels_onchip.log" "$PY" \
-    "$ROOT/benchmarks/kernel_times.py" --out "$OUT/kernels_onchip.txt" $KERNELS_ARGS
-  grep -E 'span of nn.BatchNorm2d' "$OUT/kernels_onchip.txt" 2> /dev/null | sed 's/^ */  /' \
-    >> "$SUMMARY" || true
-  if command -v compute-sanitizer > /dev/null; then
-    local tool
-    for tool in memcheck racecheck; do
-      run_step "onchip_$tool" "$SANITIZE_TIMEOUT" "$OUT/onchip_$tool.log" \
-        env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" \
-        --kernel-name kns=onchip_rows_kernel --error-exitcode 99 --print-limit 50 \
-        "$PY" "$OUT/cuda_op_check.py" --small
-      note "  onchip $tool errors" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/onchip_$tool.log" | tail -1 || echo '?')"
-    done
-  fi
+  step_smoke _onchip
+  step_targets _onchip
+  step_kernels _onchip
+  SANITIZE_TOOLS="memcheck racecheck" SANITIZE_KERNELS=onchip_rows_kernel step_sanitize _onchip
   unset FASTNN_CUDA_ONCHIP
 }
 

@@ -132,7 +132,6 @@ struct Block {
   std::vector<uint64_t> slots;  // [warp][32] shuffle exchange
   uint64_t serial = 0;          // block number, for shared-memory poisoning
   std::exception_ptr error;     // a check that failed in device code
-  size_t stack_base = 0;        // the block's first fiber stack in stacks()
   Grid* grid_state = nullptr;   // set in a cooperative launch
   int grid_waiting = 0;         // threads waiting at grid_sync()
   bool finished = false;
@@ -200,7 +199,6 @@ inline void fiber_entry() {
 inline void init_block(Block& b, size_t stack_base) {
   const int n = b.nthreads;
   auto& st = stacks();
-  b.stack_base = stack_base;
   while (st.size() < stack_base + n) st.emplace_back(new char[kStackBytes]);
   b.fibers.assign(n, Fiber{});
   for (int t = 0; t < n; ++t) {
