@@ -93,8 +93,11 @@ def _gcc_warns_on_avx512_intrinsics():
 
 def _cpu_flags(isa):
     # -fno-math-errno: sqrt and friends compile to instructions (and vectorize); fastnn never
-    # reads errno. at::vec picks its instruction set from CPU_CAPABILITY.
-    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    # reads errno. -ffp-contract=off: a multiply and an add are fused only where the code says
+    # fma, so a kernel's arithmetic does not depend on where the compiler inlined it (the CPU
+    # kernels' two ways through a training pass give bitwise the same results). at::vec picks
+    # its instruction set from CPU_CAPABILITY.
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
     if isa in _CPU_ISAS:
         flags += _CPU_ISAS[isa][0]
     if isa == "avx512" and _gcc_warns_on_avx512_intrinsics():

@@ -86,6 +86,13 @@ def kernel_only(device):
     return device
 
 
+@pytest.fixture
+def cpu_kernel():
+    """For tests of the compiled CPU ops alone."""
+    _skip_without_kernel("cpu")
+    return "cpu"
+
+
 def pytest_collection_modifyitems(config, items):
     large_ok = False
     if HAS_CUDA:

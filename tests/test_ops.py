@@ -355,6 +355,81 @@ def test_fake_relu_mask_on_cuda():
                 assert mask.shape == ((3 * 5 * 7 * 3 + vec - 1) // vec if relu else 0,)
 
 
+# The CPU kernels can take channels-first input whose channels fit in a core's level-2 cache
+# through both passes of a training forward or backward a group of channels at a time, with each
+# chunk's partial result and each channel's merge order those of the passes over the whole
+# tensor. FASTNN_CPU_CHANNEL_LOCAL=1 takes them wherever a channel fits, 0 never. The shapes keep
+# a channel's tensors within 64 KB, under that bound on any CPU with 128 KB of level-2 cache;
+# 48x48 planes of float32 and float64 are several chunks long.
+_CHANNEL_LOCAL_SHAPES = [(4, 64, 10, 10), (3, 37, 9, 9), (1, 16, 48, 48)]
+
+
+def _channel_local_runs(monkeypatch, run):
+    results = []
+    for setting in ("0", "1"):
+        monkeypatch.setenv("FASTNN_CPU_CHANNEL_LOCAL", setting)
+        results.append(run())
+    return results
+
+
+@pytest.mark.parametrize("shape", _CHANNEL_LOCAL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+def test_channel_local_passes_bitwise(cpu_kernel, monkeypatch, dtype, shape):
+    """Channel-local and whole-tensor passes: bitwise the same outputs, saved and running
+    statistics and gradients, for every form of the training forward and backward and of the
+    dual form; channel 0's mean of 1e4 standard deviations is centered while the others fold
+    into the shift."""
+    torch.manual_seed(0)
+    C = shape[1]
+    x = make_input(shape, dtype, "cpu")
+    x[:, 0] = x[:, 0] * 0.5 + 1e4 * (2.0 if dtype in (torch.float32, torch.float64) else 0.01)
+    r = make_input(shape, dtype, "cpu")
+    g = make_input(shape, dtype, "cpu", shift=0.0, scale=1.0)
+    w, b, rm, rv = make_params(C, torch.float32 if dtype != torch.float64 else dtype, "cpu")
+    for residual in (None, r):
+        for relu in (False, True):
+            def forward():
+                stats = [rm.clone(), rv.clone()]
+                out = torch.ops.fastnn.batch_norm_train(x, w, b, *stats, 0.1, 1e-5, residual,
+                                                        relu)
+                return list(out) + stats
+
+            whole, local = _channel_local_runs(monkeypatch, forward)
+            _assert_same(local, whole, f"forward residual={residual is not None} relu={relu}",
+                         True)
+            out, mean, invstd = whole[:3]
+            for residual_grad in (False, True):
+                def backward():
+                    return list(torch.ops.fastnn.batch_norm_backward(
+                        g, x, w, out if relu else None, mean, invstd, True, relu,
+                        residual_grad))
+
+                whole_b, local_b = _channel_local_runs(monkeypatch, backward)
+                _assert_same(local_b, whole_b,
+                             f"backward relu={relu} residual_grad={residual_grad}", True)
+    # batch_norm_dual: relu(bn(x) + bn2(r)) and its backward.
+    w2, b2, rm2, rv2 = make_params(C, w.dtype, "cpu")
+    for relu in (False, True):
+        def dual():
+            stats = [rm.clone(), rv.clone(), rm2.clone(), rv2.clone()]
+            out = torch.ops.fastnn.batch_norm_dual(x, w, b, stats[0], stats[1], r, w2, b2,
+                                                   stats[2], stats[3], True, 0.1, 1e-5, 0.2,
+                                                   1e-3, relu)
+            return list(out) + stats
+
+        whole, local = _channel_local_runs(monkeypatch, dual)
+        _assert_same(local, whole, f"dual relu={relu}", True)
+        out, mean, invstd, mean2, invstd2 = whole[:5]
+
+        def dual_backward():
+            return list(torch.ops.fastnn.batch_norm_dual_backward(
+                g, x, w, r, w2, out if relu else None, mean, invstd, mean2, invstd2, True, relu))
+
+        whole_b, local_b = _channel_local_runs(monkeypatch, dual_backward)
+        _assert_same(local_b, whole_b, f"dual backward relu={relu}", True)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
