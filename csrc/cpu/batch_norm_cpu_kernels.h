@@ -15,6 +15,12 @@
 // each item writes its own partial sums and the partials are merged in item order, so results
 // are the same run to run and for any thread count.
 //
+// A training forward or backward over the blocks layout whose channels each fit in a core's L2
+// cache goes channel-local: a thread takes a group of channels through both passes (statistics
+// then normalize; gradient sums then d(input)), so the second pass reads from that cache what
+// the first brought in; the same chunks and merge order make it bitwise the whole-tensor passes
+// (see local_channels).
+//
 // Statistics: each L1-sized run of values gets its mean (summing deviations from the run's first
 // value) and then its sum of squared deviations from that mean, on a second pass that hits L1.
 // Blocks: runs are combined with the parallel-variance formula (Chan et al.) in double. Rows:
