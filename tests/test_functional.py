@@ -192,6 +192,29 @@ def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
                                torch.zeros_like(std), rtol=0, atol=rtol)
 
 
+@pytest.mark.parametrize("N, C, H", [(8, 3, 14), (16, 2, 9)], ids=str)
+def test_statistics_far_from_the_sampled_pivot(backend, device, N, C, H):
+    """Channels-first float32 statistics stay exact to float32 rounding when the values that the
+    CPU kernel samples for a plane's pivot (eight, evenly spaced over it) are far from the plane's
+    mean. Its one-pass sums of deviations from that pivot would, with those values offset by 100
+    std, amplify float rounding about 25-fold (relative errors of the variance to 1e-6); it must
+    notice and take the plane in two passes."""
+    S = H * H
+    offset = torch.zeros(S, dtype=torch.float64)
+    offset[torch.arange(8) * (S // 8)] = 100.0
+    x = (torch.randn(N, C, S, dtype=torch.float64) + offset).view(N, C, H, H).float().to(device)
+    rm = torch.zeros(C, device=device)
+    rv = torch.ones(C, device=device)
+    fastnn.functional.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5)
+    xd = x.double()
+    std = xd.std((0, 2, 3))
+    exact = backend == "kernel" and device == "cpu"
+    rtol = 2e-7 if exact else tol(torch.float32)["rtol"]
+    torch.testing.assert_close(rv.double(), std**2, rtol=rtol, atol=0)
+    torch.testing.assert_close((rm.double() - xd.mean((0, 2, 3))) / std,
+                               torch.zeros_like(std), rtol=0, atol=rtol)
+
+
 # Each of the CPU kernels' element-wise paths: channel planes of 64 values or more, planes of 16
 # to 63 (6x7), rows of short planes (3x3), channels-last rows narrower and wider than a column
 # block.

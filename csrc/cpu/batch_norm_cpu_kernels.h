@@ -491,10 +491,15 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
 // ---------------------------------------------------------------------------------------------
 // Reductions.
 
-// Mean (in double) and sum of squared deviations of n >= 1 contiguous values; the second pass
-// hits L1.
+// How much pivot-centred sums may amplify float rounding in a variance (S2 / m2, where
+// S2 = m2 + n (mean - pivot)^2) before it is computed again another way: see chunk_stats and
+// batch_stats.
+constexpr double kMaxPivotGain = 3.0;
+
+// Mean (in double) and sum of squared deviations of n >= 1 contiguous values in two passes (the
+// second hits L1): the mean, then the squares around it.
 template <typename T>
-inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
+inline void chunk_stats_two_pass(const T* x, int64_t n, double& mean_out, double& m2_out) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
@@ -559,6 +564,87 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
   const double shift = mean_d - double(mean);
   mean_out = mean_d;
   m2_out = std::max(0.0, double(m2) - double(n) * shift * shift);
+}
+
+// Mean (in double) and sum of squared deviations of n >= 1 contiguous values in one pass: sums of
+// d = x - pivot and of d^2 in float, where the pivot is the mean of kPivotSamples values spread
+// over the run (near the run's mean, so that S2 / m2 stays small: on Gaussian data it exceeds
+// kMaxPivotGain for one run in ten thousand; a single value, the first, would leave it above for
+// one in six). m2 = S2 - S1^2 / n in double. A run whose gain exceeds kMaxPivotGain, or that holds
+// an infinity or NaN, takes chunk_stats_two_pass. One pass and two independent horizontal sums
+// instead of two passes with a horizontal sum and a division between them: on 14x14 maps (a
+// chunk of 196 values) the per-chunk work had cost as much as the values.
+constexpr int64_t kPivotSamples = 8;  // a power of two
+static_assert(kPivotSamples == 8, "the pivot's sum is written out for 8");
+
+template <typename T>
+inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  A pivot;
+  if (n >= kPivotSamples) {
+    // Added as a tree: the sum is the first thing the run's pass waits for.
+    const int64_t stride = n / kPivotSamples;
+    A v[kPivotSamples];
+    for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(x[i * stride]);
+    pivot = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
+            A(1.0 / kPivotSamples);
+  } else {
+    A sampled = A(0);
+    for (int64_t i = 0; i < n; ++i) sampled += A(x[i]);
+    pivot = sampled / A(n);
+  }
+  if (!std::isfinite(pivot)) return chunk_stats_two_pass(x, n, mean_out, m2_out);
+  const V vp(pivot);
+  V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
+  V q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
+  int64_t i = 0;
+  for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    V a, b, c, d;
+    U::load_any_order(x + i, a, b);
+    U::load_any_order(x + i + U::kSize, c, d);
+    a = a - vp;
+    b = b - vp;
+    c = c - vp;
+    d = d - vp;
+    s0 = s0 + a;
+    s1 = s1 + b;
+    s2 = s2 + c;
+    s3 = s3 + d;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+    q2 = at::vec::fmadd(c, c, q2);
+    q3 = at::vec::fmadd(d, d, q3);
+  }
+  for (; i + U::kSize <= n; i += U::kSize) {
+    V a, b;
+    U::load_any_order(x + i, a, b);
+    a = a - vp;
+    b = b - vp;
+    s0 = s0 + a;
+    s1 = s1 + b;
+    q0 = at::vec::fmadd(a, a, q0);
+    q1 = at::vec::fmadd(b, b, q1);
+  }
+  // The last values (fewer than a unit) are summed apart from the vectors, not after them.
+  A tail = A(0), tail_sq = A(0);
+  for (; i < n; ++i) {
+    const A d = A(x[i]) - pivot;
+    tail += d;
+    tail_sq = std::fma(d, d, tail_sq);
+  }
+  A sum, sq;
+  horizontal_sums((s0 + s1) + (s2 + s3), (q0 + q1) + (q2 + q3), sum, sq);
+  sum += tail;
+  sq += tail_sq;
+  const double s = double(sum), s2d = double(sq);
+  const double shift = s / double(n);
+  const double m2 = s2d - s * shift;
+  // Also false for NaN: an infinity or NaN among the values makes S2 one.
+  if (!(s2d <= kMaxPivotGain * m2)) return chunk_stats_two_pass(x, n, mean_out, m2_out);
+  mean_out = double(pivot) + shift;
+  m2_out = m2;
 }
 
 // Column statistics of the rows layout, register-tiled over kU units of columns and nr rows
@@ -693,9 +779,6 @@ inline void column_stats_double(const T* x, int64_t W, int64_t n, double& mean_o
   m2_out = m2;
 }
 
-// How much the pivot-centred column statistics may amplify float rounding (S2 / m2) before a
-// column is done again in double: see batch_stats.
-constexpr double kMaxPivotGain = 3.0;
 
 // The sums over nr rows of d = x[r][j] - pivot[j] and of d^2 over cw columns, added to s1[j] and
 // s2[j] in double (`sum` and `sq` are scratch of cw values). Two passes, as in rows_stats: the

@@ -70,6 +70,29 @@ struct Unit {
     }
   }
 
+  // A unit as two vectors holding its values in some order: for sums over a whole run, where
+  // the order does not matter. bfloat16 is the upper half of a float: the even elements shifted
+  // up and the odd ones masked are exact floats, two single-cycle operations in place of
+  // widening each half with a cross-lane shuffle.
+  static C10_ALWAYS_INLINE void load_any_order(const T* p, V& lo, V& hi) {
+#if FASTNN_STREAM_STORES == 512
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m512i v = _mm512_loadu_si512(p);
+      lo = V(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      hi = V(_mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u)))));
+      return;
+    }
+#elif FASTNN_STREAM_STORES == 256
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      lo = V(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+      hi = V(_mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(int32_t(0xFFFF0000u)))));
+      return;
+    }
+#endif
+    load(p, lo, hi);
+  }
+
   // Non-temporal store of a unit to an address aligned to a vector register (kStreamAlign): the
   // line is not read first and does not push other data out of the cache. Falls back to store()
   // without AVX2.
@@ -117,6 +140,37 @@ template <typename A>
 C10_ALWAYS_INLINE A horizontal_sum(const Vectorized<A>& v) {
   return at::vec::vec_reduce_all<A>(
       [](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
+}
+
+// The lane sums of two vectors together: each shuffle of the tree serves both.
+template <typename A>
+C10_ALWAYS_INLINE void horizontal_sums(const Vectorized<A>& a, const Vectorized<A>& b, A& sum_a,
+                                       A& sum_b) {
+#if FASTNN_STREAM_STORES == 512
+  if constexpr (std::is_same_v<A, float>) {
+    // 128-bit blocks: [a0+a2, a1+a3, b0+b2, b1+b3], then [A, A, B, B], then within each block.
+    const __m512 t = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    __m512 u = _mm512_add_ps(t, _mm512_shuffle_f32x4(t, t, _MM_SHUFFLE(2, 3, 0, 1)));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(1, 0, 3, 2)));
+    u = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+    sum_a = _mm512_cvtss_f32(u);
+    sum_b = _mm_cvtss_f32(_mm512_extractf32x4_ps(u, 2));
+    return;
+  }
+#elif FASTNN_STREAM_STORES == 256
+  if constexpr (std::is_same_v<A, float>) {
+    // 128-bit halves: [a0+a1, b0+b1], then within each.
+    __m256 u = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    u = _mm256_add_ps(u, _mm256_permute_ps(u, _MM_SHUFFLE(1, 0, 3, 2)));
+    u = _mm256_add_ps(u, _mm256_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
+    sum_a = _mm256_cvtss_f32(u);
+    sum_b = _mm_cvtss_f32(_mm256_extractf128_ps(u, 1));
+    return;
+  }
+#endif
+  sum_a = horizontal_sum(a);
+  sum_b = horizontal_sum(b);
 }
 
 // ReLU that keeps NaN, like torch.relu.
