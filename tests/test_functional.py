@@ -192,13 +192,14 @@ def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
                                torch.zeros_like(std), rtol=0, atol=rtol)
 
 
-@pytest.mark.parametrize("N, C, H", [(8, 3, 14), (16, 2, 9)], ids=str)
+@pytest.mark.parametrize("N, C, H", [(8, 3, 14), (16, 2, 9), (8, 3, 7)], ids=str)
 def test_statistics_far_from_the_sampled_pivot(backend, device, N, C, H):
     """Channels-first float32 statistics stay exact to float32 rounding when the values that the
-    CPU kernel samples for a plane's pivot (eight, evenly spaced over it) are far from the plane's
-    mean. Its one-pass sums of deviations from that pivot would, with those values offset by 100
-    std, amplify float rounding about 25-fold (relative errors of the variance to 1e-6); it must
-    notice and take the plane in two passes."""
+    CPU kernel samples for a pivot (eight, evenly spaced over a plane of 64 values or more, or
+    over a channel's planes and positions for 7x7 maps) are far from the mean. Its one-pass sums
+    of deviations from that pivot would, with those values offset by 100 std, amplify float
+    rounding about 25-fold (relative errors of the variance to 1e-6); it must notice and take
+    two passes."""
     S = H * H
     offset = torch.zeros(S, dtype=torch.float64)
     offset[torch.arange(8) * (S // 8)] = 100.0

@@ -21,9 +21,12 @@
 // the first brought in; the same chunks and merge order make it bitwise the whole-tensor passes
 // (see local_channels).
 //
-// Statistics: each L1-sized run of values gets its mean (summing deviations from the run's first
-// value) and then its sum of squared deviations from that mean, on a second pass that hits L1.
-// Blocks: runs are combined with the parallel-variance formula (Chan et al.) in double. Rows:
+// Statistics: blocks: each L1-sized run of values (chunk) gets its mean and sum of squared
+// deviations in one pass, as sums of deviations from a pivot (the mean of eight values sampled
+// over the run) and of their squares; where that pivot is too far off for the squares to keep
+// float precision (or a value is not finite) the run takes two passes, its mean and then the
+// squares around it (see chunk_stats). Runs are combined with the parallel-variance formula (Chan
+// et al.) in double. Rows:
 // an item's first run gives each column a pivot (its float mean), the item's other runs sum
 // deviations from the pivots and their squares, and a column whose pivot was too far off for
 // that is redone in double (see batch_stats); items are then combined by Chan's formula. No
@@ -85,7 +88,7 @@ using at::Tensor;
 #define FASTNN_DISPATCH_INPUT(TYPE, NAME, ...) \
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::ScalarType::FASTNN_CPU_DTYPE, __VA_ARGS__))
 
-constexpr int64_t kChunkBytes = 16 * 1024;      // a two-pass run of values: stays in L1
+constexpr int64_t kChunkBytes = 16 * 1024;      // a run of values: stays in L1
 constexpr int64_t kItemElements = 64 * 1024;    // rows layout: elements per work item
 constexpr int64_t kMinBlockSpatial = 64;        // smaller channels-first S uses the rows layout
 constexpr int64_t kMinRowWidth = 64;            // rows narrower than this are grouped by k
@@ -1019,6 +1022,114 @@ inline void merge_chunk_sums(const Plan& p, const std::array<const A*, kN>& part
   for (size_t i = 0; i < kN; ++i) *out[i] = s[i];
 }
 
+// Statistics of channels-first input whose planes hold at least a unit but fewer than
+// kMinBlockSpatial values (7x7 maps), channel by channel: one pass over the channel's N planes
+// summing deviations from a pivot (the mean of kPivotSamples values sampled across its planes)
+// and their squares in float vectors, moved into double every kFlushPlanes planes; a plane's last
+// values (fewer than a unit) are read as one masked vector. A channel whose pivot was too far off
+// (S2 / m2 > kMaxPivotGain) or that holds an infinity or NaN is done again plane by plane in two
+// passes, the planes merged by Chan's formula. The rows layout had summed every (channel, position) column
+// over the images and merged 49 columns per channel in double: per value, more work than the
+// data.
+constexpr int64_t kFlushPlanes = 8;
+
+template <typename T>
+void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
+  using U = Unit<T>;
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  const int64_t N = p.N, C = p.C, S = p.Sin;
+  const int64_t full = S / U::kSize * U::kSize;
+  const int64_t rest = S - full;
+  // Lane weights of the masked last vector pair: 1 for a value of the plane, 0 past its end
+  // (where the masked load reads 0 and x - pivot would not be 0).
+  alignas(64) A weight[U::kSize];
+  for (int64_t j = 0; j < U::kSize; ++j) weight[j] = j < rest ? A(1) : A(0);
+  const V wlo = V::loadu(weight), whi = V::loadu(weight + U::kHalf);
+  // Where the pivot's samples lie relative to a channel's first value: spread over the images
+  // and over the plane.
+  std::array<int64_t, kPivotSamples> sample{};
+  for (int64_t i = 0; i < kPivotSamples; ++i)
+    sample[i] = (i * N / kPivotSamples) * C * S + i * S / kPivotSamples;
+  const double count = double(p.count);
+
+  // The planes' means and sums of squares, merged as merge_chunk_stats does (the mean of the
+  // means first, which keeps an infinite mean infinite).
+  auto two_pass = [&](int64_t c) {
+    std::vector<double> pm(N), pm2(N);
+    double sum = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      chunk_stats_two_pass(x + (n * C + c) * S, S, pm[n], pm2[n]);
+      sum += double(S) * pm[n];
+    }
+    const double mean = sum / count;
+    double m2 = 0;
+    for (int64_t n = 0; n < N; ++n) {
+      const double d = pm[n] - mean;
+      m2 += pm2[n] + double(S) * d * d;
+    }
+    mean_c[c] = mean;
+    var_c[c] = m2 / count;
+  };
+
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, N * S));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const T* xc = x + c * S;
+      A v[kPivotSamples];
+      for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(xc[sample[i]]);
+      const A pivot = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
+                      A(1.0 / kPivotSamples);
+      if (!std::isfinite(pivot)) {
+        two_pass(c);
+        continue;
+      }
+      const V vp(pivot);
+      double s1 = 0, s2 = 0;
+      V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), b0(A(0)), b1(A(0)), b2(A(0)), b3(A(0));
+      for (int64_t n = 0; n < N; ++n) {
+        const T* xp = xc + n * C * S;
+        for (int64_t i = 0; i < full; i += U::kSize) {
+          V lo, hi;
+          U::load_any_order(xp + i, lo, hi);
+          lo = lo - vp;
+          hi = hi - vp;
+          a0 = a0 + lo;
+          a1 = a1 + hi;
+          b0 = at::vec::fmadd(lo, lo, b0);
+          b1 = at::vec::fmadd(hi, hi, b1);
+        }
+        if (rest > 0) {
+          V lo, hi;
+          U::load_partial(xp + full, rest, lo, hi);
+          lo = (lo - vp) * wlo;
+          hi = (hi - vp) * whi;
+          a2 = a2 + lo;
+          a3 = a3 + hi;
+          b2 = at::vec::fmadd(lo, lo, b2);
+          b3 = at::vec::fmadd(hi, hi, b3);
+        }
+        if ((n + 1) % kFlushPlanes == 0 || n + 1 == N) {
+          A f1, f2;
+          horizontal_sums((a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), f1, f2);
+          s1 += double(f1);
+          s2 += double(f2);
+          a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = V(A(0));
+        }
+      }
+      const double shift = s1 / count;
+      const double m2 = s2 - s1 * shift;
+      // Also false for NaN: an infinity or NaN among the values makes s2 one.
+      if (!(s2 <= kMaxPivotGain * m2)) {
+        two_pass(c);
+        continue;
+      }
+      mean_c[c] = double(pivot) + shift;
+      var_c[c] = m2 / count;
+    }
+  });
+}
+
 // Batch mean and biased variance per channel, in double.
 template <typename T>
 void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
@@ -1038,6 +1149,7 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
     });
     return;
   }
+  if (elementwise_by_planes<T>(p)) return plane_stats(p, x, mean_c, var_c);
 
   // Rows layout: per item (a group of rows by a block of columns), the statistics of each column.
   // The item's first run of sub_rows rows takes both passes (rows_stats); its means, rounded to

@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/version.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -91,6 +92,19 @@ struct Unit {
     }
 #endif
     load(p, lo, hi);
+  }
+
+  // The first `count` (< kSize) elements of a unit at p, in load's order, zeros after them; reads
+  // nothing past p + count.
+  static C10_ALWAYS_INLINE void load_partial(const T* p, int64_t count, V& lo, V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo = V::loadu(p, std::min(count, kHalf));
+      hi = count > kHalf ? V::loadu(p + kHalf, count - kHalf) : V(A(0));
+    } else {
+      auto wide = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
+      lo = std::get<0>(wide);
+      hi = std::get<1>(wide);
+    }
   }
 
   // Non-temporal store of a unit to an address aligned to a vector register (kStreamAlign): the
