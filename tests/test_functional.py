@@ -198,8 +198,8 @@ def test_statistics_far_from_the_sampled_pivot(backend, device, N, C, H):
     CPU kernel samples for a pivot (eight, evenly spaced over a plane of 64 values or more, or
     over a channel's planes and positions for 7x7 maps) are far from the mean. Its one-pass sums
     of deviations from that pivot would, with those values offset by 100 std, amplify float
-    rounding about 25-fold (relative errors of the variance to 1e-6); it must notice and take
-    two passes."""
+    rounding about 25-fold (relative errors of the variance of 3e-7 to 1e-6); it must notice
+    and take two passes."""
     S = H * H
     offset = torch.zeros(S, dtype=torch.float64)
     offset[torch.arange(8) * (S // 8)] = 100.0

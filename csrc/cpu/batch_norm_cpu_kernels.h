@@ -572,7 +572,7 @@ inline void chunk_stats_two_pass(const T* x, int64_t n, double& mean_out, double
 // Mean (in double) and sum of squared deviations of n >= 1 contiguous values in one pass: sums of
 // d = x - pivot and of d^2 in float, where the pivot is the mean of kPivotSamples values spread
 // over the run (near the run's mean, so that S2 / m2 stays small: on Gaussian data it exceeds
-// kMaxPivotGain for one run in ten thousand; a single value, the first, would leave it above for
+// kMaxPivotGain for one run in 10,000-30,000; a single value, the first, would leave it above for
 // one in six). m2 = S2 - S1^2 / n in double. A run whose gain exceeds kMaxPivotGain, or that holds
 // an infinity or NaN, takes chunk_stats_two_pass. One pass and two independent horizontal sums
 // instead of two passes with a horizontal sum and a division between them: on 14x14 maps (a
@@ -1028,9 +1028,9 @@ inline void merge_chunk_sums(const Plan& p, const std::array<const A*, kN>& part
 // and their squares in float vectors, moved into double every kFlushPlanes planes; a plane's last
 // values (fewer than a unit) are read as one masked vector. A channel whose pivot was too far off
 // (S2 / m2 > kMaxPivotGain) or that holds an infinity or NaN is done again plane by plane in two
-// passes, the planes merged by Chan's formula. The rows layout had summed every (channel, position) column
-// over the images and merged 49 columns per channel in double: per value, more work than the
-// data.
+// passes, the planes merged by Chan's formula. The rows layout had summed every (channel,
+// position) column over the images and merged 49 columns per channel in double: per value, more
+// work than the data.
 constexpr int64_t kFlushPlanes = 8;
 
 template <typename T>

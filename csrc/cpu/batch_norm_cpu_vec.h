@@ -175,7 +175,8 @@ C10_ALWAYS_INLINE void horizontal_sums(const Vectorized<A>& a, const Vectorized<
 #elif FASTNN_STREAM_STORES == 256
   if constexpr (std::is_same_v<A, float>) {
     // 128-bit halves: [a0+a1, b0+b1], then within each.
-    __m256 u = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    __m256 u =
+        _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
     u = _mm256_add_ps(u, _mm256_permute_ps(u, _MM_SHUFFLE(1, 0, 3, 2)));
     u = _mm256_add_ps(u, _mm256_permute_ps(u, _MM_SHUFFLE(2, 3, 0, 1)));
     sum_a = _mm256_cvtss_f32(u);
