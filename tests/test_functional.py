@@ -178,13 +178,20 @@ def test_statistics_of_uneven_rows(backend, device, C, period, N, H):
     x = torch.randn(rows, C, dtype=torch.float64) + offset[:, None]
     x = x.view(N, H, H, C).permute(0, 3, 1, 2).float().to(device)
     assert x.is_contiguous(memory_format=torch.channels_last)
+    _check_exact_statistics(backend, device, x)
+
+
+def _check_exact_statistics(backend, device, x):
+    """The running statistics of one training step (momentum 1) on float32 x: the biased
+    variance and the mean (in std) to float32 rounding of float64's for the CPU kernels.
+    Rounding the results to float32 alone costs up to 6e-8 of the variance. The reference
+    (float32 PyTorch ops) and the CUDA kernels are held to the float32 tolerance of the suite."""
+    C = x.shape[1]
     rm = torch.zeros(C, device=device)
     rv = torch.ones(C, device=device)
     fastnn.functional.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5)
     xd = x.double()
     std = xd.std((0, 2, 3))
-    # Rounding the results to float32 alone costs up to 6e-8 of the variance. The reference
-    # (float32 PyTorch ops) and the CUDA kernels are held to the float32 tolerance of the suite.
     exact = backend == "kernel" and device == "cpu"
     rtol = 2e-7 if exact else tol(torch.float32)["rtol"]
     torch.testing.assert_close(rv.double(), std**2, rtol=rtol, atol=0)
@@ -204,16 +211,7 @@ def test_statistics_far_from_the_sampled_pivot(backend, device, N, C, H):
     offset = torch.zeros(S, dtype=torch.float64)
     offset[torch.arange(8) * (S // 8)] = 100.0
     x = (torch.randn(N, C, S, dtype=torch.float64) + offset).view(N, C, H, H).float().to(device)
-    rm = torch.zeros(C, device=device)
-    rv = torch.ones(C, device=device)
-    fastnn.functional.batch_norm(x, rm, rv, None, None, True, 1.0, 1e-5)
-    xd = x.double()
-    std = xd.std((0, 2, 3))
-    exact = backend == "kernel" and device == "cpu"
-    rtol = 2e-7 if exact else tol(torch.float32)["rtol"]
-    torch.testing.assert_close(rv.double(), std**2, rtol=rtol, atol=0)
-    torch.testing.assert_close((rm.double() - xd.mean((0, 2, 3))) / std,
-                               torch.zeros_like(std), rtol=0, atol=rtol)
+    _check_exact_statistics(backend, device, x)
 
 
 # Each of the CPU kernels' element-wise paths: channel planes of 64 values or more, planes of 16

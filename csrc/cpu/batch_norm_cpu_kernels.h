@@ -580,6 +580,24 @@ inline void chunk_stats_two_pass(const T* x, int64_t n, double& mean_out, double
 constexpr int64_t kPivotSamples = 8;  // a power of two
 static_assert(kPivotSamples == 8, "the pivot's sum is written out for 8");
 
+// The mean of the sampled values, added as a tree: it is the first thing a pass waits for.
+template <typename A>
+C10_ALWAYS_INLINE A pivot_of(const A (&v)[kPivotSamples]) {
+  return (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
+         A(1.0 / kPivotSamples);
+}
+
+// Adds a unit's deviations from the pivot, (lo, hi), to (s_lo, s_hi) and their squares to
+// (q_lo, q_hi).
+template <typename V>
+C10_ALWAYS_INLINE void add_deviations(const V& lo, const V& hi, V& s_lo, V& s_hi, V& q_lo,
+                                      V& q_hi) {
+  s_lo = s_lo + lo;
+  s_hi = s_hi + hi;
+  q_lo = at::vec::fmadd(lo, lo, q_lo);
+  q_hi = at::vec::fmadd(hi, hi, q_hi);
+}
+
 template <typename T>
 inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
   using U = Unit<T>;
@@ -587,12 +605,10 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
   using V = Vectorized<A>;
   A pivot;
   if (n >= kPivotSamples) {
-    // Added as a tree: the sum is the first thing the run's pass waits for.
     const int64_t stride = n / kPivotSamples;
     A v[kPivotSamples];
     for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(x[i * stride]);
-    pivot = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
-            A(1.0 / kPivotSamples);
+    pivot = pivot_of(v);
   } else {
     A sampled = A(0);
     for (int64_t i = 0; i < n; ++i) sampled += A(x[i]);
@@ -607,28 +623,13 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
     V a, b, c, d;
     U::load_any_order(x + i, a, b);
     U::load_any_order(x + i + U::kSize, c, d);
-    a = a - vp;
-    b = b - vp;
-    c = c - vp;
-    d = d - vp;
-    s0 = s0 + a;
-    s1 = s1 + b;
-    s2 = s2 + c;
-    s3 = s3 + d;
-    q0 = at::vec::fmadd(a, a, q0);
-    q1 = at::vec::fmadd(b, b, q1);
-    q2 = at::vec::fmadd(c, c, q2);
-    q3 = at::vec::fmadd(d, d, q3);
+    add_deviations(a - vp, b - vp, s0, s1, q0, q1);
+    add_deviations(c - vp, d - vp, s2, s3, q2, q3);
   }
   for (; i + U::kSize <= n; i += U::kSize) {
     V a, b;
     U::load_any_order(x + i, a, b);
-    a = a - vp;
-    b = b - vp;
-    s0 = s0 + a;
-    s1 = s1 + b;
-    q0 = at::vec::fmadd(a, a, q0);
-    q1 = at::vec::fmadd(b, b, q1);
+    add_deviations(a - vp, b - vp, s0, s1, q0, q1);
   }
   // The last values (fewer than a unit) are summed apart from the vectors, not after them.
   A tail = A(0), tail_sq = A(0);
@@ -1078,8 +1079,7 @@ void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
       const T* xc = x + c * S;
       A v[kPivotSamples];
       for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(xc[sample[i]]);
-      const A pivot = (((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))) *
-                      A(1.0 / kPivotSamples);
+      const A pivot = pivot_of(v);
       if (!std::isfinite(pivot)) {
         two_pass(c);
         continue;
@@ -1092,22 +1092,13 @@ void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
         for (int64_t i = 0; i < full; i += U::kSize) {
           V lo, hi;
           U::load_any_order(xp + i, lo, hi);
-          lo = lo - vp;
-          hi = hi - vp;
-          a0 = a0 + lo;
-          a1 = a1 + hi;
-          b0 = at::vec::fmadd(lo, lo, b0);
-          b1 = at::vec::fmadd(hi, hi, b1);
+          add_deviations(lo - vp, hi - vp, a0, a1, b0, b1);
         }
         if (rest > 0) {
+          // Past the plane's end the weights make d 0: (0 - pivot) * 0.
           V lo, hi;
           U::load_partial(xp + full, rest, lo, hi);
-          lo = (lo - vp) * wlo;
-          hi = (hi - vp) * whi;
-          a2 = a2 + lo;
-          a3 = a3 + hi;
-          b2 = at::vec::fmadd(lo, lo, b2);
-          b3 = at::vec::fmadd(hi, hi, b3);
+          add_deviations((lo - vp) * wlo, (hi - vp) * whi, a2, a3, b2, b3);
         }
         if ((n + 1) % kFlushPlanes == 0 || n + 1 == N) {
           A f1, f2;
