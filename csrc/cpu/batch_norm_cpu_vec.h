@@ -107,6 +107,42 @@ struct Unit {
     }
   }
 
+  // The first `count` (< kSize) elements of lo and hi (in load's order) to p; writes nothing past
+  // p + count.
+  static C10_ALWAYS_INLINE void store_partial(T* p, int64_t count, const V& lo, const V& hi) {
+    if constexpr (std::is_same_v<T, A>) {
+      lo.store(p, std::min(count, kHalf));
+      if (count > kHalf) hi.store(p + kHalf, count - kHalf);
+    } else {
+      at::vec::convert_from_float<T>(lo, hi).store(p, int(count));
+    }
+  }
+
+  // Zeros in the lanes of lo and hi past the first `count` (< kSize) of the unit.
+  static C10_ALWAYS_INLINE void keep_first(int64_t count, V& lo, V& hi) {
+    lo = V::set(V(A(0)), lo, std::min(count, kHalf));
+    hi = V::set(V(A(0)), hi, std::max<int64_t>(0, count - kHalf));
+  }
+
+  // A whole unit, or with kPartial its first `count` elements: for a loop body written once for
+  // both the units of a run and its last, shorter one.
+  template <bool kPartial>
+  static C10_ALWAYS_INLINE void load_n(const T* p, int64_t count, V& lo, V& hi) {
+    if constexpr (kPartial) {
+      load_partial(p, count, lo, hi);
+    } else {
+      load(p, lo, hi);
+    }
+  }
+  template <bool kPartial>
+  static C10_ALWAYS_INLINE void store_n(T* p, int64_t count, const V& lo, const V& hi) {
+    if constexpr (kPartial) {
+      store_partial(p, count, lo, hi);
+    } else {
+      store(p, lo, hi);
+    }
+  }
+
   // Non-temporal store of a unit to an address aligned to a vector register (kStreamAlign): the
   // line is not read first and does not push other data out of the cache. Falls back to store()
   // without AVX2.
@@ -235,6 +271,22 @@ C10_ALWAYS_INLINE void prefetch(const T* p, int64_t ahead) {
 #else
   (void)p;
   (void)ahead;
+#endif
+}
+
+// Asks for every cache line of the n elements that start `ahead` elements past p, formed as an
+// integer like prefetch's (they may lie past the end of the tensor).
+template <typename T>
+C10_ALWAYS_INLINE void prefetch_run(const T* p, int64_t ahead, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) + uintptr_t(ahead * int64_t(sizeof(T)));
+  const uintptr_t end = begin + uintptr_t(n * int64_t(sizeof(T)));
+  for (uintptr_t at = begin & ~uintptr_t(63); at < end; at += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 3);
+#else
+  (void)p;
+  (void)ahead;
+  (void)n;
 #endif
 }
 
