@@ -360,8 +360,9 @@ def test_fake_relu_mask_on_cuda():
 # chunk's partial result and each channel's merge order those of the passes over the whole
 # tensor. FASTNN_CPU_CHANNEL_LOCAL=1 takes them wherever a channel fits, 0 never. The shapes keep
 # a channel's tensors within 64 KB, under that bound on any CPU with 128 KB of level-2 cache;
-# 48x48 planes of float32 and float64 are several chunks long.
-_CHANNEL_LOCAL_SHAPES = [(4, 64, 10, 10), (3, 37, 9, 9), (1, 16, 48, 48)]
+# 48x48 planes of float32 and float64 are several chunks long; the backward takes 7x7 planes
+# (a plane per chunk) channel-local too, with the tail of each plane past its last whole vector.
+_CHANNEL_LOCAL_SHAPES = [(4, 64, 10, 10), (3, 37, 9, 9), (1, 16, 48, 48), (5, 24, 7, 7)]
 
 
 def _channel_local_runs(monkeypatch, run):

@@ -176,6 +176,29 @@ Plan make_plan(const BNShape& s) {
   return p;
 }
 
+// The plan of the backward passes: make_plan's, except that channels-first planes of a unit up to
+// kMinBlockSpatial values (7x7), which make_plan gives the rows layout, are blocks of one chunk
+// each: their gradient sums go plane by plane, a float sum per plane held in registers and a
+// channel's planes added in double (merge_chunk_sums), and channel-local where the blocks layout
+// would be. The rows layout had summed every (channel, position) column in memory, loading and
+// storing both sums per vector.
+template <typename T>
+Plan backward_plan(const BNShape& s) {
+  Plan p = make_plan<T>(s);
+  if (p.blocks || p.Sin <= 1 || p.Sin < Unit<T>::kSize) return p;
+  Plan q;
+  q.N = p.N;
+  q.C = p.C;
+  q.S = p.Sin;
+  q.count = p.count;
+  q.blocks = true;
+  q.chunk = p.Sin;
+  q.chunks_per_block = 1;
+  q.items = p.N * p.C;
+  q.grain = std::max<int64_t>(1, kMinParallelElements / p.Sin);
+  return q;
+}
+
 // Columns of the rows layout in channel order: f(column, channel) for every column of the first
 // `width` columns (a multiple of P), of channels [c0, c1) (all by default).
 template <typename F>
@@ -2281,7 +2304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(in.shape);
+    const Plan p = backward_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
     const GradChannels<A> k(mean, invstd, weight, C);
     const T* gp = in.g.const_data_ptr<T>();
@@ -2489,7 +2512,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(in.shape);
+    const Plan p = backward_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
     const GradChannels<A> k1(mean, invstd, weight, C), k2(mean2, invstd2, weight2, C);
     const T* gp = in.g.const_data_ptr<T>();
@@ -2583,7 +2606,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(in.shape);
+    const Plan p = backward_plan<T>(in.shape);
     // Only the sums: the factor of d(input) (here invstd, no weight given) goes unused.
     const GradChannels<A> k(mean, invstd, c10::nullopt, C);
     std::vector<double> sum_g(C), sum_gx(C);
@@ -2623,7 +2646,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = make_plan<T>(in.shape);
+    const Plan p = backward_plan<T>(in.shape);
     const GradChannels<A> k(mean, invstd, weight, C);
     const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
     std::vector<A> k2 = channel_values<A>(mean_dy_xhat, C, A(0));
