@@ -20,7 +20,9 @@ def backend_info() -> dict:
     ``built_against_torch``, ``cpu_isa`` (the instruction set of the CPU kernels: 'avx2',
     'avx512' or 'default'), ``cpu_isa_bf16_fp16`` (that of the kernels bfloat16/float16 CPU
     inputs run on: 'avx512' on CPUs with AVX-512 when fastnn._C_avx512 was built, else the same
-    as ``cpu_isa``), ``cuda_available`` and ``relu_mask`` (whether training forwards with ReLU
+    as ``cpu_isa``), ``cpu_bf16_avx512bf16`` (whether bfloat16 outputs are rounded with
+    AVX512-BF16's conversion instruction, on CPUs that have it; the same bits either way),
+    ``cuda_available`` and ``relu_mask`` (whether training forwards with ReLU
     keep the output's ReLU mask for the CUDA backward; ``FASTNN_RELU_MASK=0`` turns it off, read
     once, when the first such forward runs).
     """
@@ -37,6 +39,7 @@ def backend_info() -> dict:
         "built_against_torch": built,
         "cpu_isa": _ext.cpu_isa(),
         "cpu_isa_bf16_fp16": _ext.cpu_reduced_isa() or _ext.cpu_isa(),
+        "cpu_bf16_avx512bf16": _ext.cpu_bf16_avx512bf16(),
         "cuda_available": torch.cuda.is_available(),
         "relu_mask": os.environ.get("FASTNN_RELU_MASK", "1") != "0",
     }

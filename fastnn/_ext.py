@@ -30,13 +30,14 @@ def _cpu_lacks(flags):
 
 
 _reduced_isa = None
+_bf16_avx512bf16 = False
 
 
 def _load_reduced_cpu_kernels():
     """On a CPU with AVX-512, route bfloat16/float16 CPU inputs to fastnn._C_avx512 (the same
     kernels built for AVX-512, where they ran about 1.25x faster in geometric mean; float32 and
     float64 stay on fastnn._C's). FASTNN_CPU_AVX512=0 keeps every dtype on fastnn._C."""
-    global _reduced_isa
+    global _reduced_isa, _bf16_avx512bf16
     if os.environ.get("FASTNN_CPU_AVX512", "1").strip().lower() in ("0", "off", "false", "no"):
         return
     try:
@@ -53,6 +54,8 @@ def _load_reduced_cpu_kernels():
     use = getattr(importlib.import_module("fastnn._C"), "_use_reduced_cpu_kernels", None)
     if use is not None and use(table):  # False: a table from another build of fastnn
         _reduced_isa = isa
+        _bf16_avx512bf16 = bool(getattr(importlib.import_module("fastnn._C_avx512"),
+                                        "bfloat16_avx512bf16", False))
 
 
 def _load():
@@ -144,6 +147,13 @@ def cpu_reduced_isa():
     """The instruction set of the kernels bfloat16/float16 CPU inputs run on when it is not
     cpu_isa()'s ('avx512'), else None."""
     return _reduced_isa
+
+
+def cpu_bf16_avx512bf16():
+    """Whether bfloat16 CPU outputs are rounded with AVX512-BF16's conversion instruction (the
+    fastnn._C_avx512 kernels built for it, on a CPU that has it; FASTNN_CPU_AVX512_BF16=0 turns
+    them off). The bits are the same either way."""
+    return _bf16_avx512bf16
 
 
 def kernel_devices(op="batch_norm_train"):

@@ -279,6 +279,7 @@ def collect_env(device: torch.device) -> dict:
         "fastnn_backend": ("compiled" if fastnn.ops.has_kernel(device.type) else "reference"),
         "fastnn_cpu_isa": info.get("cpu_isa"),
         "fastnn_cpu_isa_bf16_fp16": info.get("cpu_isa_bf16_fp16"),
+        "fastnn_cpu_bf16_avx512bf16": info.get("cpu_bf16_avx512bf16"),
         "fastnn_relu_mask": info.get("relu_mask"),
         "git_commit": commit,
         "git_dirty": dirty,
@@ -306,7 +307,9 @@ def backend_line(env: dict) -> str:
         what = ""
         if env["device_type"] == "cpu" and isa:
             what = (f" ({isa} CPU kernels" + (f"; {reduced} for bfloat16/float16" if reduced and
-                                              reduced != isa else "") + ")")
+                                              reduced != isa else "") +
+                    ("; bfloat16 rounded with AVX512-BF16" if env.get("fastnn_cpu_bf16_avx512bf16")
+                     else "") + ")")
         if env["device_type"] == "cuda" and env.get("fastnn_relu_mask") is not None:
             what = " (ReLU mask " + ("on" if env["fastnn_relu_mask"] else
                                      "off: FASTNN_RELU_MASK=0") + ")"

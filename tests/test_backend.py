@@ -309,6 +309,67 @@ def test_avx512_bf16_fp16_kernels_agree_with_the_main_build():
                                        msg=key)
 
 
+# bfloat16 outputs rounded by AVX512-BF16's conversion instruction or by ATen's integer sequence:
+# the same bits, denormal results (which the instruction would flush) and NaN included.
+_BF16_BITS = textwrap.dedent("""
+    import json, sys, torch, fastnn
+    torch.manual_seed(0)
+    out = {"native": fastnn.backend_info()["cpu_bf16_avx512bf16"]}
+    C = 40
+    for shape, fmt in (((4, C, 7, 7), torch.contiguous_format),
+                       ((3, C, 10, 13), torch.contiguous_format),
+                       ((4, C, 5, 6), torch.channels_last)):
+        x = (torch.randn(shape) * 3 + 0.5).to(torch.bfloat16).contiguous(memory_format=fmt)
+        x[1, 2, 3, 4] = float("nan")
+        r = torch.randn(shape).to(torch.bfloat16).contiguous(memory_format=fmt)
+        w, b = torch.rand(C) + 0.5, torch.randn(C)
+        # Channel 0's outputs are a float32 denormal, channel 1's just above the smallest normal.
+        w[0], b[0] = 0.0, 3e-39
+        w[1], b[1] = 1e-38, 1.2e-38
+        rm, rv = torch.zeros(C), torch.ones(C)
+        key = f"{tuple(shape)} {fmt}"
+        for residual in (None, r):
+            for relu in (False, True):
+                y, m, i = torch.ops.fastnn.batch_norm_train(x, w, b, rm.clone(), rv.clone(), 0.1,
+                                                            1e-5, residual, relu)
+                g = torch.ops.fastnn.batch_norm_backward(r, x, w, y, m, i, True, relu,
+                                                         residual is not None)
+                e = torch.ops.fastnn.batch_norm_eval(x, w, b, rm, rv, 1e-5, residual, relu)
+                out[f"{key} {residual is not None} {relu}"] = [
+                    t.view(torch.int16).flatten().tolist() if t.dtype == torch.bfloat16
+                    else t.flatten().tolist() for t in (y, e, g[0], g[3])]
+                if residual is None and not relu:
+                    out[f"{key} denormal"] = e[:, 0].contiguous().view(torch.int16).flatten().tolist()
+    json.dump(out, sys.stdout)
+""")
+
+
+@pytest.mark.skipif(not fastnn.ops.has_kernel("cpu"), reason="fastnn._C is not loaded")
+def test_avx512bf16_rounding_gives_the_same_bits():
+    if not fastnn.backend_info()["cpu_bf16_avx512bf16"]:
+        pytest.skip("bfloat16 outputs are not rounded with AVX512-BF16 here (no fastnn._C_avx512, "
+                    "a CPU without AVX512-BF16, or FASTNN_CPU_AVX512_BF16=0)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    runs = []
+    for setting in ("1", "0"):
+        run = subprocess.run([sys.executable, "-c", _BF16_BITS], capture_output=True, text=True,
+                             env={**env, "FASTNN_CPU_AVX512_BF16": setting}, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append(json.loads(run.stdout))
+    native, aten = runs
+    assert native.pop("native") is True and aten.pop("native") is False
+    assert native.keys() == aten.keys()
+    for key in native:
+        assert native[key] == aten[key], key
+    # The denormal channel holds torch's own rounding of 3e-39 (the instruction would give 0).
+    want = torch.tensor(3e-39).to(torch.bfloat16).view(torch.int16).item()
+    assert want != 0
+    for key in native:
+        if key.endswith("denormal"):
+            assert set(native[key]) == {want}, key
+
+
 @pytest.mark.skipif(not fastnn.ops.available(), reason="fastnn._C is not loaded")
 def test_reduced_kernel_table_must_be_a_fastnn_capsule():
     import fastnn._C as C

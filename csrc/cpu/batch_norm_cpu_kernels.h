@@ -2666,8 +2666,12 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
 }  // namespace
 
 // This build's entry points, for batch_norm_cpu.cpp (fastnn._C) or fastnn._C_avx512's module.
+#if defined(FASTNN_CPU_BF16_NATIVE)
+const KernelTable* kernels_bfloat16_avx512bf16() {
+#else
 template <>
 const KernelTable* kernels<at::ScalarType::FASTNN_CPU_DTYPE>() {
+#endif
   static const KernelTable table{
       &batch_norm_train_cpu,          &batch_norm_eval_cpu,
       &batch_norm_backward_cpu,       &batch_norm_stats_cpu,

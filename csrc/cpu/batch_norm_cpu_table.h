@@ -82,6 +82,9 @@ template <>
 __attribute__((visibility("hidden"))) const KernelTable* kernels<at::ScalarType::BFloat16>();
 template <>
 __attribute__((visibility("hidden"))) const KernelTable* kernels<at::ScalarType::Half>();
+// fastnn._C_avx512's bfloat16 kernels built for AVX512-BF16 (avx512/
+// batch_norm_cpu_bfloat16_avx512bf16.cpp), where the compiler can build them (GCC).
+__attribute__((visibility("hidden"))) const KernelTable* kernels_bfloat16_avx512bf16();
 
 }  // namespace cpu
 }  // namespace fastnn

@@ -67,8 +67,24 @@ struct Unit {
       lo.store(p);
       hi.store(p + kHalf);
     } else {
-      at::vec::convert_from_float<T>(lo, hi).store(p);
+      narrow(lo, hi).store(p);
     }
+  }
+
+  // lo and hi rounded to T (reduced types), as ATen's convert_from_float. Built for AVX512-BF16
+  // (FASTNN_CPU_BF16_NATIVE), bfloat16 takes one vcvtne2ps2bf16, which rounds to nearest even as
+  // ATen does but reads denormals as zero and gives NaN other bits: a unit holding either takes
+  // ATen's sequence, so the bits are the same on every path.
+  static C10_ALWAYS_INLINE Vectorized<T> narrow(const V& lo, const V& hi) {
+#if defined(FASTNN_CPU_BF16_NATIVE)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      // fpclass: 0x01 quiet NaN, 0x80 signalling NaN, 0x20 denormal.
+      constexpr int kOdd = 0x01 | 0x80 | 0x20;
+      if (C10_LIKELY((_mm512_fpclass_ps_mask(lo, kOdd) | _mm512_fpclass_ps_mask(hi, kOdd)) == 0))
+        return Vectorized<T>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo)));
+    }
+#endif
+    return at::vec::convert_from_float<T>(lo, hi);
   }
 
   // A unit as two vectors holding its values in some order: for sums over a whole run, where
@@ -114,7 +130,7 @@ struct Unit {
       lo.store(p, std::min(count, kHalf));
       if (count > kHalf) hi.store(p + kHalf, count - kHalf);
     } else {
-      at::vec::convert_from_float<T>(lo, hi).store(p, int(count));
+      narrow(lo, hi).store(p, int(count));
     }
   }
 
@@ -156,7 +172,7 @@ struct Unit {
       _mm512_stream_pd(p, lo);
       _mm512_stream_pd(p + kHalf, hi);
     } else {
-      const __m512i v = at::vec::convert_from_float<T>(lo, hi);
+      const __m512i v = narrow(lo, hi);
       _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
     }
 #elif FASTNN_STREAM_STORES == 256
