@@ -190,7 +190,8 @@ def _extensions():
             extra_compile_args={"cxx": _cpu_flags(reduced)},
             py_limited_api=False,
         ))
-        _log(f"building {reduced} CPU kernels for bfloat16/float16 too (fastnn._C_avx512; "
+        _log(f"building {reduced} CPU kernels for bfloat16/float16 too (fastnn._C_avx512, with "
+             f"bfloat16 also for AVX512-BF16 when the compiler is GCC 10+; "
              f"FASTNN_CPU_AVX512=0 skips them)")
     return exts, cpp_extension.BuildExtension.with_options(use_ninja=True)
 

@@ -83,8 +83,12 @@ __attribute__((visibility("hidden"))) const KernelTable* kernels<at::ScalarType:
 template <>
 __attribute__((visibility("hidden"))) const KernelTable* kernels<at::ScalarType::Half>();
 // fastnn._C_avx512's bfloat16 kernels built for AVX512-BF16 (avx512/
-// batch_norm_cpu_bfloat16_avx512bf16.cpp), where the compiler can build them (GCC).
+// batch_norm_cpu_bfloat16_avx512bf16.cpp), where the compiler can build them: GCC 10 or newer,
+// whose `#pragma GCC target` that file uses.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10 && defined(__AVX512F__)
+#define FASTNN_HAVE_AVX512BF16_KERNELS 1
 __attribute__((visibility("hidden"))) const KernelTable* kernels_bfloat16_avx512bf16();
+#endif
 
 }  // namespace cpu
 }  // namespace fastnn

@@ -17,7 +17,7 @@ namespace {
 // are bitwise the same.
 const fastnn::cpu::KernelTable* bfloat16_kernels(bool& native) {
   native = false;
-#if defined(__GNUC__) && !defined(__clang__) && defined(__AVX512F__)
+#if defined(FASTNN_HAVE_AVX512BF16_KERNELS)
   const char* env = std::getenv("FASTNN_CPU_AVX512_BF16");
   const bool off = env != nullptr && (std::strcmp(env, "0") == 0 || std::strcmp(env, "off") == 0 ||
                                       std::strcmp(env, "false") == 0 || std::strcmp(env, "no") == 0);
