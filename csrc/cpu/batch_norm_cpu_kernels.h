@@ -182,10 +182,9 @@ Plan make_plan(const BNShape& s) {
 // channel's planes added in double (merge_chunk_sums), and channel-local where the blocks layout
 // would be. The rows layout had summed every (channel, position) column in memory, loading and
 // storing both sums per vector.
-template <typename T>
-Plan backward_plan(const BNShape& s) {
-  Plan p = make_plan<T>(s);
-  if (p.blocks || p.Sin <= 1 || p.Sin < Unit<T>::kSize) return p;
+// The blocks layout's view of channels-first planes that make_plan gives the rows layout: one
+// chunk per plane.
+inline Plan plane_blocks(const Plan& p) {
   Plan q;
   q.N = p.N;
   q.C = p.C;
@@ -197,6 +196,13 @@ Plan backward_plan(const BNShape& s) {
   q.items = p.N * p.C;
   q.grain = std::max<int64_t>(1, kMinParallelElements / p.Sin);
   return q;
+}
+
+template <typename T>
+Plan backward_plan(const BNShape& s) {
+  const Plan p = make_plan<T>(s);
+  if (p.blocks || p.Sin <= 1 || p.Sin < Unit<T>::kSize) return p;
+  return plane_blocks(p);
 }
 
 // Columns of the rows layout in channel order: f(column, channel) for every column of the first
@@ -1130,11 +1136,6 @@ void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   const int64_t N = p.N, C = p.C, S = p.Sin;
   const int64_t full = S / U::kSize * U::kSize;
   const int64_t rest = S - full;
-  // Lane weights of the masked last vector pair: 1 for a value of the plane, 0 past its end
-  // (where the masked load reads 0 and x - pivot would not be 0).
-  alignas(64) A weight[U::kSize];
-  for (int64_t j = 0; j < U::kSize; ++j) weight[j] = j < rest ? A(1) : A(0);
-  const V wlo = V::loadu(weight), whi = V::loadu(weight + U::kHalf);
   // Where the pivot's samples lie relative to a channel's first value: spread over the images
   // and over the plane.
   std::array<int64_t, kPivotSamples> sample{};
@@ -1142,23 +1143,14 @@ void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
     sample[i] = (i * N / kPivotSamples) * C * S + i * S / kPivotSamples;
   const double count = double(p.count);
 
-  // The planes' means and sums of squares, merged as merge_chunk_stats does (the mean of the
-  // means first, which keeps an infinite mean infinite).
+  // The planes' means and sums of squares, merged by merge_chunk_stats with each plane a chunk
+  // (the mean of the means first, which keeps an infinite mean infinite).
+  const Plan planes = plane_blocks(p);
   auto two_pass = [&](int64_t c) {
     std::vector<double> pm(N), pm2(N);
-    double sum = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      chunk_stats_two_pass(x + (n * C + c) * S, S, pm[n], pm2[n]);
-      sum += double(S) * pm[n];
-    }
-    const double mean = sum / count;
-    double m2 = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const double d = pm[n] - mean;
-      m2 += pm2[n] + double(S) * d * d;
-    }
-    mean_c[c] = mean;
-    var_c[c] = m2 / count;
+    for (int64_t n = 0; n < N; ++n) chunk_stats_two_pass(x + (n * C + c) * S, S, pm[n], pm2[n]);
+    merge_chunk_stats(planes, pm.data(), pm2.data(), [](int64_t n, int64_t) { return n; },
+                      mean_c[c], var_c[c]);
   };
 
   const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, N * S));
@@ -1184,10 +1176,13 @@ void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
           add_deviations(lo - vp, hi - vp, a0, a1, b0, b1);
         }
         if (rest > 0) {
-          // Past the plane's end the weights make d 0: (0 - pivot) * 0.
+          // Past the plane's end the masked load reads 0: d is zeroed there.
           V lo, hi;
           U::load_partial(xp + full, rest, lo, hi);
-          add_deviations((lo - vp) * wlo, (hi - vp) * whi, a2, a3, b2, b3);
+          lo = lo - vp;
+          hi = hi - vp;
+          U::keep_first(rest, lo, hi);
+          add_deviations(lo, hi, a2, a3, b2, b3);
         }
         if ((n + 1) % kFlushPlanes == 0 || n + 1 == N) {
           A f1, f2;

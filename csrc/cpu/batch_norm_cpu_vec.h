@@ -141,21 +141,13 @@ struct Unit {
   }
 
   // A whole unit, or with kPartial its first `count` elements: for a loop body written once for
-  // both the units of a run and its last, shorter one.
+  // both the units of a run and its last, shorter one (put_n stores alike).
   template <bool kPartial>
   static C10_ALWAYS_INLINE void load_n(const T* p, int64_t count, V& lo, V& hi) {
     if constexpr (kPartial) {
       load_partial(p, count, lo, hi);
     } else {
       load(p, lo, hi);
-    }
-  }
-  template <bool kPartial>
-  static C10_ALWAYS_INLINE void store_n(T* p, int64_t count, const V& lo, const V& hi) {
-    if constexpr (kPartial) {
-      store_partial(p, count, lo, hi);
-    } else {
-      store(p, lo, hi);
     }
   }
 
@@ -290,20 +282,13 @@ C10_ALWAYS_INLINE void prefetch(const T* p, int64_t ahead) {
 #endif
 }
 
-// Asks for every cache line of the n elements that start `ahead` elements past p, formed as an
-// integer like prefetch's (they may lie past the end of the tensor).
+// Asks for every cache line of the n elements that start `ahead` elements past p (prefetch's,
+// one per line and the last element's).
 template <typename T>
 C10_ALWAYS_INLINE void prefetch_run(const T* p, int64_t ahead, int64_t n) {
-#if defined(__GNUC__) || defined(__clang__)
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(p) + uintptr_t(ahead * int64_t(sizeof(T)));
-  const uintptr_t end = begin + uintptr_t(n * int64_t(sizeof(T)));
-  for (uintptr_t at = begin & ~uintptr_t(63); at < end; at += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(at), 0, 3);
-#else
-  (void)p;
-  (void)ahead;
-  (void)n;
-#endif
+  constexpr int64_t kLine = std::max<int64_t>(1, 64 / int64_t(sizeof(T)));
+  for (int64_t i = 0; i < n; i += kLine) prefetch(p, ahead + i);
+  if (n > 0) prefetch(p, ahead + n - 1);
 }
 
 // A parameter known to be zero everywhere: the kernels skip its loads and arithmetic.
