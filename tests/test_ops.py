@@ -360,8 +360,10 @@ def test_fake_relu_mask_on_cuda():
 # chunk's partial result and each channel's merge order those of the passes over the whole
 # tensor. FASTNN_CPU_CHANNEL_LOCAL=1 takes them wherever a channel fits, 0 never. The shapes keep
 # a channel's tensors within 64 KB, under that bound on any CPU with 128 KB of level-2 cache;
-# 48x48 planes of float32 and float64 are several chunks long; the backward takes 7x7 planes
-# (a plane per chunk) channel-local too, with the tail of each plane past its last whole vector.
+# 48x48 planes of float32 and float64 are several chunks long; 7x7 planes go channel-local too
+# (the backward a plane per chunk, with the tail of each plane past its last whole vector; the
+# forward with the whole-tensor pass's statistics of each channel, their two-pass fallback
+# included).
 _CHANNEL_LOCAL_SHAPES = [(4, 64, 10, 10), (3, 37, 9, 9), (1, 16, 48, 48), (5, 24, 7, 7)]
 
 
@@ -380,11 +382,15 @@ def test_channel_local_passes_bitwise(cpu_kernel, monkeypatch, dtype, shape):
     """Channel-local and whole-tensor passes: bitwise the same outputs, saved and running
     statistics and gradients, for every form of the training forward and backward and of the
     dual form; channel 0's mean of 1e4 standard deviations is centered while the others fold
-    into the shift."""
+    into the shift; channel 1's values lie 100 standard deviations below those at every sixth
+    position of a plane, so that a pivot sampled there is far off."""
     torch.manual_seed(0)
     C = shape[1]
     x = make_input(shape, dtype, "cpu")
     x[:, 0] = x[:, 0] * 0.5 + 1e4 * (2.0 if dtype in (torch.float32, torch.float64) else 0.01)
+    far = torch.ones(x[0, 1].numel(), dtype=torch.bool)
+    far[::6] = False
+    x.view(shape[0], C, -1)[:, 1, far] -= 200.0
     r = make_input(shape, dtype, "cpu")
     g = make_input(shape, dtype, "cpu", shift=0.0, scale=1.0)
     w, b, rm, rv = make_params(C, torch.float32 if dtype != torch.float64 else dtype, "cpu")

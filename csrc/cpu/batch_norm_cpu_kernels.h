@@ -176,12 +176,6 @@ Plan make_plan(const BNShape& s) {
   return p;
 }
 
-// The plan of the backward passes: make_plan's, except that channels-first planes of a unit up to
-// kMinBlockSpatial values (7x7), which make_plan gives the rows layout, are blocks of one chunk
-// each: their gradient sums go plane by plane, a float sum per plane held in registers and a
-// channel's planes added in double (merge_chunk_sums), and channel-local where the blocks layout
-// would be. The rows layout had summed every (channel, position) column in memory, loading and
-// storing both sums per vector.
 // The blocks layout's view of channels-first planes that make_plan gives the rows layout: one
 // chunk per plane.
 inline Plan plane_blocks(const Plan& p) {
@@ -198,8 +192,15 @@ inline Plan plane_blocks(const Plan& p) {
   return q;
 }
 
+// The plan of the backward passes and of the channel-local training forward: make_plan's,
+// except that channels-first planes of a unit up to kMinBlockSpatial values (7x7), which
+// make_plan gives the rows layout, are blocks of one chunk each: their gradient sums go plane by
+// plane, a float sum per plane held in registers and a channel's planes added in double
+// (merge_chunk_sums), and both passes go channel-local where the blocks layout would (the
+// forward's statistics of such planes are plane_stats', channel by channel). The rows layout had
+// summed every (channel, position) column in memory, loading and storing both sums per vector.
 template <typename T>
-Plan backward_plan(const BNShape& s) {
+Plan blocks_plan(const BNShape& s) {
   const Plan p = make_plan<T>(s);
   if (p.blocks || p.Sin <= 1 || p.Sin < Unit<T>::kSize) return p;
   return plane_blocks(p);
@@ -1128,80 +1129,90 @@ constexpr int64_t kFlushPlanes = 8;
 // last-level cache rather than L2, (32, 832, 7, 7) bfloat16 took 2.5x as long as in L2 without it.
 constexpr int64_t kPrefetchChannels = 4;
 
+// plane_stats of one channel, over a plane_blocks plan (N images of C planes of S values): the
+// statistics of channel c of x, alone, so that a channel-local training forward computes them
+// as the whole-tensor pass does.
 template <typename T>
-void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
-  using U = Unit<T>;
-  using A = acc_t<T>;
-  using V = Vectorized<A>;
-  const int64_t N = p.N, C = p.C, S = p.Sin;
-  const int64_t full = S / U::kSize * U::kSize;
-  const int64_t rest = S - full;
-  // Where the pivot's samples lie relative to a channel's first value: spread over the images
-  // and over the plane.
-  std::array<int64_t, kPivotSamples> sample{};
-  for (int64_t i = 0; i < kPivotSamples; ++i)
-    sample[i] = (i * N / kPivotSamples) * C * S + i * S / kPivotSamples;
-  const double count = double(p.count);
+class PlaneChannelStats {
+ public:
+  explicit PlaneChannelStats(const Plan& planes) : planes_(planes) {
+    // Where the pivot's samples lie relative to a channel's first value: spread over the images
+    // and over the plane.
+    const int64_t N = planes.N, C = planes.C, S = planes.S;
+    for (int64_t i = 0; i < kPivotSamples; ++i)
+      sample_[i] = (i * N / kPivotSamples) * C * S + i * S / kPivotSamples;
+  }
 
+  void operator()(const T* x, int64_t c, double& mean, double& var) const {
+    using U = Unit<T>;
+    using A = acc_t<T>;
+    using V = Vectorized<A>;
+    const int64_t N = planes_.N, C = planes_.C, S = planes_.S;
+    const int64_t full = S / U::kSize * U::kSize;
+    const int64_t rest = S - full;
+    const T* xc = x + c * S;
+    A v[kPivotSamples];
+    for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(xc[sample_[i]]);
+    const A pivot = pivot_of(v);
+    if (!std::isfinite(pivot)) return two_pass(x, c, mean, var);
+    const V vp(pivot);
+    double s1 = 0, s2 = 0;
+    V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), b0(A(0)), b1(A(0)), b2(A(0)), b3(A(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const T* xp = xc + n * C * S;
+      prefetch_run(xp, kPrefetchChannels * S, S);
+      for (int64_t i = 0; i < full; i += U::kSize) {
+        V lo, hi;
+        U::load_any_order(xp + i, lo, hi);
+        add_deviations(lo - vp, hi - vp, a0, a1, b0, b1);
+      }
+      if (rest > 0) {
+        // Past the plane's end the masked load reads 0: d is zeroed there.
+        V lo, hi;
+        U::load_partial(xp + full, rest, lo, hi);
+        lo = lo - vp;
+        hi = hi - vp;
+        U::keep_first(rest, lo, hi);
+        add_deviations(lo, hi, a2, a3, b2, b3);
+      }
+      if ((n + 1) % kFlushPlanes == 0 || n + 1 == N) {
+        A f1, f2;
+        horizontal_sums((a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), f1, f2);
+        s1 += double(f1);
+        s2 += double(f2);
+        a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = V(A(0));
+      }
+    }
+    const double count = double(planes_.count);
+    const double shift = s1 / count;
+    const double m2 = s2 - s1 * shift;
+    // Also false for NaN: an infinity or NaN among the values makes s2 one.
+    if (!(s2 <= kMaxPivotGain * m2)) return two_pass(x, c, mean, var);
+    mean = double(pivot) + shift;
+    var = m2 / count;
+  }
+
+ private:
   // The planes' means and sums of squares, merged by merge_chunk_stats with each plane a chunk
   // (the mean of the means first, which keeps an infinite mean infinite).
-  const Plan planes = plane_blocks(p);
-  auto two_pass = [&](int64_t c) {
+  void two_pass(const T* x, int64_t c, double& mean, double& var) const {
+    const int64_t N = planes_.N, C = planes_.C, S = planes_.S;
     std::vector<double> pm(N), pm2(N);
     for (int64_t n = 0; n < N; ++n) chunk_stats_two_pass(x + (n * C + c) * S, S, pm[n], pm2[n]);
-    merge_chunk_stats(planes, pm.data(), pm2.data(), [](int64_t n, int64_t) { return n; },
-                      mean_c[c], var_c[c]);
-  };
+    merge_chunk_stats(planes_, pm.data(), pm2.data(), [](int64_t n, int64_t) { return n; }, mean,
+                      var);
+  }
 
-  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, N * S));
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const T* xc = x + c * S;
-      A v[kPivotSamples];
-      for (int64_t i = 0; i < kPivotSamples; ++i) v[i] = A(xc[sample[i]]);
-      const A pivot = pivot_of(v);
-      if (!std::isfinite(pivot)) {
-        two_pass(c);
-        continue;
-      }
-      const V vp(pivot);
-      double s1 = 0, s2 = 0;
-      V a0(A(0)), a1(A(0)), a2(A(0)), a3(A(0)), b0(A(0)), b1(A(0)), b2(A(0)), b3(A(0));
-      for (int64_t n = 0; n < N; ++n) {
-        const T* xp = xc + n * C * S;
-        prefetch_run(xp, kPrefetchChannels * S, S);
-        for (int64_t i = 0; i < full; i += U::kSize) {
-          V lo, hi;
-          U::load_any_order(xp + i, lo, hi);
-          add_deviations(lo - vp, hi - vp, a0, a1, b0, b1);
-        }
-        if (rest > 0) {
-          // Past the plane's end the masked load reads 0: d is zeroed there.
-          V lo, hi;
-          U::load_partial(xp + full, rest, lo, hi);
-          lo = lo - vp;
-          hi = hi - vp;
-          U::keep_first(rest, lo, hi);
-          add_deviations(lo, hi, a2, a3, b2, b3);
-        }
-        if ((n + 1) % kFlushPlanes == 0 || n + 1 == N) {
-          A f1, f2;
-          horizontal_sums((a0 + a1) + (a2 + a3), (b0 + b1) + (b2 + b3), f1, f2);
-          s1 += double(f1);
-          s2 += double(f2);
-          a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = V(A(0));
-        }
-      }
-      const double shift = s1 / count;
-      const double m2 = s2 - s1 * shift;
-      // Also false for NaN: an infinity or NaN among the values makes s2 one.
-      if (!(s2 <= kMaxPivotGain * m2)) {
-        two_pass(c);
-        continue;
-      }
-      mean_c[c] = double(pivot) + shift;
-      var_c[c] = m2 / count;
-    }
+  Plan planes_;
+  std::array<int64_t, kPivotSamples> sample_{};
+};
+
+template <typename T>
+void plane_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
+  const PlaneChannelStats<T> stats(plane_blocks(p));
+  const int64_t grain = std::max<int64_t>(1, kMinParallelElements / std::max<int64_t>(1, p.count));
+  at::parallel_for(0, p.C, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) stats(x, c, mean_c[c], var_c[c]);
   });
 }
 
@@ -1902,17 +1913,20 @@ struct LocalNorm {
 };
 
 // The channel-local training forward (see local_channels) of kK batch norms (2: batch_norm_dual,
-// whose second input is the residual), groups of G channels: per group, the statistics of each
-// chunk of each input (chunk_stats), each channel's mean and variance, its parameters as
-// channel_affine's and fold_means' (saved statistics written), then the normalize pass over the
-// group's chunks.
+// whose second input is the residual), over a blocks_plan, groups of G channels: per group, the
+// statistics of each chunk of each input (chunk_stats) merged into each channel's mean and
+// variance (for planes shorter than kMinBlockSpatial, plane_stats' statistics of each channel),
+// its parameters as channel_affine's and fold_means' (saved statistics written), then the
+// normalize pass over the group's chunks.
 template <size_t kK, bool kResidual, bool kRelu, bool kStream, typename T>
 void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK>& in, const T* r,
                          T* y, const std::array<LocalNorm<acc_t<T>>, kK>& bn) {
   static_assert(kK == 1 || (kK == 2 && kResidual), "a second batch norm is the residual");
   using A = acc_t<T>;
   using B = Broadcast<A>;
-  const int64_t per_channel = p.N * p.chunks_per_block;
+  const bool by_planes = p.S < kMinBlockSpatial;
+  const PlaneChannelStats<T> plane_stats_of(p);
+  const int64_t per_channel = by_planes ? 0 : p.N * p.chunks_per_block;
   parallel_channel_groups<kStream>(p, G, [&](int64_t c0, int64_t c1) {
     std::vector<double> pmean(kK * G * per_channel), pm2(kK * G * per_channel);
     std::vector<A> mean(kK * G), scale(kK * G), shift(G);
@@ -1920,21 +1934,28 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
     const auto at = [&](size_t k, int64_t c, int64_t n, int64_t kc) {
       return ((int64_t(k) * G + c - c0) * p.N + n) * p.chunks_per_block + kc;
     };
-    for_group_chunks(p, c0, c1, [&](int64_t o, int64_t n, int64_t c, int64_t in_n, int64_t kc) {
-      for (size_t k = 0; k < kK; ++k) {
-        const int64_t t = at(k, c, in_n, kc);
-        chunk_stats(in[k] + o, n, pmean[t], pm2[t]);
-      }
-    });
+    if (!by_planes) {
+      for_group_chunks(p, c0, c1,
+                       [&](int64_t o, int64_t n, int64_t c, int64_t in_n, int64_t kc) {
+                         for (size_t k = 0; k < kK; ++k) {
+                           const int64_t t = at(k, c, in_n, kc);
+                           chunk_stats(in[k] + o, n, pmean[t], pm2[t]);
+                         }
+                       });
+    }
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t j = c - c0;
       std::array<double, kK> m;
       std::array<A, kK> sc, w, b;
       for (size_t k = 0; k < kK; ++k) {
         const LocalNorm<A>& q = bn[k];
-        merge_chunk_stats(p, pmean.data(), pm2.data(),
-                          [&](int64_t n, int64_t kc) { return at(k, c, n, kc); }, q.mean[c],
-                          q.var[c]);
+        if (by_planes) {
+          plane_stats_of(in[k], c, q.mean[c], q.var[c]);
+        } else {
+          merge_chunk_stats(p, pmean.data(), pm2.data(),
+                            [&](int64_t n, int64_t kc) { return at(k, c, n, kc); }, q.mean[c],
+                            q.var[c]);
+        }
         const ChannelScale<A> cs(q.mean[c], q.var[c], q.eps, q.weight[c]);
         q.save_mean[c] = cs.mean;
         q.save_invstd[c] = cs.invstd;
@@ -1999,14 +2020,15 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     std::vector<double>& var = stats_var;
     const std::vector<A> w = channel_values<A>(weight, C, A(1));
     const std::vector<A> b = channel_values<A>(bias, C, A(0));
-    const int64_t G = given_mean == nullptr ? local_channels<scalar_t>(p, 1) : 0;
+    const Plan lp = blocks_plan<scalar_t>(shape);
+    const int64_t G = given_mean == nullptr ? local_channels<scalar_t>(lp, 1) : 0;
     if (G > 0) {
       const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
       FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-          FASTNN_BOOL_SWITCH(use_stream<scalar_t>(p, {&out}), kStream, [&] {
+          FASTNN_BOOL_SWITCH(use_stream<scalar_t>(lp, {&out}), kStream, [&] {
             train_forward_local<1, kResidual, kRelu, kStream, scalar_t>(
-                p, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
+                lp, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
                 {LocalNorm<A>{w, b, eps, mean.data(), var.data(), save_mean.mutable_data_ptr<A>(),
                               save_invstd.mutable_data_ptr<A>()}});
           });
@@ -2299,7 +2321,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = backward_plan<T>(in.shape);
+    const Plan p = blocks_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
     const GradChannels<A> k(mean, invstd, weight, C);
     const T* gp = in.g.const_data_ptr<T>();
@@ -2388,12 +2410,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
     const std::vector<A> b1 = channel_values<A>(bias, C, A(0));
     const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
     const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
-    const int64_t G = training && input.numel() > 0 ? local_channels<T>(p, 2) : 0;
+    const Plan lp = blocks_plan<T>(shape);
+    const int64_t G = training && input.numel() > 0 ? local_channels<T>(lp, 2) : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-        FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(use_stream<T>(lp, {&out}), kStream, [&] {
           train_forward_local<2, true, kRelu, kStream, T>(
-              p, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
+              lp, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
               out.mutable_data_ptr<T>(),
               {LocalNorm<A>{w1, b1, eps, m1.data(), v1.data(), mean1.mutable_data_ptr<A>(),
                             invstd1.mutable_data_ptr<A>()},
@@ -2507,7 +2530,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_dual_backward (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = backward_plan<T>(in.shape);
+    const Plan p = blocks_plan<T>(in.shape);
     const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
     const GradChannels<A> k1(mean, invstd, weight, C), k2(mean2, invstd2, weight2, C);
     const T* gp = in.g.const_data_ptr<T>();
@@ -2601,7 +2624,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_reduce (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = backward_plan<T>(in.shape);
+    const Plan p = blocks_plan<T>(in.shape);
     // Only the sums: the factor of d(input) (here invstd, no weight given) goes unused.
     const GradChannels<A> k(mean, invstd, c10::nullopt, C);
     std::vector<double> sum_g(C), sum_gx(C);
@@ -2641,7 +2664,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
   FASTNN_DISPATCH_INPUT(input.scalar_type(), "fastnn.batch_norm_backward_elemt (CPU)", [&] {
     using T = scalar_t;
     using A = acc_t<T>;
-    const Plan p = backward_plan<T>(in.shape);
+    const Plan p = blocks_plan<T>(in.shape);
     const GradChannels<A> k(mean, invstd, weight, C);
     const std::vector<A> k1 = channel_values<A>(mean_dy, C, A(0));
     std::vector<A> k2 = channel_values<A>(mean_dy_xhat, C, A(0));
