@@ -15,11 +15,11 @@
 // each item writes its own partial sums and the partials are merged in item order, so results
 // are the same run to run and for any thread count.
 //
-// A training forward or backward over the blocks layout whose channels each fit in a core's L2
-// cache goes channel-local: a thread takes a group of channels through both passes (statistics
-// then normalize; gradient sums then d(input)), so the second pass reads from that cache what
-// the first brought in; the same chunks and merge order make it bitwise the whole-tensor passes
-// (see local_channels).
+// A training forward or backward over the blocks layout (7x7 planes included, a plane per chunk:
+// see blocks_plan) whose channels each fit in a core's L2 cache goes channel-local: a thread
+// takes a group of channels through both passes (statistics then normalize; gradient sums then
+// d(input)), so the second pass reads from that cache what the first brought in; the same chunks
+// and merge order make it bitwise the whole-tensor passes (see local_channels).
 //
 // Statistics: blocks: each L1-sized run of values (chunk) gets its mean and sum of squared
 // deviations in one pass, as sums of deviations from a pivot (the mean of eight values sampled
@@ -2297,7 +2297,8 @@ void train_backward_local(const Plan& p, int64_t G, const T* g, const T* out, co
       const int64_t t = at(c, in, kc);
       grad_sums_span<kMask, kGradResidual, false, false>(
           g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
-          static_cast<T*>(nullptr), n, Broadcast<A>(k.mean[c]), Broadcast<A>(k.scale[c]), &psg[t], &psgx[t]);
+          static_cast<T*>(nullptr), n, Broadcast<A>(k.mean[c]), Broadcast<A>(k.scale[c]), &psg[t],
+          &psgx[t]);
     });
     for (int64_t c = c0; c < c1; ++c) {
       double sum_g = 0, sum_gx = 0;
