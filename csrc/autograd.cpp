@@ -80,9 +80,10 @@ FASTNN_OP(dual_backward_op, DualBackwardSig, "fastnn::batch_norm_dual_backward")
 #undef FASTNN_OP
 
 // Whether a recorded forward with relu asks for its output's ReLU mask (batch_norm_train_masked,
-// batch_norm_dual_masked), so that the CUDA backward reads 1/16 of the output's bytes instead of
-// the output. The mask is kept until the backward: FASTNN_RELU_MASK=0 (read once) keeps only
-// what PyTorch's own batch norm and ReLU keep, and the backward reads the output.
+// batch_norm_dual_masked), so that the backward reads 1/16 of the output's bytes (CUDA; on CPU
+// a bit per element) instead of the output. The mask is kept until the backward:
+// FASTNN_RELU_MASK=0 (read once) keeps only what PyTorch's own batch norm and ReLU keep, and
+// the backward reads the output.
 bool relu_mask_enabled() {
   static const bool enabled = [] {
     const char* v = std::getenv("FASTNN_RELU_MASK");
@@ -261,7 +262,7 @@ class TrainFunction : public torch::autograd::Function<TrainFunction> {
                                const OptTensor& residual, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
     // With relu the forward also writes the output's ReLU mask for the backward (CUDA: 1/16 of
-    // the output's bytes, read in place of the output).
+    // the output's bytes; CPU: a bit per element), read in place of the output.
     Tensor out, mean, invstd, mask;
     if (relu && relu_mask_enabled()) {
       std::tie(out, mean, invstd, mask) = train_masked_op().call(

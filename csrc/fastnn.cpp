@@ -43,8 +43,9 @@ TORCH_LIBRARY(fastnn, m) {
       "-> (Tensor, Tensor, Tensor)");
   // batch_norm_train that also returns the ReLU mask of its output, for the backward to read in
   // place of the output (what the Autograd kernel calls when relu): a uint8 tensor of
-  // ceil(numel / (16 / element size)) bytes on CUDA, empty where the device's backward reads the
-  // output instead (the CPU) or without relu. Its bytes are only meaningful to the backward.
+  // ceil(numel / (16 / element size)) bytes on CUDA, of ceil(numel / 8) + 8 on the CPU (a bit
+  // per element in the output's memory order, then padding), empty without relu. Its bytes are
+  // only meaningful to the backward of the same device.
   m.def(
       "batch_norm_train_masked(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps, "

@@ -23,8 +23,8 @@ def backend_info() -> dict:
     as ``cpu_isa``), ``cpu_bf16_avx512bf16`` (whether bfloat16 outputs are rounded with
     AVX512-BF16's conversion instruction, on CPUs that have it; the same bits either way),
     ``cuda_available`` and ``relu_mask`` (whether training forwards with ReLU
-    keep the output's ReLU mask for the CUDA backward; ``FASTNN_RELU_MASK=0`` turns it off, read
-    once, when the first such forward runs).
+    keep the output's ReLU mask for the backward, CUDA and CPU; ``FASTNN_RELU_MASK=0`` turns it
+    off, read once, when the first such forward runs).
     """
     try:
         from fastnn import _build_info

@@ -175,12 +175,18 @@ def _fake_train(input, weight, bias, running_mean, running_var, momentum, eps, r
 
 
 def relu_mask_numel(input: Tensor, relu: bool) -> int:
-    """Bytes of the ReLU mask the masked training forwards return: one per 16-byte vector of
-    the output on CUDA (its backward reads them in place of the output), none elsewhere."""
-    if not relu or input.device.type != "cuda":
+    """Bytes of the ReLU mask the masked training forwards return, which their backward reads
+    in place of the output: on CUDA one per 16-byte vector of the output; on CPU a bit per
+    element and 8 bytes of padding; none without relu (or on other devices)."""
+    if not relu:
         return 0
-    vec = 16 // input.element_size()
-    return (input.numel() + vec - 1) // vec
+    n = input.numel()
+    if input.device.type == "cuda":
+        vec = 16 // input.element_size()
+        return (n + vec - 1) // vec
+    if input.device.type == "cpu":
+        return 0 if n == 0 else (n + 7) // 8 + 8
+    return 0
 
 
 def _relu_mask(input: Tensor, relu: bool) -> Tensor:

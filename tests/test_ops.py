@@ -437,6 +437,178 @@ def test_channel_local_passes_bitwise(cpu_kernel, monkeypatch, dtype, shape):
         _assert_same(local_b, whole_b, f"dual backward relu={relu}", True)
 
 
+# The CPU ReLU mask: the masked training forwards write a bit per output element, in the
+# output's memory order (element i: bit i % 8 of byte i // 8), set where the output is > 0 or
+# NaN, and 8 bytes of padding; the backward given it reads it in place of the output. The shapes
+# cover the blocks layout (several chunks per plane, 7x7 planes), planes narrower than a vector,
+# the rows layout (channels-last, rank 2) and runs that start and end inside a byte; both
+# settings of FASTNN_CPU_CHANNEL_LOCAL and one or two threads (a byte shared by two runs).
+_MASK_CASES = [((4, 64, 10, 10), "nchw"), ((3, 37, 9, 9), "nchw"), ((5, 24, 7, 7), "nchw"),
+               ((1, 16, 48, 48), "nchw"), ((2, 5, 3, 3), "nchw"), ((3, 37, 9, 9), "nhwc"),
+               ((2, 130, 3, 1), "nhwc"), ((7, 19), "2d"), ((33, 6), "2d")]
+
+
+def _mask_input(shape, fmt, dtype):
+    torch.manual_seed(sum(shape))
+    memory_format = torch.channels_last if fmt == "nhwc" else torch.contiguous_format
+    x = make_input(shape, dtype, "cpu", memory_format)
+    w, b, rm, rv = make_params(shape[1], torch.float32 if dtype != torch.float64 else dtype,
+                               "cpu")
+    # Channel 0: outputs of a positive float too small for bfloat16/float16 (rounded to zero:
+    # the backward of a zero output); channel 1: NaN outputs (the gradient passes).
+    w[0] = 0.0
+    b[0] = 2.0 ** -140 if dtype == torch.bfloat16 else 1e-9
+    x[(0, 1) + (0,) * (x.dim() - 2)] = float("nan")
+    return x, w, b, rm, rv
+
+
+def _memory_order(t):
+    dims = sorted(range(t.dim()), key=lambda d: -t.stride(d))
+    return t.permute(dims).reshape(-1)
+
+
+def _mask_bits(mask, numel):
+    shifts = torch.arange(8, dtype=torch.uint8)
+    bits = (mask[:(numel + 7) // 8, None] >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool()
+
+
+def _check_mask(mask, out, what):
+    n = out.numel()
+    assert mask.dtype == torch.uint8 and mask.shape == (ops.relu_mask_numel(out, True),), what
+    assert torch.equal(_mask_bits(mask, n), ~(_memory_order(out).float() <= 0)), what
+    # The bits past the last element and the padding are zero: the same input, the same bytes.
+    assert torch.all(mask[(n + 7) // 8:] == 0), what
+    if n % 8:
+        assert int(mask[n // 8]) >> (n % 8) == 0, what
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def cpu_threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("local", ["0", "1"], ids=["whole", "local"])
+@pytest.mark.parametrize("case", _MASK_CASES, ids=lambda c: "x".join(map(str, c[0])) + "-" + c[1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+def test_cpu_relu_mask(cpu_kernel, cpu_threads, monkeypatch, dtype, case, local):
+    """The CPU masked forwards (BN+ReLU, BN+add+ReLU, the dual form): batch_norm_train's
+    outputs and a mask whose bits are !(output <= 0) in memory order; the backward given the
+    mask is bitwise the backward reading the output, training and eval, with and without the
+    masked gradient returned (residual_grad), and the dual backward too."""
+    monkeypatch.setenv("FASTNN_CPU_CHANNEL_LOCAL", local)
+    shape, fmt = case
+    x, w, b, rm, rv = _mask_input(shape, fmt, dtype)
+    r = make_input(shape, dtype, "cpu", shift=0.0).contiguous(
+        memory_format=torch.channels_last if fmt == "nhwc" else torch.contiguous_format)
+    g = make_input(shape, dtype, "cpu", shift=0.0, scale=1.0)
+    for residual in (None, r):
+        what = f"residual={residual is not None}"
+        plain = [rm.clone(), rv.clone()]
+        masked = [rm.clone(), rv.clone()]
+        want = torch.ops.fastnn.batch_norm_train(x, w, b, *plain, 0.1, 1e-5, residual, True)
+        *got, mask = torch.ops.fastnn.batch_norm_train_masked(x, w, b, *masked, 0.1, 1e-5,
+                                                              residual, True)
+        _assert_same(got + masked, list(want) + plain, what, True)
+        out, mean, invstd = want
+        _check_mask(mask, out, what)
+        for training in (True, False):
+            for residual_grad in (False, True):
+                def backward(m):
+                    return list(torch.ops.fastnn.batch_norm_backward(
+                        g, x, w, out, mean, invstd, training, True, residual_grad, m))
+
+                _assert_same(backward(mask), backward(None),
+                             f"{what} training={training} residual_grad={residual_grad}", True)
+        # The backward reads the mask, not the output: with every bit clear no gradient passes
+        # (the backward of an output of zeros); with every bit set, all of it (the backward
+        # without relu).
+        none = torch.ops.fastnn.batch_norm_backward(g, x, w, out, mean, invstd, True, True, True,
+                                                    torch.zeros_like(mask))
+        _assert_same(list(none), list(torch.ops.fastnn.batch_norm_backward(
+            g, x, w, torch.zeros_like(out), mean, invstd, True, True, True)), what, True)
+        assert torch.all(none[3] == 0), what
+        every = torch.ops.fastnn.batch_norm_backward(g, x, w, out, mean, invstd, True, True,
+                                                     False, torch.full_like(mask, 255))
+        _assert_same(list(every)[:3], list(torch.ops.fastnn.batch_norm_backward(
+            g, x, w, None, mean, invstd, True, False, False))[:3], what, True)
+    w2, b2, rm2, rv2 = make_params(shape[1], w.dtype, "cpu")
+    for training in (True, False):
+        def dual(op):
+            stats = [rm.clone(), rv.clone(), rm2.clone(), rv2.clone()]
+            got = op(x, w, b, stats[0], stats[1], r, w2, b2, stats[2], stats[3], training, 0.1,
+                     1e-5, 0.2, 1e-3, True)
+            return list(got) + stats
+
+        want = dual(torch.ops.fastnn.batch_norm_dual)
+        got = dual(torch.ops.fastnn.batch_norm_dual_masked)
+        mask = got.pop(5)
+        _assert_same(got, want, f"dual training={training}", True)
+        out, mean, invstd, mean2, invstd2 = want[:5]
+        if not training:
+            assert mask.numel() == 0
+            continue
+        _check_mask(mask, out, "dual")
+
+        def dual_backward(m):
+            return list(torch.ops.fastnn.batch_norm_dual_backward(
+                g, x, w, r, w2, out, mean, invstd, mean2, invstd2, True, True, m))
+
+        _assert_same(dual_backward(mask), dual_backward(None), "dual backward", True)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_cpu_autograd_reads_the_mask(cpu_kernel, dtype, fmt):
+    """Through autograd (the masked forwards, the backward given their mask) BN+ReLU, BN+add+ReLU
+    and the dual form on CPU give the gradients of the backward ops reading the output."""
+    shape = (4, 24, 7, 7)
+    x = make_input(shape, dtype, "cpu", fmt).requires_grad_()
+    r = make_input(shape, dtype, "cpu", fmt, shift=0.0).requires_grad_()
+    w, b, _, _ = make_params(shape[1], torch.float32, "cpu")
+    for residual in (None, r):
+        out, mean, invstd = fastnn.ops.batch_norm_train(x, w, b, None, None, 0.1, 1e-5, residual,
+                                                        True)
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, [x] + ([r] if residual is not None else []), g)
+        want = torch.ops.fastnn.batch_norm_backward(g, x.detach(), w, out.detach(), mean, invstd,
+                                                    True, True, residual is not None)
+        assert torch.equal(got[0], want[0])
+        if residual is not None:
+            assert torch.equal(got[1], want[3])
+    w2, b2, _, _ = make_params(shape[1], torch.float32, "cpu")
+    out, mean, invstd, mean2, invstd2 = fastnn.ops.batch_norm_dual(
+        x, w, b, None, None, r, w2, b2, None, None, True, 0.1, 1e-5, 0.1, 1e-5, True)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, r], g)
+    want = torch.ops.fastnn.batch_norm_dual_backward(g, x.detach(), w, r.detach(), w2,
+                                                     out.detach(), mean, invstd, mean2, invstd2,
+                                                     True, True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[3])
+
+
+def test_cpu_relu_mask_checked(cpu_kernel):
+    """A relu_mask that is not the CPU masked forward's for this input is refused, by name."""
+    x = make_input((2, 4, 3, 3), torch.float32, "cpu")
+    out, mean, invstd, mask = torch.ops.fastnn.batch_norm_train_masked(
+        x, None, None, None, None, 0.1, 1e-5, None, True)
+    g = torch.randn_like(out)
+    w2 = torch.ones(4)
+    for bad in (mask[:-1], mask.to(torch.int32), torch.zeros(mask.numel() * 2,
+                                                             dtype=torch.uint8)[::2]):
+        with pytest.raises(RuntimeError, match="relu_mask"):
+            torch.ops.fastnn.batch_norm_backward(g, x, None, out, mean, invstd, True, True,
+                                                 False, bad)
+        with pytest.raises(RuntimeError, match="relu_mask"):
+            torch.ops.fastnn.batch_norm_dual_backward(g, x, None, x, w2, out, mean, invstd,
+                                                      mean, invstd, True, True, bad)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("residual", [False, True], ids=["relu", "add_relu"])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last],

@@ -79,67 +79,15 @@ bool set_reduced_cpu_kernels(const void* tables) {
   &fastnn::cpu::Route<decltype(fastnn::cpu::KernelTable::member)>::template call<          \
       &fastnn::cpu::KernelTable::member>
 
-namespace fastnn {
-namespace cpu {
-namespace {
-
-// The ops' ReLU-mask forms. The CPU backward reads the output itself (its passes are cache
-// blocked: the output's bytes cost what a mask's would), so the masked forwards return an empty
-// mask and the backwards ignore relu_mask.
-Tensor no_mask(const Tensor& input) { return at::empty({0}, input.options().dtype(at::kByte)); }
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> train_masked(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
-    const OptTensor& residual, bool relu) {
-  auto [out, mean, invstd] = table_for(input).train(input, weight, bias, running_mean,
-                                                    running_var, momentum, eps, residual, relu);
-  return {out, mean, invstd, no_mask(input)};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor> backward(
-    const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
-    const OptTensor& output, const Tensor& mean, const Tensor& invstd, bool training, bool relu,
-    bool residual_grad, const OptTensor& /*relu_mask*/) {
-  return table_for(grad_output)
-      .backward(grad_output, input, weight, output, mean, invstd, training, relu, residual_grad);
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_masked(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const Tensor& input2,
-    const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
-    const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
-    double eps2, bool relu) {
-  auto [out, mean, invstd, mean2, invstd2] = table_for(input).dual(
-      input, weight, bias, running_mean, running_var, input2, weight2, bias2, running_mean2,
-      running_var2, training, momentum, eps, momentum2, eps2, relu);
-  return {out, mean, invstd, mean2, invstd2, no_mask(input)};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> dual_backward(
-    const Tensor& grad_output, const Tensor& input, const OptTensor& weight, const Tensor& input2,
-    const OptTensor& weight2, const OptTensor& output, const Tensor& mean, const Tensor& invstd,
-    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu,
-    const OptTensor& /*relu_mask*/) {
-  return table_for(grad_output)
-      .dual_backward(grad_output, input, weight, input2, weight2, output, mean, invstd, mean2,
-                     invstd2, training, relu);
-}
-
-}  // namespace
-}  // namespace cpu
-}  // namespace fastnn
-
 TORCH_LIBRARY_IMPL(fastnn, CPU, m) {
   m.impl("batch_norm_train", FASTNN_ROUTE(train));
   m.impl("batch_norm_eval", FASTNN_ROUTE(eval));
-  m.impl("batch_norm_train_masked", &fastnn::cpu::train_masked);
-  m.impl("batch_norm_backward", &fastnn::cpu::backward);
+  m.impl("batch_norm_train_masked", FASTNN_ROUTE(train_masked));
+  m.impl("batch_norm_backward", FASTNN_ROUTE(backward));
   m.impl("batch_norm_stats", FASTNN_ROUTE(stats));
   m.impl("batch_norm_dual", FASTNN_ROUTE(dual));
-  m.impl("batch_norm_dual_masked", &fastnn::cpu::dual_masked);
-  m.impl("batch_norm_dual_backward", &fastnn::cpu::dual_backward);
+  m.impl("batch_norm_dual_masked", FASTNN_ROUTE(dual_masked));
+  m.impl("batch_norm_dual_backward", FASTNN_ROUTE(dual_backward));
   m.impl("batch_norm_train_with_stats", FASTNN_ROUTE(train_with_stats));
   m.impl("batch_norm_backward_reduce", FASTNN_ROUTE(backward_reduce));
   m.impl("batch_norm_backward_elemt", FASTNN_ROUTE(backward_elemt));

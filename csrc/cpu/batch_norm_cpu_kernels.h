@@ -35,6 +35,10 @@
 //
 // Outputs larger than a quarter of the last-level cache are written with non-temporal stores: no
 // read-for-ownership of the output lines and no eviction of the input the next pass reads.
+//
+// A training forward with ReLU (through autograd) also writes the output's ReLU mask, a bit per
+// element (see relu_mask_bytes), and its backward reads that instead of the output: 1/16 of a
+// bfloat16 output's bytes, 1/32 of a float32 one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -71,16 +75,17 @@ namespace {
 
 using at::Tensor;
 
-// Runtime flags to template parameters, so residual/relu/mask cost nothing when off.
-#define FASTNN_BOOL_SWITCH(COND, NAME, ...) \
-  [&] {                                      \
-    if (COND) {                              \
-      constexpr static bool NAME = true;     \
-      return __VA_ARGS__();                  \
-    } else {                                 \
-      constexpr static bool NAME = false;    \
-      return __VA_ARGS__();                  \
-    }                                        \
+// Runtime flags to template parameters, so residual/relu/mask cost nothing when off. (Marked
+// maybe_unused: GCC does not count a use inside a nested generic lambda.)
+#define FASTNN_BOOL_SWITCH(COND, NAME, ...)                \
+  [&] {                                                    \
+    if (COND) {                                            \
+      [[maybe_unused]] constexpr static bool NAME = true;  \
+      return __VA_ARGS__();                                \
+    } else {                                               \
+      [[maybe_unused]] constexpr static bool NAME = false; \
+      return __VA_ARGS__();                                \
+    }                                                      \
   }()
 
 // The input dtype this build of the file has kernels for (see batch_norm_cpu_table.h): each entry
@@ -449,6 +454,85 @@ C10_ALWAYS_INLINE int64_t for_units(int64_t i, int64_t n, const F& body) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The ReLU mask (see relu_mask_bytes). Where a training forward writes it: nowhere (NoMaskOut)
+// or from bit `first` of `bits` on (MaskOut, a span's view of it from `at`, its first element's
+// offset). Where a backward reads it: the forward's output, the gradient zeroed where it is
+// <= 0 (OutputMask), or the bits (BitMask).
+struct NoMaskOut {
+  NoMaskOut at(int64_t) const { return {}; }
+};
+struct MaskOut {
+  uint8_t* bits = nullptr;
+  int64_t first = 0;
+  MaskOut at(int64_t o) const { return {bits, first + o}; }
+};
+
+inline uint8_t* mask_out_bits(const NoMaskOut&) { return nullptr; }
+inline uint8_t* mask_out_bits(const MaskOut& m) { return m.bits; }
+inline int64_t mask_out_first(const NoMaskOut&) { return 0; }
+inline int64_t mask_out_first(const MaskOut& m) { return m.first; }
+
+template <typename T>
+struct OutputMask {
+  const T* out = nullptr;
+  OutputMask at(int64_t o) const { return {out == nullptr ? nullptr : out + o}; }
+  C10_ALWAYS_INLINE bool passes(int64_t i) const { return !(acc_t<T>(out[i]) <= acc_t<T>(0)); }
+  // g's unit at i (with kPartial its first `count` values) zeroed where out <= 0.
+  template <bool kPartial, typename V>
+  C10_ALWAYS_INLINE void apply(int64_t i, int64_t count, V& lo, V& hi) const {
+    V olo, ohi;
+    Unit<T>::template load_n<kPartial>(out + i, count, olo, ohi);
+    lo = mask_positive(lo, olo);
+    hi = mask_positive(hi, ohi);
+  }
+  // The n elements `ahead` elements past i, asked for before they are read.
+  C10_ALWAYS_INLINE void prefetch_ahead(int64_t i, int64_t ahead, int64_t n) const {
+    prefetch_run(out + i, ahead, n);
+  }
+};
+
+struct BitMask {
+  const uint8_t* bits = nullptr;
+  int64_t first = 0;
+  BitMask at(int64_t o) const { return {bits, first + o}; }
+  C10_ALWAYS_INLINE bool passes(int64_t i) const {
+    const int64_t b = first + i;
+    return ((bits[b >> 3] >> (b & 7)) & 1) != 0;
+  }
+  template <bool kPartial, typename V>
+  C10_ALWAYS_INLINE void apply(int64_t i, int64_t, V& lo, V& hi) const {
+    const uint32_t b = uint32_t(mask_bits_at(bits, first + i));
+    lo = keep_lanes(lo, b);
+    hi = keep_lanes(hi, b >> V::size());
+  }
+  C10_ALWAYS_INLINE void prefetch_ahead(int64_t i, int64_t ahead, int64_t n) const {
+    const int64_t b = first + i + ahead;
+    prefetch_run(bits + (b >> 3), 0, (n >> 3) + 1);
+  }
+};
+
+// put_n, and the ReLU mask's bits of the values it stored (the first `count` with kPartial).
+template <bool kStream, bool kPartial, typename T, typename V>
+C10_ALWAYS_INLINE uint32_t put_n_bits(T* p, int64_t count, const V& lo, const V& hi) {
+  uint32_t bits;
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    put_n<kStream, kPartial>(p, count, lo, hi);
+    bits = positive_bits(lo, hi);
+  } else {
+    const Vectorized<T> t = Unit<T>::narrow(lo, hi);
+    if constexpr (kPartial) {
+      t.store(p, int(count));
+    } else if constexpr (kStream) {
+      Unit<T>::stream_narrowed(p, t);
+    } else {
+      t.store(p);
+    }
+    bits = nonzero_bits(t);
+  }
+  return kPartial ? bits & low_bits(count) : bits;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Element-wise spans. `P` is Broadcast (blocks) or PerColumn (rows), indexed from the span start.
 
 // y = relu?((x - mean) * scale + shift + r?), where `M` (mean) is Zero when the mean is folded
@@ -466,12 +550,14 @@ template <typename M, typename P>
 constexpr bool kCentersResidual<ResidualAffine<M, P>> = !std::is_same_v<M, Zero>;
 
 template <bool kResidual, bool kRelu, bool kStream, typename T, typename M, typename P,
-          typename R = PlainResidual>
+          typename R = PlainResidual, typename W = NoMaskOut>
 inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean, const P& scale,
-                         const P& shift, const R& ra = R{}) {
+                         const P& shift, const R& ra = R{}, const W& mask_out = W{}) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
+  constexpr bool kMaskOut = kRelu && std::is_same_v<W, MaskOut>;  // written only with ReLU
+  [[maybe_unused]] MaskBitWriter bits(mask_out_bits(mask_out), mask_out_first(mask_out));
   constexpr bool kCenter = !std::is_same_v<M, Zero>;
   constexpr bool kAffine = !std::is_same_v<R, PlainResidual>;
   constexpr bool kResidualCenter = kCentersResidual<R>;
@@ -488,6 +574,7 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
     }
     if constexpr (kRelu) v = relu(v);
     y[i] = T(v);
+    if constexpr (kMaskOut) bits.put(uint32_t(!(A(y[i]) <= A(0))), 1);
   };
   int64_t i = 0;
   for (const int64_t head = stream_head<kStream>(y, n); i < head; ++i) one(i);
@@ -521,35 +608,35 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
       lo = relu(lo);
       hi = relu(hi);
     }
-    put_n<kStream, kPartial>(y + i, count, lo, hi);
+    if constexpr (kMaskOut) {
+      bits.put(put_n_bits<kStream, kPartial>(y + i, count, lo, hi), int(count));
+    } else {
+      put_n<kStream, kPartial>(y + i, count, lo, hi);
+    }
   });
   for (; i < n; ++i) one(i);
+  if constexpr (kMaskOut) bits.finish();
 }
 
-// A unit of the output gradient (with kPartial its first `count` values, zeros after them), zero
-// where out <= 0 (kMask: the ReLU's mask; NaN passes).
-template <bool kMask, bool kPartial = false, typename T, typename V>
-C10_ALWAYS_INLINE void load_grad(const T* g, const T* out, V& lo, V& hi,
+// The unit of the output gradient at i (with kPartial its first `count` values, zeros after
+// them), zeroed by the ReLU's mask `mk` (kMask; NaN outputs pass).
+template <bool kMask, bool kPartial = false, typename T, typename MK, typename V>
+C10_ALWAYS_INLINE void load_grad(const T* g, const MK& mk, int64_t i, V& lo, V& hi,
                                  int64_t count = Unit<T>::kSize) {
-  Unit<T>::template load_n<kPartial>(g, count, lo, hi);
-  if constexpr (kMask) {
-    V olo, ohi;
-    Unit<T>::template load_n<kPartial>(out, count, olo, ohi);
-    lo = mask_positive(lo, olo);
-    hi = mask_positive(hi, ohi);
-  }
+  Unit<T>::template load_n<kPartial>(g + i, count, lo, hi);
+  if constexpr (kMask) mk.template apply<kPartial>(i, count, lo, hi);
 }
 
 // Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g zeroed where out <= 0 (kMask).
-template <bool kMask, bool kStream, typename T, typename P>
-inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t n, const P& mean,
+template <bool kMask, bool kStream, typename T, typename P, typename MK>
+inline void grad_input_span(const T* g, const MK& mk, const T* x, T* dx, int64_t n, const P& mean,
                             const P& a, const P& k1, const P& k2) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kMask) gv = mk.passes(i) ? gv : A(0);
     const A d = std::fma(-(A(x[i]) - mean.scalar(i)), k2.scalar(i), gv - k1.scalar(i));
     dx[i] = T(d * a.scalar(i));
   };
@@ -559,7 +646,7 @@ inline void grad_input_span(const T* g, const T* out, const T* x, T* dx, int64_t
     constexpr bool kPartial = decltype(partial)::value;
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
-    load_grad<kMask, kPartial>(g + i, kMask ? out + i : nullptr, glo, ghi, count);
+    load_grad<kMask, kPartial>(g, mk, i, glo, ghi, count);
     U::template load_n<kPartial>(x + i, count, xlo, xhi);
     const V dlo = vec_fnmadd(xlo - mean.vec(i), k2.vec(i), glo - k1.vec(i)) * a.vec(i);
     const V dhi = vec_fnmadd(xhi - mean.vec(j), k2.vec(j), ghi - k1.vec(j)) * a.vec(j);
@@ -882,8 +969,9 @@ inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
 // masked g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is
 // Broadcast (one channel, sums in registers) or PerColumn (sums added to the per-column arrays
 // sum_g and sum_gx).
-template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P>
-inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, int64_t n,
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P,
+          typename MK>
+inline void grad_sums_span(const T* g, const MK& mk, const T* x, T* gr, T* dx, int64_t n,
                            const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
   using U = Unit<T>;
   using A = acc_t<T>;
@@ -893,7 +981,7 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
   A s = A(0), sx = A(0);
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kMask) gv = mk.passes(i) ? gv : A(0);
     if constexpr (kGradResidual) gr[i] = T(gv);
     if constexpr (kGradInput) dx[i] = T(gv * a.scalar(i));
     const A gx = gv * (A(x[i]) - mean.scalar(i));
@@ -909,7 +997,7 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
   if constexpr (kStream && kWrites) {
     // gr and dx are allocated alike and so share their alignment; stream only when they do.
     if (kGradResidual && kGradInput && stream_head<true>(gr, n) != stream_head<true>(dx, n)) {
-      return grad_sums_span<kMask, kGradResidual, kGradInput, false>(g, out, x, gr, dx, n, mean,
+      return grad_sums_span<kMask, kGradResidual, kGradInput, false>(g, mk, x, gr, dx, n, mean,
                                                                      a, sum_g, sum_gx);
     }
     for (const int64_t head = stream_head<true>(kGradResidual ? gr : dx, n); i < head; ++i) one(i);
@@ -919,7 +1007,7 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
     constexpr bool kPartial = decltype(partial)::value;
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi;
-    load_grad<kMask, kPartial>(g + i, kMask ? out + i : nullptr, glo, ghi, count);
+    load_grad<kMask, kPartial>(g, mk, i, glo, ghi, count);
     if constexpr (kGradResidual) put_n<kStream, kPartial>(gr + i, count, glo, ghi);
     if constexpr (kGradInput) {
       put_n<kStream, kPartial>(dx + i, count, glo * a.vec(i), ghi * a.vec(j));
@@ -949,8 +1037,8 @@ inline void grad_sums_span(const T* g, const T* out, const T* x, T* gr, T* dx, i
 // The backward of batch_norm_dual, relu(bn1(x) + bn2(z)): both batch norms see the same masked
 // output gradient g. Reduction: sums of g, g * (x - m1) and g * (z - m2) over n values; in eval
 // (kGradInput) dx = g * a1 and dz = g * a2 are written on the way. P as in grad_sums_span.
-template <bool kMask, bool kGradInput, bool kStream, typename T, typename P>
-inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+template <bool kMask, bool kGradInput, bool kStream, typename T, typename P, typename MK>
+inline void dual_grad_sums_span(const T* g, const MK& mk, const T* x, const T* z, T* dx, T* dz,
                                 int64_t n, const P& m1, const P& m2, const P& a1, const P& a2,
                                 acc_t<T>* sum_g, acc_t<T>* sum_gx, acc_t<T>* sum_gz) {
   using U = Unit<T>;
@@ -960,7 +1048,7 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
   A s = A(0), sx = A(0), sz = A(0);
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kMask) gv = mk.passes(i) ? gv : A(0);
     if constexpr (kGradInput) {
       dx[i] = T(gv * a1.scalar(i));
       dz[i] = T(gv * a2.scalar(i));
@@ -980,7 +1068,7 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
   int64_t i = 0;
   if constexpr (kStream && kGradInput) {
     if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
-      return dual_grad_sums_span<kMask, kGradInput, false>(g, out, x, z, dx, dz, n, m1, m2, a1,
+      return dual_grad_sums_span<kMask, kGradInput, false>(g, mk, x, z, dx, dz, n, m1, m2, a1,
                                                            a2, sum_g, sum_gx, sum_gz);
     }
     for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
@@ -990,7 +1078,7 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
     constexpr bool kPartial = decltype(partial)::value;
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi, zlo, zhi;
-    load_grad<kMask, kPartial>(g + i, kMask ? out + i : nullptr, glo, ghi, count);
+    load_grad<kMask, kPartial>(g, mk, i, glo, ghi, count);
     if constexpr (kGradInput) {
       put_n<kStream, kPartial>(dx + i, count, glo * a1.vec(i), ghi * a1.vec(j));
       put_n<kStream, kPartial>(dz + i, count, glo * a2.vec(i), ghi * a2.vec(j));
@@ -1029,8 +1117,8 @@ inline void dual_grad_sums_span(const T* g, const T* out, const T* x, const T* z
 
 // Training gradients of batch_norm_dual: dx = a1 * (g - k1 - (x - m1) * k2) and
 // dz = a2 * (g - k1b - (z - m2) * k2b), g zeroed where out <= 0 (kMask) and read once.
-template <bool kMask, bool kStream, typename T, typename P>
-inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+template <bool kMask, bool kStream, typename T, typename P, typename MK>
+inline void dual_grad_input_span(const T* g, const MK& mk, const T* x, const T* z, T* dx, T* dz,
                                  int64_t n, const P& m1, const P& a1, const P& k1, const P& k2,
                                  const P& m2, const P& a2, const P& k1b, const P& k2b) {
   using U = Unit<T>;
@@ -1038,7 +1126,7 @@ inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* 
   using V = Vectorized<A>;
   auto one = [&](int64_t i) {
     A gv = A(g[i]);
-    if constexpr (kMask) gv = A(out[i]) <= A(0) ? A(0) : gv;
+    if constexpr (kMask) gv = mk.passes(i) ? gv : A(0);
     dx[i] = T(std::fma(-(A(x[i]) - m1.scalar(i)), k2.scalar(i), gv - k1.scalar(i)) *
               a1.scalar(i));
     dz[i] = T(std::fma(-(A(z[i]) - m2.scalar(i)), k2b.scalar(i), gv - k1b.scalar(i)) *
@@ -1047,7 +1135,7 @@ inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* 
   int64_t i = 0;
   if constexpr (kStream) {
     if (stream_head<true>(dx, n) != stream_head<true>(dz, n)) {
-      return dual_grad_input_span<kMask, false>(g, out, x, z, dx, dz, n, m1, a1, k1, k2, m2, a2,
+      return dual_grad_input_span<kMask, false>(g, mk, x, z, dx, dz, n, m1, a1, k1, k2, m2, a2,
                                                 k1b, k2b);
     }
     for (const int64_t head = stream_head<true>(dx, n); i < head; ++i) one(i);
@@ -1056,7 +1144,7 @@ inline void dual_grad_input_span(const T* g, const T* out, const T* x, const T* 
     constexpr bool kPartial = decltype(partial)::value;
     const int64_t j = i + U::kHalf;
     V glo, ghi, xlo, xhi, zlo, zhi;
-    load_grad<kMask, kPartial>(g + i, kMask ? out + i : nullptr, glo, ghi, count);
+    load_grad<kMask, kPartial>(g, mk, i, glo, ghi, count);
     U::template load_n<kPartial>(x + i, count, xlo, xhi);
     U::template load_n<kPartial>(z + i, count, zlo, zhi);
     put_n<kStream, kPartial>(
@@ -1440,8 +1528,9 @@ bool fold_means(ChannelAffine<A>& q, const std::array<const double*, kK>& means,
 // forward_span over one span with the parameters `at(&ChannelAffine::member)` gives (Broadcast of
 // one channel, or PerColumn over expanded columns); kCenter: not folded.
 template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine, typename T,
-          typename F>
-C10_ALWAYS_INLINE void forward_span_with(const T* x, const T* r, T* y, int64_t n, const F& at) {
+          typename F, typename W = NoMaskOut>
+C10_ALWAYS_INLINE void forward_span_with(const T* x, const T* r, T* y, int64_t n, const F& at,
+                                         const W& mask_out = W{}) {
   using Q = ChannelAffine<acc_t<T>>;
   const auto center = [&](auto member) {
     if constexpr (kCenter) {
@@ -1459,13 +1548,16 @@ C10_ALWAYS_INLINE void forward_span_with(const T* x, const T* r, T* y, int64_t n
     }
   }();
   forward_span<kResidual, kRelu, kStream>(x, r, y, n, center(&Q::mean), at(&Q::scale),
-                                          at(&Q::shift), ra);
+                                          at(&Q::shift), ra, mask_out);
 }
 
 // The element-wise forward pass with the parameters `q` (kCenter: !q.folded); kAffine: the
-// residual is a second batch norm's input (q.rmean, q.rscale).
-template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine = false, typename T>
-void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<acc_t<T>>& q) {
+// residual is a second batch norm's input (q.rmean, q.rscale). With kRelu, the output's ReLU
+// mask goes to mask_out (MaskOut).
+template <bool kResidual, bool kRelu, bool kStream, bool kCenter, bool kAffine = false, typename T,
+          typename W = NoMaskOut>
+void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<acc_t<T>>& q,
+               const W& mask_out = W{}) {
   using A = acc_t<T>;
   using Q = ChannelAffine<A>;
   using Member = std::vector<A> Q::*;
@@ -1473,7 +1565,7 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<
     parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
       forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
           x + o, kResidual ? r + o : nullptr, y + o, n,
-          [&](Member m) { return Broadcast<A>((q.*m)[c]); });
+          [&](Member m) { return Broadcast<A>((q.*m)[c]); }, mask_out.at(o));
     });
     return;
   }
@@ -1490,14 +1582,14 @@ void normalize(const Plan& p, const T* x, const T* r, T* y, const ChannelAffine<
   parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
     forward_span_with<kResidual, kRelu, kStream, kCenter, kAffine>(
         x + o, kResidual ? r + o : nullptr, y + o, n,
-        [&](Member m) { return PerColumn<A>((wide.*m).data()); });
+        [&](Member m) { return PerColumn<A>((wide.*m).data()); }, mask_out.at(o));
   });
 }
 
 // Per-channel sums of g and g * (x - mean) (g masked when kMask), in double; writes the masked
 // g to gr (kGradResidual) and dx = g * a (kGradInput) on the way.
-template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T>
-void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx,
+template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename MK>
+void grad_sums(const Plan& p, const T* g, const MK& mk, const T* x, T* gr, T* dx,
                const acc_t<T>* mean, const acc_t<T>* a, double* sum_g_c, double* sum_gx_c) {
   using A = acc_t<T>;
   if (p.blocks) {
@@ -1505,7 +1597,7 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
       for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
         grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
-            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            g + o, mk.at(o), x + o, kGradResidual ? gr + o : nullptr,
             kGradInput ? dx + o : nullptr, n, Broadcast<A>(mean[c]), Broadcast<A>(a[c]), &psg[t],
             &psgx[t]);
       });
@@ -1530,7 +1622,7 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
       const PerColumn<A> m(mean_w.data() + c0), av(a_w.data() + c0);
       for_item_rows(p, t, [&](int64_t o, int64_t n) {
         grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
-            g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+            g + o, mk.at(o), x + o, kGradResidual ? gr + o : nullptr,
             kGradInput ? dx + o : nullptr, n, m, av, psg.data() + slot, psgx.data() + slot);
       });
     }
@@ -1540,13 +1632,13 @@ void grad_sums(const Plan& p, const T* g, const T* out, const T* x, T* gr, T* dx
 }
 
 // Training input gradient: dx = a * (g - k1 - (x - mean) * k2), g masked when kMask.
-template <bool kMask, bool kStream, typename T>
-void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, const acc_t<T>* mean,
+template <bool kMask, bool kStream, typename T, typename MK>
+void input_grad(const Plan& p, const T* g, const MK& mk, const T* x, T* dx, const acc_t<T>* mean,
                 const acc_t<T>* a, const acc_t<T>* k1, const acc_t<T>* k2) {
   using A = acc_t<T>;
   if (elementwise_by_planes<T>(p)) {
     parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
-      grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n,
+      grad_input_span<kMask, kStream>(g + o, mk.at(o), x + o, dx + o, n,
                                       Broadcast<A>(mean[c]), Broadcast<A>(a[c]),
                                       Broadcast<A>(k1[c]), Broadcast<A>(k2[c]));
     });
@@ -1560,7 +1652,7 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
   parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
     const PerColumn<A> m(mean_w.data()), av(a_w.data()), b1(k1_w.data()),
         b2(k2_w.data());
-    grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, dx + o, n, m, av,
+    grad_input_span<kMask, kStream>(g + o, mk.at(o), x + o, dx + o, n, m, av,
                                     b1, b2);
   });
 }
@@ -1568,8 +1660,8 @@ void input_grad(const Plan& p, const T* g, const T* out, const T* x, T* dx, cons
 // The reduction pass of batch_norm_dual's backward: per-channel sums of g, g * (x - m1) and
 // g * (z - m2) in double (g masked when kMask); dx = g * a1, dz = g * a2 written on the way in
 // eval (kGradInput). The same items and merge order as grad_sums.
-template <bool kMask, bool kGradInput, bool kStream, typename T>
-void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx, T* dz,
+template <bool kMask, bool kGradInput, bool kStream, typename T, typename MK>
+void dual_grad_sums(const Plan& p, const T* g, const MK& mk, const T* x, const T* z, T* dx, T* dz,
                     const acc_t<T>* m1, const acc_t<T>* m2, const acc_t<T>* a1,
                     const acc_t<T>* a2, double* sum_g_c, double* sum_gx_c, double* sum_gz_c) {
   using A = acc_t<T>;
@@ -1578,7 +1670,7 @@ void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
       for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
         dual_grad_sums_span<kMask, kGradInput, kStream>(
-            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            g + o, mk.at(o), x + o, z + o, kGradInput ? dx + o : nullptr,
             kGradInput ? dz + o : nullptr, n, Broadcast<A>(m1[c]), Broadcast<A>(m2[c]),
             Broadcast<A>(a1[c]), Broadcast<A>(a2[c]), &psg[t], &psgx[t], &psgz[t]);
       });
@@ -1606,7 +1698,7 @@ void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T
           pa2(a2_w.data() + c0);
       for_item_rows(p, t, [&](int64_t o, int64_t n) {
         dual_grad_sums_span<kMask, kGradInput, kStream>(
-            g + o, kMask ? out + o : nullptr, x + o, z + o, kGradInput ? dx + o : nullptr,
+            g + o, mk.at(o), x + o, z + o, kGradInput ? dx + o : nullptr,
             kGradInput ? dz + o : nullptr, n, pm1, pm2, pa1, pa2, psg.data() + slot,
             psgx.data() + slot, psgz.data() + slot);
       });
@@ -1618,15 +1710,15 @@ void dual_grad_sums(const Plan& p, const T* g, const T* out, const T* x, const T
 }
 
 // The element-wise pass of batch_norm_dual's training backward: dx and dz from one read of g.
-template <bool kMask, bool kStream, typename T>
-void dual_input_grad(const Plan& p, const T* g, const T* out, const T* x, const T* z, T* dx,
+template <bool kMask, bool kStream, typename T, typename MK>
+void dual_input_grad(const Plan& p, const T* g, const MK& mk, const T* x, const T* z, T* dx,
                      T* dz, const std::vector<const acc_t<T>*>& k) {
   // k: m1, a1, k1, k2, m2, a2, k1b, k2b per channel.
   using A = acc_t<T>;
   if (elementwise_by_planes<T>(p)) {
     parallel_planes<kStream>(p, [&](int64_t o, int64_t n, int64_t c) {
       auto b = [&](int i) { return Broadcast<A>(k[i][c]); };
-      dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o,
+      dual_grad_input_span<kMask, kStream>(g + o, mk.at(o), x + o, z + o,
                                            dx + o, dz + o, n, b(0), b(1), b(2), b(3), b(4),
                                            b(5), b(6), b(7));
     });
@@ -1637,7 +1729,7 @@ void dual_input_grad(const Plan& p, const T* g, const T* out, const T* x, const 
   for (const A* values : k) w.push_back(expand_span_columns(p, rs, values));
   parallel_row_spans<kStream>(p, rs, [&](int64_t o, int64_t n) {
     auto b = [&](int i) { return PerColumn<A>(w[i].data()); };
-    dual_grad_input_span<kMask, kStream>(g + o, kMask ? out + o : nullptr, x + o, z + o, dx + o,
+    dual_grad_input_span<kMask, kStream>(g + o, mk.at(o), x + o, z + o, dx + o,
                                          dz + o, n, b(0), b(1), b(2), b(3), b(4), b(5), b(6),
                                          b(7));
   });
@@ -1824,9 +1916,9 @@ std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill)
   return std::vector<A>(p, p + C);
 }
 
-template <typename T>
+template <typename T, typename W = NoMaskOut>
 void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
-                   const ChannelAffine<acc_t<T>>& q, bool relu) {
+                   const ChannelAffine<acc_t<T>>& q, bool relu, const W& mask_out = W{}) {
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
@@ -1834,7 +1926,7 @@ void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& ou
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
         FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-          normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q);
+          normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q, mask_out);
         });
       });
     });
@@ -1931,9 +2023,10 @@ struct LocalNorm {
 // variance (for planes shorter than kMinBlockSpatial, plane_stats' statistics of each channel),
 // its parameters as channel_affine's and fold_means' (saved statistics written), then the
 // normalize pass over the group's chunks.
-template <size_t kK, bool kResidual, bool kRelu, bool kStream, typename T>
+template <size_t kK, bool kResidual, bool kRelu, bool kStream, typename T, typename W = NoMaskOut>
 void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK>& in, const T* r,
-                         T* y, const std::array<LocalNorm<acc_t<T>>, kK>& bn) {
+                         T* y, const std::array<LocalNorm<acc_t<T>>, kK>& bn,
+                         const W& mask_out = W{}) {
   static_assert(kK == 1 || (kK == 2 && kResidual), "a second batch norm is the residual");
   using A = acc_t<T>;
   using B = Broadcast<A>;
@@ -1991,29 +2084,55 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
         const B sc2(scale[G + j]);
         if (folded[j]) {
           forward_span<true, kRelu, kStream>(in[0] + o, in[1] + o, y + o, n, Zero{}, sc1, sh,
-                                             ResidualAffine<Zero, B>{Zero{}, sc2});
+                                             ResidualAffine<Zero, B>{Zero{}, sc2},
+                                             mask_out.at(o));
         } else {
           forward_span<true, kRelu, kStream>(in[0] + o, in[1] + o, y + o, n, B(mean[j]), sc1, sh,
-                                             ResidualAffine<B, B>{B(mean[G + j]), sc2});
+                                             ResidualAffine<B, B>{B(mean[G + j]), sc2},
+                                             mask_out.at(o));
         }
       } else if (folded[j]) {
         forward_span<kResidual, kRelu, kStream>(in[0] + o, kResidual ? r + o : nullptr, y + o, n,
-                                                Zero{}, sc1, sh);
+                                                Zero{}, sc1, sh, PlainResidual{}, mask_out.at(o));
       } else {
         forward_span<kResidual, kRelu, kStream>(in[0] + o, kResidual ? r + o : nullptr, y + o, n,
-                                                B(mean[j]), sc1, sh);
+                                                B(mean[j]), sc1, sh, PlainResidual{},
+                                                mask_out.at(o));
       }
     });
   });
 }
 
+// A ReLU mask for the output of a forward of `input` (relu_mask_bytes). The bytes its last bits
+// and its padding fall in are zeroed first (the forward writes only its own bits of a byte it
+// does not fill): the same input gives the same bytes.
+Tensor new_relu_mask(const Tensor& input) {
+  const int64_t bytes = relu_mask_bytes(input.numel());
+  Tensor mask = at::empty({bytes}, input.options().dtype(at::kByte));
+  const int64_t tail = std::min<int64_t>(bytes, 9);
+  if (tail > 0) mask.narrow(0, bytes - tail, tail).zero_();
+  return mask;
+}
+
+// f(MaskOut) over `mask` where a forward writes a ReLU mask (mask not empty), else f(NoMaskOut).
+template <typename F>
+void with_mask_out(const Tensor& mask, const F& f) {
+  if (mask.defined() && mask.numel() > 0) {
+    f(MaskOut{mask.mutable_data_ptr<uint8_t>(), 0});
+  } else {
+    f(NoMaskOut{});
+  }
+}
+
 // The training forward; with given_mean/given_var (the input's batch statistics, computed
-// elsewhere) the statistics pass is skipped.
+// elsewhere) the statistics pass is skipped. With relu, a defined `mask` (new_relu_mask) gets
+// the output's ReLU mask.
 std::tuple<Tensor, Tensor, Tensor> train_forward(
     const Tensor& input, const Tensor* given_mean, const Tensor* given_var,
     const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
-    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu,
+    const Tensor& mask = Tensor()) {
   if (input.numel() == 0) return empty_batch_train(input);
   const BNShape shape = bn_shape(input);
   const Tensor x = input.contiguous(shape.format);
@@ -2044,10 +2163,14 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
       FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
           FASTNN_BOOL_SWITCH(use_stream<scalar_t>(lp, {&out}), kStream, [&] {
-            train_forward_local<1, kResidual, kRelu, kStream, scalar_t>(
-                lp, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
-                {LocalNorm<A>{w, b, eps, mean.data(), var.data(), save_mean.mutable_data_ptr<A>(),
-                              save_invstd.mutable_data_ptr<A>()}});
+            with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+              train_forward_local<1, kResidual, kRelu, kStream, scalar_t>(
+                  lp, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
+                  {LocalNorm<A>{w, b, eps, mean.data(), var.data(),
+                                save_mean.mutable_data_ptr<A>(),
+                                save_invstd.mutable_data_ptr<A>()}},
+                  mask_out);
+            });
           });
         });
       });
@@ -2058,7 +2181,9 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     const ChannelAffine<A> q =
         channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
                        save_invstd.mutable_data_ptr<A>());
-    run_normalize<scalar_t>(p, x, res, out, q, relu);
+    with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+      run_normalize<scalar_t>(p, x, res, out, q, relu, mask_out);
+    });
   });
   update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
                            shape.N * shape.S);
@@ -2072,6 +2197,20 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_cpu(
   check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
   return train_forward(input, nullptr, nullptr, weight, bias, running_mean, running_var, momentum,
                        eps, residual, relu);
+}
+
+// batch_norm_train that also returns the output's ReLU mask (with relu; else an empty one), for
+// the backward to read in place of the output (relu_mask_bytes: 1/16 of a bfloat16 output).
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train_masked_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
+  check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
+  const Tensor mask =
+      relu ? new_relu_mask(input) : at::empty({0}, input.options().dtype(at::kByte));
+  auto [out, mean, invstd] = train_forward(input, nullptr, nullptr, weight, bias, running_mean,
+                                           running_var, momentum, eps, residual, relu, mask);
+  return {out, mean, invstd, mask};
 }
 
 std::tuple<Tensor, Tensor, Tensor> batch_norm_train_with_stats_cpu(
@@ -2226,6 +2365,34 @@ struct GradTensors {
   }
 };
 
+// The relu_mask argument of a backward with relu: null when absent or empty (the output is read),
+// else the mask a masked training forward returned for this input, checked to be one.
+const uint8_t* checked_relu_mask(const char* op, const c10::optional<Tensor>& relu_mask,
+                                 const Tensor& input) {
+  if (!relu_mask.has_value() || !relu_mask->defined() || relu_mask->numel() == 0) return nullptr;
+  const Tensor& m = *relu_mask;
+  const int64_t want = relu_mask_bytes(input.numel());
+  TORCH_CHECK(m.scalar_type() == at::kByte && m.dim() == 1 && m.numel() == want &&
+                  m.is_contiguous(),
+              op, ": relu_mask must be the ReLU mask the masked training forward returned for "
+              "this input (", want, " contiguous uint8 values), got ", m.scalar_type(),
+              " of shape ", m.sizes());
+  TORCH_CHECK(m.device() == input.device(), op, ": relu_mask is on ", m.device(),
+              " but input is on ", input.device());
+  return m.const_data_ptr<uint8_t>();
+}
+
+// f(mask source) of a backward: the ReLU mask's bits where given, else the output (not read
+// without relu).
+template <typename T, typename F>
+void with_mask_in(const GradTensors& in, const uint8_t* bits, const F& f) {
+  if (bits != nullptr) {
+    f(BitMask{bits, 0});
+  } else {
+    f(OutputMask<T>{in.out_ptr<T>()});
+  }
+}
+
 // A batch norm's saved mean and invstd per channel, and invstd * weight: the factor of
 // grad_output in d(input).
 template <typename A>
@@ -2281,8 +2448,8 @@ A weight_grad(double sum_gx, A invstd) {
 // channel's sums, parameter gradients and d(input) coefficients, as the whole-tensor passes
 // compute them, then the d(input) pass over the group's chunks (reading gr in place of g and
 // the output when it holds the masked g).
-template <bool kMask, bool kGradResidual, bool kStream, typename T>
-void train_backward_local(const Plan& p, int64_t G, const T* g, const T* out, const T* x, T* gr,
+template <bool kMask, bool kGradResidual, bool kStream, typename T, typename MK>
+void train_backward_local(const Plan& p, int64_t G, const T* g, const MK& mk, const T* x, T* gr,
                           T* dx, const GradChannels<acc_t<T>>& k, acc_t<T>* grad_weight,
                           acc_t<T>* grad_bias) {
   using A = acc_t<T>;
@@ -2297,10 +2464,10 @@ void train_backward_local(const Plan& p, int64_t G, const T* g, const T* out, co
     for_group_chunks(p, c0, c1, [&](int64_t o, int64_t n, int64_t c, int64_t in, int64_t kc) {
       prefetch_next_image(p, g + o, n);
       prefetch_next_image(p, x + o, n);
-      if constexpr (kMask) prefetch_next_image(p, out + o, n);
+      if constexpr (kMask) mk.prefetch_ahead(o, p.C * p.S, n);
       const int64_t t = at(c, in, kc);
       grad_sums_span<kMask, kGradResidual, false, false>(
-          g + o, kMask ? out + o : nullptr, x + o, kGradResidual ? gr + o : nullptr,
+          g + o, mk.at(o), x + o, kGradResidual ? gr + o : nullptr,
           static_cast<T*>(nullptr), n, Broadcast<A>(k.mean[c]), Broadcast<A>(k.scale[c]), &psg[t],
           &psgx[t]);
     });
@@ -2317,7 +2484,7 @@ void train_backward_local(const Plan& p, int64_t G, const T* g, const T* out, co
     for_group_chunks(p, c0, c1, [&](int64_t o, int64_t n, int64_t c, int64_t, int64_t) {
       const int64_t j = c - c0;
       grad_input_span<kMask && !kMaskedInGr, kStream>(
-          kMaskedInGr ? gr + o : g + o, kMask && !kMaskedInGr ? out + o : nullptr, x + o, dx + o,
+          kMaskedInGr ? gr + o : g + o, mk.at(o), x + o, dx + o,
           n, Broadcast<A>(k.mean[c]), Broadcast<A>(k.scale[c]), Broadcast<A>(k1[j]),
           Broadcast<A>(k2[j]));
     });
@@ -2327,8 +2494,10 @@ void train_backward_local(const Plan& p, int64_t G, const T* g, const T* out, co
 std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd, bool training,
-    bool relu, bool residual_grad) {
+    bool relu, bool residual_grad, const c10::optional<Tensor>& relu_mask) {
   check_backward_args(grad_output, input, weight, output, mean, invstd, relu);
+  const uint8_t* bits =
+      relu ? checked_relu_mask("fastnn.batch_norm_backward", relu_mask, input) : nullptr;
   const GradTensors in(grad_output, input, output, relu);
   const int64_t C = in.shape.C;
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
@@ -2346,21 +2515,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const bool stream = use_stream<T>(p, {&grad_input, &grad_residual});
     const GradChannels<A> k(mean, invstd, weight, C);
     const T* gp = in.g.const_data_ptr<T>();
-    const T* op = in.out_ptr<T>();
     const T* xp = in.x.const_data_ptr<T>();
     T* grp = residual_grad ? grad_residual.mutable_data_ptr<T>() : nullptr;
     T* dxp = grad_input.mutable_data_ptr<T>();
     A* gw = grad_weight.mutable_data_ptr<A>();
     A* gb = grad_bias.mutable_data_ptr<A>();
-    // The channel-local passes' first pass touches g, x, the output (relu) and grad_residual.
+    // The channel-local passes' first pass touches g, x, the output (relu, unless its ReLU
+    // mask is read: 1/16 of a bfloat16 output's bytes, left out) and grad_residual.
     const int64_t G =
-        training ? local_channels<T>(p, 2 + int64_t(relu) + int64_t(residual_grad)) : 0;
+        training ? local_channels<T>(p, 2 + int64_t(relu && bits == nullptr) +
+                                            int64_t(residual_grad))
+                 : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
         FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            train_backward_local<kMask, kGradResidual, kStream>(p, G, gp, op, xp, grp, dxp, k, gw,
-                                                                gb);
+            with_mask_in<T>(in, bits, [&](const auto& mk) {
+              train_backward_local<kMask, kGradResidual, kStream>(p, G, gp, mk, xp, grp, dxp, k,
+                                                                  gw, gb);
+            });
           });
         });
       });
@@ -2371,9 +2544,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
         FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            grad_sums<kMask, kGradResidual, kGradInput, kStream>(
-                p, gp, op, xp, grp, dxp, k.mean.data(), k.scale.data(), sum_g.data(),
-                sum_gx.data());
+            with_mask_in<T>(in, bits, [&](const auto& mk) {
+              grad_sums<kMask, kGradResidual, kGradInput, kStream>(
+                  p, gp, mk, xp, grp, dxp, k.mean.data(), k.scale.data(), sum_g.data(),
+                  sum_gx.data());
+            });
           });
         });
       });
@@ -2390,21 +2565,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const bool masked_in_gr = relu && residual_grad;
     FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, op, xp, dxp, k.mean.data(),
-                                      k.scale.data(), k1.data(), k2.data());
+        with_mask_in<T>(in, bits, [&](const auto& mk) {
+          input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, mk, xp, dxp, k.mean.data(),
+                                        k.scale.data(), k1.data(), k2.data());
+        });
       });
     });
   });
   return {grad_input, grad_weight, grad_bias, grad_residual};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
+// batch_norm_dual; with relu, a defined `mask` (new_relu_mask) gets the output's ReLU mask.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     const Tensor& input2, const c10::optional<Tensor>& weight2,
     const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
     const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
-    double momentum2, double eps2, bool relu) {
+    double momentum2, double eps2, bool relu, const Tensor& mask) {
   check_dual_args(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
                   running_mean2, running_var2, training, eps, eps2);
   const BNShape shape = bn_shape(input);
@@ -2436,13 +2614,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
         FASTNN_BOOL_SWITCH(use_stream<T>(lp, {&out}), kStream, [&] {
-          train_forward_local<2, true, kRelu, kStream, T>(
-              lp, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
-              out.mutable_data_ptr<T>(),
-              {LocalNorm<A>{w1, b1, eps, m1.data(), v1.data(), mean1.mutable_data_ptr<A>(),
-                            invstd1.mutable_data_ptr<A>()},
-               LocalNorm<A>{w2, b2, eps2, m2.data(), v2.data(), mean2.mutable_data_ptr<A>(),
-                            invstd2.mutable_data_ptr<A>()}});
+          with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+            train_forward_local<2, true, kRelu, kStream, T>(
+                lp, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
+                out.mutable_data_ptr<T>(),
+                {LocalNorm<A>{w1, b1, eps, m1.data(), v1.data(), mean1.mutable_data_ptr<A>(),
+                              invstd1.mutable_data_ptr<A>()},
+                 LocalNorm<A>{w2, b2, eps2, m2.data(), v2.data(), mean2.mutable_data_ptr<A>(),
+                              invstd2.mutable_data_ptr<A>()}},
+                mask_out);
+          });
         });
       });
       return;
@@ -2463,8 +2644,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
         FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-          normalize<true, kRelu, kStream, kCenter, true>(
-              p, x.const_data_ptr<T>(), z.const_data_ptr<T>(), out.mutable_data_ptr<T>(), q);
+          with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+            normalize<true, kRelu, kStream, kCenter, true>(p, x.const_data_ptr<T>(),
+                                                           z.const_data_ptr<T>(),
+                                                           out.mutable_data_ptr<T>(), q, mask_out);
+          });
         });
       });
     });
@@ -2477,12 +2661,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
   return {out, mean1, invstd1, mean2, invstd2};
 }
 
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
+    const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
+    double momentum2, double eps2, bool relu) {
+  return dual_forward(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                      running_mean2, running_var2, training, momentum, eps, momentum2, eps2, relu,
+                      Tensor());
+}
+
+// batch_norm_dual that also returns the output's ReLU mask (training with relu; else an empty
+// one), as batch_norm_train_masked_cpu's.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_masked_cpu(
+    const Tensor& input, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+    const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
+    const Tensor& input2, const c10::optional<Tensor>& weight2,
+    const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
+    const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
+    double momentum2, double eps2, bool relu) {
+  const bool masked = relu && training;
+  Tensor mask = at::empty({0}, input.options().dtype(at::kByte));
+  if (masked && input.numel() > 0) mask = new_relu_mask(input);
+  auto [out, mean1, invstd1, mean2, invstd2] =
+      dual_forward(input, weight, bias, running_mean, running_var, input2, weight2, bias2,
+                   running_mean2, running_var2, training, momentum, eps, momentum2, eps2, relu,
+                   mask);
+  return {out, mean1, invstd1, mean2, invstd2, mask};
+}
+
 // The channel-local training backward of batch_norm_dual (see local_channels), groups of G
 // channels: per group, each chunk's three sums (dual_grad_sums_span), each channel's sums,
 // parameter gradients and d(input) coefficients as the whole-tensor passes compute them, then the
 // pass writing dx and dz over the group's chunks.
-template <bool kMask, bool kStream, typename T>
-void dual_backward_local(const Plan& p, int64_t G, const T* g, const T* out, const T* x,
+template <bool kMask, bool kStream, typename T, typename MK>
+void dual_backward_local(const Plan& p, int64_t G, const T* g, const MK& mk, const T* x,
                          const T* z, T* dx, T* dz, const GradChannels<acc_t<T>>& k1,
                          const GradChannels<acc_t<T>>& k2, acc_t<T>* grad_weight,
                          acc_t<T>* grad_bias, acc_t<T>* grad_weight2) {
@@ -2499,10 +2714,10 @@ void dual_backward_local(const Plan& p, int64_t G, const T* g, const T* out, con
       prefetch_next_image(p, g + o, n);
       prefetch_next_image(p, x + o, n);
       prefetch_next_image(p, z + o, n);
-      if constexpr (kMask) prefetch_next_image(p, out + o, n);
+      if constexpr (kMask) mk.prefetch_ahead(o, p.C * p.S, n);
       const int64_t t = at(c, in, kc);
       dual_grad_sums_span<kMask, false, false>(
-          g + o, kMask ? out + o : nullptr, x + o, z + o, static_cast<T*>(nullptr),
+          g + o, mk.at(o), x + o, z + o, static_cast<T*>(nullptr),
           static_cast<T*>(nullptr), n, B(k1.mean[c]), B(k2.mean[c]), B(k1.scale[c]),
           B(k2.scale[c]), &psg[t], &psgx[t], &psgz[t]);
     });
@@ -2522,7 +2737,7 @@ void dual_backward_local(const Plan& p, int64_t G, const T* g, const T* out, con
     for_group_chunks(p, c0, c1, [&](int64_t o, int64_t n, int64_t c, int64_t, int64_t) {
       const int64_t j = c - c0;
       dual_grad_input_span<kMask, kStream>(
-          g + o, kMask ? out + o : nullptr, x + o, z + o, dx + o, dz + o, n, B(k1.mean[c]),
+          g + o, mk.at(o), x + o, z + o, dx + o, dz + o, n, B(k1.mean[c]),
           B(k1.scale[c]), B(g_mean[j]), B(gx[j]), B(k2.mean[c]), B(k2.scale[c]), B(g_mean[j]),
           B(gz[j]));
     });
@@ -2533,13 +2748,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
     const Tensor& input2, const c10::optional<Tensor>& weight2,
     const c10::optional<Tensor>& output, const Tensor& mean, const Tensor& invstd,
-    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu) {
+    const Tensor& mean2, const Tensor& invstd2, bool training, bool relu,
+    const c10::optional<Tensor>& relu_mask) {
   const char* op = "fastnn.batch_norm_dual_backward";
   check_grad_args(op, grad_output, input, weight, output, mean, invstd, relu);
   check_same_shape(op, "input2", input, input2);
   check_channel_tensor(op, "weight2", input, weight2);
   check_stat_tensor(op, "mean2", input, mean2);
   check_stat_tensor(op, "invstd2", input, invstd2);
+  const uint8_t* bits = relu ? checked_relu_mask(op, relu_mask, input) : nullptr;
   const GradTensors in(grad_output, input, output, relu);
   const int64_t C = in.shape.C;
   const auto stat_options = input.options().dtype(accumulate_type(input.scalar_type()));
@@ -2559,7 +2776,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     const bool stream = use_stream<T>(p, {&grad_input, &grad_input2});
     const GradChannels<A> k1(mean, invstd, weight, C), k2(mean2, invstd2, weight2, C);
     const T* gp = in.g.const_data_ptr<T>();
-    const T* op = in.out_ptr<T>();
     const T* xp = in.x.const_data_ptr<T>();
     const T* zp = z.const_data_ptr<T>();
     T* dxp = grad_input.mutable_data_ptr<T>();
@@ -2567,13 +2783,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     A* gw = grad_weight.mutable_data_ptr<A>();
     A* gb = grad_bias.mutable_data_ptr<A>();
     A* gw2 = grad_weight2.mutable_data_ptr<A>();
-    // The channel-local passes' first pass touches g, x, z and the output (relu).
-    const int64_t G = training ? local_channels<T>(p, 3 + int64_t(relu)) : 0;
+    // The channel-local passes' first pass touches g, x, z and the output (relu, unless its
+    // ReLU mask is read).
+    const int64_t G =
+        training ? local_channels<T>(p, 3 + int64_t(relu && bits == nullptr)) : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-          dual_backward_local<kMask, kStream>(p, G, gp, op, xp, zp, dxp, dzp, k1, k2, gw, gb,
-                                              gw2);
+          with_mask_in<T>(in, bits, [&](const auto& mk) {
+            dual_backward_local<kMask, kStream>(p, G, gp, mk, xp, zp, dxp, dzp, k1, k2, gw, gb,
+                                                gw2);
+          });
         });
       });
       return;
@@ -2582,10 +2802,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-          dual_grad_sums<kMask, kGradInput, kStream>(p, gp, op, xp, zp, dxp, dzp, k1.mean.data(),
-                                                     k2.mean.data(), k1.scale.data(),
-                                                     k2.scale.data(), sum_g.data(),
-                                                     sum_gx.data(), sum_gz.data());
+          with_mask_in<T>(in, bits, [&](const auto& mk) {
+            dual_grad_sums<kMask, kGradInput, kStream>(
+                p, gp, mk, xp, zp, dxp, dzp, k1.mean.data(), k2.mean.data(), k1.scale.data(),
+                k2.scale.data(), sum_g.data(), sum_gx.data(), sum_gz.data());
+          });
         });
       });
     });
@@ -2602,7 +2823,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
                                         k2.mean.data(), k2.scale.data(), g_mean.data(), gz.data()};
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        dual_input_grad<kMask, kStream, T>(p, gp, op, xp, zp, dxp, dzp, coef);
+        with_mask_in<T>(in, bits, [&](const auto& mk) {
+          dual_input_grad<kMask, kStream, T>(p, gp, mk, xp, zp, dxp, dzp, coef);
+        });
       });
     });
   });
@@ -2658,7 +2881,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_backward_reduce_cpu(
       FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
         FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_residual}), kStream, [&] {
           grad_sums<kMask, kGradResidual, false, kStream, T>(
-              p, in.g.const_data_ptr<T>(), in.out_ptr<T>(), in.x.const_data_ptr<T>(), grp,
+              p, in.g.const_data_ptr<T>(), OutputMask<T>{in.out_ptr<T>()}, in.x.const_data_ptr<T>(), grp,
               nullptr, k.mean.data(), k.scale.data(), sum_g.data(), sum_gx.data());
         });
       });
@@ -2697,7 +2920,7 @@ Tensor batch_norm_backward_elemt_cpu(const Tensor& grad_output, const Tensor& in
     for (int64_t c = 0; c < C; ++c) k2[c] *= k.invstd[c];
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&grad_input}), kStream, [&] {
-        input_grad<kMask, kStream, T>(p, in.g.const_data_ptr<T>(), in.out_ptr<T>(),
+        input_grad<kMask, kStream, T>(p, in.g.const_data_ptr<T>(), OutputMask<T>{in.out_ptr<T>()},
                                       in.x.const_data_ptr<T>(), grad_input.mutable_data_ptr<T>(),
                                       k.mean.data(), k.scale.data(), k1.data(), k2.data());
       });
@@ -2716,9 +2939,10 @@ template <>
 const KernelTable* kernels<at::ScalarType::FASTNN_CPU_DTYPE>() {
 #endif
   static const KernelTable table{
-      &batch_norm_train_cpu,          &batch_norm_eval_cpu,
-      &batch_norm_backward_cpu,       &batch_norm_stats_cpu,
-      &batch_norm_dual_cpu,           &batch_norm_dual_backward_cpu,
+      &batch_norm_train_cpu,          &batch_norm_train_masked_cpu,
+      &batch_norm_eval_cpu,           &batch_norm_backward_cpu,
+      &batch_norm_stats_cpu,          &batch_norm_dual_cpu,
+      &batch_norm_dual_masked_cpu,    &batch_norm_dual_backward_cpu,
       &batch_norm_train_with_stats_cpu, &batch_norm_backward_reduce_cpu,
       &batch_norm_backward_elemt_cpu, &batch_norm_cat_with_stats_cpu};
   return &table;

@@ -19,22 +19,32 @@ namespace cpu {
 using OptTensor = c10::optional<at::Tensor>;
 using at::Tensor;
 
-// One member per op; signatures as in csrc/fastnn.cpp's schemas, less the ReLU-mask arguments.
+// One member per op; signatures as in csrc/fastnn.cpp's schemas.
 struct KernelTable {
   std::tuple<Tensor, Tensor, Tensor> (*train)(const Tensor& input, const OptTensor& weight,
                                               const OptTensor& bias,
                                               const OptTensor& running_mean,
                                               const OptTensor& running_var, double momentum,
                                               double eps, const OptTensor& residual, bool relu);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> (*train_masked)(
+      const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+      const OptTensor& running_mean, const OptTensor& running_var, double momentum, double eps,
+      const OptTensor& residual, bool relu);
   Tensor (*eval)(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
                  const Tensor& running_mean, const Tensor& running_var, double eps,
                  const OptTensor& residual, bool relu);
   std::tuple<Tensor, Tensor, Tensor, Tensor> (*backward)(
       const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
       const OptTensor& output, const Tensor& mean, const Tensor& invstd, bool training, bool relu,
-      bool residual_grad);
+      bool residual_grad, const OptTensor& relu_mask);
   std::tuple<Tensor, Tensor> (*stats)(const Tensor& input);
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> (*dual)(
+      const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+      const OptTensor& running_mean, const OptTensor& running_var, const Tensor& input2,
+      const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
+      const OptTensor& running_var2, bool training, double momentum, double eps, double momentum2,
+      double eps2, bool relu);
+  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*dual_masked)(
       const Tensor& input, const OptTensor& weight, const OptTensor& bias,
       const OptTensor& running_mean, const OptTensor& running_var, const Tensor& input2,
       const OptTensor& weight2, const OptTensor& bias2, const OptTensor& running_mean2,
@@ -43,7 +53,8 @@ struct KernelTable {
   std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> (*dual_backward)(
       const Tensor& grad_output, const Tensor& input, const OptTensor& weight,
       const Tensor& input2, const OptTensor& weight2, const OptTensor& output, const Tensor& mean,
-      const Tensor& invstd, const Tensor& mean2, const Tensor& invstd2, bool training, bool relu);
+      const Tensor& invstd, const Tensor& mean2, const Tensor& invstd2, bool training, bool relu,
+      const OptTensor& relu_mask);
   std::tuple<Tensor, Tensor, Tensor> (*train_with_stats)(
       const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
       const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
@@ -63,7 +74,7 @@ struct KernelTable {
 
 // What fastnn._C_avx512's `kernels` capsule holds. Bumped whenever it, KernelTable or an op's
 // signature changes: tables from another build of fastnn are refused.
-constexpr int kKernelTableVersion = 3;
+constexpr int kKernelTableVersion = 4;
 struct ReducedKernelTables {
   int version;
   const KernelTable* bfloat16;

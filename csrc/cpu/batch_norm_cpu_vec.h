@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512F__)
@@ -164,8 +165,7 @@ struct Unit {
       _mm512_stream_pd(p, lo);
       _mm512_stream_pd(p + kHalf, hi);
     } else {
-      const __m512i v = narrow(lo, hi);
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+      stream_narrowed(p, narrow(lo, hi));
     }
 #elif FASTNN_STREAM_STORES == 256
     if constexpr (std::is_same_v<T, float>) {
@@ -175,11 +175,21 @@ struct Unit {
       _mm256_stream_pd(p, lo);
       _mm256_stream_pd(p + kHalf, hi);
     } else {
-      const __m256i v = at::vec::convert_from_float<T>(lo, hi);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+      stream_narrowed(p, narrow(lo, hi));
     }
 #else
     store(p, lo, hi);
+#endif
+  }
+
+  // Non-temporal store of a unit already rounded to a reduced T (narrow), as stream's.
+  static C10_ALWAYS_INLINE void stream_narrowed(T* p, const Vectorized<T>& t) {
+#if FASTNN_STREAM_STORES == 512
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), t);
+#elif FASTNN_STREAM_STORES == 256
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), t);
+#else
+    t.store(p);
 #endif
   }
 };
@@ -248,6 +258,179 @@ template <typename A>
 C10_ALWAYS_INLINE Vectorized<A> mask_positive(const Vectorized<A>& g, const Vectorized<A>& out) {
   return Vectorized<A>::blendv(g, Vectorized<A>(A(0)), out <= Vectorized<A>(A(0)));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The ReLU mask a training forward writes for its backward: a bit per element of the output, in
+// the output's memory order (element i: bit i % 8 of byte i / 8), set where the output is > 0 or
+// NaN, i.e. where the backward passes the gradient (torch's threshold_backward). relu_mask_bytes
+// adds 8 bytes past the last bit so that a unit's bits are read as one 8-byte word from any
+// element's byte.
+
+inline int64_t relu_mask_bytes(int64_t numel) { return numel == 0 ? 0 : (numel + 7) / 8 + 8; }
+
+// The low `count` bits set (count <= 32).
+C10_ALWAYS_INLINE uint32_t low_bits(int64_t count) {
+  return count >= 32 ? ~uint32_t(0) : (uint32_t(1) << count) - 1;
+}
+
+// Bits of a unit's lanes (lo's, then hi's) where !(v <= 0): set for v > 0 and for NaN. For
+// float and double, whose outputs are stored as computed.
+template <typename A>
+C10_ALWAYS_INLINE uint32_t positive_bits(const Vectorized<A>& lo, const Vectorized<A>& hi) {
+  constexpr int kHalf = int(Vectorized<A>::size());
+#if FASTNN_STREAM_STORES == 512
+  if constexpr (std::is_same_v<A, float>) {
+    const __m512 zero = _mm512_setzero_ps();
+    return uint32_t(_mm512_cmp_ps_mask(lo, zero, _CMP_NLE_UQ)) |
+           (uint32_t(_mm512_cmp_ps_mask(hi, zero, _CMP_NLE_UQ)) << kHalf);
+  } else if constexpr (std::is_same_v<A, double>) {
+    const __m512d zero = _mm512_setzero_pd();
+    return uint32_t(_mm512_cmp_pd_mask(lo, zero, _CMP_NLE_UQ)) |
+           (uint32_t(_mm512_cmp_pd_mask(hi, zero, _CMP_NLE_UQ)) << kHalf);
+  }
+#elif FASTNN_STREAM_STORES == 256
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(lo, zero, _CMP_NLE_UQ))) |
+           (uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(hi, zero, _CMP_NLE_UQ))) << kHalf);
+  } else if constexpr (std::is_same_v<A, double>) {
+    const __m256d zero = _mm256_setzero_pd();
+    return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(lo, zero, _CMP_NLE_UQ))) |
+           (uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(hi, zero, _CMP_NLE_UQ))) << kHalf);
+  }
+#endif
+  A l[kHalf], h[kHalf];
+  lo.store(l);
+  hi.store(h);
+  uint32_t bits = 0;
+  for (int i = 0; i < kHalf; ++i) {
+    bits |= uint32_t(!(l[i] <= A(0))) << i;
+    bits |= uint32_t(!(h[i] <= A(0))) << (i + kHalf);
+  }
+  return bits;
+}
+
+// Bits of the lanes of a ReLU's output rounded to a 16-bit type (bfloat16, float16) whose
+// magnitude is not zero: after a ReLU those are exactly the values > 0 and the NaNs. Taken from
+// the rounded values, so that a positive float that rounds to zero gets the backward of a zero
+// output, as torch's.
+template <typename T>
+C10_ALWAYS_INLINE uint32_t nonzero_bits(const Vectorized<T>& t) {
+  static_assert(sizeof(T) == 2, "16-bit lanes");
+#if FASTNN_STREAM_STORES == 512
+  return uint32_t(_mm512_test_epi16_mask(t, _mm512_set1_epi16(0x7FFF)));
+#elif FASTNN_STREAM_STORES == 256
+  const __m256i zero = _mm256_cmpeq_epi16(_mm256_and_si256(t, _mm256_set1_epi16(0x7FFF)),
+                                          _mm256_setzero_si256());
+  const __m128i bytes =
+      _mm_packs_epi16(_mm256_castsi256_si128(zero), _mm256_extracti128_si256(zero, 1));
+  return ~uint32_t(_mm_movemask_epi8(bytes)) & 0xFFFFu;
+#else
+  constexpr int kLanes = int(Vectorized<T>::size());
+  T v[kLanes];
+  t.store(v);
+  uint32_t bits = 0;
+  for (int i = 0; i < kLanes; ++i) {
+    uint16_t raw;
+    std::memcpy(&raw, &v[i], 2);
+    bits |= uint32_t((raw & 0x7FFF) != 0) << i;
+  }
+  return bits;
+#endif
+}
+
+// g with +0 in the lanes whose bit is clear (bit i: lane i).
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> keep_lanes(const Vectorized<A>& g, uint32_t bits) {
+  constexpr int kLanes = int(Vectorized<A>::size());
+#if FASTNN_STREAM_STORES == 512
+  if constexpr (std::is_same_v<A, float>) {
+    return _mm512_maskz_mov_ps(__mmask16(bits), g);
+  } else if constexpr (std::is_same_v<A, double>) {
+    return _mm512_maskz_mov_pd(__mmask8(bits), g);
+  }
+#elif FASTNN_STREAM_STORES == 256
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const __m256i on =
+        _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(int(bits)), sel), sel);
+    return _mm256_and_ps(g, _mm256_castsi256_ps(on));
+  } else if constexpr (std::is_same_v<A, double>) {
+    const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+    const __m256i on =
+        _mm256_cmpeq_epi64(_mm256_and_si256(_mm256_set1_epi64x(int64_t(bits)), sel), sel);
+    return _mm256_and_pd(g, _mm256_castsi256_pd(on));
+  }
+#endif
+  A v[kLanes];
+  g.store(v);
+  for (int i = 0; i < kLanes; ++i) {
+    if (((bits >> i) & 1u) == 0) v[i] = A(0);
+  }
+  return Vectorized<A>::loadu(v);
+}
+
+// The mask's bits from bit `at` on (at least 57 of them): bit j is element at + j's.
+C10_ALWAYS_INLINE uint64_t mask_bits_at(const uint8_t* bits, int64_t at) {
+  uint64_t w;
+  std::memcpy(&w, bits + (at >> 3), sizeof(w));
+  return w >> (at & 7);
+}
+
+// Writes a run's mask bits in order, from bit `first`. The run's whole bytes are stored as they
+// fill; a byte it shares with the run before or after it (which another thread may be writing)
+// takes only this run's bits, with atomic and/or on the byte.
+class MaskBitWriter {
+ public:
+  MaskBitWriter(uint8_t* bits, int64_t first)
+      : byte_(bits + (first >> 3)), lead_(int(first & 7)), n_(int(first & 7)) {}
+
+  // Appends the low k (<= 32) bits of b (whose other bits are clear).
+  C10_ALWAYS_INLINE void put(uint32_t b, int k) {
+    pending_ |= uint64_t(b) << n_;
+    n_ += k;
+    if (n_ >= 32) flush_word();
+  }
+
+  // Writes what is left, the last partial byte merged.
+  void finish() {
+    for (int i = 0; n_ > 0; ++i, n_ -= 8) {
+      uint8_t own = n_ >= 8 ? uint8_t(0xFF) : uint8_t((1u << n_) - 1);
+      if (i == 0) own &= uint8_t(0xFF << lead_);
+      store_byte(byte_ + i, uint8_t(pending_ >> (8 * i)), own);
+    }
+    n_ = 0;
+  }
+
+ private:
+  C10_ALWAYS_INLINE void flush_word() {
+    const uint32_t w = uint32_t(pending_);
+    if (C10_UNLIKELY(lead_ != 0)) {
+      store_byte(byte_, uint8_t(w), uint8_t(0xFF << lead_));
+      std::memcpy(byte_ + 1, reinterpret_cast<const uint8_t*>(&w) + 1, 3);
+      lead_ = 0;
+    } else {
+      std::memcpy(byte_, &w, sizeof(w));
+    }
+    byte_ += 4;
+    pending_ >>= 32;
+    n_ -= 32;
+  }
+
+  static void store_byte(uint8_t* p, uint8_t value, uint8_t own) {
+    if (own == 0xFF) {
+      *p = value;
+    } else if (own != 0) {
+      __atomic_fetch_and(p, uint8_t(~own), __ATOMIC_RELAXED);
+      __atomic_fetch_or(p, uint8_t(value & own), __ATOMIC_RELAXED);
+    }
+  }
+
+  uint8_t* byte_;
+  int lead_;     // bits of the first byte before the run's (another run's)
+  int n_;        // bits in pending_, lead_ included until the first word is written
+  uint64_t pending_ = 0;
+};
 
 // A per-channel parameter as the kernels see it: one value for a whole channels-first block
 // (Broadcast) or one value per column of a channels-last row (PerColumn).
