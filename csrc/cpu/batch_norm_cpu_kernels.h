@@ -455,22 +455,51 @@ C10_ALWAYS_INLINE int64_t for_units(int64_t i, int64_t n, const F& body) {
 
 // ---------------------------------------------------------------------------------------------
 // The ReLU mask (see relu_mask_bytes). Where a training forward writes it: nowhere (NoMaskOut)
-// or from bit `first` of `bits` on (MaskOut, a span's view of it from `at`, its first element's
-// offset). Where a backward reads it: the forward's output, the gradient zeroed where it is
-// <= 0 (OutputMask), or the bits (BitMask).
+// or through MaskWriters, from bit `first` on (MaskOut, a span's view of it from `at`, its first
+// element's offset). Where a backward reads it: the forward's output, the gradient zeroed where
+// it is <= 0 (OutputMask), or the bits (BitMask).
+
+// A MaskBitWriter per thread of the parallel passes (at::get_thread_num()) over one mask; what
+// they hold back is written by finish(), after the passes.
+class MaskWriters {
+ public:
+  explicit MaskWriters(uint8_t* bits)
+      : writers_(size_t(std::max(at::get_num_threads(), at::get_thread_num() + 1)),
+                 MaskBitWriter(bits)) {}
+  MaskBitWriter& mine() {
+    const size_t t = size_t(at::get_thread_num());
+    TORCH_CHECK(t < writers_.size(), "fastnn: thread ", t, " of ", writers_.size());
+    return writers_[t];
+  }
+  void finish() {
+    for (MaskBitWriter& w : writers_) w.finish();
+  }
+
+ private:
+  std::vector<MaskBitWriter> writers_;
+};
+
 struct NoMaskOut {
   NoMaskOut at(int64_t) const { return {}; }
 };
 struct MaskOut {
-  uint8_t* bits = nullptr;
+  MaskWriters* writers = nullptr;
   int64_t first = 0;
-  MaskOut at(int64_t o) const { return {bits, first + o}; }
+  MaskBitWriter* pinned = nullptr;  // the calling thread's writer, once looked up
+  MaskOut at(int64_t o) const { return {writers, first + o, pinned}; }
 };
 
-inline uint8_t* mask_out_bits(const NoMaskOut&) { return nullptr; }
-inline uint8_t* mask_out_bits(const MaskOut& m) { return m.bits; }
-inline int64_t mask_out_first(const NoMaskOut&) { return 0; }
-inline int64_t mask_out_first(const MaskOut& m) { return m.first; }
+// `m` with the calling thread's writer looked up once, for the spans a thread takes in a row.
+inline NoMaskOut pin(const NoMaskOut& m) { return m; }
+inline MaskOut pin(const MaskOut& m) { return {m.writers, m.first, &m.writers->mine()}; }
+
+// The calling thread's writer, positioned at the span's first bit (null: no mask).
+inline MaskBitWriter* mask_writer(const NoMaskOut&) { return nullptr; }
+inline MaskBitWriter* mask_writer(const MaskOut& m) {
+  MaskBitWriter* w = m.pinned != nullptr ? m.pinned : &m.writers->mine();
+  w->seek(m.first);
+  return w;
+}
 
 template <typename T>
 struct OutputMask {
@@ -557,7 +586,7 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
   using A = acc_t<T>;
   using V = Vectorized<A>;
   constexpr bool kMaskOut = kRelu && std::is_same_v<W, MaskOut>;  // written only with ReLU
-  [[maybe_unused]] MaskBitWriter bits(mask_out_bits(mask_out), mask_out_first(mask_out));
+  [[maybe_unused]] MaskBitWriter* const bits = mask_writer(mask_out);
   constexpr bool kCenter = !std::is_same_v<M, Zero>;
   constexpr bool kAffine = !std::is_same_v<R, PlainResidual>;
   constexpr bool kResidualCenter = kCentersResidual<R>;
@@ -574,7 +603,7 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
     }
     if constexpr (kRelu) v = relu(v);
     y[i] = T(v);
-    if constexpr (kMaskOut) bits.put(uint32_t(!(A(y[i]) <= A(0))), 1);
+    if constexpr (kMaskOut) bits->put(uint32_t(!(A(y[i]) <= A(0))), 1);
   };
   int64_t i = 0;
   for (const int64_t head = stream_head<kStream>(y, n); i < head; ++i) one(i);
@@ -609,13 +638,12 @@ inline void forward_span(const T* x, const T* r, T* y, int64_t n, const M& mean,
       hi = relu(hi);
     }
     if constexpr (kMaskOut) {
-      bits.put(put_n_bits<kStream, kPartial>(y + i, count, lo, hi), int(count));
+      bits->put(put_n_bits<kStream, kPartial>(y + i, count, lo, hi), int(count));
     } else {
       put_n<kStream, kPartial>(y + i, count, lo, hi);
     }
   });
   for (; i < n; ++i) one(i);
-  if constexpr (kMaskOut) bits.finish();
 }
 
 // The unit of the output gradient at i (with kPartial its first `count` values, zeros after
@@ -2075,6 +2103,7 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
       }
       folded[j] = fold_channel<A, kK>(m, sc, w, b, shift[j]);
     }
+    const auto group_mask = pin(mask_out);
     for_group_chunks(p, c0, c1, [&](int64_t o, int64_t n, int64_t c, int64_t, int64_t) {
       const int64_t j = c - c0;
       // x is in L2 from the statistics; the residual comes from memory.
@@ -2085,19 +2114,19 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
         if (folded[j]) {
           forward_span<true, kRelu, kStream>(in[0] + o, in[1] + o, y + o, n, Zero{}, sc1, sh,
                                              ResidualAffine<Zero, B>{Zero{}, sc2},
-                                             mask_out.at(o));
+                                             group_mask.at(o));
         } else {
           forward_span<true, kRelu, kStream>(in[0] + o, in[1] + o, y + o, n, B(mean[j]), sc1, sh,
                                              ResidualAffine<B, B>{B(mean[G + j]), sc2},
-                                             mask_out.at(o));
+                                             group_mask.at(o));
         }
       } else if (folded[j]) {
         forward_span<kResidual, kRelu, kStream>(in[0] + o, kResidual ? r + o : nullptr, y + o, n,
-                                                Zero{}, sc1, sh, PlainResidual{}, mask_out.at(o));
+                                                Zero{}, sc1, sh, PlainResidual{}, group_mask.at(o));
       } else {
         forward_span<kResidual, kRelu, kStream>(in[0] + o, kResidual ? r + o : nullptr, y + o, n,
                                                 B(mean[j]), sc1, sh, PlainResidual{},
-                                                mask_out.at(o));
+                                                group_mask.at(o));
       }
     });
   });
@@ -2114,11 +2143,14 @@ Tensor new_relu_mask(const Tensor& input) {
   return mask;
 }
 
-// f(MaskOut) over `mask` where a forward writes a ReLU mask (mask not empty), else f(NoMaskOut).
+// f(MaskOut) over `mask` where a forward writes a ReLU mask (mask not empty; its writers'
+// held-back bits written after f), else f(NoMaskOut).
 template <typename F>
 void with_mask_out(const Tensor& mask, const F& f) {
   if (mask.defined() && mask.numel() > 0) {
-    f(MaskOut{mask.mutable_data_ptr<uint8_t>(), 0});
+    MaskWriters writers(mask.mutable_data_ptr<uint8_t>());
+    f(MaskOut{&writers, 0});
+    writers.finish();
   } else {
     f(NoMaskOut{});
   }
