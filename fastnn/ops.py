@@ -5,6 +5,7 @@ fake kernels registered here they run under torch.compile(fullgraph=True), CUDA 
 torch.library.opcheck. When fastnn._C is not loaded none of this is registered, and
 fastnn.functional runs fastnn.reference instead.
 """
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -177,7 +178,9 @@ def _fake_train(input, weight, bias, running_mean, running_var, momentum, eps, r
 def relu_mask_numel(input: Tensor, relu: bool) -> int:
     """Bytes of the ReLU mask the masked training forwards return, which their backward reads
     in place of the output: on CUDA one per 16-byte vector of the output; on CPU a bit per
-    element and 8 bytes of padding; none without relu (or on other devices)."""
+    element and 8 bytes of padding, except for channels-first maps of fewer than 64 values
+    (such as 7x7), where the CPU backward reads the output; none without relu (or on other
+    devices)."""
     if not relu:
         return 0
     n = input.numel()
@@ -185,6 +188,10 @@ def relu_mask_numel(input: Tensor, relu: bool) -> int:
         vec = 16 // input.element_size()
         return (n + vec - 1) // vec
     if input.device.type == "cpu":
+        if input.dim() > 2 and output_memory_format(input) == torch.contiguous_format:
+            spatial = math.prod(input.shape[2:])
+            if spatial < 64:
+                return 0
         return 0 if n == 0 else (n + 7) // 8 + 8
     return 0
 

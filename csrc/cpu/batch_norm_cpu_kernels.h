@@ -2132,6 +2132,17 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
   });
 }
 
+// Whether a CPU masked forward with relu writes a mask for `input` (fastnn/ops.py's
+// relu_mask_numel gives the same): not for channels-first maps of fewer than kMinBlockSpatial
+// values (7x7), whose 49-bit planes end inside a byte. There writing the bits took the forward
+// more than reading them saved the backward: BN+ReLU forward+backward of 7x7 float32 maps
+// 1.13x the time without the mask (14x14 1.06x; 56x56 and larger 0.83x; fastnn-bench, 2 cores).
+bool writes_relu_mask(const Tensor& input) {
+  const BNShape s = bn_shape(input);
+  return !(input.dim() > 2 && s.format == at::MemoryFormat::Contiguous &&
+           s.S < kMinBlockSpatial);
+}
+
 // A ReLU mask for the output of a forward of `input` (relu_mask_bytes). The bytes its last bits
 // and its padding fall in are zeroed first (the forward writes only its own bits of a byte it
 // does not fill): the same input gives the same bytes.
@@ -2238,8 +2249,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train_masked_cpu(
     const c10::optional<Tensor>& running_mean, const c10::optional<Tensor>& running_var,
     double momentum, double eps, const c10::optional<Tensor>& residual, bool relu) {
   check_train_args(input, weight, bias, running_mean, running_var, momentum, eps, residual);
-  const Tensor mask =
-      relu ? new_relu_mask(input) : at::empty({0}, input.options().dtype(at::kByte));
+  const Tensor mask = relu && writes_relu_mask(input)
+                          ? new_relu_mask(input)
+                          : at::empty({0}, input.options().dtype(at::kByte));
   auto [out, mean, invstd] = train_forward(input, nullptr, nullptr, weight, bias, running_mean,
                                            running_var, momentum, eps, residual, relu, mask);
   return {out, mean, invstd, mask};
@@ -2714,7 +2726,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_maske
     const c10::optional<Tensor>& bias2, const c10::optional<Tensor>& running_mean2,
     const c10::optional<Tensor>& running_var2, bool training, double momentum, double eps,
     double momentum2, double eps2, bool relu) {
-  const bool masked = relu && training;
+  const bool masked = relu && training && writes_relu_mask(input);
   Tensor mask = at::empty({0}, input.options().dtype(at::kByte));
   if (masked && input.numel() > 0) mask = new_relu_mask(input);
   auto [out, mean1, invstd1, mean2, invstd2] =
