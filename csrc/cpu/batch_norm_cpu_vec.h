@@ -380,10 +380,9 @@ C10_ALWAYS_INLINE uint64_t mask_bits_at(const uint8_t* bits, int64_t at) {
 // Writes the mask's bits of the runs one thread normalizes, in order: seek(run's first bit), then
 // put() its bits. A run that starts where the last one ended (the next chunk or plane, in memory
 // order) continues in the bits held back; whole bytes are stored as they fill. A byte shared with
-// a run another thread writes, at the start and end of each break in the sequence, takes only this
-// writer's bits, with atomic and/or on the byte (a 7x7 plane's 49 bits end inside a byte: had each
-// plane merged both its end bytes so, the training forward of 7x7 maps would have taken up to 1.2x
-// as long). finish() writes what is held back.
+// a run another thread may write, at the start and end of each break in the sequence, takes only
+// this writer's bits, with atomic and/or on the byte; planes that end inside a byte (14x14: 196
+// bits) so cost no locked instruction each. finish() writes what is held back.
 class alignas(64) MaskBitWriter {  // a cache line each: one per thread, side by side
  public:
   explicit MaskBitWriter(uint8_t* bits = nullptr) : bits_(bits) {}
