@@ -273,8 +273,9 @@ def _assert_same(got, want, what, exact):
 
 def test_masked_forms(kernel_only):
     """batch_norm_train_masked: batch_norm_train's outputs and running statistics, and
-    the ReLU mask of the size its fake kernel gives (ops.relu_mask_numel: on CUDA with relu a
-    byte per 16-byte vector, else empty); opcheck'ed."""
+    the ReLU mask of the size its fake kernel gives (ops.relu_mask_numel: with relu a byte per
+    16-byte vector on CUDA, a bit per element and padding on CPU except for channels-first maps
+    under 64 values; else empty); opcheck'ed."""
     for args in _sample_train_args(kernel_only, False):
         plain, masked = _clone_args(args), _clone_args(args)
         want = torch.ops.fastnn.batch_norm_train(*plain)
