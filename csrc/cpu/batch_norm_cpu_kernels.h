@@ -38,7 +38,8 @@
 //
 // A training forward with ReLU (through autograd) also writes the output's ReLU mask, a bit per
 // element (see relu_mask_bytes), and its backward reads that instead of the output: 1/16 of a
-// bfloat16 output's bytes, 1/32 of a float32 one.
+// bfloat16 output's bytes, 1/32 of a float32 one (not for channels-first maps under 64 values:
+// see writes_relu_mask).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -2134,9 +2135,10 @@ void train_forward_local(const Plan& p, int64_t G, const std::array<const T*, kK
 
 // Whether a CPU masked forward with relu writes a mask for `input` (fastnn/ops.py's
 // relu_mask_numel gives the same): not for channels-first maps of fewer than kMinBlockSpatial
-// values (7x7), whose 49-bit planes end inside a byte. There writing the bits took the forward
-// more than reading them saved the backward: BN+ReLU forward+backward of 7x7 float32 maps
-// 1.13x the time without the mask (14x14 1.06x; 56x56 and larger 0.83x; fastnn-bench, 2 cores).
+// values (7x7), runs too short for the bits' arithmetic to pay: there writing the bits took the
+// forward more than reading them saved the backward. With the mask, BN+ReLU forward+backward of
+// 7x7 float32 maps had taken 1.13x its time without (14x14 1.06x, 56x56 and larger 0.83x;
+// fastnn-bench, whose backward finds the output still in the cache; 2 cores).
 bool writes_relu_mask(const Tensor& input) {
   const BNShape s = bn_shape(input);
   return !(input.dim() > 2 && s.format == at::MemoryFormat::Contiguous &&
