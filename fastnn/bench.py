@@ -2,7 +2,7 @@
 
 Op level: BN training forward, inference, backward and forward+backward, BN+ReLU and BN+add+ReLU,
 on every distinct BN shape of ResNet-50, DenseNet-121 and GoogLeNet (derived from the models), or
-a quick set. Each fastnn call is timed side by side (interleaved, on the same inputs) with
+a quick set. Each fastnn call is timed side by side (interleaved, on like inputs) with
 nn.BatchNorm2d or the eager sequence (``relu(bn(x) + r)`` as torchvision writes it), torch.compile
 of that sequence, fastnn's own pure-PyTorch reference, and a tensor copy of the same size (the
 bandwidth yardstick). Model level (``--models``): training-step and inference throughput of
@@ -58,7 +58,7 @@ BASELINES = ("torch", "compile", "reference")
 # Column titles: "eager" is nn.BatchNorm2d or the eager op sequence (each case names which),
 # "compile" torch.compile of it, "reference" fastnn's pure-PyTorch fallback.
 IMPL_TITLES = {"fastnn": "fastnn", "torch": "eager", "compile": "compile",
-               "reference": "reference", "copy": "copy_"}
+               "reference": "reference", "copy": "clone"}
 
 
 @dataclass(frozen=True)
@@ -489,15 +489,17 @@ def build_step(case: Case, impl: str, inputs: OpInputs) -> Callable[[int], None]
     """step(i): one call of `impl` for `case` on input set i.
 
     impl: 'fastnn', 'torch' (nn.BatchNorm2d or the eager sequence), 'compile' (torch.compile of
-    that), 'reference' (fastnn's pure-PyTorch fallback) or 'copy' (a copy_ of x's size: the
+    that), 'reference' (fastnn's pure-PyTorch fallback) or 'copy' (a clone of x: the
     bandwidth yardstick)."""
     xs, rs, gs = inputs.xs, inputs.rs, inputs.gs
     if impl == "copy":
-        dsts = [torch.empty_like(x, requires_grad=False) for x in xs]
+        # A fresh output per call, as every implementation timed against it gets (a copy_ into
+        # buffers of its own would pay for their first-touch page faults and for writing to
+        # memory that no allocator has just handed back).
         srcs = [x.detach() for x in xs]
 
         def step(i):
-            dsts[i].copy_(srcs[i])
+            srcs[i].clone()
         return step
 
     forward, module = _module_forward(impl, case, inputs)
@@ -577,8 +579,11 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
     """Times every step side by side: after a warm-up, rounds in which each implementation runs
     once (in a fresh random order each round, so that no implementation follows another more
     often than the rest: on CPU a call that follows one of the same output size can get that
-    call's freed, still-cached buffer), each on its next input set. A slow
-    implementation takes part in fewer rounds, spread evenly. Returns per name either timing
+    call's freed, still-cached buffer). Every call, whichever implementation makes it, takes the
+    next of the `sets` input sets, so that no call reads inputs the call before it left in cache
+    (interleaving implementations on one set would time the second from cache and the first from
+    memory, and medians would fall on either side of that split). A slow implementation takes
+    part in fewer rounds, spread evenly. Returns per name either timing
     statistics (plus ``first_call_s``, which includes any compilation) or ``{"error": ...}``."""
     global _process_warm
     cuda = device.type == "cuda"
@@ -627,7 +632,7 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
             reps[n] = min(reps[n], max(low, policy.max_reps // 3))
     rounds = max(reps.values())
     times: Dict[str, List[float]] = {n: [] for n in names}
-    next_set = {n: 0 for n in names}
+    calls = 0
     events = []
     failed: Dict[str, str] = {}
     order_rng = random.Random(0)
@@ -638,8 +643,8 @@ def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.de
             for name in order_rng.sample(names, len(names)):
                 if name in failed or (j * reps[name]) // rounds == ((j + 1) * reps[name]) // rounds:
                     continue
-                i = next_set[name] % sets
-                next_set[name] += 1
+                i = calls % sets
+                calls += 1
                 try:
                     if cuda:
                         start = torch.cuda.Event(enable_timing=True)
@@ -1173,10 +1178,10 @@ def _legend(run: dict) -> List[str]:
         + ("CUDA events" if run["env"]["device_type"] == "cuda"
            else f"time.perf_counter, {run['env']['torch_threads']} torch threads")
         + f"; inputs rotated through up to {max((r['input_sets'] for r in run['ops']), default=1)} "
-          f"copies when a set fits in cache; implementations interleaved on the same inputs, in a "
-          f"random order each round",
+          f"copies when a set fits in cache, each call on the next set; implementations interleaved, "
+          f"in a random order each round",
         "GB/s: the case's fewest bytes (DESIGN.md floors: N elements of b bytes, e.g. 2Nb for a "
-        "training forward) / fastnn's median; % copy: that over the bandwidth of a copy_ of the "
+        "training forward) / fastnn's median; % copy: that over the bandwidth of a clone of the "
         "same tensor (2Nb moved) timed in the same rounds (median over the cases of that shape, "
         "dtype and layout)",
         "vs X: X's median / fastnn's median (above 1: fastnn is faster); forward cases run "
@@ -1364,7 +1369,7 @@ def write_plots(run: dict, out_dir: str) -> List[str]:
         ax.set_xticks(range(len(cases)))
         ax.set_xticklabels([f"{c}\n({CASES[c].byte_model})" for c in cases], rotation=20,
                            ha="right", fontsize=8)
-        ax.set_ylabel("% of copy_ bandwidth (fewest bytes / time)")
+        ax.set_ylabel("% of clone bandwidth (fewest bytes / time)")
         handles, labels = ax.get_legend_handles_labels()
         uniq = dict(zip(labels, handles))
         ax.legend(uniq.values(), uniq.keys(), fontsize=7, loc="best")
