@@ -50,8 +50,8 @@ LAYOUTS = {
 # the CPU kernels cut their work (csrc/cpu/batch_norm_cpu_kernels.h's Plan): channel planes of 64
 # values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
 # of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
-# (grouped several to a row, with a partial last row), of 64-512, and wider than a 512-column
-# block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
+# (grouped several to a row, with a partial last row), of 64-512, wider than a 512-column
+# block, and wider than the gradient sums' 2048-column block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
 # their vector heads and tails and several blocks per channel. Each regime gets random draws
 # (seeded by its name, so every run sees the same).
 KERNEL_REGIMES = {
@@ -72,6 +72,8 @@ KERNEL_REGIMES = {
                                                 r.randint(20, 28), r.randint(20, 28))),
     "wide_rows": (["channels_last"], lambda r: (r.randint(1, 4), r.randint(513, 1100),
                                                 r.randint(1, 6), r.randint(1, 6))),
+    "widest_rows": (["channels_last"], lambda r: (r.randint(1, 3), r.randint(2049, 2400),
+                                                  r.randint(1, 5), r.randint(1, 5))),
     "2d": (["contiguous"], lambda r: (r.randint(2, 3000), r.randint(1, 700))),
     "3d": (["contiguous"], lambda r: (r.randint(2, 5), r.randint(1, 40), r.randint(1, 300))),
     "5d": (["contiguous", "channels_last"], lambda r: (r.randint(1, 4), r.randint(1, 40),
