@@ -124,3 +124,24 @@ def test_backend_line_says_whether_the_relu_mask_is_on(monkeypatch):
     assert fastnn.backend_info()["relu_mask"] is False
     monkeypatch.delenv("FASTNN_RELU_MASK")
     assert fastnn.backend_info()["relu_mask"] is True
+
+
+def test_measure_gives_every_call_the_next_input_set(monkeypatch):
+    """No call reads the inputs the call before it read, whichever implementation made it."""
+    import torch
+
+    calls = []
+
+    def step(name):
+        return lambda i: calls.append((name, i))
+
+    monkeypatch.setattr(bench, "_process_warm", True)  # no extra warm-up calls
+    names = ("fastnn", "torch", "reference")
+    policy = bench.Policy(warmup=0, target_s=1e-4, min_reps=12, max_reps=12, min_reps_other=12)
+    sets = 5
+    out = bench.measure({n: step(n) for n in names}, sets, torch.device("cpu"), policy)
+    assert all(out[n]["n"] == 12 for n in names)
+    timed = calls[3:]  # after each implementation's first call
+    assert len(timed) == 36
+    for (_, a), (_, b) in zip(timed, timed[1:]):
+        assert b == (a + 1) % sets
