@@ -4,7 +4,6 @@
 // a CPU that has it: AVX-512 made those kernels 1.22x faster in geometric mean
 // (benchmarks/results/cpu-isa-avx512-2026-11-29) and did not speed up float32 and float64.
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <atomic>
