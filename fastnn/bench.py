@@ -1178,8 +1178,8 @@ def _legend(run: dict) -> List[str]:
         + ("CUDA events" if run["env"]["device_type"] == "cuda"
            else f"time.perf_counter, {run['env']['torch_threads']} torch threads")
         + f"; inputs rotated through up to {max((r['input_sets'] for r in run['ops']), default=1)} "
-          f"copies when a set fits in cache, each call on the next set; implementations interleaved, "
-          f"in a random order each round",
+          f"copies when a set fits in cache, each call on the next set; implementations "
+          f"interleaved, in a random order each round",
         "GB/s: the case's fewest bytes (DESIGN.md floors: N elements of b bytes, e.g. 2Nb for a "
         "training forward) / fastnn's median; % copy: that over the bandwidth of a clone of the "
         "same tensor (2Nb moved) timed in the same rounds (median over the cases of that shape, "

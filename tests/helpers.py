@@ -51,8 +51,9 @@ LAYOUTS = {
 # values and more, cut into several L1-sized chunks past 2048-8192 values; channels-first planes
 # of 16-63 and of fewer values, handled as rows; channels-last rows narrower than 64 values
 # (grouped several to a row, with a partial last row), of 64-512, wider than a 512-column
-# block, and wider than the gradient sums' 2048-column block; enough rows for several groups of rows; and on CUDA the planes and rows kernels with
-# their vector heads and tails and several blocks per channel. Each regime gets random draws
+# block, and wider than the gradient sums' 2048-column block; enough rows for several groups of
+# rows; and on CUDA the planes and rows kernels with their vector heads and tails and several
+# blocks per channel. Each regime gets random draws
 # (seeded by its name, so every run sees the same).
 KERNEL_REGIMES = {
     # name: (memory formats, shape from a random.Random)

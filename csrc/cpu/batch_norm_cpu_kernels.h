@@ -1370,7 +1370,8 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   // a hundred thousand on Gaussian data) is done again in double. Two additions per column and
   // run instead of a mean and a Chan merge in double: on channels-last 7x7 input with 512-2048
   // channels those had taken as long as the passes over the data.
-  TORCH_INTERNAL_ASSERT(p.col_block <= kMaxColumnBlock, "batch_stats: a plan of make_plan's blocks");
+  TORCH_INTERNAL_ASSERT(p.col_block <= kMaxColumnBlock,
+                        "batch_stats: a plan of make_plan's column blocks");
   std::vector<double> pmean(p.groups * p.W, 0.0), pm2(p.groups * p.W, 0.0);
   at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
     alignas(64) A pivot[kMaxColumnBlock];
