@@ -7,28 +7,11 @@ Median times per call over interleaved rounds, side by side in one run:
     python benchmarks/call_overhead.py [--shape 2 8 4 4] [--threads 1] [--out results.md]
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 import fastnn
 from fastnn import bench
-
-
-def time_calls(fns, calls, rounds):
-    """{name: median µs per call}; each round times every callable in turn."""
-    for f in fns.values():  # warm-up: one untimed round
-        for _ in range(calls):
-            f()
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            start = time.perf_counter()
-            for _ in range(calls):
-                f()
-            samples[name].append((time.perf_counter() - start) / calls * 1e6)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def cases(shape):
@@ -52,15 +35,15 @@ def cases(shape):
 
         def call(m):
             if backward:
-                return lambda: m(*args).sum().backward()
+                return lambda _: m(*args).sum().backward()
             if grad:
-                return lambda: m(*args)
+                return lambda _: m(*args)
 
-            def no_grad():
+            def no_grad(_):
                 with torch.no_grad():
                     m(*args)
             return no_grad
-        return {"fastnn": call(fast), "torch": call(ref)}
+        return {"fastnn": call(fast), "torch": call(ref)}  # called with the call index
 
     for train, grad, backward, what in ((False, False, False, "inference"),
                                         (True, False, False, "training forward, no grad"),
@@ -97,7 +80,8 @@ def main():
               "| --- | ---: | ---: | ---: | ---: |"]
     print("\n".join(lines))
     for case, fns in cases(tuple(args.shape)):
-        t = time_calls(fns, args.calls, args.rounds)
+        medians = bench.interleaved_medians(fns, args.calls, args.rounds)
+        t = {k: s * 1e6 for k, s in medians.items()}
         row = (f"| {case} | {t['fastnn']:.1f} | {t['torch']:.1f} | "
                f"{t['fastnn'] - t['torch']:+.1f} | {t['torch'] / t['fastnn']:.2f}x |")
         lines.append(row)

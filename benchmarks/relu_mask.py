@@ -10,39 +10,14 @@ forward has just written, as in a network, where other layers run in between.
 Prints a markdown table: median ms per call over interleaved rounds, and the ratios.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
-import fastnn  # noqa: F401  (registers torch.ops.fastnn)
+from fastnn import bench  # also registers torch.ops.fastnn
 
 DEFAULT_SHAPES = [(32, 1024, 7, 7), (32, 256, 14, 14), (32, 128, 28, 28), (32, 64, 56, 56)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_calls(fns, calls, rounds, device):
-    """{name: median ms per call}; each round times every callable in turn, over `calls` calls
-    (call i gets input set i)."""
-    for f in fns.values():  # warm-up
-        for i in range(calls):
-            f(i)
-    samples = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, f in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            for i in range(calls):
-                f(i)
-            sync(device)
-            samples[name].append((time.perf_counter() - start) / calls * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def measure(shape, dtype, layout, device, sets, rounds, residual):
@@ -72,7 +47,8 @@ def measure(shape, dtype, layout, device, sets, rounds, residual):
             gs[i], xs[i], w, saved[i][0], saved[i][1], saved[i][2], True, True, residual,
             saved[i][3]),
     }
-    return time_calls(fns, sets, rounds, device), saved[0][3].numel()
+    t = bench.interleaved_medians(fns, sets, rounds, device)
+    return {name: s * 1e3 for name, s in t.items()}, saved[0][3].numel()
 
 
 def main(argv=None):

@@ -46,7 +46,7 @@ from fastnn import _bench_shapes
 from fastnn._bench_shapes import BNShape
 
 __all__ = ["CASES", "main", "build_step", "make_inputs", "measure", "run_ops", "run_models",
-           "swap_batchnorm", "reference_backend"]
+           "swap_batchnorm", "reference_backend", "interleaved_medians"]
 
 SCHEMA = "fastnn-bench/1"
 
@@ -572,6 +572,34 @@ def _stats(times_s: List[float]) -> dict:
 def _error(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text[:300]
+
+
+def interleaved_medians(fns: Dict[str, Callable[[int], object]], calls: int, rounds: int,
+                        device: Optional[torch.device] = None) -> Dict[str, float]:
+    """{name: median seconds per call} of each callable, timed side by side: one untimed warm-up
+    round, then `rounds` rounds that each time every callable in turn over `calls` back-to-back
+    calls (call i is passed i, to pick its input set), with the device synchronized around each
+    batch of calls. For the small scripts in benchmarks/; `measure` is fastnn-bench's timing."""
+    if calls < 1 or rounds < 1:
+        raise ValueError(f"interleaved_medians: calls and rounds must be >= 1, got {calls} and "
+                         f"{rounds}")
+
+    def sync():
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for f in fns.values():
+        for i in range(calls):
+            f(i)
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, f in fns.items():
+            sync()
+            start = time.perf_counter()
+            for i in range(calls):
+                f(i)
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls)
+    return {name: _stats(v)["median_ms"] / 1e3 for name, v in samples.items()}
 
 
 def measure(steps: Dict[str, Callable[[int], None]], sets: int, device: torch.device,

@@ -3,6 +3,8 @@ and the goals' own cases (--targets) timed on the CPU."""
 import json
 import math
 
+import pytest
+
 from fastnn import bench
 
 
@@ -124,6 +126,23 @@ def test_backend_line_says_whether_the_relu_mask_is_on(monkeypatch):
     assert fastnn.backend_info()["relu_mask"] is False
     monkeypatch.delenv("FASTNN_RELU_MASK")
     assert fastnn.backend_info()["relu_mask"] is True
+
+
+def test_interleaved_medians_times_each_callable_in_turn(monkeypatch):
+    """A warm-up round, then rounds that each run every callable over calls 0..calls-1; the median
+    is per call, in seconds, of the rounds' times."""
+    import torch
+
+    calls = []
+    clock = iter(range(1000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    fns = {n: (lambda n: lambda i: calls.append((n, i)))(n) for n in ("a", "b")}
+    out = bench.interleaved_medians(fns, 3, 2, torch.device("cpu"))
+    expect = [(n, i) for n in "ab" for i in range(3)]
+    assert calls == expect * 3
+    assert out == {"a": 1 / 3, "b": 1 / 3}  # each batch of 3 calls spans one clock tick
+    with pytest.raises(ValueError, match="calls"):
+        bench.interleaved_medians(fns, 0, 2)
 
 
 def test_measure_gives_every_call_the_next_input_set(monkeypatch):
