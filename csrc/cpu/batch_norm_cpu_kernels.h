@@ -1954,18 +1954,16 @@ std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill)
   return std::vector<A>(p, p + C);
 }
 
-template <typename T, typename W = NoMaskOut>
+template <typename T, bool kRelu, typename W = NoMaskOut>
 void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
-                   const ChannelAffine<acc_t<T>>& q, bool relu, const W& mask_out = W{}) {
+                   const ChannelAffine<acc_t<T>>& q, const W& mask_out = W{}) {
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
   FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
-    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
-        FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-          normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q, mask_out);
-        });
+    FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+      FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
+        normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q, mask_out);
       });
     });
   });
@@ -2165,17 +2163,20 @@ Tensor new_relu_mask(const Tensor& input) {
   return mask;
 }
 
-// f(MaskOut) over `mask` where a forward writes a ReLU mask (mask not empty; its writers'
-// held-back bits written after f), else f(NoMaskOut).
-template <typename F>
+// f(MaskOut) over `mask` where a forward with ReLU (kRelu) writes a ReLU mask (mask not empty;
+// its writers' held-back bits written after f), else f(NoMaskOut). Without ReLU, f is
+// instantiated for NoMaskOut alone.
+template <bool kRelu, typename F>
 void with_mask_out(const Tensor& mask, const F& f) {
-  if (mask.defined() && mask.numel() > 0) {
-    MaskWriters writers(mask.mutable_data_ptr<uint8_t>());
-    f(MaskOut{&writers, 0});
-    writers.finish();
-  } else {
-    f(NoMaskOut{});
+  if constexpr (kRelu) {
+    if (mask.defined() && mask.numel() > 0) {
+      MaskWriters writers(mask.mutable_data_ptr<uint8_t>());
+      f(MaskOut{&writers, 0});
+      writers.finish();
+      return;
+    }
   }
+  f(NoMaskOut{});
 }
 
 // The training forward; with given_mean/given_var (the input's batch statistics, computed
@@ -2217,7 +2218,7 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
       FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
           FASTNN_BOOL_SWITCH(use_stream<scalar_t>(lp, {&out}), kStream, [&] {
-            with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+            with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
               train_forward_local<1, kResidual, kRelu, kStream, scalar_t>(
                   lp, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
                   {LocalNorm<A>{w, b, eps, mean.data(), var.data(),
@@ -2235,8 +2236,10 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     const ChannelAffine<A> q =
         channel_affine(mean, var, eps, w, b, save_mean.mutable_data_ptr<A>(),
                        save_invstd.mutable_data_ptr<A>());
-    with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
-      run_normalize<scalar_t>(p, x, res, out, q, relu, mask_out);
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
+        run_normalize<scalar_t, kRelu>(p, x, res, out, q, mask_out);
+      });
     });
   });
   update_running_stats_cpu(running_mean, running_var, stats_mean, stats_var, momentum,
@@ -2392,7 +2395,7 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
     const std::vector<A> w = channel_values<A>(weight, C, A(1));
     const std::vector<A> b = channel_values<A>(bias, C, A(0));
     const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
-    run_normalize<scalar_t>(p, x, res, out, q, relu);
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] { run_normalize<scalar_t, kRelu>(p, x, res, out, q); });
   });
   return out;
 }
@@ -2437,14 +2440,18 @@ const uint8_t* checked_relu_mask(const char* op, const c10::optional<Tensor>& re
   return m.const_data_ptr<uint8_t>();
 }
 
-// f(mask source) of a backward: the ReLU mask's bits where given, else the output (not read
-// without relu).
-template <typename T, typename F>
+// f(mask source) of a backward: with kMask, the ReLU mask's bits where given, else the output;
+// without, a source the kernels do not read (f is then instantiated once, not once per source).
+template <bool kMask, typename T, typename F>
 void with_mask_in(const GradTensors& in, const uint8_t* bits, const F& f) {
-  if (bits != nullptr) {
-    f(BitMask{bits, 0});
-  } else {
+  if constexpr (kMask) {
+    if (bits != nullptr) {
+      f(BitMask{bits, 0});
+      return;
+    }
     f(OutputMask<T>{in.out_ptr<T>()});
+  } else {
+    f(OutputMask<T>{});
   }
 }
 
@@ -2585,7 +2592,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
         FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            with_mask_in<T>(in, bits, [&](const auto& mk) {
+            with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
               train_backward_local<kMask, kGradResidual, kStream>(p, G, gp, mk, xp, grp, dxp, k,
                                                                   gw, gb);
             });
@@ -2599,7 +2606,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
       FASTNN_BOOL_SWITCH(residual_grad, kGradResidual, [&] {
         FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
           FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-            with_mask_in<T>(in, bits, [&](const auto& mk) {
+            with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
               grad_sums<kMask, kGradResidual, kGradInput, kStream>(
                   p, gp, mk, xp, grp, dxp, k.mean.data(), k.scale.data(), sum_g.data(),
                   sum_gx.data());
@@ -2620,7 +2627,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     const bool masked_in_gr = relu && residual_grad;
     FASTNN_BOOL_SWITCH(relu && !masked_in_gr, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        with_mask_in<T>(in, bits, [&](const auto& mk) {
+        with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
           input_grad<kMask, kStream, T>(p, masked_in_gr ? grp : gp, mk, xp, dxp, k.mean.data(),
                                         k.scale.data(), k1.data(), k2.data());
         });
@@ -2669,7 +2676,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
         FASTNN_BOOL_SWITCH(use_stream<T>(lp, {&out}), kStream, [&] {
-          with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+          with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
             train_forward_local<2, true, kRelu, kStream, T>(
                 lp, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
                 out.mutable_data_ptr<T>(),
@@ -2699,7 +2706,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
       FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
         FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
-          with_mask_out(relu ? mask : Tensor(), [&](const auto& mask_out) {
+          with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
             normalize<true, kRelu, kStream, kCenter, true>(p, x.const_data_ptr<T>(),
                                                            z.const_data_ptr<T>(),
                                                            out.mutable_data_ptr<T>(), q, mask_out);
@@ -2845,7 +2852,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-          with_mask_in<T>(in, bits, [&](const auto& mk) {
+          with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
             dual_backward_local<kMask, kStream>(p, G, gp, mk, xp, zp, dxp, dzp, k1, k2, gw, gb,
                                                 gw2);
           });
@@ -2857,7 +2864,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(!training, kGradInput, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-          with_mask_in<T>(in, bits, [&](const auto& mk) {
+          with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
             dual_grad_sums<kMask, kGradInput, kStream>(
                 p, gp, mk, xp, zp, dxp, dzp, k1.mean.data(), k2.mean.data(), k1.scale.data(),
                 k2.scale.data(), sum_g.data(), sum_gx.data(), sum_gz.data());
@@ -2878,7 +2885,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
                                         k2.mean.data(), k2.scale.data(), g_mean.data(), gz.data()};
     FASTNN_BOOL_SWITCH(relu, kMask, [&] {
       FASTNN_BOOL_SWITCH(stream, kStream, [&] {
-        with_mask_in<T>(in, bits, [&](const auto& mk) {
+        with_mask_in<kMask, T>(in, bits, [&](const auto& mk) {
           dual_input_grad<kMask, kStream, T>(p, gp, mk, xp, zp, dxp, dzp, coef);
         });
       });
