@@ -133,6 +133,16 @@ _op_devices = {op: _registered_devices(op) for op in OPS}
 _devices = _op_devices["batch_norm_train"]
 
 
+def cpu_caches():
+    """(level-2 cache, last-level cache, least output the CPU kernels write with non-temporal
+    stores), in bytes, as fastnn._C's CPU kernels plan with them; None without fastnn._C (or
+    with one older than this query)."""
+    if not _loaded:
+        return None
+    query = getattr(importlib.import_module("fastnn._C"), "_cpu_caches", None)
+    return tuple(query()) if query is not None else None
+
+
 def cpu_isa():
     """The instruction set fastnn._C's CPU kernels were built for ('avx2', 'avx512', 'default'),
     or None when unknown."""

@@ -170,23 +170,29 @@ def _cpu_model() -> str:
 
 
 def _cpu_cache_bytes() -> int:
-    """Size of the largest CPU cache (the last level), from sysfs; 32 MiB if unknown."""
+    """Size of the largest CPU cache (the last level) sysfs lists; 32 MiB if unknown. For input
+    rotation this is the whole of it, even where fastnn's kernels count less of it as theirs
+    (fastnn._ext.cpu_caches): more input sets than needed only cost memory."""
     best = 0
     base = "/sys/devices/system/cpu/cpu0/cache"
     try:
         for entry in os.listdir(base):
-            try:
-                with open(os.path.join(base, entry, "size")) as f:
-                    text = f.read().strip()
-            except OSError:
-                continue
-            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
-            digits = text[:-1] if scale != 1 else text
-            if digits.isdigit():
-                best = max(best, int(digits) * scale)
+            best = max(best, sysfs_size(os.path.join(base, entry, "size")))
     except OSError:
         pass
     return best or (32 << 20)
+
+
+def sysfs_size(path: str) -> int:
+    """A sysfs cache size file ("48K", "2048K", "480M") in bytes; 0 if unreadable."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale != 1 else text
+    return int(digits) * scale if digits.isdigit() else 0
 
 
 def cache_bytes(device: torch.device) -> int:

@@ -1,5 +1,6 @@
 """fastnn.functional.batch_norm (and the fused forms) against F.batch_norm and fastnn.reference."""
 import functools
+import os
 
 import pytest
 import torch
@@ -665,8 +666,37 @@ def test_nan_gradients_through_relu(backend, device, where, fmt, dtype):
 # are not (14x14: streaming is then turned off).
 
 def _cpu_stream_threshold():
-    from fastnn.bench import _cpu_cache_bytes
-    return max(4 << 20, _cpu_cache_bytes() // 4)
+    caches = fastnn._ext.cpu_caches()
+    if caches is None:
+        pytest.skip("fastnn._C does not say its cache sizes")
+    return caches[2]
+
+
+def test_cpu_cache_plan():
+    """The sizes the CPU kernels plan with: a level-2 cache, a last-level cache of at most 32 MiB
+    per CPU sharing it, outputs from a quarter of it (at least 4 MiB) written non-temporally."""
+    from fastnn.bench import sysfs_size
+
+    caches = fastnn._ext.cpu_caches()
+    if caches is None:
+        pytest.skip("no compiled CPU kernels")
+    level2, last, stream = caches
+    assert level2 > 0 and last > 0
+    assert stream == max(4 << 20, last // 4)
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = [os.path.join(base, e) for e in os.listdir(base)]
+        sizes = [(sysfs_size(os.path.join(e, "size")), e) for e in entries]
+    except OSError:
+        pytest.skip("no sysfs cache listing")
+    largest, where = max(sizes)
+    if largest == 0:
+        pytest.skip("sysfs lists no cache sizes")
+    with open(os.path.join(where, "shared_cpu_list")) as f:
+        cpus = sum(int(b) - int(a) + 1 for a, _, b in
+                   (part.partition("-") if "-" in part else (part, "", part)
+                    for part in f.read().strip().split(",")))
+    assert last == min(largest, cpus * (32 << 20))
 
 
 @pytest.mark.parametrize("hw", [32, 14, 7], ids=lambda v: f"{v}x{v}")
