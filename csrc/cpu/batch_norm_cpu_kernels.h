@@ -799,8 +799,14 @@ C10_ALWAYS_INLINE void add_deviations(const V& lo, const V& hi, V& s_lo, V& s_hi
   q_hi = at::vec::fmadd(hi, hi, q_hi);
 }
 
+// The one-pass statistics described above. With `ahead` != 0 each line is asked for `ahead`
+// elements before it is read (the whole-tensor pass walks its chunks in memory order, so past a
+// chunk's end that is the next chunk's): on their own the hardware prefetchers kept a core's
+// reads 25-35% below what it can draw from memory (a C++ model of this loop, 2 threads over
+// 100 MB of 56x56 float32 planes: 18.6 GB/s, 24.8 with 4 KiB ahead).
 template <typename T>
-inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out) {
+inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out,
+                        int64_t ahead = 0) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
@@ -820,7 +826,10 @@ inline void chunk_stats(const T* x, int64_t n, double& mean_out, double& m2_out)
   V s0(A(0)), s1(A(0)), s2(A(0)), s3(A(0));
   V q0(A(0)), q1(A(0)), q2(A(0)), q3(A(0));
   int64_t i = 0;
+  constexpr int64_t kLine = std::max<int64_t>(1, 64 / int64_t(sizeof(T)));
   for (; i + 2 * U::kSize <= n; i += 2 * U::kSize) {
+    if (ahead != 0)
+      for (int64_t l = 0; l < 2 * U::kSize; l += kLine) prefetch(x + i + l, ahead);
     V a, b, c, d;
     U::load_any_order(x + i, a, b);
     U::load_any_order(x + i + U::kSize, c, d);
@@ -1347,9 +1356,10 @@ void batch_stats(const Plan& p, const T* x, double* mean_c, double* var_c) {
   using A = acc_t<T>;
   if (p.blocks) {
     std::vector<double> pmean(p.items), pm2(p.items);
+    constexpr int64_t kAhead = 4096 / int64_t(sizeof(T));  // see chunk_stats
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
       for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t) {
-        chunk_stats(x + o, n, pmean[t], pm2[t]);
+        chunk_stats(x + o, n, pmean[t], pm2[t], kAhead);
       });
     });
     const int64_t per_channel = p.N * p.chunks_per_block;
