@@ -1014,11 +1014,13 @@ inline void rows_pivot_sums(const T* x, int64_t W, int64_t nr, int64_t cw,
 // Sums of g and g * (x - mean) over n values, g zeroed where out <= 0 (kMask); on the way the
 // masked g is written to gr (kGradResidual) and dx = g * a (kGradInput, eval backward). P is
 // Broadcast (one channel, sums in registers) or PerColumn (sums added to the per-column arrays
-// sum_g and sum_gx).
+// sum_g and sum_gx). With `ahead` != 0, g and x are asked for `ahead` elements before they are
+// read, as chunk_stats does.
 template <bool kMask, bool kGradResidual, bool kGradInput, bool kStream, typename T, typename P,
           typename MK>
 inline void grad_sums_span(const T* g, const MK& mk, const T* x, T* gr, T* dx, int64_t n,
-                           const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
+                           const P& mean, const P& a, acc_t<T>* sum_g, acc_t<T>* sum_gx,
+                           int64_t ahead = 0) {
   using U = Unit<T>;
   using A = acc_t<T>;
   using V = Vectorized<A>;
@@ -1044,7 +1046,7 @@ inline void grad_sums_span(const T* g, const MK& mk, const T* x, T* gr, T* dx, i
     // gr and dx are allocated alike and so share their alignment; stream only when they do.
     if (kGradResidual && kGradInput && stream_head<true>(gr, n) != stream_head<true>(dx, n)) {
       return grad_sums_span<kMask, kGradResidual, kGradInput, false>(g, mk, x, gr, dx, n, mean,
-                                                                     a, sum_g, sum_gx);
+                                                                     a, sum_g, sum_gx, ahead);
     }
     for (const int64_t head = stream_head<true>(kGradResidual ? gr : dx, n); i < head; ++i) one(i);
   }
@@ -1052,6 +1054,10 @@ inline void grad_sums_span(const T* g, const MK& mk, const T* x, T* gr, T* dx, i
   i = for_units<kOneChannel<P>, T>(i, n, [&](int64_t i, auto partial, int64_t count) {
     constexpr bool kPartial = decltype(partial)::value;
     const int64_t j = i + U::kHalf;
+    if (ahead != 0) {
+      prefetch(g + i, ahead);
+      prefetch(x + i, ahead);
+    }
     V glo, ghi, xlo, xhi;
     load_grad<kMask, kPartial>(g, mk, i, glo, ghi, count);
     if constexpr (kGradResidual) put_n<kStream, kPartial>(gr + i, count, glo, ghi);
@@ -1643,12 +1649,13 @@ void grad_sums(const Plan& p, const T* g, const MK& mk, const T* x, T* gr, T* dx
   using A = acc_t<T>;
   if (p.blocks) {
     std::vector<A> psg(p.items), psgx(p.items);
+    constexpr int64_t kAhead = 4096 / int64_t(sizeof(T));  // see chunk_stats
     at::parallel_for(0, p.items, p.grain, [&](int64_t begin, int64_t end) {
       for_block_items(p, begin, end, [&](int64_t t, int64_t o, int64_t n, int64_t c) {
         grad_sums_span<kMask, kGradResidual, kGradInput, kStream>(
             g + o, mk.at(o), x + o, kGradResidual ? gr + o : nullptr,
             kGradInput ? dx + o : nullptr, n, Broadcast<A>(mean[c]), Broadcast<A>(a[c]), &psg[t],
-            &psgx[t]);
+            &psgx[t], kAhead);
       });
       if (kStream) stream_fence();
     });
