@@ -7,17 +7,32 @@
 # index, about 5 GB) unless DEVICE_PYTHON names one.
 #
 #   scripts/device_prebuild.sh            # then carry .device-build to the GPU machine
+#   scripts/device_prebuild.sh --test     # and run the test suite here on what it built
+#
+# --test runs the whole test suite on this machine's CPU with that Python and torch, against a
+# copy of the checkout holding the new build (its CPU kernels are the ones the GPU machine will
+# load; the CUDA tests skip without a GPU). Test dependencies are installed into the environment
+# made here; a DEVICE_PYTHON must have them.
 #
 # Environment: DEVICE_PYTHON (an interpreter with the GPU machine's torch), DEVICE_PY_VERSION
-# (default 3.12), DEVICE_TORCH (default 2.11.0), DEVICE_VENV (where to make the environment),
-# TORCH_CUDA_ARCH_LIST (default 9.0), MAX_JOBS.
+# (default 3.12), DEVICE_TORCH (default 2.11.0), DEVICE_TORCHVISION (default 0.26.0, for
+# --test), DEVICE_VENV (where to make the environment), TORCH_CUDA_ARCH_LIST (default 9.0),
+# MAX_JOBS.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 DEST="$ROOT/.device-build"
 PYVER=${DEVICE_PY_VERSION:-3.12}
 TORCH_VERSION=${DEVICE_TORCH:-2.11.0}
+TORCHVISION_VERSION=${DEVICE_TORCHVISION:-0.26.0}
 ARCH=${TORCH_CUDA_ARCH_LIST:-9.0}
+TEST=0
+for arg in "$@"; do
+  case $arg in
+    --test) TEST=1 ;;
+    *) echo "usage: scripts/device_prebuild.sh [--test]" >&2; exit 2 ;;
+  esac
+done
 
 PY=${DEVICE_PYTHON:-}
 if [ -z "$PY" ]; then
@@ -40,6 +55,12 @@ if [ -z "$PY" ]; then
     "$VENV/bin/python" -m pip install -q "torch==$TORCH_VERSION" "setuptools>=77,<82" ninja
   fi
   PY="$VENV/bin/python"
+  if [ "$TEST" = 1 ] && ! "$PY" -c "import pytest, xdist, torchvision" > /dev/null 2>&1; then
+    # requirements.txt less its torch pins (this environment keeps its torch).
+    grep -v -E '^(torch|torchvision|setuptools)([=<> ]|$)' requirements.txt |
+      grep -v -E '^\s*(#|$)' |
+      xargs "$PY" -m pip install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION"
+  fi
 fi
 torch_version=$("$PY" -c 'import torch; print(torch.__version__)')
 ext_suffix=$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
@@ -77,3 +98,22 @@ cp "$work/fastnn/_build_info.py" "$DEST/"
 } > "$DEST/STAMP"
 cat "$DEST/STAMP"
 du -sh "$DEST"
+
+if [ "$TEST" = 1 ]; then
+  if ! git rev-parse --is-inside-work-tree > /dev/null 2>&1; then
+    echo "device_prebuild: --test takes the checkout's files from git; this is not a checkout" >&2
+    exit 1
+  fi
+  # The checkout's files (tracked, and untracked ones git does not ignore) with the new build in
+  # place of this machine's.
+  tree="$work/tree"
+  mkdir -p "$tree"
+  git ls-files -z --cached --others --exclude-standard | tar -c --null -T - | tar -x -C "$tree"
+  rm -f "$tree"/fastnn/*.so "$tree/fastnn/_build_info.py"
+  cp "$DEST"/_C*.so "$DEST/_build_info.py" "$tree/fastnn/"
+  workers=()
+  "$PY" -c "import xdist" > /dev/null 2>&1 && workers=(-n auto)
+  echo "device_prebuild: running the tests with $PY (torch $torch_version) on this build"
+  (cd "$tree" && PYTHONPATH="$tree" "$PY" -m pytest tests -q -rs -p no:cacheprovider \
+    ${workers[@]+"${workers[@]}"})
+fi

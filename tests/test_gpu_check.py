@@ -20,6 +20,14 @@ def test_gpu_check_script_parses():
     subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
 
 
+def test_device_prebuild_parses_and_refuses_unknown_arguments():
+    prebuild = ROOT / "scripts" / "device_prebuild.sh"
+    subprocess.run(["bash", "-n", str(prebuild)], check=True)
+    run = subprocess.run(["bash", str(prebuild), "--tset"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 2 and "usage" in run.stderr
+
+
 def test_op_check_passes_on_cpu_kernels(tmp_path):
     if not fastnn.ops.has_kernel("cpu"):
         pytest.skip("fastnn._C has no CPU kernels")
