@@ -47,7 +47,18 @@ def _steps(model, opt, x, n):
                 model(x)
 
 
-def test_no_memory_growth(kernel_only):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: the steps are of tiny tensors, and under pytest-xdist's workers, each
+    given two threads on a shared machine, their OpenMP teams waited on each other: the CPU case
+    took 209 s there and 47 s alone."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_no_memory_growth(kernel_only, one_thread):
     device = kernel_only
     torch.manual_seed(0)
     model = _Net().to(device)
