@@ -49,9 +49,9 @@ def _steps(model, opt, x, n):
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread: the steps are of tiny tensors, and under pytest-xdist's workers, each
-    given two threads on a shared machine, their OpenMP teams waited on each other: the CPU case
-    took 209 s there and 47 s alone."""
+    """One intra-op thread: the steps are of tiny tensors. With two threads beside another
+    process using two (as pytest-xdist's workers are on a 2-core machine) the CPU case took
+    186-209 s, with one 48 s."""
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
