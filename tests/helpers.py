@@ -1,4 +1,5 @@
 """Inputs, tolerances and the two oracles (PyTorch and fastnn.reference) shared by the tests."""
+import contextlib
 import math
 import random
 import warnings
@@ -22,6 +23,17 @@ DEVICES = [
 ]
 
 REDUCED = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op thread count set to n inside, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 # Input dtype and whether the parameters/running statistics have the input's own dtype (for
 # float16/bfloat16; otherwise they are float32).

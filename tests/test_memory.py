@@ -8,6 +8,7 @@ import torch
 
 import fastnn
 import fastnn.models
+from helpers import torch_threads
 
 ITERATIONS = 10_000
 
@@ -52,10 +53,8 @@ def one_thread():
     """One intra-op thread: the steps are of tiny tensors. With two threads beside another
     process using two (as pytest-xdist's workers are on a 2-core machine) the CPU case took
     186-209 s, with one 48 s."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):
+        yield
 
 
 def test_no_memory_growth(kernel_only, one_thread):

@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 
 tv = pytest.importorskip("torchvision.models")
 import torchvision  # noqa: E402  (present: torchvision.models imported)
-from helpers import DEVICES  # noqa: E402
+from helpers import DEVICES, torch_threads  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 REL64 = 1e-8  # float64 results agree to this, relative to the largest value of the tensor
@@ -34,10 +34,8 @@ REL64 = 1e-8  # float64 results agree to this, relative to the largest value of 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """Small float64 models run faster on one thread than on two shared ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import fastnn
 from fastnn import ops, reference
 from helpers import (DTYPE_CASES, LAYOUTS, assert_close, gradcheck, gradgradcheck,
-                     is_channels_last, make_input, make_params, param_dtype)
+                     is_channels_last, make_input, make_params, param_dtype, torch_threads)
 
 OPTIONS = {  # residual, relu
     "plain": (False, False),
@@ -490,10 +490,8 @@ def _check_mask(mask, out, what):
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def cpu_threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with torch_threads(request.param) as n:
+        yield n
 
 
 @pytest.mark.parametrize("local", ["0", "1"], ids=["whole", "local"])
