@@ -1,5 +1,6 @@
 """User-facing functions: `batch_norm` mirrors torch.nn.functional.batch_norm, plus the fused
 residual add and ReLU: out = relu(batch_norm(input) + residual)."""
+import sys
 from typing import List, Optional, Sequence
 
 import torch
@@ -8,7 +9,7 @@ from torch import Tensor
 from fastnn import ops, reference
 
 __all__ = ["batch_norm", "batch_norm_relu", "batch_norm_add_relu", "dual_batch_norm_add_relu",
-           "add_relu",
+           "add_relu", "onnx_exporting",
            "batch_norm_with_stats", "batch_norm_cat_with_stats",
            "batch_norm_stats",
            "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
@@ -84,7 +85,44 @@ def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 def use_kernel(input: Tensor) -> bool:
     """True when this call runs a compiled fastnn kernel rather than the reference."""
-    return ops.has_kernel(input.device.type) and input.dtype in _FLOAT_DTYPES
+    return (ops.has_kernel(input.device.type) and input.dtype in _FLOAT_DTYPES
+            and not onnx_exporting())
+
+
+# torch.compiler.is_exporting (torch 2.5 and newer) is True while torch.export traces, which is
+# how torch.onnx.export's default exporter traces; before it, is_compiling covers that case too.
+_is_exporting = getattr(torch.compiler, "is_exporting", torch.compiler.is_compiling)
+
+
+def onnx_exporting() -> bool:
+    """True while torch.onnx.export traces a model (either of its exporters). fastnn's ops then
+    take PyTorch's own batch norm, add and ReLU instead of fastnn's custom ops, which no ONNX
+    runtime has: the exported graph holds ONNX's BatchNormalization, Add and Relu operators, as
+    it does for torch's modules. Elsewhere (eager, torch.compile, torch.export itself) False."""
+    if not (torch.jit.is_tracing() or _is_exporting()):
+        return False
+    return _in_onnx_export()
+
+
+@torch.compiler.assume_constant_result
+def _in_onnx_export() -> bool:
+    # Not importing torch.onnx (slow, and only there once an export has started).
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and bool(onnx.is_in_onnx_export())
+
+
+def _torch_batch_norm(input: Tensor, running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], weight: Optional[Tensor],
+                      bias: Optional[Tensor], training: bool, momentum: float, eps: float,
+                      residual: Optional[Tensor], relu: bool) -> Tensor:
+    """relu(batch_norm(input) + residual) as PyTorch's ops, for an ONNX export (onnx_exporting):
+    the same operators, and so the same exported graph, as torch.nn.BatchNorm2d followed by the
+    add and the ReLU."""
+    out = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                         training, momentum, eps)
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
 
 
 def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor],
@@ -98,6 +136,9 @@ def batch_norm_unchecked(input: Tensor, running_mean: Optional[Tensor],
                                         eps, residual, relu)[0]
         return ops.batch_norm_eval(input, weight, bias, running_mean, running_var, eps, residual,
                                    relu)
+    if onnx_exporting():
+        return _torch_batch_norm(input, running_mean, running_var, weight, bias, training,
+                                 momentum, eps, residual, relu)
     if training:
         return reference.batch_norm_train(input, weight, bias, running_mean, running_var,
                                           momentum, eps, residual, relu)[0]
@@ -165,12 +206,13 @@ def dual_batch_norm_unchecked(input, weight, bias, running_mean, running_var, in
         return ops.batch_norm_dual(input, weight, bias, running_mean, running_var, input2,
                                    weight2, bias2, running_mean2, running_var2, training,
                                    momentum, eps, momentum2, eps2, relu)[0]
-    if not use_kernel(input):
+    if not use_kernel(input) and not onnx_exporting():
         return reference.batch_norm_dual(input, weight, bias, running_mean, running_var, input2,
                                          weight2, bias2, running_mean2, running_var2, training,
                                          momentum, eps, momentum2, eps2, relu)[0]
-    # Where the device has kernels but no fused dual one: the second batch norm, then the first
-    # with it as the residual (the second's output rounded to the input's dtype, as PyTorch's).
+    # Where the device has kernels but no fused dual one, and in an ONNX export: the second batch
+    # norm, then the first with it as the residual (the second's output rounded to the input's
+    # dtype, as PyTorch's).
     y2 = batch_norm_unchecked(input2, running_mean2, running_var2, weight2, bias2, training,
                               momentum2, eps2, None, False)
     return batch_norm_unchecked(input, running_mean, running_var, weight, bias, training,
