@@ -196,3 +196,23 @@ def test_onnx_exporting_only_inside_an_onnx_export(tmp_path):
     targets = {str(n.target) for n in graph.nodes if n.op == "call_function"}
     if fastnn.ops.has_kernel("cpu"):
         assert any(t.startswith("fastnn.") for t in targets), targets
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_export_of_a_cuda_model(exporter, tmp_path, no_tf32):
+    """A model on the GPU exports the same way: its ONNX graph, run by ONNX Runtime on the CPU,
+    gives what fastnn's CUDA kernels give, and the export leaves its state as it was."""
+    model = _randomized(fastnn.models.resnet18(num_classes=10)).cuda().eval()
+    x = torch.randn(2, 3, 32, 32, device="cuda")
+    with torch.no_grad():
+        expected = model(x)
+    state = copy.deepcopy(model.state_dict())
+    exported = _export(model, (x,), tmp_path / "cuda.onnx", exporter)
+    ops = _ops(exported)
+    assert all(domain == "ai.onnx" for domain, _ in ops), ops
+    (got,) = _run(exported, [x.cpu()])
+    torch.testing.assert_close(torch.from_numpy(got), expected.cpu(), rtol=1e-4, atol=1e-4)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
