@@ -438,6 +438,92 @@ def test_channel_local_passes_bitwise(cpu_kernel, monkeypatch, dtype, shape):
         _assert_same(local_b, whole_b, f"dual backward relu={relu}", True)
 
 
+# The CPU kernels write outputs from a size on (a quarter of the last-level cache) with
+# non-temporal stores, where every span starts on a cache line. FASTNN_CPU_STREAM=1 takes them
+# whatever the size, 0 never: the shapes here are small, with planes (16x16), channels-last rows
+# (64 channels) and rank-2 rows on cache lines, and 7x7 planes that are not (never streamed).
+_STREAM_SHAPES = [((4, 32, 16, 16), torch.contiguous_format), ((3, 64, 5, 5), torch.channels_last),
+                  ((40, 64), torch.contiguous_format), ((5, 24, 7, 7), torch.contiguous_format)]
+
+
+@pytest.mark.parametrize("local", ["0", "1"], ids=["whole", "local"])
+@pytest.mark.parametrize("case", range(len(_STREAM_SHAPES)),
+                         ids=lambda i: "x".join(map(str, _STREAM_SHAPES[i][0])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["f32", "f64", "bf16", "f16"])
+def test_streamed_outputs_bitwise(cpu_kernel, monkeypatch, dtype, case, local):
+    """Every op that writes an activation-sized output: bitwise the same outputs, statistics and
+    gradients written through the cache and around it."""
+    shape, fmt = _STREAM_SHAPES[case]
+    monkeypatch.setenv("FASTNN_CPU_CHANNEL_LOCAL", local)
+    torch.manual_seed(0)
+    C = shape[1]
+    x, r, z = (make_input(shape, dtype, "cpu", fmt) for _ in range(3))
+    g = make_input(shape, dtype, "cpu", fmt, shift=0.0, scale=1.0)
+    w, b, rm, rv = make_params(C, torch.float32 if dtype != torch.float64 else dtype, "cpu")
+    w2, b2, rm2, rv2 = make_params(C, w.dtype, "cpu")
+    fn = torch.ops.fastnn
+
+    def runs(run):
+        results = []
+        for setting in ("0", "1"):
+            monkeypatch.setenv("FASTNN_CPU_STREAM", setting)
+            results.append(run())
+        monkeypatch.delenv("FASTNN_CPU_STREAM")
+        return results
+
+    def check(run, what):
+        plain, streamed = runs(run)
+        _assert_same(streamed, plain, what, True)
+        return plain
+
+    for residual in (None, r):
+        for relu in (False, True):
+            what = f"residual={residual is not None} relu={relu}"
+
+            def train():
+                stats = [rm.clone(), rv.clone()]
+                return list(fn.batch_norm_train_masked(x, w, b, *stats, 0.1, 1e-5, residual,
+                                                       relu)) + stats
+
+            out, mean, invstd, mask = check(train, "train " + what)[:4]
+            check(lambda: [fn.batch_norm_eval(x, w, b, rm, rv, 1e-5, residual, relu)],
+                  "eval " + what)
+            for training in (True, False):
+                for residual_grad in (False, True):
+                    check(lambda: list(fn.batch_norm_backward(
+                        g, x, w, out if relu else None, mean, invstd, training, relu,
+                        residual_grad, mask if relu and training else None)),
+                          f"backward training={training} residual_grad={residual_grad} {what}")
+    for relu in (False, True):
+        def dual():
+            stats = [rm.clone(), rv.clone(), rm2.clone(), rv2.clone()]
+            return list(fn.batch_norm_dual(x, w, b, stats[0], stats[1], z, w2, b2, stats[2],
+                                           stats[3], True, 0.1, 1e-5, 0.2, 1e-3, relu)) + stats
+
+        out, mean, invstd, mean2, invstd2 = check(dual, f"dual relu={relu}")[:5]
+        check(lambda: list(fn.batch_norm_dual_backward(g, x, w, z, w2, out if relu else None,
+                                                       mean, invstd, mean2, invstd2, True,
+                                                       relu)), f"dual backward relu={relu}")
+    mean, var = fn.batch_norm_stats(x)
+    check(lambda: list(fn.batch_norm_train_with_stats(x, mean, var, w, b, rm.clone(), rv.clone(),
+                                                      0.1, 1e-5, r, True)), "with stats")
+    if len(shape) == 4:
+        half = C // 2
+        parts = [x[:, :half].contiguous(memory_format=fmt),
+                 x[:, half:].contiguous(memory_format=fmt)]
+        check(lambda: list(fn.batch_norm_cat_with_stats(parts, mean, var, w, b, rm.clone(),
+                                                        rv.clone(), 0.1, 1e-5, True)),
+              "cat with stats")
+    invstd = torch.rsqrt(var + 1e-5)
+    out = fn.batch_norm_eval(x, w, b, mean, var, 1e-5, None, True)
+    sum_dy, sum_dy_xhat, _ = check(lambda: list(fn.batch_norm_backward_reduce(
+        g, x, out, mean, invstd, True, True)), "backward reduce")
+    n = x.numel() // C
+    check(lambda: [fn.batch_norm_backward_elemt(g, x, w, out, mean, invstd, sum_dy / n,
+                                                sum_dy_xhat / n, True)], "backward elemt")
+
+
 # The CPU ReLU mask: the masked training forwards write a bit per output element, in the
 # output's memory order (element i: bit i % 8 of byte i // 8), set where the output is > 0 or
 # NaN, and 8 bytes of padding; the backward given it reads it in place of the output. None for

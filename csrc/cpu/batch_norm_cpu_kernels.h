@@ -1906,6 +1906,19 @@ int64_t level2_cache_bytes() {
 // The least output written with non-temporal stores (see use_stream).
 int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_bytes() / 4); }
 
+// FASTNN_CPU_STREAM in the environment (read at each call): 0, never write outputs with
+// non-temporal stores; 1, wherever the outputs' alignment allows, whatever their size (for tests,
+// and for timing one against the other); otherwise from stream_min_bytes().
+enum class StreamSetting { kNever, kAlways, kAuto };
+inline StreamSetting stream_setting() {
+  const char* v = std::getenv("FASTNN_CPU_STREAM");
+  if (v != nullptr && v[0] != '\0' && v[1] == '\0') {
+    if (v[0] == '0') return StreamSetting::kNever;
+    if (v[0] == '1') return StreamSetting::kAlways;
+  }
+  return StreamSetting::kAuto;
+}
+
 // Non-temporal stores pay off once the output, with the input read alongside it, would push the
 // data a following op reads out of the last-level cache; below that the output is better left in
 // the cache, where its lines often still are from the previous call. They are used only when
@@ -1914,9 +1927,12 @@ int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_b
 template <typename T>
 bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
+  const StreamSetting setting = stream_setting();
+  if (setting == StreamSetting::kNever) return false;
+  const int64_t least = setting == StreamSetting::kAlways ? 0 : stream_min_bytes();
   for (const Tensor* t : outs) {
     if (!t->defined() || t->numel() == 0) continue;
-    if (int64_t(t->nbytes()) < stream_min_bytes()) return false;
+    if (int64_t(t->nbytes()) < least) return false;
     if (reinterpret_cast<std::uintptr_t>(t->const_data_ptr()) % 64 != 0) return false;
   }
   if (p.blocks) return p.S % kLine == 0 && p.chunk % kLine == 0;
