@@ -73,7 +73,8 @@ class _Residual(torch.nn.Module):
 
 def _models():
     """name -> (builder(fused), input size): each model on fastnn's modules (fused=True) and on
-    torch's (fused=False), with the same state_dict keys."""
+    torch's (fused=False), with the same state_dict keys (convert: torchvision's ResNet-18 through
+    fastnn.convert, and as it is)."""
     def resnet18(fused):
         return fastnn.models.resnet18(num_classes=10, fused=fused)
 
@@ -81,8 +82,14 @@ def _models():
         return fastnn.models.densenet.DenseNet(growth_rate=8, block_config=(2, 2, 2, 2),
                                                num_init_features=16, num_classes=10, fused=fused)
 
+    def converted(fused):
+        torchvision = pytest.importorskip("torchvision")
+        model = torchvision.models.resnet18(num_classes=10)
+        return fastnn.convert(model) if fused else model
+
     return {
         "residual": (_Residual, (2, 8, 12, 12)),
+        "convert": (converted, (1, 3, 32, 32)),
         "lenet_bn": (lambda fused: textbook.lenet_bn(fused=fused), (2, 1, 28, 28)),
         "mini_googlenet": (lambda fused: textbook.mini_googlenet(fused=fused), (2, 1, 28, 28)),
         "resnet18": (resnet18, (1, 3, 32, 32)),
@@ -116,8 +123,11 @@ def test_export_matches_torch_layers_and_onnx_runtime(name, exporter, tmp_path):
     model = _randomized(build(True)).eval()
     plain = build(False).eval()
     plain.load_state_dict(model.state_dict())
-    assert any(type(m).__module__.startswith("fastnn.nn") for m in model.modules())
-    assert not any(type(m).__module__.startswith("fastnn.nn") for m in plain.modules())
+    def fastnn_norms(m):
+        return [n for n in m.modules() if isinstance(n, torch.nn.modules.batchnorm._BatchNorm)
+                and type(n).__module__.startswith("fastnn")]
+
+    assert fastnn_norms(model) and not fastnn_norms(plain)
     x = torch.randn(size)
     with torch.no_grad():
         expected = model(x)
