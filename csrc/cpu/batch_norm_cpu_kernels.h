@@ -1906,30 +1906,35 @@ int64_t level2_cache_bytes() {
 // The least output written with non-temporal stores (see use_stream).
 int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_bytes() / 4); }
 
-// FASTNN_CPU_STREAM in the environment (read at each call): 0, never write outputs with
-// non-temporal stores; 1, wherever the outputs' alignment allows, whatever their size (for tests,
-// and for timing one against the other); otherwise from stream_min_bytes().
-enum class StreamSetting { kNever, kAlways, kAuto };
-inline StreamSetting stream_setting() {
-  const char* v = std::getenv("FASTNN_CPU_STREAM");
+// A choice the environment can force, read at each call: "0" never, "1" always, anything else
+// (or nothing) the kernels' own rule.
+enum class Setting { kNever, kAlways, kAuto };
+inline Setting env_setting(const char* name) {
+  const char* v = std::getenv(name);
   if (v != nullptr && v[0] != '\0' && v[1] == '\0') {
-    if (v[0] == '0') return StreamSetting::kNever;
-    if (v[0] == '1') return StreamSetting::kAlways;
+    if (v[0] == '0') return Setting::kNever;
+    if (v[0] == '1') return Setting::kAlways;
   }
-  return StreamSetting::kAuto;
+  return Setting::kAuto;
 }
 
 // Non-temporal stores pay off once the output, with the input read alongside it, would push the
 // data a following op reads out of the last-level cache; below that the output is better left in
 // the cache, where its lines often still are from the previous call. They are used only when
 // every span a kernel writes starts on a cache line of each output: a partial line written
-// non-temporally costs a read-modify-write in memory (NCHW 14x14 planes are 784 bytes).
+// non-temporally costs a read-modify-write in memory (NCHW 14x14 planes are 784 bytes). A
+// non-temporal store to a line still in the cache evicts it first, so an output whose memory
+// was just written elsewhere (recycled) can take longer streamed: an inference of 18-49 MiB took
+// 0.75-0.8x or 1.2-1.6x the cached stores' time by that, a ResNet-50 step the same time within
+// its noise (benchmarks/results/cpu-stream-cached-output-2026-12-02).
+// FASTNN_CPU_STREAM: 0, never; 1, wherever the alignment allows, whatever the size (for tests,
+// and for timing one against the other).
 template <typename T>
 bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
-  const StreamSetting setting = stream_setting();
-  if (setting == StreamSetting::kNever) return false;
-  const int64_t least = setting == StreamSetting::kAlways ? 0 : stream_min_bytes();
+  const Setting setting = env_setting("FASTNN_CPU_STREAM");
+  if (setting == Setting::kNever) return false;
+  const int64_t least = setting == Setting::kAlways ? 0 : stream_min_bytes();
   for (const Tensor* t : outs) {
     if (!t->defined() || t->numel() == 0) continue;
     if (int64_t(t->nbytes()) < least) return false;
@@ -1948,18 +1953,9 @@ bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
 // brought into that cache (the forward moves 2Nb instead of 3Nb, the backward 3Nb instead of
 // 5Nb). Each chunk's partial result and each channel's merge order are the whole-tensor passes',
 // so the outputs are bitwise the same either way (and for any number of threads).
-// FASTNN_CPU_CHANNEL_LOCAL in the environment (read at each call): 0, never; 1, wherever a
-// channel fits (for tests and for timing them against the whole-tensor passes); otherwise where
-// they should be faster (see local_channels).
-enum class ChannelLocal { kNever, kAlways, kAuto };
-inline ChannelLocal channel_local_setting() {
-  const char* v = std::getenv("FASTNN_CPU_CHANNEL_LOCAL");
-  if (v != nullptr && v[0] != '\0' && v[1] == '\0') {
-    if (v[0] == '0') return ChannelLocal::kNever;
-    if (v[0] == '1') return ChannelLocal::kAlways;
-  }
-  return ChannelLocal::kAuto;
-}
+// FASTNN_CPU_CHANNEL_LOCAL (env_setting): 0, never; 1, wherever a channel fits (for tests and
+// for timing them against the whole-tensor passes); otherwise where they should be faster (see
+// local_channels).
 
 // Channels per group of a channel-local training pass that reads from memory `streams` tensors
 // of the input's size (those its first pass touches, and the forward's residual), or 0 where the
@@ -1973,13 +1969,13 @@ inline ChannelLocal channel_local_setting() {
 // 0.98-1.07x in float32.
 template <typename T>
 int64_t local_channels(const Plan& p, int64_t streams) {
-  const ChannelLocal setting = channel_local_setting();
-  if (!p.blocks || setting == ChannelLocal::kNever) return 0;
+  const Setting setting = env_setting("FASTNN_CPU_CHANNEL_LOCAL");
+  if (!p.blocks || setting == Setting::kNever) return 0;
   const int64_t per_channel = p.N * p.S * int64_t(sizeof(T)) * streams;
   const int64_t budget = level2_cache_bytes() / 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (per_channel > budget) return 0;
-  if (setting == ChannelLocal::kAuto &&
+  if (setting == Setting::kAuto &&
       (p.C < 2 * threads || per_channel * p.C <= budget * threads)) {
     return 0;
   }
