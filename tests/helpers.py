@@ -35,6 +35,23 @@ def torch_threads(n):
     finally:
         torch.set_num_threads(before)
 
+
+def randomize_batch_norms(model, seed=0):
+    """Non-trivial BN weights, biases and running statistics, so that a mix-up shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                if m.running_mean is not None:
+                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
 # Input dtype and whether the parameters/running statistics have the input's own dtype (for
 # float16/bfloat16; otherwise they are float32).
 DTYPE_CASES = [

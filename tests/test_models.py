@@ -25,7 +25,7 @@ with warnings.catch_warnings():
 
 tv = pytest.importorskip("torchvision.models")
 import torchvision  # noqa: E402  (present: torchvision.models imported)
-from helpers import DEVICES, torch_threads  # noqa: E402
+from helpers import DEVICES, randomize_batch_norms, torch_threads  # noqa: E402
 
 F64 = dict(rtol=1e-9, atol=1e-10)
 REL64 = 1e-8  # float64 results agree to this, relative to the largest value of the tensor
@@ -48,22 +48,6 @@ def no_random_init(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-def randomize_batch_norms(model, seed=0):
-    """Non-trivial BN weights, biases and running statistics, so that a mix-up shows."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                if m.weight is not None:
-                    m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(c, generator=g) * 0.2)
-                if m.running_mean is not None:
-                    m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
-
 
 def outputs_of(out):
     """A model's output as a list of tensors (GoogLeNet returns a named tuple in training)."""

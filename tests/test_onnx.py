@@ -13,6 +13,7 @@ import torch
 
 import fastnn
 from fastnn.models import textbook
+from helpers import randomize_batch_norms
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -100,27 +101,13 @@ def _models():
 MODELS = _models()
 
 
-def _randomized(model):
-    """Running statistics and affine parameters away from their initial values, so that a
-    missing or misplaced batch norm changes the outputs."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model
-
-
 @pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_export_matches_torch_layers_and_onnx_runtime(name, exporter, tmp_path):
     if not fastnn.ops.has_kernel("cpu"):
         pytest.skip("fastnn._C has no CPU kernels: the export would compare the reference")
     build, size = MODELS[name]
-    model = _randomized(build(True)).eval()
+    model = randomize_batch_norms(build(True)).eval()
     plain = build(False).eval()
     plain.load_state_dict(model.state_dict())
     def fastnn_norms(m):
@@ -155,7 +142,7 @@ def test_export_matches_torch_layers_and_onnx_runtime(name, exporter, tmp_path):
 def test_export_keeps_a_batch_norm_with_nothing_to_fold_into(exporter, tmp_path):
     """A batch norm on the model's input stays one: ONNX's BatchNormalization, with the
     module's running statistics, then the ReLU, in float32 to rounding."""
-    bn = _randomized(fastnn.nn.BatchNormReLU2d(6)).eval()
+    bn = randomize_batch_norms(fastnn.nn.BatchNormReLU2d(6)).eval()
     x = torch.randn(3, 6, 5, 5)
     exported = _export(bn, (x,), tmp_path / "bn.onnx", exporter)
     ops = _ops(exported)
@@ -169,7 +156,7 @@ def test_export_keeps_a_batch_norm_with_nothing_to_fold_into(exporter, tmp_path)
 def test_export_of_a_folded_model(exporter, tmp_path):
     """fuse_for_inference's copy (batch norms folded into the convolutions, the residual add
     and ReLU fastnn's add_relu) exports to what its eval model computes."""
-    model = _randomized(fastnn.models.resnet18(num_classes=10)).eval()
+    model = randomize_batch_norms(fastnn.models.resnet18(num_classes=10)).eval()
     folded = fastnn.fuse_for_inference(model)
     x = torch.randn(1, 3, 32, 32)
     exported = _export(folded, (x,), tmp_path / "folded.onnx", exporter)
@@ -214,7 +201,7 @@ def test_onnx_exporting_only_inside_an_onnx_export(tmp_path):
 def test_export_of_a_cuda_model(exporter, tmp_path, no_tf32):
     """A model on the GPU exports the same way: its ONNX graph, run by ONNX Runtime on the CPU,
     gives what fastnn's CUDA kernels give, and the export leaves its state as it was."""
-    model = _randomized(fastnn.models.resnet18(num_classes=10)).cuda().eval()
+    model = randomize_batch_norms(fastnn.models.resnet18(num_classes=10)).cuda().eval()
     x = torch.randn(2, 3, 32, 32, device="cuda")
     with torch.no_grad():
         expected = model(x)
