@@ -105,6 +105,7 @@ constexpr int64_t kSpanElements = 1024;         // rows layout: element-wise spa
 constexpr int64_t kGroupMultiple = 4;           // rows layout: groups of rows, when several
 constexpr int64_t kMinParallelElements = 32 * 1024;
 constexpr int64_t kStreamMinBytes = 4 * 1024 * 1024;  // the least output that bypasses the cache
+constexpr int64_t kPageBytes = 4096;  // hardware prefetchers do not cross a page
 
 inline int64_t divup(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -1958,20 +1959,30 @@ bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
 // local_channels).
 
 // Channels per group of a channel-local training pass that reads from memory `streams` tensors
-// of the input's size (those its first pass touches, and the forward's residual), or 0 where the
-// whole-tensor passes are used: not the blocks layout, a channel larger than half the level-2
-// cache, fewer than two channels per thread, or tensors whose share of each thread fits in that
-// half (the whole-tensor passes then find them there, and read memory in longer runs). Groups
-// hold at most that half; there are at least eight per thread where the channels allow, and a
-// multiple of the threads (at::parallel_for hands each thread an equal run of groups). Counted
-// with x alone, the BN+add+ReLU forward of 1-2 MB inputs had kept the whole-tensor passes: on
-// 2 cores with 2 MB of L2 each, 1.10-1.26x the channel-local time in bfloat16 (32x512x7x7 1.22x),
-// 0.98-1.07x in float32.
+// of the input's size (those its first pass touches, and the forward's residual) and writes
+// `outputs` more through the cache in its second pass (0 where they are streamed), or 0 where
+// the whole-tensor passes are used: not the blocks layout, a channel larger than half the
+// level-2 cache, fewer than two channels per thread, or tensors whose share of each thread fits
+// in that half (the whole-tensor passes then find them there, and read memory in longer runs).
+// Counted with x alone, the BN+add+ReLU forward of 1-2 MB inputs had kept the whole-tensor
+// passes: on 2 cores with 2 MB of L2 each, 1.10-1.26x the channel-local time in bfloat16
+// (32x512x7x7 1.22x), 0.98-1.07x in float32.
+//
+// A group's tensors (read and written) fill about an eighth of the level-2 cache, and at least
+// a page of each image's run of its planes (the hardware prefetchers stop at page boundaries),
+// within half that cache for what the first pass reads. Groups that filled half of it had the
+// second pass find less of them there: on 2 MB of L2, the training forward of 32x256x28x28
+// float32 took 1.25x the time in groups of five channels (1 MB of x) as in single channels
+// (100 KB of x, 200 KB with y), 32x512x14x14 1.33x, the backward of 32x256x28x28 (g and x)
+// 1.18x; groups of 200-400 KB in all were the fastest in both. There are at least eight groups
+// per thread where the channels allow, and a multiple of the threads (at::parallel_for hands
+// each thread an equal run of groups).
 template <typename T>
-int64_t local_channels(const Plan& p, int64_t streams) {
+int64_t local_channels(const Plan& p, int64_t streams, int64_t outputs) {
   const Setting setting = env_setting("FASTNN_CPU_CHANNEL_LOCAL");
   if (!p.blocks || setting == Setting::kNever) return 0;
-  const int64_t per_channel = p.N * p.S * int64_t(sizeof(T)) * streams;
+  const int64_t plane = p.S * int64_t(sizeof(T));
+  const int64_t per_channel = p.N * plane * streams;
   const int64_t budget = level2_cache_bytes() / 2;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (per_channel > budget) return 0;
@@ -1979,7 +1990,11 @@ int64_t local_channels(const Plan& p, int64_t streams) {
       (p.C < 2 * threads || per_channel * p.C <= budget * threads)) {
     return 0;
   }
-  const int64_t fewest = divup(p.C, budget / per_channel);
+  const int64_t touched = p.N * plane * (streams + outputs);
+  const int64_t G = std::min(
+      budget / per_channel,
+      std::max({int64_t(1), level2_cache_bytes() / 8 / touched, divup(kPageBytes, plane)}));
+  const int64_t fewest = divup(p.C, G);
   const int64_t groups = std::min(p.C, divup(std::max(fewest, 8 * threads), threads) * threads);
   return divup(p.C, groups);
 }
@@ -2282,13 +2297,15 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     const std::vector<A> w = channel_values<A>(weight, C, A(1));
     const std::vector<A> b = channel_values<A>(bias, C, A(0));
     const Plan lp = blocks_plan<scalar_t>(shape);
-    const int64_t G =
-        given_mean == nullptr ? local_channels<scalar_t>(lp, res.defined() ? 2 : 1) : 0;
+    const bool stream = use_stream<scalar_t>(lp, {&out});
+    const int64_t G = given_mean == nullptr
+                          ? local_channels<scalar_t>(lp, res.defined() ? 2 : 1, stream ? 0 : 1)
+                          : 0;
     if (G > 0) {
       const scalar_t* rp = res.defined() ? res.const_data_ptr<scalar_t>() : nullptr;
       FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
         FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-          FASTNN_BOOL_SWITCH(use_stream<scalar_t>(lp, {&out}), kStream, [&] {
+          FASTNN_BOOL_SWITCH(stream, kStream, [&] {
             with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
               train_forward_local<1, kResidual, kRelu, kStream, scalar_t>(
                   lp, G, {x.const_data_ptr<scalar_t>()}, rp, out.mutable_data_ptr<scalar_t>(),
@@ -2656,8 +2673,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_backward_cpu(
     // The channel-local passes' first pass touches g, x, the output (relu, unless its ReLU
     // mask is read: 1/16 of a bfloat16 output's bytes, left out) and grad_residual.
     const int64_t G =
-        training ? local_channels<T>(p, 2 + int64_t(relu && bits == nullptr) +
-                                            int64_t(residual_grad))
+        training ? local_channels<T>(p,
+                                     2 + int64_t(relu && bits == nullptr) + int64_t(residual_grad),
+                                     stream ? 0 : 1)
                  : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
@@ -2743,10 +2761,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
     const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
     const Plan lp = blocks_plan<T>(shape);
-    const int64_t G = training && input.numel() > 0 ? local_channels<T>(lp, 2) : 0;
+    const bool stream = use_stream<T>(lp, {&out});
+    const int64_t G =
+        training && input.numel() > 0 ? local_channels<T>(lp, 2, stream ? 0 : 1) : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-        FASTNN_BOOL_SWITCH(use_stream<T>(lp, {&out}), kStream, [&] {
+        FASTNN_BOOL_SWITCH(stream, kStream, [&] {
           with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
             train_forward_local<2, true, kRelu, kStream, T>(
                 lp, G, {x.const_data_ptr<T>(), z.const_data_ptr<T>()}, nullptr,
@@ -2919,7 +2939,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_dual_backw
     // The channel-local passes' first pass touches g, x, z and the output (relu, unless its
     // ReLU mask is read).
     const int64_t G =
-        training ? local_channels<T>(p, 3 + int64_t(relu && bits == nullptr)) : 0;
+        training ? local_channels<T>(p, 3 + int64_t(relu && bits == nullptr), stream ? 0 : 2)
+                 : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kMask, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
