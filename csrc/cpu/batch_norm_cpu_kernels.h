@@ -1972,9 +1972,10 @@ bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
 // a page of each image's run of its planes (the hardware prefetchers stop at page boundaries),
 // within half that cache for what the first pass reads. Groups that filled half of it had the
 // second pass find less of them there: on 2 MB of L2, the training forward of 32x256x28x28
-// float32 took 1.25x the time in groups of five channels (1 MB of x) as in single channels
-// (100 KB of x, 200 KB with y), 32x512x14x14 1.33x, the backward of 32x256x28x28 (g and x)
-// 1.18x; groups of 200-400 KB in all were the fastest in both. There are at least eight groups
+// float32 took 1.25x the time in groups of ten channels (1 MB of x) as in single channels
+// (100 KB of x, 200 KB with y), of 32x512x14x14 1.33x in groups of 32 channels as in groups of
+// four, the backward of 32x256x28x28 1.19x in groups of five (g and x) as in single channels;
+// groups of 200-400 KB in all were the fastest in both. There are at least eight groups
 // per thread where the channels allow, and a multiple of the threads (at::parallel_for hands
 // each thread an equal run of groups).
 template <typename T>
