@@ -901,14 +901,17 @@ def _build_fastnn_model(name: str, base: torch.nn.Module, device: torch.device,
 
 
 def run_models(names: Sequence[str], device: torch.device, batch: int, image_size: int,
-               use_compile: bool, policy: Policy, progress: bool = True) -> List[dict]:
-    """Images/s of a training step (forward, cross-entropy, backward, SGD step) and of inference,
-    side by side, for torchvision's model ("torchvision"), the same model with its BN modules
-    swapped for fastnn's ("fastnn"), converted with BN+ReLU and BN+add+ReLU fused ("fastnn
-    fused", fastnn.convert) and fastnn.models' own build ("fastnn.models", with the two-BN
-    shortcut and DenseNet's shared statistics), all with the same weights; with use_compile
-    also torch.compile of torchvision's and of fastnn.models'. On CUDA: channels_last and
-    bfloat16 autocast; on CPU: float32, NCHW."""
+               use_compile: bool, policy: Policy, progress: bool = True,
+               infer_batch: Optional[int] = None) -> List[dict]:
+    """Images/s of a training step (forward, cross-entropy, backward, SGD step) at `batch` and
+    of inference at `infer_batch` (default: `batch`), side by side, for torchvision's model
+    ("torchvision"), the same model with its BN modules swapped for fastnn's ("fastnn"),
+    converted with BN+ReLU and BN+add+ReLU fused ("fastnn fused", fastnn.convert) and
+    fastnn.models' own build ("fastnn.models", with the two-BN shortcut and DenseNet's shared
+    statistics), all with the same weights; with use_compile also torch.compile of
+    torchvision's and of fastnn.models'. On CUDA: channels_last and bfloat16 autocast; on CPU:
+    float32, NCHW. Each (model, mode) is printed as it finishes, so a run cut short still
+    reports what it timed."""
     from tqdm import tqdm
     cuda = device.type == "cuda"
     try:
@@ -923,10 +926,12 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     bar = tqdm(total=len(names) * 2, desc="models", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
     gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(batch, 3, image_size, image_size, device=device, generator=gen)
-    y = torch.randint(0, 1000, (batch,), device=device, generator=gen)
     fmt = torch.channels_last if cuda else torch.contiguous_format
-    x = x.contiguous(memory_format=fmt)
+    batches = {"train": batch, "infer": infer_batch or batch}
+    inputs = {mode: torch.randn(n, 3, image_size, image_size, device=device, generator=gen
+                                ).contiguous(memory_format=fmt)
+              for mode, n in batches.items()}
+    y = torch.randint(0, 1000, (batch,), device=device, generator=gen)
     if cuda:
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -937,6 +942,7 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
             base = _build_model(name, device).to(memory_format=fmt)
             for mode in ("train", "infer"):
                 bar.set_postfix_str(f"{name} {mode}")
+                x = inputs[mode]
                 steps, peaks, failed = {}, {}, {}
                 for variant in variants:
                     try:
@@ -956,14 +962,14 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                     if mode == "train":
                         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
-                        def step(i, forward=forward, opt=opt):
+                        def step(i, forward=forward, opt=opt, x=x):
                             with autocast():
                                 loss = F.cross_entropy(forward(x), y)
                             opt.zero_grad(set_to_none=True)
                             loss.backward()
                             opt.step()
                     else:
-                        def step(i, forward=forward):
+                        def step(i, forward=forward, x=x):
                             with torch.inference_mode(), autocast():
                                 forward(x)
                     steps[variant] = step
@@ -986,18 +992,20 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                 for variant, st in timed.items():
                     st = dict(st)
                     if "median_ms" in st:
-                        st["images_per_s"] = batch / (st["median_ms"] * 1e-3)
+                        st["images_per_s"] = batches[mode] / (st["median_ms"] * 1e-3)
                         st["peak_mib"] = peaks.get(variant)
                     out[variant] = st
                 sp = None
                 fast, tv = out.get("fastnn", {}), out.get("torchvision", {})
                 if "median_ms" in fast and "median_ms" in tv:
                     sp = tv["median_ms"] / fast["median_ms"]
-                records.append({"model": name, "mode": mode, "batch": batch,
+                records.append({"model": name, "mode": mode, "batch": batches[mode],
                                 "image_size": image_size,
                                 "precision": ("bf16 autocast, channels_last" if cuda
                                               else "fp32, NCHW"),
                                 "variants": out, "speedup": sp})
+                tqdm.write(model_line(records[-1]), file=sys.stdout)
+                sys.stdout.flush()
                 del steps
                 bar.update(1)
             del base
@@ -1184,6 +1192,24 @@ def aggregate_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
                                f"{g:.2f}x ({min(vals):.2f}-{max(vals):.2f})")
                 rows.append(row)
     return header, rows
+
+
+def model_line(m: dict) -> str:
+    """One line for a (model, mode) record: each variant's images/s and ratio to torchvision's,
+    and its step memory where measured."""
+    base = m["variants"].get("torchvision", {}).get("median_ms")
+    parts = []
+    for v, st in m["variants"].items():
+        if "median_ms" not in st:
+            parts.append(f"{v} {'error' if 'error' in st else '-'}")
+            continue
+        cell = f"{v} {st['images_per_s']:.0f} img/s"
+        if base and v != "torchvision":
+            cell += f" ({base / st['median_ms']:.2f}x)"
+        if st.get("peak_mib") is not None:
+            cell += f" {st['peak_mib']:.0f} MiB"
+        parts.append(cell)
+    return f"{m['model']} {m['mode']} {m['batch']}x{m['image_size']}²: " + "; ".join(parts)
 
 
 def model_rows(run: dict) -> Tuple[List[str], List[List[str]]]:
@@ -1729,7 +1755,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fastnn's BN modules swapped in, fastnn.convert()ed, and fastnn.models' "
                         "own build")
     p.add_argument("--model-batch", type=int, default=None,
-                   help="batch for --models (default 64 on CUDA, 8 on CPU)")
+                   help="training batch for --models (default 128 on CUDA, 8 on CPU)")
+    p.add_argument("--model-infer-batch", type=int, default=None,
+                   help="inference batch for --models (default 256 on CUDA, the training "
+                        "batch on CPU)")
     p.add_argument("--model-image-size", type=int, default=None,
                    help="image size for --models (default 224 on CUDA, 64 on CPU)")
     p.add_argument("--model-compile", action="store_true",
@@ -1865,10 +1894,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                          min_reps_other=low)
         if args.reps:
             mpolicy.min_reps = mpolicy.max_reps = mpolicy.min_reps_other = args.reps
-        run["models"] = run_models(names, device, args.model_batch or (64 if cuda else 8),
+        model_batch = args.model_batch or (128 if cuda else 8)
+        run["models"] = run_models(names, device, model_batch,
                                    args.model_image_size or (224 if cuda else 64),
                                    use_compile=args.model_compile, policy=mpolicy,
-                                   progress=progress)
+                                   progress=progress,
+                                   infer_batch=args.model_infer_batch or (
+                                       256 if cuda else model_batch))
         run["settings"]["models"] = names
     run["run_time_s"] = time.perf_counter() - started
     run["load_average_end"] = _load_average()

@@ -5,7 +5,7 @@
 # $OUT/summary.txt. A step that would start with too little of the budget left is skipped and
 # says so; run it again by name.
 #
-#   scripts/gpu_check.sh                 # env build smoke targets kernels onchip sanitize test bench
+#   scripts/gpu_check.sh                 # env build smoke targets kernels onchip models sanitize test bench
 #   scripts/gpu_check.sh sanitize bench  # only these steps (any of the names below)
 #
 # Steps, most telling first: env, build (loads the fastnn._C that scripts/device_prebuild.sh left
@@ -16,7 +16,10 @@
 # and nn.BatchNorm2d's, on the channels-last cases at 64 channels and their NCHW and 256-channel
 # neighbours), onchip (the on-chip training forward and backward, FASTNN_CUDA_ONCHIP=1: the op
 # check, memcheck and racecheck of them, targets and kernels again, to set against the
-# three-kernel paths'),
+# three-kernel paths'), models (fastnn-bench --models, one run per model: training steps at
+# batch 128 and inference at batch 256, channels_last, bfloat16 autocast: torchvision's model
+# against fastnn's swapped in, converted and fastnn.models' own build, with each one's step memory;
+# MODELS_ARGS=--model-compile adds torch.compile of torchvision's and fastnn.models'),
 # sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
 # initcheck, synccheck), test (the pytest cases marked cuda; TEST_MARK= runs the whole suite),
 # bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
@@ -29,13 +32,14 @@
 # Environment: OUT (default ./gpu-out), GPU_CHECK_BUDGET (seconds for the whole run, default 540),
 # GPU_CHECK_BUNDLE (a .tgz path: all of OUT in one archive, kept current during the run),
 # BENCH_ARGS (default "--quick"; empty runs the full set), KERNELS_ARGS (kernel_times.py's
-# arguments), PYTEST_ARGS (extra pytest arguments),
+# arguments), MODELS (default "resnet50 densenet121 googlenet"), MODELS_ARGS (more fastnn-bench
+# arguments for them), PYTEST_ARGS (extra pytest arguments),
 # TEST_MARK (default "cuda"), SANITIZE_TOOLS (default "memcheck racecheck"), SANITIZE_KERNELS
 # (the kernels memcheck and racecheck instrument, by name substring; default "bn_", fastnn's;
 # empty: all, PyTorch's too, many times slower; initcheck always instruments all), MAX_JOBS (build
 # parallelism), and <STEP>_TIMEOUT in seconds, each capped by what is left of the budget
-# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, KERNELS_TIMEOUT, TEST_TIMEOUT, SANITIZE_TIMEOUT,
-# BENCH_TIMEOUT, PROFILE_TIMEOUT).
+# (BUILD_TIMEOUT, SMOKE_TIMEOUT, TARGETS_TIMEOUT, KERNELS_TIMEOUT, MODELS_TIMEOUT (per model),
+# TEST_TIMEOUT, SANITIZE_TIMEOUT, BENCH_TIMEOUT, PROFILE_TIMEOUT).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -56,12 +60,15 @@ BUILD_TIMEOUT=${BUILD_TIMEOUT:-300}
 SMOKE_TIMEOUT=${SMOKE_TIMEOUT:-150}
 TARGETS_TIMEOUT=${TARGETS_TIMEOUT:-90}
 KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-90}
+MODELS_TIMEOUT=${MODELS_TIMEOUT:-90}   # per model
 TEST_TIMEOUT=${TEST_TIMEOUT:-240}
 SANITIZE_TIMEOUT=${SANITIZE_TIMEOUT:-90}   # per sanitizer tool
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-240}
 BENCH_ARGS=${BENCH_ARGS---quick}
 KERNELS_ARGS=${KERNELS_ARGS:-}
+MODELS=${MODELS:-resnet50 densenet121 googlenet}
+MODELS_ARGS=${MODELS_ARGS:-}
 PYTEST_ARGS=${PYTEST_ARGS:-}
 TEST_MARK=${TEST_MARK-cuda}
 SANITIZE_TOOLS=${SANITIZE_TOOLS:-memcheck racecheck}
@@ -70,7 +77,7 @@ SANITIZE_KERNELS=${SANITIZE_KERNELS-bn_}
 if [ "$#" -gt 0 ]; then
   STEPS=("$@")
 else
-  STEPS=(env build smoke targets kernels onchip sanitize test bench)
+  STEPS=(env build smoke targets kernels onchip models sanitize test bench)
 fi
 
 {
@@ -761,6 +768,19 @@ step_onchip() {
   unset FASTNN_CUDA_ONCHIP
 }
 
+# One fastnn-bench per model, so that one model's time limit or failure leaves the others' numbers;
+# each (model, mode) line goes to the summary as it is in the log.
+step_models() {
+  local name
+  for name in $MODELS; do
+    # shellcheck disable=SC2086
+    run_bench "models_$name" "$MODELS_TIMEOUT" --models "$name" --no-ops --no-progress \
+      --out "$OUT/models_$name" $MODELS_ARGS
+    grep -E "^$name (train|infer) " "$OUT/models_$name.log" 2> /dev/null | sed 's/^/  /' \
+      >> "$SUMMARY" || true
+  done
+}
+
 step_bench() {
   # shellcheck disable=SC2086
   run_bench bench "$BENCH_TIMEOUT" $BENCH_ARGS --out "$OUT/bench"
@@ -821,11 +841,12 @@ for step in "${STEPS[@]}"; do
     targets) step_targets ;;
     kernels) step_kernels ;;
     onchip) step_onchip ;;
+    models) step_models ;;
     sanitize) step_sanitize ;;
     test) step_test ;;
     bench) step_bench ;;
     profile) step_profile ;;
-    *) note "$step" "unknown step (env build smoke targets kernels onchip sanitize test bench profile)"
+    *) note "$step" "unknown step (env build smoke targets kernels onchip models sanitize test bench profile)"
        FAILED=1 ;;
   esac
 done

@@ -115,6 +115,32 @@ def test_targets_times_the_cpu_goals_cases(tmp_path, capsys):
         assert "## The goals' own cases (--targets)" in f.read()
 
 
+def test_models_time_training_and_inference_at_their_own_batches(tmp_path, capsys):
+    """--models: every variant of a (small-image) ResNet-50 runs a training step and inference,
+    the training step at --model-batch and inference at --model-infer-batch; each (model, mode)
+    is printed as it finishes and the run's files hold the same records."""
+    pytest.importorskip("torchvision")
+    assert bench.main(["--device", "cpu", "--no-ops", "--models", "resnet50", "--model-batch",
+                       "2", "--model-infer-batch", "3", "--model-image-size", "32", "--reps",
+                       "1", "--no-progress", "--out", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    with open(tmp_path / "bench.json") as f:
+        run = json.load(f)
+    assert [(m["model"], m["mode"], m["batch"]) for m in run["models"]] == [
+        ("resnet50", "train", 2), ("resnet50", "infer", 3)]
+    for m in run["models"]:
+        assert set(m["variants"]) == {"torchvision", "fastnn", "fastnn fused", "fastnn.models"}
+        for v, st in m["variants"].items():
+            assert st["median_ms"] > 0, (m["mode"], v, st)
+            assert math.isclose(st["images_per_s"], m["batch"] / (st["median_ms"] * 1e-3))
+        assert m["speedup"] == pytest.approx(m["variants"]["torchvision"]["median_ms"]
+                                             / m["variants"]["fastnn"]["median_ms"])
+    assert "resnet50 train 2x32²: torchvision " in text
+    assert "resnet50 infer 3x32²: torchvision " in text
+    with open(tmp_path / "bench.md") as f:
+        assert "3x32²" in f.read()
+
+
 def test_backend_line_says_whether_the_relu_mask_is_on(monkeypatch):
     """CUDA runs name the ReLU-mask setting (it changes what the ReLU cases move and keep)."""
     env = {"fastnn_backend": "compiled", "device_type": "cuda", "fastnn_relu_mask": True}

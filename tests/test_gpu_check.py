@@ -91,6 +91,30 @@ def test_kernels_step_lists_both_implementations(tmp_path):
     assert "fastnn::batch_norm_train" in report and "aten::native_batch_norm" in report
 
 
+def test_models_step_runs_each_model_on_its_own(tmp_path):
+    """The `models` step: one fastnn-bench --models per model, each line of its (model, mode)
+    results copied into the summary, and a model that fails leaves the others' numbers."""
+    pytest.importorskip("torchvision")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine the step times the full-size models (gpu_check.sh runs it)")
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable,
+           "MODELS": "googlenet nosuchnet resnet50",
+           "MODELS_ARGS": "--model-batch 2 --model-image-size 32 --reps 1"}
+    run = subprocess.run(["bash", str(SCRIPT), "models"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert run.returncode == 1, summary + run.stdout[-3000:] + run.stderr[-3000:]
+    lines = summary.splitlines()
+    for name in ("googlenet", "resnet50"):
+        assert any(line.startswith(f"models_{name} ") and "PASS" in line for line in lines)
+        for mode in ("train", "infer"):
+            assert sum(line.startswith(f"  {name} {mode} 2x32²: torchvision ") for line in lines) == 1
+        assert (tmp_path / f"models_{name}" / "bench.json").exists()
+    assert any(line.startswith("models_nosuchnet ") and "FAIL" in line for line in lines)
+    assert "unknown model 'nosuchnet'" in (tmp_path / "models_nosuchnet.log").read_text()
+
+
 # The build step's use of a fastnn._C compiled elsewhere (scripts/device_prebuild.sh): only the
 # functions, run in a copy of the sources with this machine's build standing in for it.
 def _tree(tmp_path):
