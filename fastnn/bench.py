@@ -908,8 +908,9 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     ("torchvision"), the same model with its BN modules swapped for fastnn's ("fastnn"),
     converted with BN+ReLU and BN+add+ReLU fused ("fastnn fused", fastnn.convert) and
     fastnn.models' own build ("fastnn.models", with the two-BN shortcut and DenseNet's shared
-    statistics), all with the same weights; with use_compile also torch.compile of
-    torchvision's and of fastnn.models'. On CUDA: channels_last and bfloat16 autocast; on CPU:
+    statistics), all with the same weights, and for inference that build with its batch norms
+    folded into the convolutions ("fastnn.models folded", fastnn.fuse_for_inference); with
+    use_compile also torch.compile of torchvision's and of the last fastnn variant. On CUDA: channels_last and bfloat16 autocast; on CPU:
     float32, NCHW. Each (model, mode) is printed as it finishes, so a run cut short still
     reports what it timed."""
     from tqdm import tqdm
@@ -918,10 +919,17 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
         convert = importlib.import_module("fastnn.convert").convert
     except Exception:  # no fastnn.convert in this version: no fused variant
         convert = None
-    variants = (["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
-                + ["fastnn.models"])
-    if use_compile:
-        variants += ["torchvision+compile", variants[-1] + "+compile"]
+    fold = getattr(importlib.import_module("fastnn"), "fuse_for_inference", None)
+
+    def variants_of(mode):
+        variants = (["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
+                    + ["fastnn.models"])
+        if mode == "infer" and fold is not None:
+            variants.append("fastnn.models folded")
+        if use_compile:
+            variants += ["torchvision+compile", variants[-1] + "+compile"]
+        return variants
+
     records = []
     bar = tqdm(total=len(names) * 2, desc="models", unit="run", file=sys.stderr,
                disable=not progress, dynamic_ncols=True, leave=False)
@@ -944,12 +952,14 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                 bar.set_postfix_str(f"{name} {mode}")
                 x = inputs[mode]
                 steps, peaks, failed = {}, {}, {}
-                for variant in variants:
+                for variant in variants_of(mode):
                     try:
                         if variant.startswith("fastnn fused"):
                             model = convert(base)
                         elif variant.startswith("fastnn.models"):
                             model = _build_fastnn_model(name, base, device, fmt)
+                            if variant.startswith("fastnn.models folded"):
+                                model = fold(model).to(memory_format=fmt)
                         else:
                             model = copy.deepcopy(base)
                             if variant.startswith("fastnn"):
