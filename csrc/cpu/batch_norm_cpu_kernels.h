@@ -2032,13 +2032,22 @@ C10_ALWAYS_INLINE void prefetch_next_image(const Plan& p, const T* t, int64_t n)
   prefetch_run(t, p.C * p.S, n);
 }
 
-// A [C] per-channel tensor as accumulation-type values, or `fill` when absent.
+// A [C] per-channel tensor as accumulation-type values, or `fill` when absent. Read in place,
+// any stride, each value converted as Tensor::to converts it: no ATen call, whose cost (a
+// dispatch, and for another dtype an allocation and a copy) is a fair part of a small call's
+// when the convolution before it has evicted the dispatcher's code and data from the cache.
 template <typename A>
 std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill) {
   if (!defined(t)) return std::vector<A>(C, fill);
-  const Tensor v = t->to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const A* p = v.const_data_ptr<A>();
-  return std::vector<A>(p, p + C);
+  TORCH_INTERNAL_ASSERT(t->dim() == 1 && t->size(0) == C);
+  std::vector<A> v(C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t->scalar_type(),
+                                  "fastnn channel values (CPU)", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t stride = t->stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<A>(p[c * stride]);
+  });
+  return v;
 }
 
 template <typename T, bool kRelu, typename W = NoMaskOut>
