@@ -85,8 +85,18 @@ def check_args(input: Tensor, running_mean: Optional[Tensor], running_var: Optio
 
 def use_kernel(input: Tensor) -> bool:
     """True when this call runs a compiled fastnn kernel rather than the reference."""
-    return (ops.has_kernel(input.device.type) and input.dtype in _FLOAT_DTYPES
-            and not onnx_exporting())
+    # is_cuda and is_cpu, not input.device.type: making the torch.device took longer than the
+    # rest of this check, a sizeable part of a small batch norm's call in a CPU model, where
+    # the convolution before it has evicted the interpreter's objects from the cache.
+    if input.dtype not in _FLOAT_DTYPES:
+        return False
+    if input.is_cuda:
+        device = "cuda"
+    elif input.is_cpu:
+        device = "cpu"
+    else:
+        return False
+    return ops.has_kernel(device) and not onnx_exporting()
 
 
 # torch.compiler.is_exporting (torch 2.5 and newer) is True while torch.export traces, which is
