@@ -7,7 +7,9 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from fastnn import functional as F, ops
+from fastnn import functional as F
+
+_fastnn_ops = torch.ops.fastnn
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormReLU2d", "BatchNormAddReLU2d",
            "dual_bn_add_relu"]
@@ -143,12 +145,14 @@ class _FastBatchNorm:
         weight = params["weight"] if "weight" in params else self.weight
         bias = params["bias"] if "bias" in params else self.bias
         try:
+            # The ops themselves, not fastnn.ops' wrappers: a Python call less per batch norm.
             if bn_training:
-                out = ops.batch_norm_train(input, weight, bias, running_mean, running_var, factor,
-                                           self.eps, residual, relu)[0]
+                out = _fastnn_ops.batch_norm_train.default(
+                    input, weight, bias, running_mean, running_var, factor, self.eps, residual,
+                    relu)[0]
             else:
-                out = ops.batch_norm_eval(input, weight, bias, running_mean, running_var,
-                                          self.eps, residual, relu)
+                out = _fastnn_ops.batch_norm_eval.default(
+                    input, weight, bias, running_mean, running_var, self.eps, residual, relu)
         except Exception as error:  # noqa: BLE001 (re-raised below)
             failure = error
         else:
