@@ -18,8 +18,9 @@
 # check, memcheck and racecheck of them, targets and kernels again, to set against the
 # three-kernel paths'), models (fastnn-bench --models, one run per model: training steps at
 # batch 128 and inference at batch 256, channels_last, bfloat16 autocast: torchvision's model
-# against fastnn's swapped in, converted and fastnn.models' own build, with each one's step memory;
-# MODELS_ARGS=--model-compile adds torch.compile of torchvision's and fastnn.models'),
+# against fastnn's swapped in, converted and fastnn.models' own build (for inference also folded
+# by fuse_for_inference), with each one's step memory; MODELS_ARGS=--model-compile adds
+# torch.compile of torchvision's and of fastnn.models' (folded, for inference)),
 # sanitize (memcheck and racecheck over small CUDA calls; SANITIZE_TOOLS adds
 # initcheck, synccheck), test (the pytest cases marked cuda; TEST_MARK= runs the whole suite),
 # bench (fastnn-bench), profile (ncu on the main shapes; not in the default set).
