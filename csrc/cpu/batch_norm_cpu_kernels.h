@@ -2307,7 +2307,8 @@ std::tuple<Tensor, Tensor, Tensor> train_forward(
     const std::vector<A> w = channel_values<A>(weight, C, A(1));
     const std::vector<A> b = channel_values<A>(bias, C, A(0));
     const Plan lp = blocks_plan<scalar_t>(shape);
-    const bool stream = use_stream<scalar_t>(lp, {&out});
+    // Asked only where the channel-local passes may run (they take it as their output mode).
+    const bool stream = given_mean == nullptr && use_stream<scalar_t>(lp, {&out});
     const int64_t G = given_mean == nullptr
                           ? local_channels<scalar_t>(lp, res.defined() ? 2 : 1, stream ? 0 : 1)
                           : 0;
@@ -2771,9 +2772,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     const std::vector<A> w2 = channel_values<A>(weight2, C, A(1));
     const std::vector<A> b2 = channel_values<A>(bias2, C, A(0));
     const Plan lp = blocks_plan<T>(shape);
-    const bool stream = use_stream<T>(lp, {&out});
-    const int64_t G =
-        training && input.numel() > 0 ? local_channels<T>(lp, 2, stream ? 0 : 1) : 0;
+    const bool local = training && input.numel() > 0;
+    const bool stream = local && use_stream<T>(lp, {&out});
+    const int64_t G = local ? local_channels<T>(lp, 2, stream ? 0 : 1) : 0;
     if (G > 0) {
       FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
         FASTNN_BOOL_SWITCH(stream, kStream, [&] {
