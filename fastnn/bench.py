@@ -919,12 +919,10 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
         convert = importlib.import_module("fastnn.convert").convert
     except Exception:  # no fastnn.convert in this version: no fused variant
         convert = None
-    fold = getattr(importlib.import_module("fastnn"), "fuse_for_inference", None)
-
     def variants_of(mode):
         variants = (["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
                     + ["fastnn.models"])
-        if mode == "infer" and fold is not None:
+        if mode == "infer":
             variants.append("fastnn.models folded")
         if use_compile:
             variants += ["torchvision+compile", variants[-1] + "+compile"]
@@ -959,7 +957,7 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                         elif variant.startswith("fastnn.models"):
                             model = _build_fastnn_model(name, base, device, fmt)
                             if variant.startswith("fastnn.models folded"):
-                                model = fold(model).to(memory_format=fmt)
+                                model = fastnn.fuse_for_inference(model).to(memory_format=fmt)
                         else:
                             model = copy.deepcopy(base)
                             if variant.startswith("fastnn"):
