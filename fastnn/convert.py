@@ -35,7 +35,7 @@ from torch.nn.utils import parametrize
 
 from fastnn import functional as fastnn_functional
 from fastnn import nn as fnn
-from fastnn.nn.batchnorm import _no_hooks
+from fastnn.nn.batchnorm import _no_hooks, refuse_uninitialized
 
 __all__ = ["convert", "fuse_for_inference", "AddReLU", "BatchNormAct2d"]
 
@@ -721,6 +721,9 @@ def convert(model: nn.Module, inplace: bool = False) -> nn.Module:
             in place (no parameter or buffer is copied), and the returned module is the one to
             call (`model`'s own forward may not call a fused module the way it expects).
     """
+    # A lazy batch norm would stay torch's (it becomes a BatchNorm2d only in its first forward);
+    # the copy would fail on any lazy module.
+    refuse_uninitialized(model, "fastnn.convert", torch.nn.Module if not inplace else _BatchNorm)
     if not inplace:
         model = copy.deepcopy(model)
     swaps = _swaps()
@@ -894,6 +897,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     A pair is folded only when each module is called once and the conv's output goes nowhere
     else.
     """
+    refuse_uninitialized(model, "fastnn.fuse_for_inference")
     model = copy.deepcopy(model)
     model.eval()
     graph = _trace(model, both_modes=False)

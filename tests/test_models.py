@@ -1094,6 +1094,33 @@ def test_convert_shares_parameters_inplace():
     assert type(convert(nn.BatchNorm2d(3))) is fnn.BatchNorm2d
 
 
+def test_convert_refuses_uninitialized_lazy_modules():
+    """A lazy batch norm becomes torch's BatchNorm2d only in its first forward, so before it
+    convert could neither swap nor copy it: a clear error instead of a model left on torch's
+    batch norm (inplace) or torch's error from deepcopy. Once it has run, it converts."""
+    def make():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.ReLU())
+
+    for call in (convert, partial(convert, inplace=True), fuse_for_inference):
+        with pytest.raises(ValueError, match=r"1 is an uninitialized LazyBatchNorm2d; run the"):
+            call(make())
+    # In place, a lazy convolution is no obstacle (only batch norms are swapped); a copy is.
+    lazy_conv = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    assert type(convert(lazy_conv, inplace=True)[1]) is fnn.BatchNormReLU2d
+    with pytest.raises(ValueError, match=r"fastnn.convert: 0 is an uninitialized LazyConv2d"):
+        convert(nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4)))
+
+    torch.manual_seed(0)
+    model = make()
+    x = torch.randn(2, 3, 6, 6)
+    model(x)  # materializes the lazy batch norm (a BatchNorm2d of 4 channels now)
+    ref = copy.deepcopy(model)
+    out = convert(model)
+    assert type(out[1]) is fnn.BatchNormReLU2d
+    torch.testing.assert_close(out(x), ref(x))
+    torch.testing.assert_close(out[1].running_mean, ref[1].running_mean)
+
+
 def test_convert_sync_batch_norm():
     """torch's SyncBatchNorm becomes fastnn's (fused with its ReLU); without a process group it
     is a plain batch norm, like torch's."""

@@ -269,6 +269,25 @@ def test_convert_keeps_fused_forms():
         x, None, None, model[2].weight, model[2].bias, training=True) + x))
 
 
+def test_convert_refuses_uninitialized_lazy_batch_norm():
+    """A lazy batch norm has no size before its first forward: converting it would give a
+    SyncBatchNorm of 0 features that fails later. A lazy convolution is no obstacle."""
+    model = torch.nn.Sequential(torch.nn.LazyConv2d(3, 1), torch.nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"convert_sync_batchnorm: 1 is an uninitialized "
+                                         r"LazyBatchNorm2d"):
+        fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[1]) is torch.nn.LazyBatchNorm2d  # untouched
+    x = torch.randn(2, 3, 4, 4)
+    model(x)  # materializes both
+    bn = model[1]
+    assert type(bn) is torch.nn.BatchNorm2d
+    ref = model.eval()(x)
+    conv = fastnn.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(conv[1]) is fastnn.nn.SyncBatchNorm
+    assert conv[1].weight is bn.weight and conv[1].running_mean is bn.running_mean
+    torch.testing.assert_close(conv(x), ref)
+
+
 def test_ddp_example_trains_on_cpu():
     """examples/ddp_train.py: DDP + fastnn SyncBatchNorm on 2 gloo processes, a few steps."""
     pytest.importorskip("sklearn")

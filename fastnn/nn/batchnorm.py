@@ -49,6 +49,20 @@ def _no_hooks(m: torch.nn.Module) -> bool:
                 or m._backward_pre_hooks)
 
 
+def refuse_uninitialized(model: torch.nn.Module, caller: str, only: type = torch.nn.Module) -> None:
+    """Raises a ValueError naming the first lazy module of type `only` in model (a
+    torch.nn.LazyBatchNorm2d, LazyConv2d, ...) whose parameters do not exist yet: such a module
+    only becomes what it is (a BatchNorm2d of C channels) in its first forward, so `caller` could
+    neither copy it nor swap it for fastnn's."""
+    for path, m in model.named_modules():
+        if (isinstance(m, torch.nn.modules.lazy.LazyModuleMixin) and isinstance(m, only)
+                and m.has_uninitialized_params()):
+            raise ValueError(
+                f"{caller}: {path or 'the model'} is an uninitialized {type(m).__name__}; run the "
+                "model once on a batch first (a lazy module creates its parameters in its first "
+                f"forward), then call {caller}")
+
+
 def _sharing_state(cls: type, m: torch.nn.Module) -> torch.nn.Module:
     """An instance of cls with m's attributes, sharing its parameters, buffers and children."""
     new = cls.__new__(cls)

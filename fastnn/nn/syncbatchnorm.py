@@ -262,7 +262,15 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Replaces every torch or fastnn BatchNorm in `module` with a fastnn SyncBatchNorm sharing
         its parameters and buffers; fastnn's fused BN+ReLU and BN+add+ReLU stay fused
-        (a converted BatchNormAddReLU2d still takes (input, residual))."""
+        (a converted BatchNormAddReLU2d still takes (input, residual)). A lazy batch norm
+        must have run once first (it is a BatchNorm of known size only then)."""
+        from fastnn.nn.batchnorm import refuse_uninitialized
+
+        refuse_uninitialized(module, "SyncBatchNorm.convert_sync_batchnorm", _BatchNorm)
+        return cls._convert_sync(module, process_group)
+
+    @classmethod
+    def _convert_sync(cls, module, process_group):
         from fastnn.nn.batchnorm import BatchNormAddReLU2d, BatchNormReLU2d
 
         out = module
@@ -285,7 +293,7 @@ class SyncBatchNorm(_FastBatchNorm, _BatchNorm):
             if hasattr(module, "qconfig"):
                 out.qconfig = module.qconfig
         for name, child in module.named_children():
-            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+            out.add_module(name, cls._convert_sync(child, process_group))
         return out
 
 
