@@ -1,16 +1,20 @@
 """The CPU kernels' non-temporal output stores against cached ones, side by side in one process
-(FASTNN_CPU_STREAM is read at each call: unset, the size rule; 0, never streamed).
+(FASTNN_CPU_STREAM is read at each call: unset, the size rule; 0, never streamed; 1, always
+streamed where the alignment allows).
 
-Op level: a float32 batch norm (eval or training forward) of (32, C, 56, 56), calls of the two
-settings and of nn.BatchNorm2d interleaved in a random order, each on the next of 4 input sets.
---output cached first writes a buffer of the output's size and frees it, so the output takes a
-block whose lines are in the cache, dirty (as a network's activations recycle freshly written
-memory); --output cold leaves the block as the previous call left it.
+Op level: a float32 batch norm (eval or training forward; --residual: BN+add+ReLU) of
+(32, C, 56, 56), NCHW or channels_last, calls of two settings (--against: the rule against never
+or always) and of torch's nn.BatchNorm2d (and add and ReLU) interleaved in a random order, each
+on the next of 4 input sets. --output cached first writes a buffer of the output's size and
+frees it, so the output takes a block whose lines are in the cache, dirty (as a network's
+activations recycle freshly written memory); --output cold leaves the block as the previous call
+left it (the bench's case: the previous call's output, just freed).
 
 Model level (--model resnet50): a whole eval forward or training step (SGD) of a fastnn.models
 network, the two settings alternating in a random order each round.
 
     python benchmarks/stream_stores.py --channels 64 --case eval --output cached
+    python benchmarks/stream_stores.py --channels 64 --case eval --output cold --against always
     python benchmarks/stream_stores.py --model resnet50 --case train --batch 16 --rounds 8
 """
 import argparse
@@ -23,7 +27,7 @@ import torch
 
 import fastnn
 
-SETTINGS = {"rule": None, "never": "0"}
+SETTINGS = {"rule": None, "never": "0", "always": "1"}
 
 
 def _set(setting):
@@ -35,10 +39,25 @@ def _set(setting):
 
 
 def op_level(args):
-    sets = [torch.randn(32, args.channels, 56, 56) for _ in range(4)]
-    fast = fastnn.nn.BatchNorm2d(args.channels).train(args.case == "train")
+    memory_format = (torch.channels_last if args.layout == "channels_last"
+                     else torch.contiguous_format)
+
+    def make():
+        return torch.randn(32, args.channels, 56, 56).to(memory_format=memory_format)
+
+    sets = [make() for _ in range(4)]
+    residuals = [make() for _ in range(4)] if args.residual else None
+    module = fastnn.nn.BatchNormAddReLU2d if args.residual else fastnn.nn.BatchNorm2d
+    fast = module(args.channels).train(args.case == "train")
     ref = torch.nn.BatchNorm2d(args.channels).train(args.case == "train")
-    names = ["rule", "never", "torch"]
+
+    def call(k, x, r):
+        if k == "torch":
+            return ref(x) if r is None else torch.relu(ref(x) + r)
+        return fast(x) if r is None else fast(x, r)
+
+    other = args.against
+    names = ["rule", other, "torch"]
     times = {k: [] for k in names}
     i = 0
     with torch.no_grad():
@@ -46,6 +65,7 @@ def op_level(args):
             random.shuffle(names)
             for k in names:
                 x = sets[i % len(sets)]
+                r = residuals[i % len(sets)] if residuals else None
                 i += 1
                 _set(k if k != "torch" else "rule")
                 if args.output == "cached":
@@ -53,15 +73,16 @@ def op_level(args):
                     scratch.fill_(1.0)
                     del scratch
                 start = time.perf_counter()
-                y = (ref if k == "torch" else fast)(x)
+                y = call(k, x, r)
                 times[k].append(time.perf_counter() - start)
                 del y
     _set("rule")
     med = {k: statistics.median(v[10:]) * 1e3 for k, v in times.items()}
     mib = sets[0].numel() * 4 / 2**20
-    print(f"{args.case} (32, {args.channels}, 56, 56) float32, {mib:.1f} MiB, output "
-          f"{args.output}: streamed by the rule {med['rule']:.3f} ms, never {med['never']:.3f} ms, "
-          f"nn.BatchNorm2d {med['torch']:.3f} ms; rule / never = {med['rule'] / med['never']:.2f}")
+    what = f"{args.case}{' +add+ReLU' if args.residual else ''}"
+    print(f"{what} (32, {args.channels}, 56, 56) float32 {args.layout}, {mib:.1f} MiB, output "
+          f"{args.output}: the rule {med['rule']:.3f} ms, {other} {med[other]:.3f} ms, "
+          f"torch {med['torch']:.3f} ms; rule / {other} = {med['rule'] / med[other]:.2f}")
 
 
 def model_level(args):
@@ -81,7 +102,8 @@ def model_level(args):
 
     step()
     step()
-    names = ["rule", "never"]
+    other = args.against
+    names = ["rule", other]
     times = {k: [] for k in names}
     for _ in range(args.rounds):
         random.shuffle(names)
@@ -92,9 +114,9 @@ def model_level(args):
             times[k].append(time.perf_counter() - start)
     _set("rule")
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    ratios = [round(a / b, 3) for a, b in zip(times["rule"], times["never"])]
-    print(f"{args.model} {args.case} batch {args.batch}: rule {med['rule']:.1f} ms, never "
-          f"{med['never']:.1f} ms; rule / never = {med['rule'] / med['never']:.3f} "
+    ratios = [round(a / b, 3) for a, b in zip(times["rule"], times[other])]
+    print(f"{args.model} {args.case} batch {args.batch}: rule {med['rule']:.1f} ms, {other} "
+          f"{med[other]:.1f} ms; rule / {other} = {med['rule'] / med[other]:.3f} "
           f"(each round: {ratios})")
 
 
@@ -103,6 +125,10 @@ def main():
     parser.add_argument("--case", choices=["eval", "train"], default="eval")
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--output", choices=["cached", "cold"], default="cached")
+    parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
+    parser.add_argument("--residual", action="store_true", help="BN+add+ReLU")
+    parser.add_argument("--against", choices=["never", "always"], default="never",
+                        help="the setting timed against the rule (op level)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=None)

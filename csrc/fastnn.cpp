@@ -11,8 +11,9 @@ namespace cpu {
 // csrc/cpu/batch_norm_cpu.cpp: route bfloat16/float16 CPU inputs through another build's kernels.
 bool set_reduced_cpu_kernels(const void* tables);
 // csrc/cpu/batch_norm_cpu_float.cpp: (level-2 cache, last-level cache, least output written
-// with non-temporal stores), in bytes, as the CPU kernels plan with them.
-std::array<int64_t, 3> cpu_cache_plan();
+// with non-temporal stores by a training pass, by an inference), in bytes, as the CPU kernels
+// plan with them.
+std::array<int64_t, 4> cpu_cache_plan();
 }  // namespace cpu
 }  // namespace fastnn
 
@@ -24,19 +25,20 @@ PyObject* use_reduced_cpu_kernels(PyObject*, PyObject* capsule) {
   return PyBool_FromLong(fastnn::cpu::set_reduced_cpu_kernels(tables) ? 1 : 0);
 }
 
-// _cpu_caches() -> (level2, last_level, stream_min_bytes): see cpu_cache_plan.
+// _cpu_caches() -> (level2, last_level, stream_min_bytes, stream_min_bytes_one_pass): see
+// cpu_cache_plan.
 PyObject* cpu_caches(PyObject*, PyObject*) {
-  const std::array<int64_t, 3> v = fastnn::cpu::cpu_cache_plan();
-  return Py_BuildValue("(LLL)", static_cast<long long>(v[0]), static_cast<long long>(v[1]),
-                       static_cast<long long>(v[2]));
+  const std::array<int64_t, 4> v = fastnn::cpu::cpu_cache_plan();
+  return Py_BuildValue("(LLLL)", static_cast<long long>(v[0]), static_cast<long long>(v[1]),
+                       static_cast<long long>(v[2]), static_cast<long long>(v[3]));
 }
 
 PyMethodDef kMethods[] = {
     {"_use_reduced_cpu_kernels", use_reduced_cpu_kernels, METH_O,
      "Run bfloat16/float16 CPU inputs on the kernels of fastnn._C_avx512 (its `kernels`)."},
     {"_cpu_caches", cpu_caches, METH_NOARGS,
-     "(level-2 cache, last-level cache, least non-temporally written output) in bytes, as the "
-     "CPU kernels plan with them."},
+     "(level-2 cache, last-level cache, least non-temporally written output of a training pass "
+     "and of an inference) in bytes, as the CPU kernels plan with them."},
     {nullptr, nullptr, 0, nullptr}};
 }  // namespace
 

@@ -135,8 +135,8 @@ _devices = _op_devices["batch_norm_train"]
 
 def cpu_caches():
     """(level-2 cache, last-level cache, least output the CPU kernels write with non-temporal
-    stores), in bytes, as fastnn._C's CPU kernels plan with them; None without fastnn._C (or
-    with one older than this query)."""
+    stores in a training pass, the same in an inference), in bytes, as fastnn._C's CPU kernels
+    plan with them; None without fastnn._C (or with one older than this query)."""
     if not _loaded:
         return None
     query = getattr(importlib.import_module("fastnn._C"), "_cpu_caches", None)

@@ -5,8 +5,9 @@
 namespace fastnn {
 namespace cpu {
 // For fastnn._C's _cpu_caches(): the cache sizes the CPU kernels plan with.
-std::array<int64_t, 3> cpu_cache_plan() {
-  return {level2_cache_bytes(), last_level_cache_bytes(), stream_min_bytes()};
+std::array<int64_t, 4> cpu_cache_plan() {
+  return {level2_cache_bytes(), last_level_cache_bytes(), stream_min_bytes(),
+          stream_min_bytes_one_pass()};
 }
 }  // namespace cpu
 }  // namespace fastnn

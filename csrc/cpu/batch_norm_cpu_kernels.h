@@ -1904,8 +1904,10 @@ int64_t level2_cache_bytes() {
   return bytes;
 }
 
-// The least output written with non-temporal stores (see use_stream).
+// The least output written with non-temporal stores (see use_stream): by passes that read their
+// input again (training), and by one pass over it (inference).
 int64_t stream_min_bytes() { return std::max(kStreamMinBytes, last_level_cache_bytes() / 4); }
+int64_t stream_min_bytes_one_pass() { return std::max(kStreamMinBytes, last_level_cache_bytes()); }
 
 // A choice the environment can force, read at each call: "0" never, "1" always, anything else
 // (or nothing) the kernels' own rule.
@@ -1928,14 +1930,26 @@ inline Setting env_setting(const char* name) {
 // was just written elsewhere (recycled) can take longer streamed: an inference of 18-49 MiB took
 // 0.75-0.8x or 1.2-1.6x the cached stores' time by that, a ResNet-50 step the same time within
 // its noise (benchmarks/results/cpu-stream-cached-output-2026-12-02).
+// An inference (one_pass: x read once, y written once) gains by streaming only the read for
+// ownership of output lines that are not in the cache, and a network's activations mostly
+// recycle memory just written; there it streams only outputs at least the size of the
+// last-level cache: with outputs of 24.5 and 49 MiB recycled, its float32 calls had taken
+// 1.11-1.32x the time streamed in 7 of 8 cases (fastnn-bench, both layouts, with and without the
+// residual; bfloat16 within noise), a torch call after them 1.05-1.25x, and where the output's
+// memory had just been written, 1.2-2.2x in most processes
+// (benchmarks/results/cpu-stream-inference-2026-12-02).
+// The training passes, which read their input again, keep the lower threshold: streaming keeps
+// that input in the cache for the second read.
 // FASTNN_CPU_STREAM: 0, never; 1, wherever the alignment allows, whatever the size (for tests,
 // and for timing one against the other).
 template <typename T>
-bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs) {
+bool use_stream(const Plan& p, std::initializer_list<const Tensor*> outs, bool one_pass = false) {
   constexpr int64_t kLine = 64 / int64_t(sizeof(T));
   const Setting setting = env_setting("FASTNN_CPU_STREAM");
   if (setting == Setting::kNever) return false;
-  const int64_t least = setting == Setting::kAlways ? 0 : stream_min_bytes();
+  const int64_t least = setting == Setting::kAlways ? 0
+                        : one_pass                  ? stream_min_bytes_one_pass()
+                                                    : stream_min_bytes();
   for (const Tensor* t : outs) {
     if (!t->defined() || t->numel() == 0) continue;
     if (int64_t(t->nbytes()) < least) return false;
@@ -2050,14 +2064,16 @@ std::vector<A> channel_values(const c10::optional<Tensor>& t, int64_t C, A fill)
   return v;
 }
 
+// one_pass: the call reads x only here (inference; see use_stream).
 template <typename T, bool kRelu, typename W = NoMaskOut>
 void run_normalize(const Plan& p, const Tensor& x, const Tensor& res, Tensor& out,
-                   const ChannelAffine<acc_t<T>>& q, const W& mask_out = W{}) {
+                   const ChannelAffine<acc_t<T>>& q, const W& mask_out = W{},
+                   bool one_pass = false) {
   const T* xp = x.const_data_ptr<T>();
   const T* rp = res.defined() ? res.const_data_ptr<T>() : nullptr;
   T* yp = out.mutable_data_ptr<T>();
   FASTNN_BOOL_SWITCH(res.defined(), kResidual, [&] {
-    FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+    FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}, one_pass), kStream, [&] {
       FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
         normalize<kResidual, kRelu, kStream, kCenter>(p, xp, rp, yp, q, mask_out);
       });
@@ -2494,7 +2510,9 @@ Tensor batch_norm_eval_cpu(const Tensor& input, const c10::optional<Tensor>& wei
     const std::vector<A> w = channel_values<A>(weight, C, A(1));
     const std::vector<A> b = channel_values<A>(bias, C, A(0));
     const ChannelAffine<A> q = channel_affine<A>(rm, rv, eps, w, b, nullptr, nullptr);
-    FASTNN_BOOL_SWITCH(relu, kRelu, [&] { run_normalize<scalar_t, kRelu>(p, x, res, out, q); });
+    FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
+      run_normalize<scalar_t, kRelu>(p, x, res, out, q, NoMaskOut{}, /*one_pass=*/true);
+    });
   });
   return out;
 }
