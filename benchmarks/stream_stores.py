@@ -8,7 +8,8 @@ or always) and of torch's nn.BatchNorm2d (and add and ReLU) interleaved in a ran
 on the next of 4 input sets. --output cached first writes a buffer of the output's size and
 frees it, so the output takes a block whose lines are in the cache, dirty (as a network's
 activations recycle freshly written memory); --output cold leaves the block as the previous call
-left it (the bench's case: the previous call's output, just freed).
+left it (the bench's case: the previous call's output, just freed). --solo SETTING times that
+setting alone in the process, nothing interleaved (each call still on the next input set).
 
 Model level (--model resnet50): a whole eval forward or training step (SGD) of a fastnn.models
 network, the two settings alternating in a random order each round.
@@ -57,7 +58,7 @@ def op_level(args):
         return fast(x) if r is None else fast(x, r)
 
     other = args.against
-    names = ["rule", other, "torch"]
+    names = [args.solo] if args.solo else ["rule", other, "torch"]
     times = {k: [] for k in names}
     i = 0
     with torch.no_grad():
@@ -80,6 +81,10 @@ def op_level(args):
     med = {k: statistics.median(v[10:]) * 1e3 for k, v in times.items()}
     mib = sets[0].numel() * 4 / 2**20
     what = f"{args.case}{' +add+ReLU' if args.residual else ''}"
+    if args.solo:
+        print(f"{what} (32, {args.channels}, 56, 56) float32 {args.layout}, {mib:.1f} MiB, output "
+              f"{args.output}, {args.solo} alone: {med[args.solo]:.3f} ms")
+        return
     print(f"{what} (32, {args.channels}, 56, 56) float32 {args.layout}, {mib:.1f} MiB, output "
           f"{args.output}: the rule {med['rule']:.3f} ms, {other} {med[other]:.3f} ms, "
           f"torch {med['torch']:.3f} ms; rule / {other} = {med['rule'] / med[other]:.2f}")
@@ -129,6 +134,8 @@ def main():
     parser.add_argument("--residual", action="store_true", help="BN+add+ReLU")
     parser.add_argument("--against", choices=["never", "always"], default="never",
                         help="the setting timed against the rule (op level)")
+    parser.add_argument("--solo", choices=sorted(SETTINGS), default=None,
+                        help="op level: time only this setting, nothing interleaved")
     parser.add_argument("--model", default=None)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=None)
