@@ -1936,7 +1936,8 @@ inline Setting env_setting(const char* name) {
 // last-level cache: with outputs of 24.5 and 49 MiB recycled, its float32 calls had taken
 // 1.11-1.32x the time streamed in 7 of 8 cases (fastnn-bench, both layouts, with and without the
 // residual; bfloat16 within noise), a torch call after them 1.05-1.25x, and where the output's
-// memory had just been written, 1.2-2.2x in most processes
+// memory had just been written, 1.2-2.2x in most processes; alone in a process, with no other
+// op's writes between its calls, the two were even
 // (benchmarks/results/cpu-stream-inference-2026-12-02).
 // The training passes, which read their input again, keep the lower threshold: streaming keeps
 // that input in the cache for the second read.
