@@ -1,7 +1,7 @@
 """The README and the project's other Markdown pages stay true: their Python examples run and
 do what their comments say, their links and the files they name exist, every FASTNN_*
 environment variable they document is one fastnn reads (and every one it reads is documented),
-and the commands they give are installed ones."""
+the commands they give are installed ones, and the tests the "Bad input" table names exist."""
 import re
 import subprocess
 import shutil
@@ -99,6 +99,37 @@ def test_markdown_links_and_named_files_exist():
                     missing.append(f"{page.relative_to(ROOT)}: `{name}`")
     assert not missing, "named in the Markdown pages but not in the repository:\n" + "\n".join(
         missing)
+
+
+def test_bad_input_table_names_existing_tests():
+    """Every row of the README's "Bad input" table names tests (in tests/test_errors.py unless a
+    file is given), and each named test is defined where the row says."""
+    text = _readme()
+    section = text.split("### Bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| input ")]
+    assert rows, "no rows under ### Bad input"
+    missing = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        # `test_x.py::test_y` names one test; a bare `test_x.py` is the file of the bare
+        # `test_y` names after it (before any: tests/test_errors.py).
+        named, current = [], "test_errors.py"
+        for token in re.findall(r"`([^`]+)`", cells[-1]):
+            match = re.fullmatch(r"(?:(test_\w+\.py)::)?(test_\w+)|(test_\w+\.py)", token)
+            if match is None:
+                continue
+            if match.group(3):
+                current = match.group(3)
+            else:
+                named.append((match.group(1) or current, match.group(2)))
+        if not named:
+            missing.append(f"row names no test: {cells[0]}")
+        for file, test in named:
+            source = (ROOT / "tests" / file).read_text()
+            if not re.search(rf"^def {test}\(", source, flags=re.M):
+                missing.append(f"{file}::{test} ({cells[0]})")
+    assert not missing, "\n".join(missing)
 
 
 def _read_env_vars():
