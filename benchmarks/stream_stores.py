@@ -2,7 +2,8 @@
 (FASTNN_CPU_STREAM is read at each call: unset, the size rule; 0, never streamed; 1, always
 streamed where the alignment allows).
 
-Op level: a float32 batch norm (eval or training forward; --residual: BN+add+ReLU) of
+Op level: a float32 batch norm (eval or training forward; --residual: BN+add+ReLU; --dual: the
+dual form relu(bn(x) + bn2(z)), against torch's modules one after the other) of
 (32, C, 56, 56), NCHW or channels_last, calls of two settings (--against: the rule against never
 or always) and of torch's nn.BatchNorm2d (and add and ReLU) interleaved in a random order, each
 on the next of 4 input sets. --output cached first writes a buffer of the output's size and
@@ -47,12 +48,18 @@ def op_level(args):
         return torch.randn(32, args.channels, 56, 56).to(memory_format=memory_format)
 
     sets = [make() for _ in range(4)]
-    residuals = [make() for _ in range(4)] if args.residual else None
-    module = fastnn.nn.BatchNormAddReLU2d if args.residual else fastnn.nn.BatchNorm2d
+    residuals = [make() for _ in range(4)] if args.residual or args.dual else None
+    module = fastnn.nn.BatchNormAddReLU2d if args.residual or args.dual else fastnn.nn.BatchNorm2d
     fast = module(args.channels).train(args.case == "train")
+    fast2 = fastnn.nn.BatchNorm2d(args.channels).train(args.case == "train")
     ref = torch.nn.BatchNorm2d(args.channels).train(args.case == "train")
+    ref2 = torch.nn.BatchNorm2d(args.channels).train(args.case == "train")
 
     def call(k, x, r):
+        if args.dual:
+            if k == "torch":
+                return torch.relu(ref(x) + ref2(r))
+            return fastnn.nn.dual_bn_add_relu(fast, x, fast2, r)
         if k == "torch":
             return ref(x) if r is None else torch.relu(ref(x) + r)
         return fast(x) if r is None else fast(x, r)
@@ -80,7 +87,7 @@ def op_level(args):
     _set("rule")
     med = {k: statistics.median(v[10:]) * 1e3 for k, v in times.items()}
     mib = sets[0].numel() * 4 / 2**20
-    what = f"{args.case}{' +add+ReLU' if args.residual else ''}"
+    what = f"{args.case}{' dual' if args.dual else ' +add+ReLU' if args.residual else ''}"
     if args.solo:
         print(f"{what} (32, {args.channels}, 56, 56) float32 {args.layout}, {mib:.1f} MiB, output "
               f"{args.output}, {args.solo} alone: {med[args.solo]:.3f} ms")
@@ -132,6 +139,7 @@ def main():
     parser.add_argument("--output", choices=["cached", "cold"], default="cached")
     parser.add_argument("--layout", choices=["nchw", "channels_last"], default="nchw")
     parser.add_argument("--residual", action="store_true", help="BN+add+ReLU")
+    parser.add_argument("--dual", action="store_true", help="relu(bn(x) + bn2(z)) in one call")
     parser.add_argument("--against", choices=["never", "always"], default="never",
                         help="the setting timed against the rule (op level)")
     parser.add_argument("--solo", choices=sorted(SETTINGS), default=None,

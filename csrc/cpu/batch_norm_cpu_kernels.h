@@ -1930,7 +1930,8 @@ inline Setting env_setting(const char* name) {
 // was just written elsewhere (recycled) can take longer streamed: an inference of 18-49 MiB took
 // 0.75-0.8x or 1.2-1.6x the cached stores' time by that, a ResNet-50 step the same time within
 // its noise (benchmarks/results/cpu-stream-cached-output-2026-12-02).
-// An inference (one_pass: x read once, y written once) gains by streaming only the read for
+// An inference (one_pass: x, and the residual or the dual form's second input, read once, y
+// written once; batch_norm_eval and batch_norm_dual in eval) gains by streaming only the read for
 // ownership of output lines that are not in the cache, and a network's activations mostly
 // recycle memory just written; there it streams only outputs at least the size of the
 // last-level cache: with outputs of 24.5 and 49 MiB recycled, its float32 calls had taken
@@ -2824,8 +2825,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> dual_forward(
     fold_means<A, 2>(q, {m1.data(), m2.data()}, {&q.scale, &q.rscale}, {&w1, &w2},
                      {&b1, &b2});
     if (input.numel() == 0) return;
+    // In eval, one pass over x and z (use_stream's one_pass).
     FASTNN_BOOL_SWITCH(relu, kRelu, [&] {
-      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}), kStream, [&] {
+      FASTNN_BOOL_SWITCH(use_stream<T>(p, {&out}, !training), kStream, [&] {
         FASTNN_BOOL_SWITCH(!q.folded, kCenter, [&] {
           with_mask_out<kRelu>(mask, [&](const auto& mask_out) {
             normalize<true, kRelu, kStream, kCenter, true>(p, x.const_data_ptr<T>(),
