@@ -915,13 +915,9 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     reports what it timed."""
     from tqdm import tqdm
     cuda = device.type == "cuda"
-    try:
-        convert = importlib.import_module("fastnn.convert").convert
-    except Exception:  # no fastnn.convert in this version: no fused variant
-        convert = None
+    from fastnn.convert import convert
     def variants_of(mode):
-        variants = (["torchvision", "fastnn"] + (["fastnn fused"] if convert else [])
-                    + ["fastnn.models"])
+        variants = ["torchvision", "fastnn", "fastnn fused", "fastnn.models"]
         if mode == "infer":
             variants.append("fastnn.models folded")
         if use_compile:
