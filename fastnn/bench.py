@@ -915,7 +915,6 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
     reports what it timed."""
     from tqdm import tqdm
     cuda = device.type == "cuda"
-    from fastnn.convert import convert
     def variants_of(mode):
         variants = ["torchvision", "fastnn", "fastnn fused", "fastnn.models"]
         if mode == "infer":
@@ -949,7 +948,7 @@ def run_models(names: Sequence[str], device: torch.device, batch: int, image_siz
                 for variant in variants_of(mode):
                     try:
                         if variant.startswith("fastnn fused"):
-                            model = convert(base)
+                            model = fastnn.convert(base)
                         elif variant.startswith("fastnn.models"):
                             model = _build_fastnn_model(name, base, device, fmt)
                             if variant.startswith("fastnn.models folded"):

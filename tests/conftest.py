@@ -35,8 +35,8 @@ def pytest_configure(config):
     # while before it sleeps, on a core another worker's threads need: a small model's training
     # step, thousands of short parallel regions, took 8x as long beside another worker as alone
     # (48 s against 6 s). Threads that sleep at once took the whole suite from 474 s to 319 s on
-    # two cores. The variable is read when OpenMP starts, so only the workers (and the processes
-    # the tests start) see it; a value already set is kept.
+    # two cores. OpenMP reads the variable when it starts, which in this process it already has:
+    # it acts in the workers (and the processes the tests start); a value already set is kept.
     if "PYTEST_XDIST_WORKER" not in os.environ and config.getoption("numprocesses", None):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
